@@ -1,0 +1,1 @@
+"""Collector agents: policies that drive our envs while rollouts are recorded."""

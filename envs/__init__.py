@@ -1,0 +1,91 @@
+"""Gymnasium environments whose every step knows whether it *revisits* a place.
+
+Importing this package registers:
+
+| id                      | entry point                         | what                                             |
+|-------------------------|-------------------------------------|--------------------------------------------------|
+| ``MnistMap-v0``         | ``envs.mnist_map:MnistMapEnv``      | a window moved over a map of MNIST digits (5.6)  |
+| ``MiniWorldRevisit-v0`` | ``envs.miniworld:MiniWorldRevisitEnv`` | a 3D room re-coloured every episode (5.7)     |
+| ``Dream-v0``            | ``worldmodel.dream:DreamEnv``       | a trained world model standing in for an env     |
+
+Contract shared by all our envs (what ``agents/``, ``rollouts/`` and ``worldmodel/`` rely on):
+
+- ``info["pose"]``: ``np.ndarray`` float32 of shape ``(pose_dim,)``, at ``reset`` and every ``step``:
+  the map position ``(row, col)`` of the window's top-left pixel (MNIST map) or ``(x, z, heading)`` (MiniWorld).
+- ``info["revisit"]``: ``bool``, the current observation shows a place already seen earlier this episode.
+- ``info["visit_count"]``: ``int``, how many earlier steps of this episode were at this place (0 on a first visit).
+- ``env.unwrapped.inverse_actions``: ``tuple[int, ...]``, ``inverse_actions[a]`` is the action that undoes ``a``
+  (used by agents that retrace their path).
+- Vector envs report the same keys as arrays with a leading ``num_envs`` axis.
+
+Short names used by every command line (``--env``): ``mnist_map``, ``mnist_map_test`` (held-out test digits),
+``miniworld`` (our ``MiniWorldRevisit-v0``), ``miniworld:<AnyMiniWorldId>`` (a stock MiniWorld env wrapped to report
+pose and revisits), ``dream`` (needs ``checkpoint=``), or any registered Gymnasium id.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+
+_REGISTRATIONS: dict[str, dict[str, Any]] = {
+    "MnistMap-v0": dict(
+        entry_point="envs.mnist_map:MnistMapEnv",
+        vector_entry_point="envs.mnist_map:MnistMapVectorEnv",
+        max_episode_steps=None,  # the env truncates itself at `max_steps` so the vector env agrees
+    ),
+    "MiniWorldRevisit-v0": dict(entry_point="envs.miniworld:MiniWorldRevisitEnv"),
+    "Dream-v0": dict(entry_point="worldmodel.dream:DreamEnv"),
+}
+
+for _id, _kw in _REGISTRATIONS.items():
+    if _id not in gym.registry:
+        gym.register(id=_id, **{k: v for k, v in _kw.items() if v is not None})
+
+# short name -> (registered id, default kwargs)
+SHORT_NAMES: dict[str, tuple[str, dict[str, Any]]] = {
+    "mnist_map": ("MnistMap-v0", {}),
+    "mnist_map_test": ("MnistMap-v0", {"split": "test"}),
+    "miniworld": ("MiniWorldRevisit-v0", {}),
+    "dream": ("Dream-v0", {}),
+}
+
+
+def resolve(name: str) -> tuple[str, dict[str, Any]]:
+    """Turn a command-line env name into ``(gymnasium id, default kwargs)``.
+
+    ``miniworld:<Id>`` wraps a stock MiniWorld env (``envs.miniworld:make_stock``) so it reports pose and revisits.
+    """
+    if name in SHORT_NAMES:
+        env_id, kwargs = SHORT_NAMES[name]
+        return env_id, dict(kwargs)
+    if name.startswith("miniworld:"):
+        stock_id = name.split(":", 1)[1]
+        if not stock_id:
+            raise ValueError(f"env name {name!r}: expected 'miniworld:<MiniWorld id>', e.g. 'miniworld:MiniWorld-Hallway-v0'")
+        return "envs.miniworld:make_stock", {"env_id": stock_id}
+    if name in gym.registry:
+        return name, {}
+    known = ", ".join(sorted(SHORT_NAMES)) + ", miniworld:<MiniWorld id>"
+    raise ValueError(f"unknown env {name!r}: expected one of {known}, or a registered Gymnasium id")
+
+
+def make(name: str, **kwargs: Any) -> gym.Env:
+    """Make a single env from a short name or id; ``kwargs`` override the short name's defaults."""
+    env_id, defaults = resolve(name)
+    defaults.update(kwargs)
+    if env_id == "envs.miniworld:make_stock":
+        from envs.miniworld import make_stock
+
+        return make_stock(**defaults)
+    return gym.make(env_id, **defaults)
+
+
+def make_vec(name: str, num_envs: int, **kwargs: Any) -> gym.vector.VectorEnv:
+    """A batched env: the native numpy vector env where one exists (MNIST map), else a sync vector env."""
+    env_id, defaults = resolve(name)
+    defaults.update(kwargs)
+    if env_id in gym.registry and gym.registry[env_id].vector_entry_point is not None:
+        return gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="vector_entry_point", **defaults)
+    return gym.vector.SyncVectorEnv([lambda: make(name, **kwargs) for _ in range(num_envs)])
