@@ -174,3 +174,19 @@ def test_bad_split_and_batch_size(pool: DigitPool) -> None:
 def test_task_fields_list_defaults() -> None:
     assert task_fields("perfect_recall") == {"k": 10}
     assert sequence_length("dynamic_dependencies", k=4, n_queries=3, max_back=4) == 10
+
+
+def test_real_digits_one_shot_split_is_unseen() -> None:
+    """With the shipped MNIST 5k digits: test sequences of one-shot recall show only held-out classes' test images."""
+    from envs.digits import load_digits
+
+    train_images, _ = load_digits(split="train")
+    train = sample_batch("one_shot_recall", 32, np.random.default_rng(0), split="train")
+    test = sample_batch("one_shot_recall", 32, np.random.default_rng(0), split="test")
+    assert set(np.unique(train["label"]).tolist()) <= set(range(7))
+    assert set(np.unique(test["label"]).tolist()) <= {7, 8, 9}
+    seen = {bytes(x) for x in train_images.reshape(len(train_images), -1)}
+    assert not any(bytes(x) in seen for x in test["obs"].reshape(-1, 28 * 28))
+    for task in TASKS:  # every task builds from the real digits
+        batch = sample_batch(task, 4, np.random.default_rng(1))
+        assert batch["obs"].shape == (4, sequence_length(task), 28, 28, 1) and batch["obs"].max() > 0
