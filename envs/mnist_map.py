@@ -1,0 +1,519 @@
+"""A window moved over a map of MNIST digits: the navigation task of GTMM (Gemici et al. 2017, Section 5.6).
+
+One place for the dynamics (STYLE rule 5): ``MnistMapCore`` holds the state of N maps as numpy arrays and is the only
+code that draws maps, moves windows and counts visits. ``MnistMapEnv`` is its N=1 case, ``MnistMapVectorEnv`` its
+batched case, so a vector env seeded ``s`` walks exactly like N single envs seeded ``s, s+1, ...``.
+
+Positions live on a lattice so that places really repeat: the window's top-left pixel is ``lattice_index * unit``
+per axis, where
+- ``border="clip"``: ``unit = step`` and the index runs over ``0 .. (map - window) // step``; a move that would leave
+  the map is blocked (the window stays where it is).
+- ``border="wrap"``: the map is a torus, ``unit = gcd(step, map)`` and the index runs over ``0 .. map // unit - 1``;
+  a move adds ``step // unit`` indices modulo that count, and windows that cross an edge show the opposite side.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+from gymnasium.utils import seeding
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+from numpy.lib.stride_tricks import sliding_window_view
+
+from envs.digits import SPLITS, load_digits
+
+ACTION_NAMES = ("up", "down", "left", "right", "stay")
+# (d_row, d_col) in lattice moves for each action, indexed by the action id.
+ACTION_DELTAS = np.array([[-1, 0], [1, 0], [0, -1], [0, 1], [0, 0]], dtype=np.int64)
+INVERSE_ACTIONS = (1, 0, 3, 2, 4)  # up<->down, left<->right, stay->stay
+STAY = 4
+BORDERS = ("clip", "wrap")
+POSE_DIM = 2
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Geometry: the lattice of window positions, shared by every env of a batch
+
+
+@dataclass(frozen=True)
+class MapGeometry:
+    """Sizes of the map and its lattice of window positions (see the module docstring)."""
+
+    grid: int
+    digit_shape: tuple[int, int]
+    window: int
+    step: int
+    border: str
+
+    @property
+    def map_shape(self) -> tuple[int, int]:
+        return self.grid * self.digit_shape[0], self.grid * self.digit_shape[1]
+
+    @property
+    def unit(self) -> np.ndarray:
+        """Pixels per lattice index, per axis (2,)."""
+        if self.border == "clip":
+            return np.array([self.step, self.step], dtype=np.int64)
+        return np.array([math.gcd(self.step, size) for size in self.map_shape], dtype=np.int64)
+
+    @property
+    def lattice_shape(self) -> tuple[int, int]:
+        """Number of window positions per axis."""
+        if self.border == "clip":
+            return tuple((size - self.window) // self.step + 1 for size in self.map_shape)  # type: ignore[return-value]
+        return tuple(size // int(u) for size, u in zip(self.map_shape, self.unit))  # type: ignore[return-value]
+
+    @property
+    def stride(self) -> np.ndarray:
+        """Lattice indices per move, per axis (2,)."""
+        return self.step // self.unit
+
+    @property
+    def n_positions(self) -> int:
+        return self.lattice_shape[0] * self.lattice_shape[1]
+
+    def validate(self, n_digits: int) -> None:
+        """ValueError naming the first bad parameter."""
+        if not isinstance(self.grid, (int, np.integer)) or self.grid < 1:
+            raise ValueError(f"MnistMap: grid must be an int >= 1 (digits per map side), got {self.grid!r}")
+        if not isinstance(self.step, (int, np.integer)) or self.step <= 0:
+            raise ValueError(f"MnistMap: step must be an int > 0 (pixels per move), got {self.step!r}")
+        if not isinstance(self.window, (int, np.integer)) or self.window <= 0:
+            raise ValueError(f"MnistMap: window must be an int > 0 (pixels per side), got {self.window!r}")
+        if self.border not in BORDERS:
+            raise ValueError(f"MnistMap: unknown border mode {self.border!r}: expected one of {BORDERS}")
+        if self.window > min(self.map_shape):
+            raise ValueError(
+                f"MnistMap: window {self.window} is larger than the map {self.map_shape[0]}x{self.map_shape[1]} "
+                f"(grid {self.grid} x digits {self.digit_shape[0]}x{self.digit_shape[1]}): use a smaller window or a larger grid"
+            )
+        if self.grid * self.grid > n_digits:
+            raise ValueError(f"MnistMap: a {self.grid}x{self.grid} map needs {self.grid**2} distinct digits, the digit set has {n_digits}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The dynamics: pure numpy functions on batches, the only place where maps are drawn and windows move
+
+
+def draw_episode(rng: np.random.Generator, n_digits: int, geometry: MapGeometry) -> tuple[np.ndarray, np.ndarray]:
+    """One episode's random choices from one env's generator: digit ids (grid*grid,) and start lattice index (2,).
+
+    Digits are drawn without replacement so that no image appears twice on a map: a revisit is then a return to a
+    place, never a look-alike elsewhere.
+    """
+    digit_ids = rng.choice(n_digits, size=geometry.grid * geometry.grid, replace=False)
+    start = rng.integers(0, np.asarray(geometry.lattice_shape))
+    return digit_ids, start
+
+
+def assemble_maps(digits: np.ndarray, digit_ids: np.ndarray, grid: int) -> np.ndarray:
+    """Tile digits (D, h, w) picked by ``digit_ids`` (M, grid*grid), row-major, into maps (M, grid*h, grid*w)."""
+    M = digit_ids.shape[0]
+    h, w = digits.shape[1:]
+    tiles = digits[digit_ids].reshape(M, grid, grid, h, w)  # (M, grid_row, grid_col, h, w)
+    return tiles.transpose(0, 1, 3, 2, 4).reshape(M, grid * h, grid * w)  # (M, Hm, Wm)
+
+
+def pad_maps(maps: np.ndarray, geometry: MapGeometry) -> np.ndarray:
+    """Maps (M, Hm, Wm) -> the array windows are cut from: itself for ``clip``; for ``wrap``, the map extended by
+    its own first ``window - 1`` rows and columns, so that a window crossing an edge is a plain slice."""
+    if geometry.border == "clip":
+        return maps
+    extra = geometry.window - 1
+    return np.pad(maps, ((0, 0), (0, extra), (0, extra)), mode="wrap")  # (M, Hm + w - 1, Wm + w - 1)
+
+
+def move(lattice: np.ndarray, actions: np.ndarray, geometry: MapGeometry) -> np.ndarray:
+    """Lattice indices (N, 2) after ``actions`` (N,): blocked at the border (``clip``) or around the torus (``wrap``)."""
+    target = lattice + ACTION_DELTAS[actions] * geometry.stride  # (N, 2)
+    n = np.asarray(geometry.lattice_shape)
+    if geometry.border == "clip":
+        return np.clip(target, 0, n - 1)
+    return target % n
+
+
+def crop(windows: np.ndarray, pixel: np.ndarray) -> np.ndarray:
+    """Gather one window per map: ``windows`` is the (M, Hp-w+1, Wp-w+1, w, w) sliding view, ``pixel`` (M, 2) the
+    top-left corners; one fancy index, a single copy -> (M, w, w)."""
+    return windows[np.arange(len(pixel)), pixel[:, 0], pixel[:, 1]]
+
+
+class MnistMapCore:
+    """State of ``num_envs`` MNIST maps and their windows, as arrays with a leading env axis.
+
+    Both env classes drive this object and nothing else touches the state. Randomness comes from the generators
+    the caller passes to ``reset`` (one per env), so batching never changes what a given seed does.
+    """
+
+    def __init__(self, num_envs: int, geometry: MapGeometry, split: str, source: str, max_steps: int):
+        if split not in SPLITS:
+            raise ValueError(f"MnistMap: unknown split {split!r}: expected one of {SPLITS}")
+        if not isinstance(max_steps, (int, np.integer)) or max_steps < 1:
+            raise ValueError(f"MnistMap: max_steps must be an int >= 1, got {max_steps!r}")
+        if not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
+            raise ValueError(f"MnistMap: num_envs must be an int >= 1, got {num_envs!r}")
+        self.num_envs, self.split, self.source, self.max_steps = int(num_envs), split, str(source), int(max_steps)
+        self.digits, self.labels = load_digits(split, source)
+        self.geometry = MapGeometry(geometry.grid, tuple(self.digits.shape[1:]), geometry.window, geometry.step, geometry.border)
+        self.geometry.validate(len(self.digits))
+        N, (Hm, Wm) = self.num_envs, self.geometry.map_shape
+        self.maps = np.zeros((N, Hm, Wm), dtype=np.uint8)  # (N, Hm, Wm)
+        self.digit_ids = np.zeros((N, self.geometry.grid**2), dtype=np.int64)  # (N, grid*grid) rows of the digit set
+        self.lattice = np.zeros((N, 2), dtype=np.int64)  # (N, 2) lattice index of the window
+        self.visits = np.zeros((N, self.geometry.n_positions), dtype=np.int32)  # (N, P) visits this episode
+        self.steps = np.zeros(N, dtype=np.int64)  # (N,) steps taken this episode
+        self._unit = self.geometry.unit
+        self._n_cols = self.geometry.lattice_shape[1]
+        self._arange = np.arange(N)
+        self._build_windows()
+
+    def _build_windows(self) -> None:
+        self.padded = pad_maps(self.maps, self.geometry) if self.geometry.border == "wrap" else self.maps
+        w = self.geometry.window
+        self.windows = sliding_window_view(self.padded, (w, w), axis=(1, 2))  # (N, Hp-w+1, Wp-w+1, w, w), a view
+
+    # The sliding view and the cached digit set are not state: rebuild them instead of pickling copies.
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        for key in ("digits", "labels", "padded", "windows"):
+            state.pop(key)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.digits, self.labels = load_digits(self.split, self.source)
+        self._build_windows()
+
+    @property
+    def pixel(self) -> np.ndarray:
+        """(N, 2) top-left (row, col) of each window in map pixels."""
+        return self.lattice * self._unit
+
+    def reset(self, env_ids: np.ndarray, rngs: Sequence[np.random.Generator]) -> None:
+        """Start a new episode in envs ``env_ids`` (M,): a fresh map and start from each env's own generator."""
+        env_ids = np.asarray(env_ids, dtype=np.int64)
+        draws = [draw_episode(rng, len(self.digits), self.geometry) for rng in rngs]
+        self.digit_ids[env_ids] = np.stack([d for d, _ in draws])
+        self.lattice[env_ids] = np.stack([s for _, s in draws])
+        maps = assemble_maps(self.digits, self.digit_ids[env_ids], self.geometry.grid)  # (M, Hm, Wm)
+        self.maps[env_ids] = maps
+        if self.geometry.border == "wrap":
+            self.padded[env_ids] = pad_maps(maps, self.geometry)
+        self.steps[env_ids] = 0
+        self.visits[env_ids] = 0
+        key = self.lattice[env_ids, 0] * self._n_cols + self.lattice[env_ids, 1]
+        self.visits[env_ids, key] = 1  # the first observation is a visit: coming back to it is a revisit
+
+    def step(self, actions: np.ndarray) -> np.ndarray:
+        """Move every window by ``actions`` (N,); returns each new position's earlier visits this episode (N,)."""
+        self.lattice = move(self.lattice, actions, self.geometry)
+        key = self.lattice[:, 0] * self._n_cols + self.lattice[:, 1]  # (N,) position id
+        visit_count = self.visits[self._arange, key]  # (N,) a copy: the count *before* this step
+        self.visits[self._arange, key] = visit_count + 1
+        self.steps += 1
+        return visit_count
+
+    def observe(self) -> np.ndarray:
+        """(N, w, w, 1) uint8: the window under each agent."""
+        return crop(self.windows, self.pixel)[..., None]
+
+
+def _check_render_mode(render_mode: str | None, allowed: Sequence[str]) -> None:
+    if render_mode is not None and render_mode not in allowed:
+        raise ValueError(f"MnistMap: unknown render_mode {render_mode!r}: expected None or one of {tuple(allowed)}")
+
+
+def render_map(map_: np.ndarray, path: np.ndarray, window: int, step: int, border: str, scale: int = 4) -> np.ndarray:
+    """RGB (Hm*scale, Wm*scale, 3) uint8: the map in grey, the path of window centres so far in orange, the current
+    window (``path[-1]``, top-left (row, col)) outlined in green; with ``wrap`` the outline continues across edges."""
+    import cv2  # only needed for rendering
+
+    Hm, Wm = map_.shape
+    frame = np.repeat(np.repeat(map_, scale, axis=0), scale, axis=1)
+    frame = np.ascontiguousarray(np.stack([frame // 2] * 3, axis=-1))  # dim the digits so the overlay stands out
+    centre = (np.asarray(path, dtype=np.int64) + window / 2) * scale  # (T, 2) (row, col)
+    for (r0, c0), (r1, c1) in zip(centre[:-1], centre[1:]):
+        if abs(r1 - r0) <= step * scale and abs(c1 - c0) <= step * scale:  # skip the jumps of a wrap
+            cv2.line(frame, (int(c0), int(r0)), (int(c1), int(r1)), (255, 140, 0), max(1, scale // 2))
+    for r, c in centre:
+        cv2.circle(frame, (int(c), int(r)), max(1, scale), (255, 140, 0), -1)
+    top, left = (int(v) for v in path[-1])
+    # Under wrap a window may cross the edges: draw it also shifted by one map size, cv2 clips what falls outside.
+    shifts = [(0, 0)] if border == "clip" else [(0, 0), (-Hm, 0), (0, -Wm), (-Hm, -Wm)]
+    for dr, dc in shifts:
+        r, c = (top + dr) * scale, (left + dc) * scale
+        cv2.rectangle(frame, (c, r), (c + window * scale - 1, r + window * scale - 1), (0, 255, 0), max(1, scale // 2))
+    return frame
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The Gymnasium env (N = 1) and the batched vector env
+
+
+class MnistMapEnv(gym.Env[np.ndarray, int]):
+    """
+    ## Description
+
+    Experiment 5.6 of *Generative Temporal Models with Memory* (Gemici et al. 2017): an agent looks at a large map
+    made of MNIST digits through a small window and moves that window around. A new map is drawn from the digit set
+    at every reset, so a model can only predict what it will see at a place it has already visited this episode by
+    remembering it. Every step reports whether the window is back at an earlier position (``info["revisit"]``).
+
+    The map is ``grid`` x ``grid`` digits (3x3 -> 84x84 pixels by default), drawn without replacement from the
+    train digits (``split="train"``) or the held-out test digits (``split="test"``).
+
+    ## Action Space
+
+    ``Discrete(4)``, or ``Discrete(5)`` with ``allow_stay=True``; each move shifts the window by ``step`` pixels:
+
+    | Num | Action | Inverse |
+    |-----|--------|---------|
+    | 0   | up     | 1       |
+    | 1   | down   | 0       |
+    | 2   | left   | 3       |
+    | 3   | right  | 2       |
+    | 4   | stay   | 4       |
+
+    With ``border="clip"`` a move that would leave the map is blocked; with ``border="wrap"`` the map is a torus.
+    ``env.unwrapped.inverse_actions[a]`` undoes ``a`` (except a move blocked at a ``clip`` border).
+
+    ## Observation Space
+
+    The window under the agent, ``Box(0, 255, (window, window, 1), uint8)``:
+
+    | Axis | Meaning        | Min | Max    |
+    |------|----------------|-----|--------|
+    | 0    | row in window  | 0   | window |
+    | 1    | col in window  | 0   | window |
+    | 2    | grey channel   | 0   | 1      |
+    | -    | pixel value    | 0   | 255    |
+
+    ``info`` at reset and every step:
+
+    | Key           | Type            | Meaning                                                          |
+    |---------------|-----------------|------------------------------------------------------------------|
+    | ``pose``        | float32 (2,)    | (row, col) of the window's top-left pixel in the map            |
+    | ``visit_count`` | int             | earlier steps of this episode at this position (0 = first visit) |
+    | ``revisit``     | bool            | ``visit_count > 0``                                              |
+
+    ## Rewards
+
+    Always 0: this is a world-model task, the signal to learn is the observation stream, not a return.
+
+    ## Starting State
+
+    A random lattice position (see ``envs/mnist_map.py``) on a freshly drawn map, from the env's seeded generator.
+
+    ## Episode End
+
+    Never terminates. Truncates after ``max_steps`` steps (the env counts them itself: no ``TimeLimit`` wrapper,
+    so the native vector env agrees with it).
+
+    ## Arguments
+
+    ```python
+    import gymnasium as gym, envs
+    env = gym.make("MnistMap-v0", grid=3, window=28, step=14, border="clip", allow_stay=False,
+                   max_steps=128, split="train", source="mnist5k", render_mode=None)
+    venv = gym.make_vec("MnistMap-v0", num_envs=1024, vectorization_mode="vector_entry_point")
+    ```
+
+    - ``grid``: digits per map side. ``window``: observation size in pixels. ``step``: pixels per move (14 = half a
+      digit, so windows land on a lattice and places really repeat).
+    - ``border``: ``"clip"`` or ``"wrap"``. ``allow_stay``: add action 4, stay. ``max_steps``: truncation length.
+    - ``split``: ``"train"`` or ``"test"`` digits. ``source``: ``"mnist5k"`` (embedded), ``"fashion"`` or a folder of
+      IDX files (``envs.digits.load_digits``).
+    - ``render_mode="rgb_array"``: the whole map, the path so far and the current window.
+
+    ## Version History
+
+    - v0: initial version.
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 4}
+
+    def __init__(
+        self,
+        grid: int = 3,
+        window: int = 28,
+        step: int = 14,
+        border: str = "clip",
+        allow_stay: bool = False,
+        max_steps: int = 128,
+        split: str = "train",
+        source: str = "mnist5k",
+        render_mode: str | None = None,
+    ):
+        _check_render_mode(render_mode, self.metadata["render_modes"])
+        self.render_mode = render_mode
+        self.core = MnistMapCore(1, MapGeometry(grid, (0, 0), window, step, border), split, source, max_steps)
+        self.geometry = self.core.geometry
+        self.window, self.step_size, self.border, self.max_steps = window, step, border, max_steps
+        self.allow_stay = bool(allow_stay)
+        n_actions = 5 if self.allow_stay else 4
+        self.action_space = spaces.Discrete(n_actions)
+        self.observation_space = spaces.Box(0, 255, (window, window, 1), dtype=np.uint8)
+        self.inverse_actions: tuple[int, ...] = INVERSE_ACTIONS[:n_actions]
+        self.pose_dim = POSE_DIM
+        self._path: list[np.ndarray] = []  # window top-lefts this episode, for render()
+        self._has_reset = False
+
+    @property
+    def map(self) -> np.ndarray:
+        """The current map (Hm, Wm) uint8."""
+        return self.core.maps[0]
+
+    def _info(self, visit_count: int) -> dict[str, Any]:
+        return {
+            "pose": self.core.pixel[0].astype(np.float32),
+            "visit_count": int(visit_count),
+            "revisit": bool(visit_count > 0),
+        }
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+        super().reset(seed=seed)
+        self.core.reset(np.zeros(1, dtype=np.int64), [self.np_random])
+        self._has_reset = True
+        self._path = [self.core.pixel[0].copy()]
+        return self.core.observe()[0], self._info(0)
+
+    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        assert self.action_space.contains(action), f"{action!r} ({type(action)}) is not in {self.action_space}"
+        assert self._has_reset, "Call reset before using step."
+        visit_count = self.core.step(np.array([action], dtype=np.int64))[0]
+        self._path.append(self.core.pixel[0].copy())
+        truncated = bool(self.core.steps[0] >= self.max_steps)
+        return self.core.observe()[0], 0.0, False, truncated, self._info(visit_count)
+
+    def render(self) -> np.ndarray | None:
+        if self.render_mode is None:
+            gym.logger.warn("MnistMap: render() called without a render_mode; use gym.make(..., render_mode='rgb_array')")
+            return None
+        assert self._has_reset, "Call reset before using render."
+        return render_map(self.map, np.stack(self._path), self.window, self.step_size, self.border)
+
+
+class MnistMapVectorEnv(VectorEnv):
+    """``num_envs`` MNIST maps stepped together in single numpy operations (see ``MnistMapEnv`` for the task).
+
+    Sub-env ``i`` owns generator ``i``: ``reset(seed=s)`` seeds it with ``s + i``, so the batch reproduces, step for
+    step, ``num_envs`` single ``MnistMapEnv`` seeded ``s, s+1, ...`` that call ``reset()`` when an episode ends.
+
+    Autoreset is Gymnasium 1.x ``NEXT_STEP``: the step after an episode ends returns that env's reset observation
+    and reset info, reward 0, ``terminated = truncated = False``, and ignores its action. Infos are arrays with a
+    leading ``num_envs`` axis (``pose`` (N, 2), ``visit_count`` (N,), ``revisit`` (N,)) plus Gymnasium's ``_key``
+    masks (always all True). ``reset(options={"reset_mask": mask})`` resets only the envs where ``mask`` is True.
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 4, "autoreset_mode": AutoresetMode.NEXT_STEP}
+
+    def __init__(
+        self,
+        num_envs: int = 1,
+        grid: int = 3,
+        window: int = 28,
+        step: int = 14,
+        border: str = "clip",
+        allow_stay: bool = False,
+        max_steps: int = 128,
+        split: str = "train",
+        source: str = "mnist5k",
+        render_mode: str | None = None,
+    ):
+        _check_render_mode(render_mode, self.metadata["render_modes"])
+        self.render_mode = render_mode
+        self.core = MnistMapCore(num_envs, MapGeometry(grid, (0, 0), window, step, border), split, source, max_steps)
+        self.geometry = self.core.geometry
+        self.num_envs = self.core.num_envs
+        self.window, self.step_size, self.border, self.max_steps = window, step, border, max_steps
+        self.allow_stay = bool(allow_stay)
+        n_actions = 5 if self.allow_stay else 4
+        self.single_action_space = spaces.Discrete(n_actions)
+        self.action_space = batch_space(self.single_action_space, self.num_envs)
+        self.single_observation_space = spaces.Box(0, 255, (window, window, 1), dtype=np.uint8)
+        self.observation_space = batch_space(self.single_observation_space, self.num_envs)
+        self.inverse_actions: tuple[int, ...] = INVERSE_ACTIONS[:n_actions]
+        self.pose_dim = POSE_DIM
+        self._rngs: list[np.random.Generator] | None = None
+        self._needs_reset = np.zeros(self.num_envs, dtype=bool)  # (N,) episode ended last step -> reset on this one
+        self._rewards = np.zeros(self.num_envs, dtype=np.float32)
+        self._terminated = np.zeros(self.num_envs, dtype=bool)
+
+    @property
+    def maps(self) -> np.ndarray:
+        """The current maps (N, Hm, Wm) uint8."""
+        return self.core.maps
+
+    def _infos(self, visit_count: np.ndarray) -> dict[str, Any]:
+        N = self.num_envs
+        return {
+            "pose": self.core.pixel.astype(np.float32),  # (N, 2)
+            "visit_count": visit_count.astype(np.int64),  # (N,)
+            "revisit": visit_count > 0,  # (N,)
+            "_pose": np.ones(N, dtype=bool),
+            "_visit_count": np.ones(N, dtype=bool),
+            "_revisit": np.ones(N, dtype=bool),
+        }
+
+    def reset(
+        self, *, seed: int | Sequence[int | None] | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        N = self.num_envs
+        mask = np.ones(N, dtype=bool)
+        if options is not None and "reset_mask" in options:
+            mask = np.asarray(options["reset_mask"])
+            if mask.shape != (N,) or mask.dtype != np.bool_:
+                raise ValueError(f"MnistMapVectorEnv.reset: options['reset_mask'] must be a bool array of shape ({N},), got {mask.dtype} {mask.shape}")
+        if isinstance(seed, (int, np.integer)):
+            seeds: list[int | None] = [int(seed) + i for i in range(N)]
+        elif seed is None:
+            seeds = [None] * N
+        else:
+            seeds = list(seed)
+            if len(seeds) != N:
+                raise ValueError(f"MnistMapVectorEnv.reset: got {len(seeds)} seeds for {N} envs")
+        if isinstance(seed, (int, np.integer)):
+            super().reset(seed=int(seed))
+        if self._rngs is None:
+            self._rngs = [seeding.np_random(s)[0] for s in seeds]  # unseeded envs get fresh entropy, once
+        else:
+            for i in np.flatnonzero(mask):
+                if seeds[i] is not None:
+                    self._rngs[i] = seeding.np_random(seeds[i])[0]
+        env_ids = np.flatnonzero(mask)
+        self.core.reset(env_ids, [self._rngs[i] for i in env_ids])
+        self._needs_reset[env_ids] = False
+        return self.core.observe(), self._infos(np.zeros(N, dtype=np.int64))
+
+    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        assert self._rngs is not None, "Call reset before using step."
+        actions = np.asarray(actions)
+        assert self.action_space.contains(actions), f"{actions!r} ({type(actions)}) is not in {self.action_space}"
+        visit_count = self.core.step(actions.astype(np.int64, copy=False))  # (N,)
+        # NEXT_STEP autoreset: envs whose episode ended on the previous step start a new one now; their move above is
+        # overwritten by the reset, which is how their action gets ignored.
+        restarting = self._needs_reset
+        if restarting.any():
+            env_ids = np.flatnonzero(restarting)
+            self.core.reset(env_ids, [self._rngs[i] for i in env_ids])
+            visit_count[env_ids] = 0
+        truncated = self.core.steps >= self.max_steps  # (N,) restarted envs have steps == 0
+        self._needs_reset = truncated.copy()
+        return self.core.observe(), self._rewards.copy(), self._terminated.copy(), truncated, self._infos(visit_count)
+
+    def render(self) -> tuple[np.ndarray, ...] | None:
+        """One RGB frame per env: its map with the current window outlined (the path is drawn by the single env only)."""
+        if self.render_mode is None:
+            gym.logger.warn("MnistMapVectorEnv: render() called without a render_mode")
+            return None
+        assert self._rngs is not None, "Call reset before using render."
+        pixel = self.core.pixel
+        return tuple(
+            render_map(self.core.maps[i], pixel[i : i + 1], self.window, self.step_size, self.border) for i in range(self.num_envs)
+        )
