@@ -394,6 +394,28 @@ def sequence_length(task: str, **task_kwargs: Any) -> int:
     return make_task(task, **task_kwargs).length()
 
 
+def kwargs_for_length(task: str, seq_len: int) -> dict[str, Any]:
+    """Task kwargs whose sequences are as long as possible without exceeding ``seq_len`` frames.
+
+    For a trainer that only knows ``--seq-len``: recall tasks show ``seq_len // 2`` images twice; parity shows
+    ``seq_len - 1`` digits; the cued tasks keep a third of the frames (at most 9, resp. 5 as in the defaults) as
+    the images to remember and fill the rest with (cue, recall) pairs.
+    """
+    make_task(task)  # validates the name
+    minimum = {"perfect_recall": 2, "parity_recall": 2, "one_shot_recall": 2}.get(task, 3)
+    if not isinstance(seq_len, (int, np.integer)) or seq_len < minimum:
+        raise ValueError(f"task {task!r}: seq_len={seq_len!r}, expected an integer >= {minimum}")
+    if task in ("perfect_recall", "one_shot_recall"):
+        return {"k": seq_len // 2}
+    if task == "parity_recall":
+        return {"k": seq_len - 1}
+    if task == "dynamic_dependencies":
+        k = min(9, max(1, seq_len // 3))
+        return {"k": k, "n_queries": (seq_len - k) // 2, "max_back": k}
+    k = min(5, max(1, seq_len // 3))  # similarity_cued_recall
+    return {"k": k, "n_queries": (seq_len - k) // 2}
+
+
 def task_fields(task: str) -> dict[str, Any]:
     """The task's kwargs and their defaults, e.g. ``{"k": 10}`` for perfect recall."""
     make_task(task)  # validates the name

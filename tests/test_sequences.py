@@ -190,3 +190,15 @@ def test_real_digits_one_shot_split_is_unseen() -> None:
     for task in TASKS:  # every task builds from the real digits
         batch = sample_batch(task, 4, np.random.default_rng(1))
         assert batch["obs"].shape == (4, sequence_length(task), 28, 28, 1) and batch["obs"].max() > 0
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("seq_len", [3, 8, 21, 48])
+def test_kwargs_for_length_fit_the_trainer_window(task: str, seq_len: int, pool: DigitPool) -> None:
+    from envs.sequences import kwargs_for_length
+
+    kwargs = kwargs_for_length(task, seq_len)
+    T = sequence_length(task, **kwargs)
+    assert seq_len - 2 <= T <= seq_len  # within one pair of the window, never longer
+    batch = sample_batch(task, 2, np.random.default_rng(0), source=pool, **kwargs)
+    assert batch["obs"].shape[1] == T and batch["revisit"].any()
