@@ -1,0 +1,213 @@
+"""GTMM memories and address pathways: shapes, gradients, FIFO order, recall by address, gating, compile-safety."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from worldmodel.address import ADDRESSES, build_address
+from worldmodel.memory import MEMORIES, build_memory
+
+B, H, A, Z, N, R = 3, 16, 8, 5, 6, 2
+NUM_ACTIONS, POSE_DIM = 4, 3
+
+
+def make(name: str, **kw):
+    torch.manual_seed(0)
+    return build_memory(name, z_dim=Z, h_dim=H, addr_dim=A, slots=N, heads=R, **kw)
+
+
+def run_steps(memory, address, T: int, seed: int = 0):
+    """The model's step order (address -> read -> write) on random controller states; returns reads and states."""
+    g = torch.Generator().manual_seed(seed)
+    mem_state = memory.init_state(B, "cpu")
+    addr_state = address.init_state(B, "cpu")
+    reads, zs = [], []
+    for _ in range(T):
+        h = torch.randn(B, H, generator=g)
+        prev_action = torch.randint(-1, NUM_ACTIONS, (B,), generator=g)
+        pose = torch.randn(B, POSE_DIM, generator=g)
+        z = torch.randn(B, Z, generator=g)
+        addr, addr_state = address.step(addr_state, h, prev_action, pose)
+        reads.append(memory.read(mem_state, h, addr))
+        mem_state = memory.write(mem_state, h, addr, z)
+        zs.append(z)
+    return torch.stack(reads, 1), mem_state, torch.stack(zs, 1)
+
+
+def test_unknown_names_list_the_choices():
+    with pytest.raises(ValueError, match="introspective"):
+        build_memory("lstm", z_dim=Z, h_dim=H, addr_dim=A)
+    with pytest.raises(ValueError, match="hidden"):
+        build_address("gps", h_dim=H, num_actions=NUM_ACTIONS, pose_dim=POSE_DIM, addr_dim=A)
+    with pytest.raises(ValueError, match="pose_dim=0"):
+        build_address("pose", h_dim=H, num_actions=NUM_ACTIONS, pose_dim=0, addr_dim=A)
+    with pytest.raises(ValueError, match="num_actions"):
+        build_address("actions", h_dim=H, num_actions=0, pose_dim=0, addr_dim=A)
+    with pytest.raises(ValueError, match="integrator"):
+        build_address("actions", h_dim=H, num_actions=NUM_ACTIONS, pose_dim=0, addr_dim=A, integrator="kalman")
+
+
+@pytest.mark.parametrize("name", MEMORIES)
+@pytest.mark.parametrize("kind", ADDRESSES)
+def test_shapes_and_finite_grads_to_every_parameter(name, kind):
+    memory = make(name)
+    torch.manual_seed(1)
+    address = build_address(kind, h_dim=H, num_actions=NUM_ACTIONS, pose_dim=POSE_DIM, addr_dim=A)
+    reads, state, _ = run_steps(memory, address, T=N + 2)
+    expected_read_dim = 0 if name == "none" else R * Z
+    assert memory.read_dim == expected_read_dim
+    assert reads.shape == (B, N + 2, expected_read_dim)
+    assert all(torch.isfinite(v).all() for v in state.values())
+    if name == "none":
+        assert list(memory.parameters()) == []
+        return
+    (reads.square().sum() + sum(v.square().sum() for v in state.values())).backward()
+    for module in (memory, address):
+        for pname, p in module.named_parameters():
+            assert p.grad is not None, f"{name}/{kind}: no gradient for {pname}"
+            assert torch.isfinite(p.grad).all(), f"{name}/{kind}: non-finite gradient for {pname}"
+            assert p.grad.abs().sum() > 0, f"{name}/{kind}: zero gradient for {pname}"
+
+
+def test_store_h_widens_the_content():
+    memory = make("introspective", store_h=True)
+    address = build_address("hidden", h_dim=H, num_actions=NUM_ACTIONS, pose_dim=POSE_DIM, addr_dim=A)
+    reads, state, _ = run_steps(memory, address, T=3)
+    assert memory.read_dim == R * (Z + H) and reads.shape == (B, 3, R * (Z + H))
+    assert state["content"].shape == (B, N, Z + H)
+
+
+def test_fifo_holds_exactly_the_last_L_latents_in_order():
+    memory = make("introspective")
+    address = build_address("pose", h_dim=H, num_actions=NUM_ACTIONS, pose_dim=POSE_DIM, addr_dim=A)
+    _, state, zs = run_steps(memory, address, T=3)  # not yet full: the first N-3 slots are still empty
+    assert torch.equal(state["filled"], torch.tensor([[0.0] * (N - 3) + [1.0] * 3] * B))
+    assert torch.equal(state["content"][:, N - 3:], zs)
+    T = N + 4
+    _, state, zs = run_steps(memory, address, T=T)
+    assert torch.equal(state["content"], zs[:, T - N:])  # oldest first, newest last
+    assert torch.equal(state["filled"], torch.ones(B, N))
+
+
+def sharpen(memory, beta: float = 200.0):
+    """Make every head read exactly by address: identity keys, huge sharpness, gate open."""
+    with torch.no_grad():
+        keys = memory.keys
+        keys.from_addr.weight.copy_(torch.eye(A).repeat(R, 1))
+        keys.sharpness.weight.zero_()
+        keys.sharpness.bias.fill_(beta)
+        memory.gate.from_h.weight.zero_()
+        memory.gate.from_h.bias.fill_(20.0)
+    return memory
+
+
+SLOT_MEMORIES = [m for m in MEMORIES if m != "none"]
+
+
+@pytest.mark.parametrize("name", SLOT_MEMORIES)
+def test_a_read_at_an_earlier_address_returns_that_steps_latent(name):
+    memory = sharpen(make(name))
+    g = torch.Generator().manual_seed(3)
+    T = N - 1
+    addrs = torch.randn(T, B, A, generator=g)  # distinct random places
+    zs = torch.randn(T, B, Z, generator=g)  # distinct latents seen there
+    h = torch.zeros(B, H)
+    state = memory.init_state(B, "cpu")
+    for t in range(T):
+        state = memory.write(state, h, addrs[t], zs[t])
+    for t in range(T):
+        out = memory.attend(state, h, addrs[t])
+        assert torch.allclose(out["read"].view(B, R, Z), zs[t].unsqueeze(1).expand(B, R, Z), atol=1e-3), (name, t)
+        assert out["gate"].min() > 0.99
+
+
+@pytest.mark.parametrize("name", SLOT_MEMORIES)
+def test_reading_an_empty_memory_is_finite_and_gated_off(name):
+    memory = make(name)
+    state = memory.init_state(B, "cpu")
+    h = torch.randn(B, H, requires_grad=True)
+    addr = torch.randn(B, A, requires_grad=True)
+    out = memory.attend(state, h, addr)
+    assert torch.isfinite(out["weights"]).all()
+    assert torch.equal(out["gate"], torch.zeros(B, R))
+    assert torch.equal(out["read"], torch.zeros(B, memory.read_dim))
+    out["read"].sum().backward()
+    assert torch.isfinite(h.grad).all() and torch.isfinite(addr.grad).all()
+
+
+def test_the_gate_closes_when_nothing_matches_the_address():
+    memory = make("introspective")
+    g = torch.Generator().manual_seed(4)
+    h = torch.zeros(B, H)
+    here = torch.randn(B, A, generator=g)
+    state = memory.write(memory.init_state(B, "cpu"), h, here, torch.randn(B, Z, generator=g))
+    same = memory.attend(state, h, here)["gate"]
+    opposite = memory.attend(state, h, -here)["gate"]  # cosine -1 with the only stored address
+    assert (same > 0.9).all() and (opposite < 0.1).all()
+
+
+def test_pose_address_is_a_function_of_the_pose():
+    address = build_address("pose", h_dim=H, num_actions=NUM_ACTIONS, pose_dim=POSE_DIM, addr_dim=A, pose_scale=0.5)
+    pose = torch.randn(B, POSE_DIM)
+    a1, _ = address.step({}, torch.randn(B, H), torch.tensor([0, 1, -1]), pose)
+    a2, _ = address.step({}, torch.randn(B, H), torch.tensor([2, -1, 3]), pose.clone())
+    assert torch.equal(a1, a2)
+    assert torch.allclose(a1.norm(dim=-1), torch.ones(B))
+    wide = build_address("pose", h_dim=H, num_actions=NUM_ACTIONS, pose_dim=POSE_DIM, addr_dim=64, pose_scale=0.5)
+    near, _ = wide.step({}, torch.zeros(1, H), torch.tensor([-1]), torch.zeros(1, POSE_DIM))
+    far, _ = wide.step({}, torch.zeros(1, H), torch.tensor([-1]), torch.full((1, POSE_DIM), 10.0))
+    assert (near * far).sum() < 0.5  # unit vectors: this is their cosine
+
+
+def test_additive_action_path_returns_to_its_start_after_out_and_back():
+    inverse = (1, 0, 3, 2)  # up/down, left/right
+    address = build_address("actions", h_dim=H, num_actions=4, pose_dim=0, addr_dim=A, integrator="additive",
+                            inverse_actions=inverse)
+    state = address.init_state(B, "cpu")
+    h = torch.zeros(B, H)
+    start, state = address.step(state, h, torch.full((B,), -1), torch.zeros(B, 0))
+    out = [[0, 2, 2, 1], [3, 3, 3, 0], [1, 1, 2, 3]]
+    back = [[inverse[a] for a in reversed(path)] for path in out]
+    visited = []
+    for t in range(4):
+        addr, state = address.step(state, h, torch.tensor([p[t] for p in out]), torch.zeros(B, 0))
+        visited.append(addr)
+    for t in range(4):
+        addr, state = address.step(state, h, torch.tensor([p[t] for p in back]), torch.zeros(B, 0))
+    assert torch.allclose(addr, start, atol=1e-5)
+    assert not torch.allclose(visited[1], start, atol=1e-2)
+    with pytest.raises(ValueError, match="involution"):
+        build_address("actions", h_dim=H, num_actions=4, pose_dim=0, addr_dim=A, integrator="additive",
+                      inverse_actions=(1, 2, 3, 0))
+
+
+def test_no_action_leaves_the_action_path_where_it_is():
+    for integrator in ("gru", "additive"):
+        address = build_address("actions", h_dim=H, num_actions=4, pose_dim=0, addr_dim=A, integrator=integrator)
+        state = address.init_state(B, "cpu")
+        first, state = address.step(state, torch.zeros(B, H), torch.tensor([0, 1, 2]), torch.zeros(B, 0))
+        again, state = address.step(state, torch.zeros(B, H), torch.full((B,), -1), torch.zeros(B, 0))
+        assert torch.allclose(first, again), integrator
+
+
+@pytest.mark.parametrize("name", MEMORIES)
+def test_step_traces_as_one_graph(name):
+    """No .item(), no Python branch on tensor values: dynamo captures the whole step without a graph break."""
+    torch._dynamo.reset()
+    memory = make(name)
+    address = build_address("actions", h_dim=H, num_actions=NUM_ACTIONS, pose_dim=POSE_DIM, addr_dim=A)
+
+    def step(mem_state, addr_state, h, prev_action, pose, z):
+        addr, addr_state = address.step(addr_state, h, prev_action, pose)
+        read = memory.read(mem_state, h, addr)
+        return read, memory.write(mem_state, h, addr, z), addr_state
+
+    compiled = torch.compile(step, backend="eager", fullgraph=True)
+    mem_state, addr_state = memory.init_state(B, "cpu"), address.init_state(B, "cpu")
+    for _ in range(2):
+        read, mem_state, addr_state = compiled(mem_state, addr_state, torch.randn(B, H), torch.tensor([0, -1, 3]),
+                                               torch.randn(B, POSE_DIM), torch.randn(B, Z))
+    assert read.shape == (B, memory.read_dim)

@@ -1,0 +1,187 @@
+"""Address pathways: where a GTMM memory slot is written and read ("where am I?").
+
+A memory slot is found by its ADDRESS part (see ``worldmodel.memory.base``). This module computes addr_t, once per
+step, from one of three sources:
+
+    hidden   addr_t = W h_t                                   the paper's reading: the controller state is the key
+    actions  s_t = f(s_{t-1}, a_{t-1}), addr_t = g(s_t)       a path integrator over actions alone (idea of GTM-SM,
+                                                             Fraccaro et al. 2018): it sees no frames, so it can only
+                                                             learn "where", never "what"
+    pose     addr_t = fourier(pose_t / scale)                 the env's odometry: an oracle address, a ceiling
+
+Reads match keys to addresses by cosine similarity, which compares directions. A raw position vector is a poor
+address under cosine (two points on one ray from the origin look identical), so positions (the additive integrator,
+the pose) are encoded with random Fourier features (Rahimi & Recht 2007): [sin(Omega s), cos(Omega s)] has constant
+norm and cos(f(s), f(s')) = mean_k cos(omega_k . (s - s')), a shift-invariant kernel that is 1 at the same place and
+about 0 far away.
+
+``prev_action`` is int64 (B,) with -1 meaning "no action" (episode start, action-free tasks): the action path then
+stays where it is. State is a ``dict[str, Tensor]``; ``step`` has no Python branching on tensor values.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+ADDRESSES = ("hidden", "actions", "pose")
+INTEGRATORS = ("gru", "additive")
+
+State = dict[str, Tensor]
+
+
+class AddressPath(nn.Module):
+    """Base class: ``step(state, h, prev_action, pose) -> (addr (B, addr_dim), next state)``."""
+
+    addr_dim: int
+
+    def init_state(self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> State:
+        return {}
+
+    def step(self, state: State, h: Tensor, prev_action: Tensor, pose: Tensor) -> tuple[Tensor, State]:
+        raise NotImplementedError
+
+
+def fourier_features(positions: Tensor, frequencies: Tensor) -> Tensor:
+    """[sin(s Omega), cos(s Omega)] / sqrt(K): unit norm, cosine between two of them = mean_k cos(omega_k . ds).
+
+    positions (B, P), frequencies (P, K) -> (B, 2K)
+    """
+    phase = positions @ frequencies  # (B, K)
+    return torch.cat([phase.sin(), phase.cos()], dim=-1) / math.sqrt(frequencies.shape[1])
+
+
+def _random_frequencies(in_dim: int, addr_dim: int, seed: int) -> Tensor:
+    """Omega (in_dim, addr_dim/2) ~ N(0, 1), from a fixed seed so the same config gives the same encoding."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(in_dim, addr_dim // 2, generator=generator)
+
+
+class HiddenAddress(AddressPath):
+    """addr_t = W h_t + b: the address is a learned view of the controller state (the paper's setting)."""
+
+    def __init__(self, *, h_dim: int, addr_dim: int):
+        super().__init__()
+        self.addr_dim = addr_dim
+        self.proj = nn.Linear(h_dim, addr_dim)
+
+    def step(self, state: State, h: Tensor, prev_action: Tensor, pose: Tensor) -> tuple[Tensor, State]:
+        return self.proj(h), state  # (B, addr_dim)
+
+
+class ActionAddress(AddressPath):
+    """A path integrator over the previous actions only.
+
+    integrator="gru":       s_t = GRUCell(onehot(a_{t-1}), s_{t-1}),  addr_t = LayerNorm(s_t)   (any dynamics,
+                            e.g. MiniWorld where a step forward depends on the heading)
+    integrator="additive":  s_t = s_{t-1} + E[a_{t-1}],  addr_t = fourier(s_t)                 (exact for
+                            translations, e.g. the MNIST map: it only has to learn one vector per action)
+
+    Knobs for fast convergence: ``layer_norm`` keeps the GRU address at a fixed scale whatever the gates do;
+    ``inverse_actions`` (the env's ``inverse_actions`` table) ties E[inv(a)] = -E[a] so an out-and-back path returns
+    exactly to its start address from the first update on; ``step_scale`` sets the initial size of E in units of
+    the Fourier kernel width (1 = one move changes the address to a nearly orthogonal one). The trainer's
+    ``--address-lr-scale`` multiplies this module's learning rate.
+    No action (-1) leaves s unchanged.
+    """
+
+    def __init__(self, *, num_actions: int, addr_dim: int, integrator: str = "gru", path_dim: int = 0,
+                 layer_norm: bool = True, inverse_actions: Sequence[int] | None = None, step_scale: float = 1.0,
+                 seed: int = 0):
+        super().__init__()
+        if num_actions < 1:
+            raise ValueError(f"address 'actions': needs num_actions >= 1, got {num_actions} (action-free task?)")
+        if integrator not in INTEGRATORS:
+            raise ValueError(f"address 'actions': unknown integrator {integrator!r}, expected one of {INTEGRATORS}")
+        self.addr_dim, self.num_actions, self.integrator = addr_dim, num_actions, integrator
+        if integrator == "gru":
+            self.path_dim = path_dim or addr_dim
+            self.cell = nn.GRUCell(num_actions, self.path_dim)
+            self.out = nn.LayerNorm(self.path_dim) if layer_norm else nn.Identity()
+            self.proj = nn.Linear(self.path_dim, addr_dim) if self.path_dim != addr_dim else nn.Identity()
+        else:
+            if addr_dim % 2:
+                raise ValueError(f"address 'actions' (additive): addr_dim must be even (sin and cos halves), got {addr_dim}")
+            self.path_dim = path_dim or 8
+            self.displacement = nn.Parameter(step_scale * torch.randn(num_actions, self.path_dim))  # E (A, P)
+            self.register_buffer("frequencies", _random_frequencies(self.path_dim, addr_dim, seed))  # (P, addr_dim/2)
+        if inverse_actions is not None:
+            inverse = torch.as_tensor(list(inverse_actions), dtype=torch.long)
+            if inverse.shape != (num_actions,) or bool(((inverse < 0) | (inverse >= num_actions)).any()):
+                raise ValueError(f"inverse_actions: expected {num_actions} action ids in [0, {num_actions}), got {list(inverse_actions)}")
+            if not torch.equal(inverse[inverse], torch.arange(num_actions)):
+                raise ValueError(f"inverse_actions: must be an involution (inv(inv(a)) = a), got {list(inverse_actions)}")
+            if integrator != "additive":
+                raise ValueError("inverse_actions: only the additive integrator can tie inverse actions")
+            self.register_buffer("inverse", inverse)
+        else:
+            self.inverse = None
+
+    def init_state(self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> State:
+        # Every episode starts at the origin of its own path: addresses are relative to the start.
+        return {"path": torch.zeros(batch, self.path_dim, device=device, dtype=dtype)}  # (B, P)
+
+    def displacements(self) -> Tensor:
+        """E (A, P), antisymmetric under the inverse table when one is given: E[inv(a)] = -E[a]."""
+        if self.inverse is None:
+            return self.displacement
+        return 0.5 * (self.displacement - self.displacement[self.inverse])
+
+    def step(self, state: State, h: Tensor, prev_action: Tensor, pose: Tensor) -> tuple[Tensor, State]:
+        assert prev_action.shape == (h.shape[0],), f"prev_action must be (B,), got {tuple(prev_action.shape)}"
+        path = state["path"]  # (B, P)
+        acted = (prev_action >= 0).to(path.dtype).unsqueeze(-1)  # (B, 1), 0 for "no action"
+        # one-hot by comparison rather than F.one_hot: -1 matches no action id, giving zeros, with no value check
+        action_ids = torch.arange(self.num_actions, device=prev_action.device)  # (A,)
+        onehot = (prev_action.unsqueeze(-1) == action_ids).to(path.dtype)  # (B, A)
+        if self.integrator == "gru":
+            # no action -> keep s: a GRU fed zeros would still drift through its biases
+            path = acted * self.cell(onehot, path) + (1.0 - acted) * path  # (B, P)
+            addr = self.proj(self.out(path))  # (B, addr_dim)
+        else:
+            path = path + onehot @ self.displacements()  # (B, P), s_t = s_{t-1} + E[a_{t-1}]
+            addr = fourier_features(path, self.frequencies)  # (B, addr_dim)
+        return addr, {"path": path}
+
+
+class PoseAddress(AddressPath):
+    """addr_t = fourier(pose_t / pose_scale) with fixed random frequencies: same pose -> same address, exactly.
+
+    ``pose_scale`` (a float, or one per pose dimension) is the kernel's length scale in pose units: poses about one
+    scale apart get nearly orthogonal addresses. MiniWorld poses are (x, z, heading) in metres and radians; the
+    MNIST map's are (row, col) in pixels.
+    """
+
+    def __init__(self, *, pose_dim: int, addr_dim: int, pose_scale: float | Sequence[float] = 1.0, seed: int = 0):
+        super().__init__()
+        if pose_dim < 1:
+            raise ValueError(f"address 'pose': the data has no pose (pose_dim={pose_dim}); use 'hidden' or 'actions'")
+        if addr_dim % 2:
+            raise ValueError(f"address 'pose': addr_dim must be even (sin and cos halves), got {addr_dim}")
+        scale = torch.as_tensor(pose_scale, dtype=torch.float32).expand(pose_dim).clone()
+        if bool((scale <= 0).any()):
+            raise ValueError(f"address 'pose': pose_scale must be > 0, got {pose_scale}")
+        self.addr_dim, self.pose_dim = addr_dim, pose_dim
+        self.register_buffer("frequencies", _random_frequencies(pose_dim, addr_dim, seed) / scale.unsqueeze(-1))
+
+    def step(self, state: State, h: Tensor, prev_action: Tensor, pose: Tensor) -> tuple[Tensor, State]:
+        assert pose.shape == (h.shape[0], self.pose_dim), f"pose must be (B, {self.pose_dim}), got {tuple(pose.shape)}"
+        return fourier_features(pose.to(self.frequencies.dtype), self.frequencies).to(h.dtype), state
+
+
+def build_address(kind: str, *, h_dim: int, num_actions: int, pose_dim: int, addr_dim: int, **kw) -> AddressPath:
+    """The address pathway named ``kind`` (one of ``ADDRESSES``); ``kw`` go to its class (e.g. integrator=)."""
+    if addr_dim < 1:
+        raise ValueError(f"addr_dim: expected >= 1, got {addr_dim}")
+    if kind == "hidden":
+        return HiddenAddress(h_dim=h_dim, addr_dim=addr_dim, **kw)
+    if kind == "actions":
+        return ActionAddress(num_actions=num_actions, addr_dim=addr_dim, **kw)
+    if kind == "pose":
+        return PoseAddress(pose_dim=pose_dim, addr_dim=addr_dim, **kw)
+    raise ValueError(f"unknown address {kind!r}: expected one of {ADDRESSES}")

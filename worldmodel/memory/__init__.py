@@ -1,0 +1,36 @@
+"""External memories for GTMM (Gemici et al. 2017): each is read by ADDRESS and returns CONTENT.
+
+| name            | what                                                                           | module          |
+|-----------------|--------------------------------------------------------------------------------|-----------------|
+| ``none``        | no memory: the VRNN-style baseline, read_dim 0                                  | ``none``        |
+| ``introspective``| FIFO of the last L (address, z) pairs, R address-keyed heads, gated reads       | ``introspective``|
+
+Contract (``worldmodel.memory.base.Memory``): ``init_state(batch, device, dtype) -> state``,
+``read(state, h, addr) -> (B, read_dim)``, ``write(state, h, addr, z) -> state``, ``attend(...)`` for diagnostics.
+Slot memories return reads of size R * C, C = z_dim (+ h_dim with ``store_h=True``).
+"""
+
+from __future__ import annotations
+
+from worldmodel.memory.base import Memory, State
+from worldmodel.memory.introspective import IntrospectiveMemory
+from worldmodel.memory.none import NoMemory
+
+MEMORIES = ("none", "introspective")
+
+_CLASSES: dict[str, type[Memory]] = {
+    "none": NoMemory,
+    "introspective": IntrospectiveMemory,
+}
+
+
+def build_memory(name: str, *, z_dim: int, h_dim: int, addr_dim: int, slots: int = 64, heads: int = 2, **kw) -> Memory:
+    """The memory named ``name`` (one of ``MEMORIES``); ``kw`` go to its class (e.g. store_h=True)."""
+    if name not in _CLASSES:
+        raise ValueError(f"unknown memory {name!r}: expected one of {MEMORIES}")
+    if name == "none":
+        return NoMemory()
+    return _CLASSES[name](z_dim=z_dim, h_dim=h_dim, addr_dim=addr_dim, slots=slots, heads=heads, **kw)
+
+
+__all__ = ["MEMORIES", "Memory", "State", "build_memory", "NoMemory", "IntrospectiveMemory"]

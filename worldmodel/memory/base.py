@@ -1,0 +1,153 @@
+"""The contract every GTMM memory keeps, and the addressing pieces the slot memories share.
+
+A memory is read and written once per model step (Gemici et al. 2017, sec. 3; x_t frame, a_{t-1} action):
+
+    h_t    = LSTM(h_{t-1}, [z_{t-1}, a_{t-1}, read_{t-1}])
+    addr_t = address.step(addr_state, h_t, a_{t-1}, pose_t)        # where am I?            (B, addr_dim)
+    read_t = memory.read(M_{t-1}, h_t, addr_t)                      # what did I see here?   (B, read_dim)
+    p_t = prior(h_t, read_t); q_t = posterior(enc(x_t), h_t, read_t); z_t ~ q_t
+    M_t    = memory.write(M_{t-1}, h_t, addr_t, z_t)
+
+Every slot holds an ADDRESS part (written from addr_t) and a CONTENT part (z_t, optionally also h_t). Read keys are
+computed from addr_t (and optionally h_t) and matched against the address part only, and the content is returned:
+to recall *what was seen at this place* the read must find the slot by where the agent was, not by what it saw.
+The read of step t happens before the write of step t, so the memory never contains z_t itself.
+
+State is a flat ``dict[str, Tensor]``; ``read`` and ``write`` are pure functions of their inputs (no in-place
+updates, no ``.item()``, no Python branching on tensor values), so a step loop can be compiled or captured as a
+CUDA graph, and truncated BPTT is ``{k: v.detach() for k, v in state.items()}``.
+
+Shapes: B batch, N slots, R read heads, A = addr_dim, C = content size (Z, or Z + H when h_t is stored).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+State = dict[str, Tensor]
+
+
+class Memory(nn.Module):
+    """Base class: an external memory read by address, returning content.
+
+    Subclasses implement ``init_state``, ``attend`` and ``write``. ``read`` is ``attend(...)["read"]``; ``attend``
+    also returns the diagnostics that plots and tests need:
+        read     (B, read_dim)  the gated read vector fed to the prior, posterior and next LSTM input
+        weights  (B, R, N)      read attention over slots
+        gate     (B, R)         the per-head gate in [0, 1] (0 = memory ignored)
+    """
+
+    read_dim: int = 0
+
+    def init_state(self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> State:
+        raise NotImplementedError
+
+    def attend(self, state: State, h: Tensor, addr: Tensor) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def read(self, state: State, h: Tensor, addr: Tensor) -> Tensor:
+        """The read vector (B, read_dim) of memory ``state`` (M_{t-1}) for controller ``h`` (B, H) at ``addr`` (B, A)."""
+        return self.attend(state, h, addr)["read"]
+
+    def read_weights(self, state: State, h: Tensor, addr: Tensor) -> Tensor:
+        """Read attention (B, R, N) over slots, for plots and tests."""
+        return self.attend(state, h, addr)["weights"]
+
+    def write(self, state: State, h: Tensor, addr: Tensor, z: Tensor) -> State:
+        """The next memory state M_t after writing latent ``z`` (B, Z) at ``addr`` (B, A)."""
+        raise NotImplementedError
+
+
+def inverse_softplus(y: float) -> float:
+    """x with softplus(x) = y (y > 0), to initialise a bias so that a softplus output starts at y."""
+    return y + math.log(-math.expm1(-y))
+
+
+def cosine_similarity(keys: Tensor, slots: Tensor, eps: float = 1e-6) -> Tensor:
+    """K(k, M_n) = k . M_n / (|k| |M_n|) for every head and slot (NTM eq. 6); an all-zero slot scores 0.
+
+    keys (B, R, A), slots (B, N, A) -> (B, R, N)
+    """
+    return torch.einsum("bra,bna->brn", F.normalize(keys, dim=-1, eps=eps), F.normalize(slots, dim=-1, eps=eps))
+
+
+def content_weights(similarity: Tensor, beta: Tensor, valid: Tensor | None = None) -> Tensor:
+    """w_n = softmax_n(beta * K(k, M_n)) (NTM eq. 5), over valid slots only when ``valid`` (B, N) is given.
+
+    Invalid slots get the dtype's lowest finite logit rather than -inf: if no slot is valid the softmax is then
+    uniform (finite, and the gate zeroes it) instead of NaN, with no Python branch on the data.
+    similarity (B, R, N), beta (B, R) -> (B, R, N)
+    """
+    logits = beta.unsqueeze(-1) * similarity  # (B, R, N)
+    if valid is not None:  # a branch on an argument's presence, not on data
+        logits = logits.masked_fill(~(valid > 0.5).unsqueeze(1), torch.finfo(logits.dtype).min)
+    return torch.softmax(logits, dim=-1)
+
+
+class ReadKeys(nn.Module):
+    """R read keys k_r = W_r addr_t (+ U_r h_t) and sharpnesses beta_r = 1 + softplus(v_r . h_t + b_r) >= 1.
+
+    W_r starts near the identity, so that before any training a read already finds the slot written at the same
+    address (keys live in the address space: the address part of a slot is addr_t itself). U_r starts at zero and
+    is only built with ``use_h``: letting h_t move the key helps the hidden-state address of the paper but would
+    leak "what I see" into "where I am" for the action/pose addresses.
+    """
+
+    def __init__(self, *, addr_dim: int, h_dim: int, heads: int, use_h: bool = False, init_sharpness: float = 10.0):
+        super().__init__()
+        if init_sharpness <= 1.0:
+            raise ValueError(f"init_sharpness: expected > 1 (beta = 1 + softplus(.)), got {init_sharpness}")
+        self.heads, self.addr_dim = heads, addr_dim
+        self.from_addr = nn.Linear(addr_dim, heads * addr_dim, bias=False)
+        with torch.no_grad():  # identity per head plus a little noise so the heads can specialise
+            eye = torch.eye(addr_dim).repeat(heads, 1)  # (R*A, A)
+            self.from_addr.weight.copy_(eye + 0.05 * torch.randn_like(eye) / math.sqrt(addr_dim))
+        self.from_h = nn.Linear(h_dim, heads * addr_dim, bias=False) if use_h else None
+        if self.from_h is not None:
+            nn.init.zeros_(self.from_h.weight)
+        self.sharpness = nn.Linear(h_dim, heads)
+        with torch.no_grad():
+            self.sharpness.weight.mul_(0.1)
+            self.sharpness.bias.fill_(inverse_softplus(init_sharpness - 1.0))
+
+    def forward(self, h: Tensor, addr: Tensor) -> tuple[Tensor, Tensor]:
+        B = h.shape[0]
+        keys = self.from_addr(addr)  # (B, R*A)
+        if self.from_h is not None:
+            keys = keys + self.from_h(h)
+        beta = 1.0 + F.softplus(self.sharpness(h))  # (B, R), >= 1
+        return keys.view(B, self.heads, self.addr_dim), beta
+
+
+class ReadGate(nn.Module):
+    """g_r = sigmoid(v_r . h_t + s_r * match_r + b_r) * written_r: how much of head r's read reaches the model.
+
+    ``match`` (B, R) is the attention-weighted cosine similarity (how well the key matched where it looked), so a
+    head that finds nothing at this address can be switched off; ``written`` (B, R) is the attention mass on slots
+    that hold a write, so reading an empty memory gives exactly zero with no branch on data.
+    """
+
+    def __init__(self, *, h_dim: int, heads: int):
+        super().__init__()
+        self.from_h = nn.Linear(h_dim, heads)
+        self.match_scale = nn.Parameter(torch.full((heads,), 4.0))
+        with torch.no_grad():
+            self.from_h.weight.mul_(0.1)
+            self.from_h.bias.zero_()
+
+    def forward(self, h: Tensor, match: Tensor, written: Tensor) -> Tensor:
+        return torch.sigmoid(self.from_h(h) + self.match_scale * match) * written  # (B, R)
+
+
+def check_step_inputs(name: str, h: Tensor, addr: Tensor, h_dim: int, addr_dim: int, z: Tensor | None = None,
+                      z_dim: int = 0) -> None:
+    """Shape asserts (internal invariants: the model, not the user, calls the memory)."""
+    assert h.dim() == 2 and h.shape[1] == h_dim, f"{name}: h must be (B, {h_dim}), got {tuple(h.shape)}"
+    assert addr.shape == (h.shape[0], addr_dim), f"{name}: addr must be (B, {addr_dim}), got {tuple(addr.shape)}"
+    if z is not None:
+        assert z.shape == (h.shape[0], z_dim), f"{name}: z must be (B, {z_dim}), got {tuple(z.shape)}"

@@ -1,0 +1,76 @@
+"""Introspective-GTMM (Gemici et al. 2017): the memory is the model's own recent past.
+
+Memory M_t is a first-in-first-out buffer of the last L steps, slot n holding (address, content):
+
+    M_t = [(addr_{t-L+1}, c_{t-L+1}), ..., (addr_t, c_t)],   c_t = z_t   (or [z_t, h_t] with store_h)
+
+so the model "introspects" on latents it has already inferred. Each of R heads reads by content on the ADDRESS part:
+
+    k_r   = W_r addr_t (+ U_r h_t)                               key in address space
+    beta_r = 1 + softplus(v_r . h_t + b_r)                        sharpness >= 1
+    w_r,n = softmax_n(beta_r * cos(k_r, addr_n))   over filled slots
+    r_r   = g_r * sum_n w_r,n c_n                                 read of head r
+    g_r   = sigmoid(u_r . h_t + s_r * sum_n w_r,n cos(k_r, addr_n) + e_r) * (mass on filled slots)
+
+The gate g_r lets the model ignore memory when nothing stored matches where it is now (a first visit), and the
+written-mass factor makes a read of an empty buffer exactly zero. The read vector is [r_1, ..., r_R] (B, R*C).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from worldmodel.memory.base import Memory, ReadGate, ReadKeys, State, check_step_inputs, content_weights, cosine_similarity
+
+
+class IntrospectiveMemory(Memory):
+    """FIFO of the last ``slots`` (address, latent) pairs read by R address-keyed attention heads."""
+
+    def __init__(self, *, z_dim: int, h_dim: int, addr_dim: int, slots: int = 64, heads: int = 2,
+                 store_h: bool = False, key_from_h: bool = False, init_sharpness: float = 10.0):
+        super().__init__()
+        if slots < 1 or heads < 1:
+            raise ValueError(f"introspective memory: expected slots >= 1 and heads >= 1, got slots={slots}, heads={heads}")
+        self.z_dim, self.h_dim, self.addr_dim = z_dim, h_dim, addr_dim
+        self.slots, self.heads, self.store_h = slots, heads, store_h
+        self.content_dim = z_dim + (h_dim if store_h else 0)
+        self.read_dim = heads * self.content_dim
+        self.keys = ReadKeys(addr_dim=addr_dim, h_dim=h_dim, heads=heads, use_h=key_from_h, init_sharpness=init_sharpness)
+        self.gate = ReadGate(h_dim=h_dim, heads=heads)
+
+    def init_state(self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> State:
+        N = self.slots
+        return {
+            "addr": torch.zeros(batch, N, self.addr_dim, device=device, dtype=dtype),  # (B, N, A), oldest first
+            "content": torch.zeros(batch, N, self.content_dim, device=device, dtype=dtype),  # (B, N, C)
+            "filled": torch.zeros(batch, N, device=device, dtype=dtype),  # (B, N), 1 = slot holds a write
+        }
+
+    def attend(self, state: State, h: Tensor, addr: Tensor) -> dict[str, Tensor]:
+        check_step_inputs("introspective.read", h, addr, self.h_dim, self.addr_dim)
+        B = h.shape[0]
+        keys, beta = self.keys(h, addr)  # (B, R, A), (B, R)
+        similarity = cosine_similarity(keys, state["addr"])  # (B, R, N)
+        weights = content_weights(similarity, beta, valid=state["filled"])  # (B, R, N)
+        heads_read = torch.einsum("brn,bnc->brc", weights, state["content"])  # (B, R, C)
+        match = (weights * similarity).sum(-1)  # (B, R) expected cosine of what was attended
+        written = (weights * state["filled"].unsqueeze(1)).sum(-1)  # (B, R) 0 for an empty buffer
+        gate = self.gate(h, match, written)  # (B, R)
+        read = (gate.unsqueeze(-1) * heads_read).reshape(B, self.read_dim)  # (B, R*C)
+        return {"read": read, "weights": weights, "gate": gate}
+
+    def write(self, state: State, h: Tensor, addr: Tensor, z: Tensor) -> State:
+        check_step_inputs("introspective.write", h, addr, self.h_dim, self.addr_dim, z, self.z_dim)
+        content = torch.cat([z, h], dim=-1) if self.store_h else z  # (B, C)
+        # FIFO push: drop the oldest slot, append the newest at the end. A concatenation (not an in-place
+        # roll + assignment) keeps the old state intact for autograd and costs O(N) per step, like a copy.
+        def push(buffer: Tensor, item: Tensor) -> Tensor:
+            return torch.cat([buffer[:, 1:], item.unsqueeze(1)], dim=1)
+
+        return {
+            "addr": push(state["addr"], addr),  # (B, N, A)
+            "content": push(state["content"], content),  # (B, N, C)
+            "filled": push(state["filled"], torch.ones_like(state["filled"][:, 0])),  # (B, N)
+        }

@@ -1,0 +1,30 @@
+"""No external memory: the VRNN-style baseline (Chung et al. 2015), the paper's "no memory" comparison.
+
+The controller LSTM is the only thing that carries the past; ``read`` returns an empty (B, 0) vector so the model
+code is the same for every memory (a concatenation with a (B, 0) tensor is a no-op).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from worldmodel.memory.base import Memory, State
+
+
+class NoMemory(Memory):
+    read_dim = 0
+
+    def __init__(self, **_: object):
+        super().__init__()
+
+    def init_state(self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> State:
+        return {}
+
+    def attend(self, state: State, h: Tensor, addr: Tensor) -> dict[str, Tensor]:
+        B = h.shape[0]
+        empty = h.new_zeros(B, 0)
+        return {"read": empty, "weights": h.new_zeros(B, 0, 0), "gate": empty}
+
+    def write(self, state: State, h: Tensor, addr: Tensor, z: Tensor) -> State:
+        return state
