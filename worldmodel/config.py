@@ -1,0 +1,194 @@
+"""Configs of the world model and its training run, and the named presets.
+
+`ModelConfig` is everything needed to rebuild a model from a checkpoint; `TrainConfig` is the command line of
+`python -m worldmodel.train` (each field's docstring is its `--help`). A preset is a `TrainConfig` whose fields
+become the defaults that explicit flags then override (DreamerV3's `debug`, nanoGPT's `shakespeare_char`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+
+@dataclass
+class ModelConfig:
+    """Sizes and choices of one GTMM world model."""
+
+    obs_shape: tuple[int, int, int] = (28, 28, 1)
+    """frame shape (H, W, C), taken from the data"""
+    num_actions: int = 0
+    """number of discrete actions A (0 for action-free sequence tasks)"""
+    pose_dim: int = 0
+    """size D of the env's pose (0 when there is none)"""
+    memory: str = "introspective"
+    """external memory: none, introspective, ntm, lru, dnc"""
+    address: str = "hidden"
+    """where a memory slot's address comes from: hidden (LSTM state), actions (a recurrent path integrator), pose"""
+    z_dim: int = 32
+    """latent size Z"""
+    h_dim: int = 128
+    """LSTM controller size"""
+    addr_dim: int = 32
+    """size of a slot's address part"""
+    slots: int = 48
+    """memory slots N (the FIFO length L for introspective)"""
+    heads: int = 2
+    """read heads R"""
+    embed_dim: int = 128
+    """frame embedding size e_t"""
+    channels: int = 32
+    """channels of the first conv layer (doubling each layer)"""
+    hidden_dim: int = 128
+    """hidden size of the prior/posterior MLPs"""
+    obs_model: Literal["bernoulli", "gaussian"] = "bernoulli"
+    """p(x|z): bernoulli (BCE on pixels in [0, 1]) or gaussian (fixed unit-variance, i.e. scaled MSE)"""
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"model config: unknown fields {sorted(unknown)}; expected a subset of {sorted(known)}")
+        d = dict(d)
+        if "obs_shape" in d:
+            d["obs_shape"] = tuple(int(x) for x in d["obs_shape"])
+        return cls(**d)
+
+
+@dataclass
+class TrainConfig:
+    """Train a GTMM world model on recorded rollouts (--data) or a sequence task (--task)."""
+
+    data: Optional[str] = None
+    """folder of recorded rollouts (python -m rollouts.collect); exclusive with --task"""
+    task: Optional[str] = None
+    """action-free sequence task from envs.sequences.TASKS; exclusive with --data"""
+    preset: str = "mnist_cpu"
+    """named preset giving the defaults: debug, mnist_cpu, gpu, miniworld"""
+    out: str = "runs/default"
+    """run folder: config.json, ckpt.pt, TensorBoard logs"""
+    resume: bool = False
+    """continue the run in --out from its ckpt.pt exactly (optimiser, step, RNG, data position)"""
+    device: str = "auto"
+    """auto (cuda if available), cpu, cuda, cuda:N"""
+    seed: int = 0
+    """seed of the model init, the data order and the latent samples"""
+    threads: int = 0
+    """torch CPU threads (0 = leave torch's default)"""
+
+    # model
+    memory: str = "introspective"
+    """external memory: none, introspective, ntm, lru, dnc"""
+    address: str = "hidden"
+    """slot address: hidden (paper), actions (learned path integrator over actions), pose (env pose, a ceiling)"""
+    z_dim: int = 32
+    """latent size Z"""
+    h_dim: int = 128
+    """LSTM controller size"""
+    addr_dim: int = 32
+    """size of a slot's address part"""
+    slots: int = 0
+    """memory slots (0 = the sequence length, so the FIFO holds the whole window)"""
+    heads: int = 2
+    """memory read heads"""
+    embed_dim: int = 128
+    """frame embedding size"""
+    channels: int = 32
+    """channels of the first conv layer"""
+    hidden_dim: int = 128
+    """hidden size of the prior/posterior MLPs"""
+    obs_model: Literal["bernoulli", "gaussian"] = "bernoulli"
+    """observation likelihood p(x|z)"""
+
+    # optimisation
+    steps: int = 3000
+    """training steps (optimizer updates)"""
+    batch: int = 16
+    """sequences per batch (per process under torchrun)"""
+    seq_len: int = 48
+    """frames per training sequence"""
+    lr: float = 1e-3
+    """Adam learning rate"""
+    address_lr_scale: float = 3.0
+    """learning-rate multiplier for the address pathway (helps the learned address converge before z's drift)"""
+    grad_clip: float = 100.0
+    """clip the global gradient norm to this"""
+    free_nats: float = 0.0
+    """free bits: the KL of a step counts only above this many nats (0 = off)"""
+    kl_balance: float = 0.5
+    """KL balancing (DreamerV3): weight of the prior-training term; 0.5 = the plain ELBO gradient"""
+    curriculum_start: int = 0
+    """sequence-length curriculum: start at this many frames (0 = off, always --seq-len)"""
+    curriculum_steps: int = 1000
+    """steps over which the curriculum grows linearly to --seq-len"""
+    val_fraction: float = 0.05
+    """fraction of episodes held out by rollouts.dataset for validation"""
+
+    # bookkeeping
+    log_every: int = 50
+    """steps between TensorBoard scalars"""
+    image_every: int = 500
+    """steps between TensorBoard image grids and per-step KL curves"""
+    ckpt_every: int = 500
+    """steps between (atomic) checkpoints"""
+    open_loop_context: int = 8
+    """context frames before open-loop prediction in logged image grids"""
+    progress: bool = True
+    """show a tqdm progress bar"""
+
+    def model_config(self, obs_shape: tuple[int, int, int], num_actions: int, pose_dim: int) -> ModelConfig:
+        return ModelConfig(
+            obs_shape=tuple(obs_shape), num_actions=num_actions, pose_dim=pose_dim, memory=self.memory,
+            address=self.address, z_dim=self.z_dim, h_dim=self.h_dim, addr_dim=self.addr_dim,
+            slots=self.slots or self.seq_len, heads=self.heads, embed_dim=self.embed_dim, channels=self.channels,
+            hidden_dim=self.hidden_dim, obs_model=self.obs_model,
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"train config: unknown fields {sorted(unknown)}; expected a subset of {sorted(known)}")
+        return cls(**d)
+
+
+PRESETS: dict[str, TrainConfig] = {
+    # Seconds on a CPU: what the tests use.
+    "debug": TrainConfig(
+        preset="debug", z_dim=8, h_dim=32, addr_dim=8, heads=1, embed_dim=32, channels=8, hidden_dim=32,
+        steps=20, batch=4, seq_len=8, log_every=5, image_every=10, ckpt_every=10, open_loop_context=3,
+        address_lr_scale=1.0,
+    ),
+    # 3x3-digit MNIST maps, 28px window, 48-step walks, on one or two CPU cores (~0.5 s/step).
+    "mnist_cpu": TrainConfig(
+        preset="mnist_cpu", z_dim=32, h_dim=128, addr_dim=32, heads=2, embed_dim=128, channels=32, hidden_dim=128,
+        steps=3000, batch=16, seq_len=48, lr=1e-3, address_lr_scale=3.0, free_nats=1.0, kl_balance=0.8,
+        log_every=25, image_every=250, ckpt_every=250,
+    ),
+    # One modern GPU: bigger model, longer sequences, bigger batches (bf16 autocast).
+    "gpu": TrainConfig(
+        preset="gpu", z_dim=64, h_dim=256, addr_dim=64, heads=4, embed_dim=256, channels=32, hidden_dim=256,
+        steps=50_000, batch=64, seq_len=64, lr=6e-4, address_lr_scale=3.0, free_nats=1.0, kl_balance=0.8,
+        curriculum_start=16, curriculum_steps=5000, log_every=100, image_every=2000, ckpt_every=2000,
+    ),
+    # 64x64x3 MiniWorld frames on a GPU.
+    "miniworld": TrainConfig(
+        preset="miniworld", z_dim=64, h_dim=256, addr_dim=64, heads=4, embed_dim=512, channels=32, hidden_dim=256,
+        steps=100_000, batch=32, seq_len=64, lr=3e-4, address_lr_scale=3.0, free_nats=1.0, kl_balance=0.8,
+        curriculum_start=16, curriculum_steps=10_000, log_every=100, image_every=2000, ckpt_every=2000,
+    ),
+}
+
+
+def preset(name: str) -> TrainConfig:
+    """A fresh copy of a named preset."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}: expected one of {sorted(PRESETS)}")
+    return dataclasses.replace(PRESETS[name])

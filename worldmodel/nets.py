@@ -1,0 +1,112 @@
+"""Small networks the GTMM is built from: frame encoder/decoder, action embedding, Gaussian heads.
+
+Sizes follow the paper's appendix B in spirit (Gemici et al. 2017): a few stride-2 4x4 convolutions down to a
+~7x7 (28px frames) or 4x4 (64px frames) map, and their transposes back up. Every module here works on a flat
+batch of frames (N = B*T) so the model can encode and decode all time steps in one call.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _num_downsamples(height: int, width: int) -> int:
+    """Halve the frame until it is at most 7 pixels on a side (28 -> 14 -> 7; 64 -> 32 -> 16 -> 8 -> 4)."""
+    n = 0
+    while height > 7 and height % 2 == 0 and width % 2 == 0:
+        height, width, n = height // 2, width // 2, n + 1
+    return n
+
+
+def _check_frame_size(height: int, width: int) -> None:
+    if _num_downsamples(height, width) == 0:
+        raise ValueError(f"frame size {height}x{width}: expected even sides larger than 7 (e.g. 28x28 or 64x64)")
+
+
+class Encoder(nn.Module):
+    """e_t = enc(x_t): conv stack, stride 2, channel count doubling, then a linear layer to `embed_dim`."""
+
+    def __init__(self, obs_shape: tuple[int, int, int], embed_dim: int, channels: int = 32) -> None:
+        super().__init__()
+        height, width, in_ch = obs_shape
+        _check_frame_size(height, width)
+        layers: list[nn.Module] = []
+        ch = in_ch
+        for i in range(_num_downsamples(height, width)):
+            out_ch = channels * 2**i
+            layers += [nn.Conv2d(ch, out_ch, 4, stride=2, padding=1), nn.GELU()]
+            ch, height, width = out_ch, height // 2, width // 2
+        self.convs = nn.Sequential(*layers)
+        self.fc = nn.Linear(ch * height * width, embed_dim)
+        self.embed_dim = embed_dim
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        """frames (N, C, H, W) float in [0, 1] -> (N, embed_dim)."""
+        features = self.convs(frames - 0.5)  # centre the pixels; (N, C', H', W')
+        return F.gelu(self.fc(features.flatten(1)))  # (N, E)
+
+
+class Decoder(nn.Module):
+    """Observation model p(x_t | z_t): linear to a small map, then transposed convs back to (C, H, W) logits."""
+
+    def __init__(self, obs_shape: tuple[int, int, int], z_dim: int, channels: int = 32) -> None:
+        super().__init__()
+        height, width, out_ch = obs_shape
+        _check_frame_size(height, width)
+        n = _num_downsamples(height, width)
+        self.start_ch = channels * 2 ** (n - 1)
+        self.start_hw = (height // 2**n, width // 2**n)
+        self.fc = nn.Linear(z_dim, self.start_ch * self.start_hw[0] * self.start_hw[1])
+        layers: list[nn.Module] = []
+        ch = self.start_ch
+        for i in reversed(range(n)):
+            nxt = out_ch if i == 0 else channels * 2 ** (i - 1)
+            layers.append(nn.ConvTranspose2d(ch, nxt, 4, stride=2, padding=1))
+            if i > 0:
+                layers.append(nn.GELU())
+            ch = nxt
+        self.deconvs = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """z (N, Z) -> pixel logits (N, C, H, W)."""
+        features = F.gelu(self.fc(z)).view(-1, self.start_ch, *self.start_hw)  # (N, C', H', W')
+        return self.deconvs(features)  # (N, C, H, W)
+
+
+class ActionEmbedding(nn.Module):
+    """a_{t-1} as a one-hot vector with one extra "no action" slot (index 0) for episode starts and action-free tasks.
+
+    A one-hot input keeps the action exactly recoverable by the LSTM, which is what path integration needs.
+    """
+
+    def __init__(self, num_actions: int) -> None:
+        super().__init__()
+        self.num_actions = num_actions
+        self.dim = num_actions + 1
+
+    def forward(self, prev_action: torch.Tensor) -> torch.Tensor:
+        """prev_action (...,) int64 in [-1, A) -> (..., A + 1) float."""
+        return F.one_hot(prev_action + 1, self.dim).float()
+
+
+class GaussianHead(nn.Module):
+    """An MLP giving a diagonal Gaussian (mean, std) over z: the prior (eq. 2) and posterior (eq. 3) networks."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, z_dim: int, min_std: float = 0.05) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, 2 * z_dim))
+        self.min_std = min_std
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, in_dim) -> mean (B, Z), std (B, Z). A floor on std keeps the KL finite early in training."""
+        mean, raw_std = self.net(x).chunk(2, dim=-1)
+        return mean, F.softplus(raw_std) + self.min_std
+
+
+def gaussian_kl(q_mean: torch.Tensor, q_std: torch.Tensor, p_mean: torch.Tensor, p_std: torch.Tensor) -> torch.Tensor:
+    """KL(q || p) of diagonal Gaussians, summed over the last axis: (..., Z) -> (...)."""
+    var_ratio = (q_std / p_std).pow(2)
+    mean_term = ((q_mean - p_mean) / p_std).pow(2)
+    return 0.5 * (var_ratio + mean_term - 1.0 - var_ratio.log()).sum(-1)
