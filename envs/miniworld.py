@@ -1,0 +1,563 @@
+"""3D first-person MiniWorld envs that know, at every step, whether the agent is back at a pose it saw before.
+
+Two ways in, one set of dynamics (``_MiniWorldRevisitBase``):
+
+- ``MiniWorldRevisitEnv`` (registered as ``MiniWorldRevisit-v0``, short name ``miniworld``): our memory task, a small
+  grid of rooms whose wall/floor/ceiling textures, doors and objects are re-drawn every episode, so what a revisit
+  shows can only be predicted from memory of this episode (the 3D setting of GTMM, Gemici et al. 2017, 5.7).
+- ``make_stock(env_id)`` (short name ``miniworld:<StockId>``): any stock MiniWorld env, e.g.
+  ``MiniWorld-Hallway-v0``, seen through the same action space, observation size and ``info`` contract.
+
+Both render headless by default: pyglet is switched to its EGL "headless" mode before ``miniworld`` is imported (Mesa's
+llvmpipe renders on the CPU, no display or GPU needed). ``miniworld`` is imported lazily, on the first env made, so
+importing this module never touches OpenGL. Set ``PYGLET_HEADLESS=0`` to render through an X display instead (e.g.
+under ``xvfb-run -a``).
+
+Actions (both envs): ``0`` turn left, ``1`` turn right, ``2`` move forward, ``3`` move back, by exactly ``turn_step``
+degrees / ``move_step`` metres: MiniWorld's domain-randomisation noise on steps is removed, so undoing an action
+(``inverse_actions = (1, 0, 3, 2)``) returns to exactly the same pose and the same frame.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import io
+import math
+import os
+import sys
+from types import ModuleType
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+from gymnasium.utils import EzPickle
+
+ACTION_NAMES = ("turn_left", "turn_right", "move_forward", "move_back")
+# inverse_actions[a] undoes a: left <-> right, forward <-> back (exact, since steps carry no noise).
+INVERSE_ACTIONS = (1, 0, 3, 2)
+POSE_DIM = 3  # (x, z, heading)
+
+# Debian/Ubuntu packages that give pyglet an EGL + software GL to render into without a display.
+GL_PACKAGES = "libegl1 libegl-mesa0 libgl1-mesa-dri libgles2"
+
+# Texture palettes for MiniWorldRevisit-v0 (names of files shipped in miniworld/textures/). Walls are the main memory
+# cue, so only textures that look clearly different from each other at 64x64 are used; see-through ones
+# (picket_fence), signs (logo_mila) and doors are left out.
+WALL_TEXTURES = (
+    "brick_wall", "cinder_blocks", "concrete", "drywall", "marble", "metal_grill", "rock", "stucco",
+    "wood", "wood_planks", "cardboard", "slime", "lava", "water", "grass", "airduct_grate",
+)
+FLOOR_TEXTURES = ("floor_tiles_bw", "asphalt", "wood_planks", "concrete_tiles", "marble", "grass", "cardboard")
+CEILING_TEXTURES = ("ceiling_tiles", "ceiling_tile_noborder", "concrete_tiles", "wood", "drywall")
+# (mesh name, height in metres); "{color}" is filled with one of MiniWorld's six colour names. "box" is a plain box.
+OBJECT_KINDS = (
+    ("box", 0.0), ("ball_{color}", 0.6), ("key_{color}", 0.35), ("barrel", 1.0), ("cone", 0.7),
+    ("duckie", 0.5), ("medkit", 0.4), ("office_chair", 1.0), ("potion", 0.4),
+)
+# Besides the doors of a random spanning tree (every room reachable), each other wall between neighbouring rooms gets
+# a door with this probability: loops let the agent come back to a room from another side.
+EXTRA_DOOR_PROB = 0.5
+GAP = 0.25  # wall thickness between neighbouring rooms (as MiniWorld's Maze), in metres
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Importing miniworld headless
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def import_miniworld() -> ModuleType:
+    """Import ``miniworld``, rendering headless through EGL unless ``PYGLET_HEADLESS`` is set.
+
+    Raises ``gymnasium.error.DependencyNotInstalled`` naming what to install when no GL context can be made.
+    """
+    if "miniworld" in sys.modules:
+        return sys.modules["miniworld"]
+    try:
+        import pyglet
+    except ModuleNotFoundError as err:
+        raise gym.error.DependencyNotInstalled('MiniWorld needs pyglet 1.5: pip install "pyglet>=1.5,<2" miniworld') from err
+    # pyglet reads PYGLET_HEADLESS itself when it is imported; an explicit setting (e.g. PYGLET_HEADLESS=0 under
+    # xvfb-run) wins. The option only matters before pyglet.gl is imported: miniworld imports it at module level, and
+    # pyglet.gl creates its hidden "shadow window" (the first GL context) right then.
+    if "PYGLET_HEADLESS" not in os.environ and "pyglet.gl" not in sys.modules:
+        pyglet.options["headless"] = True
+    try:
+        import miniworld
+    except ModuleNotFoundError as err:
+        if err.name not in ("miniworld", "pyglet"):
+            raise
+        raise gym.error.DependencyNotInstalled('MiniWorld is not installed: pip install "miniworld>=2.1" "pyglet>=1.5,<2"') from err
+    except Exception as err:  # pyglet raises many types here (ImportError, NoSuchConfigException, ValueError, ...)
+        mode = "headless EGL" if pyglet.options["headless"] else "an X display"
+        raise gym.error.DependencyNotInstalled(
+            f"MiniWorld could not create an OpenGL context through {mode} ({type(err).__name__}: {err}). "
+            f"Install Mesa's EGL and GL drivers (Debian/Ubuntu: apt-get install {GL_PACKAGES}), "
+            "or run under a virtual X display with PYGLET_HEADLESS=0 xvfb-run -a <command>."
+        ) from err
+    _install_fast_texture_loader(miniworld)
+    return miniworld
+
+
+def _install_fast_texture_loader(miniworld: ModuleType) -> None:
+    """Replace ``miniworld.opengl.Texture.load`` by one that uploads the very same pixels ~50x faster.
+
+    MiniWorld's loader asks pyglet for the PNG as bottom-up RGBA rows, which pyglet converts with a per-pixel regular
+    expression: ~0.7 s per 512x512 texture here, and our env draws new textures every episode. Decoding is cheap
+    (pyglet gives top-down RGB/RGBA rows in ~10 ms); we reorder the rows and add alpha with numpy and upload exactly
+    what the original uploads (same glTexImage2D call, mipmaps and filters), so frames are bit-identical
+    (tests/test_miniworld.py checks the bytes against pyglet's own conversion).
+    """
+    from pyglet import gl
+    from pyglet import image as pyglet_image
+
+    texture_cls = miniworld.opengl.Texture
+    if getattr(texture_cls.load, "__gtmm_fast__", False):
+        return
+
+    def load(cls: type, tex_path: str) -> Any:
+        rgba = texture_rgba_bottom_up(tex_path)  # (H, W, 4) uint8, first row = bottom of the image
+        height, width = rgba.shape[:2]
+        tex_id = gl.GLuint()
+        gl.glGenTextures(1, tex_id)
+        tex = pyglet_image.Texture(width, height, gl.GL_TEXTURE_2D, tex_id.value)
+        gl.glEnable(tex.target)
+        gl.glBindTexture(tex.target, tex.id)
+        gl.glTexImage2D(gl.GL_TEXTURE_2D, 0, gl.GL_RGB, width, height, 0, gl.GL_RGBA, gl.GL_UNSIGNED_BYTE,
+                        rgba.ctypes.data_as(ctypes.POINTER(gl.GLubyte)))
+        gl.glHint(gl.GL_GENERATE_MIPMAP_HINT, gl.GL_NICEST)
+        gl.glGenerateMipmap(gl.GL_TEXTURE_2D)
+        gl.glTexParameteri(gl.GL_TEXTURE_2D, gl.GL_TEXTURE_MAG_FILTER, gl.GL_LINEAR)
+        gl.glTexParameteri(gl.GL_TEXTURE_2D, gl.GL_TEXTURE_MIN_FILTER, gl.GL_LINEAR_MIPMAP_LINEAR)
+        gl.glBindTexture(gl.GL_TEXTURE_2D, 0)
+        return tex
+
+    load.__gtmm_fast__ = True  # type: ignore[attr-defined]
+    texture_cls.load = classmethod(load)
+
+
+def texture_rgba_bottom_up(path: str) -> np.ndarray:
+    """A PNG as (H, W, 4) uint8 RGBA with the bottom row first: what ``get_data("RGBA", W * 4)`` returns in pyglet."""
+    from pyglet import image as pyglet_image
+
+    data = pyglet_image.load(path).get_image_data()
+    fmt, pitch = data.format, data.pitch  # pitch < 0: rows stored top to bottom
+    raw = np.frombuffer(data.get_data(fmt, pitch), dtype=np.uint8).reshape(data.height, abs(pitch))
+    pixels = raw[:, : data.width * len(fmt)].reshape(data.height, data.width, len(fmt))  # (H, W, len(fmt))
+    if pitch < 0:
+        pixels = pixels[::-1]
+    rgba = np.full((data.height, data.width, 4), 255, dtype=np.uint8)
+    if fmt in ("L", "LA"):
+        rgba[..., :3] = pixels[..., :1]
+        if fmt == "LA":
+            rgba[..., 3] = pixels[..., 1]
+    else:
+        for channel, name in enumerate("RGBA"):
+            if name in fmt:
+                rgba[..., channel] = pixels[..., fmt.index(name)]
+    return rgba
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Revisit ground truth
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def wrap_angle(angle: float) -> float:
+    """An angle in radians mapped to [-pi, pi)."""
+    return (angle + math.pi) % (2.0 * math.pi) - math.pi
+
+
+class RevisitTracker:
+    """The poses of this episode, and the test "is the current pose within ``radius`` metres and ``angle`` degrees of
+    an earlier one?", vectorised over all earlier poses (a few numpy calls per step, no Python loop)."""
+
+    def __init__(self, radius: float, angle: float, capacity: int = 256):
+        if not radius >= 0.0:
+            raise ValueError(f"revisit_radius: expected metres >= 0, got {radius!r}")
+        if not 0.0 <= angle <= 180.0:
+            raise ValueError(f"revisit_angle: expected degrees in [0, 180], got {angle!r}")
+        # Tiny slack so that thresholds of 0 still mean "the same pose up to float rounding": turning 360 degrees in
+        # 24 steps of 15 gives a heading that differs from the start in the last bits.
+        self.radius_sq = radius * radius + 1e-12
+        self.cos_angle = math.cos(math.radians(angle)) - 1e-9
+        # One row per earlier pose: (x, z, cos heading, sin heading). Comparing unit heading vectors with a dot product
+        # avoids wrapping angle differences.
+        self._past = np.empty((capacity, 4), dtype=np.float64)
+        self._count = 0
+
+    def reset(self) -> None:
+        self._count = 0
+
+    def visit(self, x: float, z: float, heading: float) -> tuple[bool, int]:
+        """Record a pose; return (revisit, how many earlier poses of this episode it matches)."""
+        cos_h, sin_h = math.cos(heading), math.sin(heading)
+        past = self._past[: self._count]  # (N, 4) earlier poses
+        dist_sq = (past[:, 0] - x) ** 2 + (past[:, 1] - z) ** 2  # (N,)
+        facing = past[:, 2] * cos_h + past[:, 3] * sin_h  # (N,) cosine of the heading difference
+        visit_count = int(np.count_nonzero((dist_sq <= self.radius_sq) & (facing >= self.cos_angle)))
+        if self._count == len(self._past):  # stock envs run up to 1500+ steps: grow by doubling
+            self._past = np.concatenate([self._past, np.empty_like(self._past)])
+        self._past[self._count] = (x, z, cos_h, sin_h)
+        self._count += 1
+        return visit_count > 0, visit_count
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The env around a MiniWorld simulator
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _check_int(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+def _check_float(name: str, value: Any, low: float, high: float, unit: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not low < value <= high:
+        raise ValueError(f"{name}: expected {unit} in ({low}, {high}], got {value!r}")
+    return float(value)
+
+
+class _MiniWorldRevisitBase(gym.Env):
+    """Actions, observations, ``info`` and rendering shared by our env and wrapped stock envs.
+
+    Subclasses build ``self.sim`` (a ``miniworld.MiniWorldEnv``) and call ``_setup``. The simulator is owned, not
+    wrapped, so that ``env.unwrapped`` is this object and carries ``inverse_actions``/``pose_dim`` (the contract in
+    ``envs/__init__.py``).
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 30}
+    inverse_actions: tuple[int, ...] = INVERSE_ACTIONS
+    pose_dim: int = POSE_DIM
+    action_names: tuple[str, ...] = ACTION_NAMES
+
+    def _make_sim(self, make: Any, obs_size: int, render_size: int, render_mode: str | None) -> Any:
+        """Create the simulator with ``make(**size_kwargs)``, silencing its "Falling back to num_samples=4" prints."""
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode: expected None or one of {self.metadata['render_modes']}, got {render_mode!r}")
+        import_miniworld()
+        with contextlib.redirect_stdout(io.StringIO()):
+            return make(obs_width=obs_size, obs_height=obs_size, window_width=render_size, window_height=render_size,
+                        render_mode=render_mode)
+
+    def _setup(self, sim: Any, turn_step: float, move_step: float, revisit_radius: float | None,
+               revisit_angle: float | None, render_mode: str | None) -> None:
+        if not isinstance(sim.observation_space, spaces.Box):
+            raise ValueError(
+                f"{type(sim).__name__}: expected an image observation space (Box), got {sim.observation_space}; "
+                "only image-observation MiniWorld envs can be wrapped"
+            )
+        self.sim = sim
+        # Remove the step noise: with min == max, MiniWorld's sampler returns exactly the default even when
+        # domain randomisation is on, so poses come back exactly after inverse actions. The simulator reads these at
+        # every reset/step, so replacing them after its constructor's first reset is enough.
+        params = sim.params.copy()
+        params.set("forward_step", move_step)
+        params.set("forward_drift", 0.0)
+        params.set("turn_step", turn_step)
+        sim.params = params
+        self.turn_step, self.move_step = turn_step, move_step
+        # Default thresholds: half a turn and half a step. Headings only ever differ by whole multiples of turn_step,
+        # so any angle below turn_step separates "same heading" from "one turn away", and half of it is the widest
+        # margin. Positions are not on a lattice once the agent walks at angles, so the radius says how close counts
+        # as the same view: at half a (default 0.4 m) step, the wall 2 m ahead shifts by at most ~atan(0.2/2) = 6
+        # degrees, ~6 px of the 64 px, 60-degree-wide frame, while one full step or turn away changes it clearly.
+        self.revisit_radius = 0.5 * move_step if revisit_radius is None else float(revisit_radius)
+        self.revisit_angle = 0.5 * turn_step if revisit_angle is None else float(revisit_angle)
+        self._tracker = RevisitTracker(self.revisit_radius, self.revisit_angle)
+        self._needs_reset = True
+        self.render_mode = render_mode
+        self.action_space = spaces.Discrete(len(ACTION_NAMES))
+        self.observation_space = sim.observation_space
+
+    # -- the Gymnasium API ---------------------------------------------------------------------------------------------
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+        super().reset(seed=seed)
+        obs, _ = self.sim.reset(seed=seed)  # the simulator's own np_random draws the world: same seed, same world
+        self._tracker.reset()
+        self._needs_reset = False
+        return obs, self._info()
+
+    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        assert self.action_space.contains(action), f"{action!r} ({type(action)}) is not an action of {self.action_space}"
+        if self._needs_reset:
+            raise gym.error.ResetNeeded("call reset() before step(), and after an episode ends")
+        # Our action ids are MiniWorld's own (turn_left=0, turn_right=1, move_forward=2, move_back=3).
+        obs, reward, terminated, truncated, _ = self.sim.step(int(action))
+        self._needs_reset = terminated or truncated
+        return obs, float(reward), terminated, truncated, self._info()
+
+    def render(self) -> np.ndarray | None:
+        """The first-person view at ``render_size`` x ``render_size`` (for videos); see ``render_top_view`` for plots."""
+        if self.render_mode is None:
+            gym.logger.warn("render() called with render_mode=None: make the env with render_mode='rgb_array'")
+            return None
+        return self.sim.render_obs(self.sim.vis_fb)
+
+    def render_top_view(self, render_agent: bool = True) -> np.ndarray:
+        """The whole map seen from above, (render_size, render_size, 3) uint8, the agent drawn as a red triangle."""
+        return self.sim.render_top_view(self.sim.vis_fb, render_agent=render_agent)
+
+    def close(self) -> None:
+        self.sim.close()
+
+    # -- pose and revisits ---------------------------------------------------------------------------------------------
+
+    @property
+    def pose(self) -> np.ndarray:
+        """(x, z, heading) float32: metres on the floor plan, heading in radians in [-pi, pi), 0 facing +x, growing
+        when turning left (counter-clockwise seen from above, MiniWorld's convention)."""
+        x, _, z = self.sim.agent.pos
+        return np.array([x, z, wrap_angle(self.sim.agent.dir)], dtype=np.float32)
+
+    def _info(self) -> dict[str, Any]:
+        x, _, z = self.sim.agent.pos
+        heading = wrap_angle(self.sim.agent.dir)
+        revisit, visit_count = self._tracker.visit(x, z, heading)
+        pose = np.array([x, z, heading], dtype=np.float32)
+        return {"pose": pose, "revisit": revisit, "visit_count": visit_count}
+
+
+class StockRevisitEnv(_MiniWorldRevisitBase, EzPickle):
+    """A stock MiniWorld env (``MiniWorld-<Name>-v0``) with our 4 actions, square observations and revisit ``info``.
+
+    Reward, termination and truncation are the stock task's (e.g. Hallway: reach the red box, 250 steps). Prefer
+    ``make_stock``, which also accepts a short ``<Name>``.
+    """
+
+    def __init__(self, env_id: str, obs_size: int = 64, turn_step: float | None = None,
+                 move_step: float | None = None, revisit_radius: float | None = None,
+                 revisit_angle: float | None = None, render_mode: str | None = None, render_size: int = 256,
+                 **env_kwargs: Any):
+        EzPickle.__init__(self, env_id, obs_size, turn_step, move_step, revisit_radius, revisit_angle, render_mode,
+                          render_size, **env_kwargs)
+        obs_size = _check_int("obs_size", obs_size, 8)
+        render_size = _check_int("render_size", render_size, 8)
+        if turn_step is not None:
+            turn_step = _check_float("turn_step", turn_step, 0.0, 180.0, "degrees")
+        if move_step is not None:
+            move_step = _check_float("move_step", move_step, 0.0, 10.0, "metres")
+        self.env_id = env_id = _stock_id(env_id)
+
+        def make(**sizes: Any) -> Any:
+            return gym.make(env_id, disable_env_checker=True, **sizes, **env_kwargs).unwrapped
+
+        sim = self._make_sim(make, obs_size, render_size, render_mode)
+        # Keep the stock env's own step sizes unless asked (15 degrees / 0.15 m for most; 45 / 0.7 for *Fast).
+        turn_step = float(sim.params.params["turn_step"].default) if turn_step is None else turn_step
+        move_step = float(sim.params.params["forward_step"].default) if move_step is None else move_step
+        self._setup(sim, turn_step, move_step, revisit_radius, revisit_angle, render_mode)
+
+
+def _stock_id(env_id: str) -> str:
+    """Validate a stock id; ``Hallway`` is accepted for ``MiniWorld-Hallway-v0``."""
+    import_miniworld()  # registers the MiniWorld-* ids
+    stock = sorted(i for i in gym.registry if i.startswith("MiniWorld-"))
+    if not isinstance(env_id, str):
+        raise ValueError(f"env_id: expected a MiniWorld id string, got {env_id!r}")
+    if env_id in stock:
+        return env_id
+    if f"MiniWorld-{env_id}-v0" in stock:
+        return f"MiniWorld-{env_id}-v0"
+    raise ValueError(f"env_id: {env_id!r} is not a stock MiniWorld env; expected one of {', '.join(stock)}")
+
+
+def make_stock(env_id: str, **kwargs: Any) -> StockRevisitEnv:
+    """Any stock MiniWorld env with our action space, observation size and ``info`` contract.
+
+    ``kwargs``: ``obs_size`` (64), ``turn_step``/``move_step`` (default: the stock env's own, without noise),
+    ``revisit_radius``/``revisit_angle`` (default: half a step / half a turn), ``render_mode``, ``render_size``;
+    anything else goes to the stock env's constructor (e.g. ``length=`` for Hallway).
+    """
+    return StockRevisitEnv(env_id, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Our memory env
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class MiniWorldRevisitEnv(_MiniWorldRevisitBase, EzPickle):
+    """
+    ## Description
+
+    A first-person walk through a small grid of rooms (2x2 by default) that is redrawn every episode: each room's
+    wall, floor and ceiling textures, which walls have doors (a random spanning tree plus extra doors that make
+    loops), where along the wall each door is, and a handful of objects (coloured boxes, balls, keys, barrels,
+    cones, ...) with their places. Nothing seen in one episode says anything about the next, so when the agent comes
+    back to a place, its view can only be predicted from memory of this episode: the 3D memory task of GTMM
+    (Gemici et al. 2017, section 5.7). ``info`` gives the ground truth of revisits for every frame.
+
+    ## Action Space
+
+    ``Discrete(4)``, without noise (undoing an action returns to exactly the same pose):
+
+    | Num | Action       | Effect                                            |
+    |-----|--------------|---------------------------------------------------|
+    | 0   | turn left    | heading += ``turn_step`` degrees                  |
+    | 1   | turn right   | heading -= ``turn_step`` degrees                  |
+    | 2   | move forward | ``move_step`` metres ahead, unless a wall/object blocks it |
+    | 3   | move back    | ``move_step`` metres back, unless blocked         |
+
+    ``env.unwrapped.inverse_actions == (1, 0, 3, 2)``.
+
+    ## Observation Space
+
+    | Observation       | Shape                        | dtype | Min | Max |
+    |-------------------|------------------------------|-------|-----|-----|
+    | first-person RGB  | ``(obs_size, obs_size, 3)``  | uint8 | 0   | 255 |
+
+    rendered directly at that size (60 degree field of view, 4x multisampled), not resized. ``info`` at ``reset``
+    and every ``step``: ``pose`` float32 ``(3,)`` = (x, z, heading in [-pi, pi)); ``revisit`` bool, within
+    ``revisit_radius`` metres and ``revisit_angle`` degrees of a pose earlier this episode; ``visit_count`` int, how
+    many earlier steps were.
+
+    ## Rewards
+
+    Always 0: the env is for collecting trajectories to train world models, not a task.
+
+    ## Starting State
+
+    The agent stands at a uniformly random free place of a random room, facing a uniformly random direction.
+
+    ## Episode End
+
+    No termination. Truncation after ``max_steps`` steps (256 by default: long enough to leave a room and come back).
+
+    ## Arguments
+
+    ```python
+    import envs, gymnasium as gym
+    env = gym.make("MiniWorldRevisit-v0", obs_size=64, num_rows=2, num_cols=2, room_size=4.0, num_objects=6,
+                   turn_step=30.0, move_step=0.4, max_steps=256, revisit_radius=None, revisit_angle=None,
+                   render_mode=None, render_size=256)
+    ```
+
+    - ``obs_size``: side of the square observation, in pixels.
+    - ``num_rows``, ``num_cols``, ``room_size``: the grid of square rooms, and their side in metres.
+    - ``num_objects``: objects scattered over the rooms.
+    - ``turn_step`` (degrees), ``move_step`` (metres): the action sizes.
+    - ``max_steps``: truncation.
+    - ``revisit_radius`` (metres), ``revisit_angle`` (degrees): revisit thresholds, by default half a step and half
+      a turn (see ``_MiniWorldRevisitBase._setup`` for why).
+    - ``render_mode``: ``None`` or ``"rgb_array"`` (``render()`` gives the first-person view at ``render_size``);
+      ``render_top_view()`` gives the map from above in any mode.
+
+    ## Version History
+
+    - v0: initial version.
+    """
+
+    def __init__(self, obs_size: int = 64, num_rows: int = 2, num_cols: int = 2, room_size: float = 4.0,
+                 num_objects: int = 6, turn_step: float = 30.0, move_step: float = 0.4, max_steps: int = 256,
+                 revisit_radius: float | None = None, revisit_angle: float | None = None,
+                 render_mode: str | None = None, render_size: int = 256):
+        EzPickle.__init__(self, obs_size, num_rows, num_cols, room_size, num_objects, turn_step, move_step, max_steps,
+                          revisit_radius, revisit_angle, render_mode, render_size)
+        obs_size = _check_int("obs_size", obs_size, 8)
+        render_size = _check_int("render_size", render_size, 8)
+        layout = dict(
+            num_rows=_check_int("num_rows", num_rows, 1),
+            num_cols=_check_int("num_cols", num_cols, 1),
+            # The agent (radius 0.4 m) must fit through a door with margin on both sides of it.
+            room_size=_check_float("room_size", room_size, 2.0, 50.0, "metres"),
+            num_objects=_check_int("num_objects", num_objects, 0),
+        )
+        turn_step = _check_float("turn_step", turn_step, 0.0, 180.0, "degrees")
+        move_step = _check_float("move_step", move_step, 0.0, 0.5 * layout["room_size"], "metres")
+        max_steps = _check_int("max_steps", max_steps, 1)
+        if layout["num_objects"] > 2 * layout["num_rows"] * layout["num_cols"] * (layout["room_size"] // 2) ** 2:
+            raise ValueError(f"num_objects: {num_objects} will not fit in {num_rows}x{num_cols} rooms of {room_size} m")
+        world_cls = _revisit_world_class()
+        sim = self._make_sim(lambda **sizes: world_cls(max_episode_steps=max_steps, **layout, **sizes),
+                             obs_size, render_size, render_mode)
+        self.max_steps = max_steps
+        self._setup(sim, turn_step, move_step, revisit_radius, revisit_angle, render_mode)
+
+
+_REVISIT_WORLD: type | None = None
+
+
+def _revisit_world_class() -> type:
+    """The MiniWorld simulator of ``MiniWorldRevisitEnv``; defined on first use since subclassing ``MiniWorldEnv``
+    needs ``import miniworld``, which opens a GL context."""
+    global _REVISIT_WORLD
+    if _REVISIT_WORLD is not None:
+        return _REVISIT_WORLD
+    miniworld = import_miniworld()
+    from miniworld.entity import COLOR_NAMES, Box, MeshEnt
+    from miniworld.miniworld import MiniWorldEnv
+
+    class RevisitWorld(MiniWorldEnv):
+        """Rooms, doors, textures and objects drawn from ``self.np_random`` at every reset."""
+
+        def __init__(self, num_rows: int, num_cols: int, room_size: float, num_objects: int, **kwargs: Any):
+            self.num_rows, self.num_cols, self.room_size, self.num_objects = num_rows, num_cols, room_size, num_objects
+            # Our own copy of the parameters: _setup replaces the step sizes, other envs keep theirs.
+            super().__init__(params=miniworld.params.DEFAULT_PARAMS.no_random(), **kwargs)
+
+        def _gen_world(self) -> None:
+            rng = self.np_random
+            rows, cols, size = self.num_rows, self.num_cols, self.room_size
+            num_rooms = rows * cols
+            # Different wall textures for different rooms whenever the palette allows: each room is a distinct place.
+            walls = rng.choice(len(WALL_TEXTURES), size=num_rooms, replace=num_rooms > len(WALL_TEXTURES))
+            rooms = {}
+            for k, (j, i) in enumerate((j, i) for j in range(rows) for i in range(cols)):
+                min_x, min_z = i * (size + GAP), j * (size + GAP)
+                rooms[j, i] = self.add_rect_room(
+                    min_x=min_x, max_x=min_x + size, min_z=min_z, max_z=min_z + size,
+                    wall_tex=WALL_TEXTURES[walls[k]],
+                    floor_tex=FLOOR_TEXTURES[rng.integers(len(FLOOR_TEXTURES))],
+                    ceil_tex=CEILING_TEXTURES[rng.integers(len(CEILING_TEXTURES))],
+                )
+            for (j, i), (nj, ni) in self._doors(rng):
+                room, neighbour = rooms[j, i], rooms[nj, ni]
+                # A 1.2 m door (agent: 0.8 m wide) at a random place along the wall, 0.3 m clear of each corner.
+                half = 0.6
+                centre = rng.uniform(0.3 + half, size - 0.3 - half)
+                if nj == j:  # neighbours along x: the door spans z
+                    self.connect_rooms(room, neighbour, min_z=room.min_z + centre - half, max_z=room.min_z + centre + half)
+                else:  # neighbours along z: the door spans x
+                    self.connect_rooms(room, neighbour, min_x=room.min_x + centre - half, max_x=room.min_x + centre + half)
+            for _ in range(self.num_objects):
+                self.place_entity(self._random_object(rng))
+            self.place_agent()
+
+        def _doors(self, rng: np.random.Generator) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+            """Pairs of neighbouring rooms joined by a door: a random spanning tree (randomised depth-first search, as
+            MiniWorld's Maze) so every room is reachable, plus each other wall with probability EXTRA_DOOR_PROB."""
+            rows, cols = self.num_rows, self.num_cols
+            tree, seen, stack = [], {(0, 0)}, [(0, 0)]
+            while stack:
+                j, i = stack[-1]
+                options = [(j + dj, i + di) for dj, di in ((0, 1), (0, -1), (1, 0), (-1, 0))
+                           if 0 <= j + dj < rows and 0 <= i + di < cols and (j + dj, i + di) not in seen]
+                if not options:
+                    stack.pop()
+                    continue
+                nxt = options[rng.integers(len(options))]
+                tree.append(((j, i), nxt))
+                seen.add(nxt)
+                stack.append(nxt)
+            in_tree = {frozenset(pair) for pair in tree}
+            others = [((j, i), (j + dj, i + di)) for j in range(rows) for i in range(cols) for dj, di in ((0, 1), (1, 0))
+                      if j + dj < rows and i + di < cols and frozenset(((j, i), (j + dj, i + di))) not in in_tree]
+            extra = [pair for pair in others if rng.random() < EXTRA_DOOR_PROB]
+            return tree + extra
+
+        @staticmethod
+        def _random_object(rng: np.random.Generator) -> Any:
+            mesh, height = OBJECT_KINDS[rng.integers(len(OBJECT_KINDS))]
+            color = COLOR_NAMES[rng.integers(len(COLOR_NAMES))]
+            if mesh == "box":
+                return Box(color=color, size=float(rng.uniform(0.5, 0.9)))
+            # static=True: drawn once into the display list of the room, not re-sent every frame.
+            return MeshEnt(mesh_name=mesh.format(color=color), height=height, static=True)
+
+    _REVISIT_WORLD = RevisitWorld
+    return RevisitWorld
