@@ -1,0 +1,334 @@
+"""Record episodes of an agent in an env, one lossless ``.npz`` per episode plus ``manifest.json``.
+
+    python -m rollouts.collect --env mnist_map --agent loop --episodes 1000 --steps 128 --out data/mnist_map
+    python -m rollouts.collect --env miniworld --agent explore --episodes 100 --workers 2 --out data/miniworld
+    python -m rollouts.collect --env mnist_map --env-kwargs '{"grid": 6}' --agent sb3 --policy policy.zip --out ...
+
+Reproducible and resumable: episode ``k`` is recorded from an env seed and an agent seed derived from
+``(--seed, k)`` only, so its content (and sha256) does not depend on ``--workers``, on which other episodes run
+beside it, or on an earlier interrupted run. Re-running the same command skips episodes already written and
+verified, and ends with the same folder an uninterrupted run gives.
+
+Workers: envs with a native vector env (MNIST map) run ``--workers`` maps in one process (``envs.make_vec``);
+other envs (MiniWorld) run one process per worker, each owning its own GL context (``AsyncVectorEnv``, spawn).
+Episodes run in waves of ``--workers``: all envs of a wave are reset together with their episodes' seeds and
+stepped until every one has ended; Gymnasium 1.x's NEXT_STEP autoreset step is therefore never recorded.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import tyro
+from tqdm import tqdm
+
+import envs
+from agents import AGENTS, make_agent
+from rollouts import storage
+
+
+@dataclass
+class CollectConfig:
+    env: str = "mnist_map"
+    """env: a short name (mnist_map, mnist_map_test, miniworld, miniworld:<MiniWorld id>) or a registered Gymnasium id"""
+    out: Path = Path("data/mnist_map")
+    """output folder (created; re-running the same command resumes)"""
+    agent: str = "random"
+    """collector agent: random, loop, explore or sb3"""
+    episodes: int = 100
+    """number of episodes in the folder when done"""
+    steps: int = 128
+    """steps per episode (the env's own time limit may end episodes earlier)"""
+    seed: int = 0
+    """base seed: episode k's env and agent seeds derive from (seed, k)"""
+    workers: int = 1
+    """envs run at once: maps in one vector env (MNIST map) or processes (others)"""
+    env_kwargs: str = "{}"
+    """JSON object of env constructor arguments, e.g. '{"grid": 6, "border": "wrap"}'"""
+    agent_kwargs: str = "{}"
+    """JSON object of agent options, e.g. '{"max_repeat": 3}' (see agents/__init__.py)"""
+    policy: Path | None = None
+    """saved SB3 policy (.zip) for --agent sb3"""
+    progress: bool = True
+    """show a progress bar"""
+
+
+def parse_json_object(text: str, field: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--{field.replace('_', '-')}: {text!r} is not valid JSON ({error})") from error
+    if not isinstance(value, dict):
+        raise ValueError(f"--{field.replace('_', '-')}: expected a JSON object like '{{\"key\": 1}}', got {text!r}")
+    return value
+
+
+def episode_seeds(base_seed: int, index: int) -> tuple[int, int]:
+    """(env seed, agent seed) of episode ``index``: a function of (base seed, index) only."""
+    env_seed, agent_seed = np.random.SeedSequence([base_seed, index]).generate_state(2, np.uint32)
+    return int(env_seed), int(agent_seed)
+
+
+def _accepts_max_steps(env_id: str) -> bool:
+    """Whether the env's constructor takes ``max_steps`` (then --steps sets it, so the env truncates where we stop)."""
+    if env_id not in gym.registry:
+        return False
+    entry_point = gym.registry[env_id].entry_point
+    try:
+        creator = gym.envs.registration.load_env_creator(entry_point) if isinstance(entry_point, str) else entry_point
+        return "max_steps" in inspect.signature(creator).parameters
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return False
+
+
+def resolve_env(name: str, user_kwargs: dict[str, Any], steps: int) -> tuple[str, dict[str, Any]]:
+    """(env id, full kwargs) as recorded in the manifest."""
+    env_id, kwargs = envs.resolve(name)
+    kwargs.update(user_kwargs)
+    if "max_steps" not in kwargs and _accepts_max_steps(env_id):
+        kwargs["max_steps"] = steps
+    return env_id, kwargs
+
+
+def make_collector_env(name: str, env_id: str, kwargs: dict[str, Any], workers: int) -> gym.vector.VectorEnv:
+    """``workers`` envs: the native vector env where one exists, else one process per env (own GL context)."""
+    if env_id in gym.registry and gym.registry[env_id].vector_entry_point is not None:
+        return envs.make_vec(name, workers, **kwargs)
+    make_one = functools.partial(envs.make, name, **kwargs)  # picklable: each worker process builds its own env
+    if workers == 1:
+        return gym.vector.SyncVectorEnv([make_one])
+    return gym.vector.AsyncVectorEnv([make_one] * workers, context="spawn")
+
+
+def inverse_actions_of(vec: gym.vector.VectorEnv) -> tuple[int, ...] | None:
+    if hasattr(vec, "inverse_actions"):
+        return tuple(vec.inverse_actions)
+    try:
+        return tuple(vec.get_attr("inverse_actions")[0])
+    except AttributeError:
+        return None
+
+
+def _info_column(info: dict[str, Any], key: str, env_name: str) -> np.ndarray:
+    if key not in info:
+        raise ValueError(f"env {env_name!r} does not report info[{key!r}] (see the contract in envs/__init__.py)")
+    return np.asarray(info[key])
+
+
+class Recorder:
+    """Per-env buffers of one wave's episodes, filled from vector-env steps."""
+
+    def __init__(self, num_envs: int, env_name: str):
+        self.env_name = env_name
+        self.buffers: list[dict[str, list]] = [dict() for _ in range(num_envs)]
+
+    def start(self, obs: np.ndarray, info: dict[str, Any]) -> None:
+        pose, revisit, count = (_info_column(info, k, self.env_name) for k in ("pose", "revisit", "visit_count"))
+        for i, buffer in enumerate(self.buffers):
+            buffer.clear()
+            buffer.update(obs=[obs[i]], pose=[pose[i]], revisit=[revisit[i]], visit_count=[count[i]],
+                          action=[], reward=[], terminated=[], truncated=[])
+
+    def add(self, live: np.ndarray, action, obs, reward, terminated, truncated, info) -> None:
+        pose, revisit, count = (_info_column(info, k, self.env_name) for k in ("pose", "revisit", "visit_count"))
+        for i in np.flatnonzero(live):
+            b = self.buffers[i]
+            b["action"].append(action[i]), b["reward"].append(reward[i])
+            b["terminated"].append(terminated[i]), b["truncated"].append(truncated[i])
+            b["obs"].append(obs[i]), b["pose"].append(pose[i])
+            b["revisit"].append(revisit[i]), b["visit_count"].append(count[i])
+
+    def episode(self, i: int, cut: bool) -> dict[str, np.ndarray]:
+        """Env ``i``'s episode as storage arrays; ``cut`` marks the last step truncated (we stopped it at --steps)."""
+        b = self.buffers[i]
+        episode = {key: np.asarray(b[key], dtype=dtype) for key, (dtype, _) in storage.EPISODE_KEYS.items()}
+        episode["pose"] = episode["pose"].reshape(len(episode["pose"]), -1)
+        if cut and len(episode["truncated"]) and not episode["terminated"][-1]:
+            episode["truncated"][-1] = True
+        return episode
+
+
+def _check_compatible(manifest: dict[str, Any], expected: dict[str, Any], path: Path) -> None:
+    """The folder's manifest was written by the same command (up to --episodes and --workers)."""
+    fields = {
+        "env.name": (manifest["env"]["name"], expected["env"]["name"]),
+        "env.id": (manifest["env"]["id"], expected["env"]["id"]),
+        "env.kwargs": (manifest["env"]["kwargs"], expected["env"]["kwargs"]),
+        "agent.name": (manifest["agent"]["name"], expected["agent"]["name"]),
+        "agent.kwargs": (manifest["agent"]["kwargs"], expected["agent"]["kwargs"]),
+        "seed": (manifest["seed"], expected["seed"]),
+        "steps_per_episode": (manifest["steps_per_episode"], expected["steps_per_episode"]),
+    }
+    for field, (found, wanted) in fields.items():
+        if found != wanted:
+            raise ValueError(f"{path}: the folder holds {field}={found!r} but this command asks for {wanted!r}; "
+                             "collect into another --out (nothing was written)")
+
+
+def _check_env_matches(manifest: dict[str, Any], obs_shape, num_actions: int, pose_dim: int, path: Path) -> None:
+    for field, found, wanted in (("obs_shape", list(manifest["obs_shape"]), list(obs_shape)),
+                                 ("num_actions", manifest["num_actions"], num_actions),
+                                 ("pose_dim", manifest["pose_dim"], pose_dim)):
+        if found != wanted:
+            raise ValueError(f"{path}: the folder holds {field}={found!r}, this env gives {wanted!r}; "
+                             "collect into another --out (nothing was written)")
+
+
+_EPISODE_FILE = re.compile(r"episode_(\d{6,})\.npz")
+
+
+def collect(config: CollectConfig) -> dict[str, Any]:
+    """Run the collection described by ``config``; returns the summary it prints."""
+    if config.episodes < 1 or config.steps < 1 or config.workers < 1:
+        raise ValueError(f"--episodes, --steps and --workers must be >= 1, got {config.episodes}, {config.steps}, "
+                         f"{config.workers}")
+    if config.agent not in AGENTS:
+        raise ValueError(f"--agent {config.agent!r}: expected one of {AGENTS}")
+    env_kwargs_user = parse_json_object(config.env_kwargs, "env_kwargs")
+    agent_kwargs = parse_json_object(config.agent_kwargs, "agent_kwargs")
+    if config.agent == "sb3":
+        if config.policy is None:
+            raise ValueError("--agent sb3 needs --policy path/to/policy.zip")
+        if not config.policy.is_file():
+            raise ValueError(f"--policy {config.policy}: file not found")
+        agent_kwargs["policy"] = str(config.policy)
+    env_id, env_kwargs = resolve_env(config.env, env_kwargs_user, config.steps)
+    recorded_agent_kwargs = dict(agent_kwargs)
+    if config.agent == "sb3":  # the policy's content, not its path, decides the actions
+        recorded_agent_kwargs["policy_sha256"] = storage.sha256_file(config.policy)
+        recorded_agent_kwargs.pop("policy")
+
+    out = config.out
+    manifest_path = out / storage.MANIFEST_NAME
+    expected = storage.new_manifest(env_name=config.env, env_id=env_id, env_kwargs=env_kwargs, agent_name=config.agent,
+                                    agent_kwargs=recorded_agent_kwargs, seed=config.seed,
+                                    steps_per_episode=config.steps, obs_shape=(), num_actions=0, pose_dim=0,
+                                    episodes_requested=config.episodes)
+    manifest: dict[str, Any] | None = None
+    if manifest_path.exists():
+        manifest = storage.read_manifest(out)
+        _check_compatible(manifest, expected, manifest_path)
+    elif out.exists() and any(out.iterdir()):
+        raise ValueError(f"--out {out}: the folder is not empty and has no {storage.MANIFEST_NAME}; "
+                         "collect into an empty or new folder (nothing was written)")
+
+    vec = make_collector_env(config.env, env_id, env_kwargs, config.workers)
+    try:
+        obs, info = vec.reset(seed=[episode_seeds(config.seed, k)[0] for k in range(config.workers)])
+        obs_shape = tuple(vec.single_observation_space.shape)
+        if len(obs_shape) != 3 or vec.single_observation_space.dtype != np.uint8:
+            raise ValueError(f"env {config.env!r}: observations are {vec.single_observation_space}, "
+                             "expected uint8 images (H, W, C)")
+        if not isinstance(vec.single_action_space, gym.spaces.Discrete):
+            raise ValueError(f"env {config.env!r}: actions are {vec.single_action_space}, expected Discrete")
+        num_actions = int(vec.single_action_space.n)
+        pose_dim = int(_info_column(info, "pose", config.env).reshape(config.workers, -1).shape[1])
+        if manifest is None:
+            manifest = dict(expected, obs_shape=list(obs_shape), num_actions=num_actions, pose_dim=pose_dim)
+            out.mkdir(parents=True, exist_ok=True)
+        else:
+            _check_env_matches(manifest, obs_shape, num_actions, pose_dim, manifest_path)
+            manifest["episodes_requested"] = max(manifest["episodes_requested"], config.episodes)
+        agent = make_agent(config.agent, vec.single_action_space, inverse_actions_of(vec), **agent_kwargs)
+        agent.reset(config.workers, config.seed)
+        manifest["episodes"] = _verified_records(manifest, out)
+        storage.write_manifest(out, manifest)
+
+        done = {e["index"] for e in manifest["episodes"]}
+        todo = [k for k in range(config.episodes) if k not in done]
+        start_time = time.perf_counter()
+        bar = tqdm(total=len(todo), unit="ep", disable=not config.progress, desc=f"collect {config.env}/{config.agent}")
+        for wave_start in range(0, len(todo), config.workers):
+            wave = todo[wave_start:wave_start + config.workers]
+            records = _run_wave(vec, agent, wave, config, out)
+            manifest["episodes"].extend(records)
+            storage.write_manifest(out, manifest)  # after every wave: a crash loses at most one wave
+            bar.update(len(wave))
+        bar.close()
+        elapsed = time.perf_counter() - start_time
+        new = set(todo)
+        collected_steps = sum(e["steps"] for e in manifest["episodes"] if e["index"] in new)
+    finally:
+        vec.close()
+
+    counts = storage.read_manifest(out)["counts"]
+    summary = {
+        "out": str(out),
+        "episodes": counts["episodes"],
+        "steps": counts["steps"],
+        "revisit_share": counts["revisit_frames"] / max(1, counts["frames"]),
+        "bytes": counts["bytes"],
+        "collected_now": len(todo),
+        "seconds": elapsed,
+        "steps_per_second": collected_steps / max(elapsed, 1e-9),
+    }
+    print(f"{summary['episodes']} episodes, {summary['steps']} steps, revisit share {summary['revisit_share']:.3f}, "
+          f"{summary['bytes'] / 1e6:.1f} MB in {out} ({len(todo)} collected now in {elapsed:.1f} s, "
+          f"{summary['steps_per_second']:.0f} steps/s)")
+    return summary
+
+
+def _verified_records(manifest: dict[str, Any], out: Path) -> list[dict[str, Any]]:
+    """The manifest's episodes whose files exist with the right checksum. A listed file that is missing is dropped
+    (it is collected again, identically); one whose checksum differs is an error (never overwritten)."""
+    kept = []
+    for record in manifest["episodes"]:
+        path = out / record["file"]
+        if not path.exists():
+            continue
+        actual = storage.sha256_file(path)
+        if actual != record["sha256"]:
+            raise ValueError(f"episode file {path} is corrupt: sha256 {actual[:16]}... does not match the manifest's "
+                             f"{record['sha256'][:16]}...; delete it and re-run the same command to rewrite it")
+        kept.append(record)
+    return kept
+
+
+def _run_wave(vec: gym.vector.VectorEnv, agent, wave: list[int], config: CollectConfig, out: Path) -> list[dict]:
+    """Record episodes ``wave`` (at most ``workers``) side by side; unused envs run along and are not recorded."""
+    num_envs = config.workers
+    seeds = [episode_seeds(config.seed, k) for k in wave]
+    # spare envs of a short last wave still need seeds; they reuse the wave's (their steps are thrown away)
+    env_seeds = [s[0] for s in seeds] + [seeds[0][0]] * (num_envs - len(wave))
+    agent_seeds = [s[1] for s in seeds] + [seeds[0][1]] * (num_envs - len(wave))
+    obs, info = vec.reset(seed=env_seeds)
+    agent.reset_envs(np.ones(num_envs, dtype=bool), agent_seeds)
+    recorder = Recorder(num_envs, config.env)
+    recorder.start(obs, info)
+    live = np.arange(num_envs) < len(wave)
+    for _ in range(config.steps):
+        action = agent.act(obs, info)
+        obs, reward, terminated, truncated, info = vec.step(action)
+        recorder.add(live, action, obs, reward, terminated, truncated, info)
+        live &= ~(np.asarray(terminated) | np.asarray(truncated))  # the next step would be the autoreset: stop here
+        if not live.any():
+            break
+    records = []
+    for i, index in enumerate(wave):
+        episode = recorder.episode(i, cut=True)
+        file = storage.episode_filename(index)
+        sha = storage.save_episode(out / file, episode)
+        records.append(storage.episode_record(index, file, sha, (out / file).stat().st_size, episode,
+                                              env_seed=seeds[i][0], agent_seed=seeds[i][1]))
+    return records
+
+
+def main() -> None:
+    config = tyro.cli(CollectConfig)
+    try:
+        collect(config)
+    except ValueError as error:  # bad user input: the message names the problem, a traceback would bury it
+        raise SystemExit(f"error: {error}") from error
+
+
+if __name__ == "__main__":
+    main()
