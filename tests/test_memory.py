@@ -92,15 +92,35 @@ def test_fifo_holds_exactly_the_last_L_latents_in_order():
     assert torch.equal(state["filled"], torch.ones(B, N))
 
 
+def set_linear(layer, bias):
+    layer.weight.zero_()
+    layer.bias.copy_(torch.as_tensor(bias, dtype=layer.bias.dtype).expand_as(layer.bias))
+
+
 def sharpen(memory, beta: float = 200.0):
-    """Make every head read exactly by address: identity keys, huge sharpness, gate open."""
+    """Set the gates by hand so that every read is exactly by address and every write takes a fresh slot:
+    identity keys, huge sharpness, read gate open, plus each memory's own write/location gates."""
     with torch.no_grad():
-        keys = memory.keys
-        keys.from_addr.weight.copy_(torch.eye(A).repeat(R, 1))
-        keys.sharpness.weight.zero_()
-        keys.sharpness.bias.fill_(beta)
-        memory.gate.from_h.weight.zero_()
-        memory.gate.from_h.bias.fill_(20.0)
+        memory.keys.from_addr.weight.copy_(torch.eye(A).repeat(R, 1))
+        set_linear(memory.keys.sharpness, beta)
+        set_linear(memory.gate.from_h, 20.0)
+        big = 20.0
+        if hasattr(memory, "read_location"):  # ntm: reads by content only; the write head steps one slot forward
+            set_linear(memory.read_location.interpolation, big)
+            set_linear(memory.read_location.shift, torch.tensor([-big, big, -big]).repeat(R))
+            set_linear(memory.read_location.sharpening, -big)
+            set_linear(memory.write_location.interpolation, -big)
+            set_linear(memory.write_location.shift, torch.tensor([-big, -big, big]))
+            set_linear(memory.write_location.sharpening, big)
+            set_linear(memory.erase, big)
+        if hasattr(memory, "usage_decay"):  # lru: always the least-used slot
+            set_linear(memory.write_gate, -big)
+        if hasattr(memory, "allocation_gate"):  # dnc: content-mode reads, always write to an allocated slot
+            set_linear(memory.read_modes, torch.tensor([-big, big, -big]).repeat(R))
+            set_linear(memory.free_gates, -big)
+            set_linear(memory.write_gate, big)
+            set_linear(memory.allocation_gate, big)
+            set_linear(memory.erase, big)
     return memory
 
 
@@ -207,7 +227,6 @@ def test_step_traces_as_one_graph(name):
 
     compiled = torch.compile(step, backend="eager", fullgraph=True)
     mem_state, addr_state = memory.init_state(B, "cpu"), address.init_state(B, "cpu")
-    for _ in range(2):
-        read, mem_state, addr_state = compiled(mem_state, addr_state, torch.randn(B, H), torch.tensor([0, -1, 3]),
-                                               torch.randn(B, POSE_DIM), torch.randn(B, Z))
+    read, mem_state, addr_state = compiled(mem_state, addr_state, torch.randn(B, H), torch.tensor([0, -1, 3]),
+                                           torch.randn(B, POSE_DIM), torch.randn(B, Z))
     assert read.shape == (B, memory.read_dim)

@@ -4,6 +4,9 @@
 |-----------------|--------------------------------------------------------------------------------|-----------------|
 | ``none``        | no memory: the VRNN-style baseline, read_dim 0                                  | ``none``        |
 | ``introspective``| FIFO of the last L (address, z) pairs, R address-keyed heads, gated reads       | ``introspective``|
+| ``ntm``         | NTM: content + location addressing, erase/add writes (Graves et al. 2014)        | ``ntm``         |
+| ``lru``         | least-recently-used access (Santoro et al. 2016)                                 | ``lru``         |
+| ``dnc``         | DNC: usage-based allocation, temporal links, read modes (Graves et al. 2016)     | ``dnc``         |
 
 Contract (``worldmodel.memory.base.Memory``): ``init_state(batch, device, dtype) -> state``,
 ``read(state, h, addr) -> (B, read_dim)``, ``write(state, h, addr, z) -> state``, ``attend(...)`` for diagnostics.
@@ -13,14 +16,20 @@ Slot memories return reads of size R * C, C = z_dim (+ h_dim with ``store_h=True
 from __future__ import annotations
 
 from worldmodel.memory.base import Memory, State
+from worldmodel.memory.dnc import DNCMemory
 from worldmodel.memory.introspective import IntrospectiveMemory
+from worldmodel.memory.lru import LRUMemory
 from worldmodel.memory.none import NoMemory
+from worldmodel.memory.ntm import NTMMemory
 
-MEMORIES = ("none", "introspective")
+MEMORIES = ("none", "introspective", "ntm", "lru", "dnc")
 
 _CLASSES: dict[str, type[Memory]] = {
     "none": NoMemory,
     "introspective": IntrospectiveMemory,
+    "ntm": NTMMemory,
+    "lru": LRUMemory,
+    "dnc": DNCMemory,
 }
 
 
@@ -33,4 +42,5 @@ def build_memory(name: str, *, z_dim: int, h_dim: int, addr_dim: int, slots: int
     return _CLASSES[name](z_dim=z_dim, h_dim=h_dim, addr_dim=addr_dim, slots=slots, heads=heads, **kw)
 
 
-__all__ = ["MEMORIES", "Memory", "State", "build_memory", "NoMemory", "IntrospectiveMemory"]
+__all__ = ["MEMORIES", "Memory", "State", "build_memory", "NoMemory", "IntrospectiveMemory", "NTMMemory", "LRUMemory",
+           "DNCMemory"]

@@ -151,3 +151,19 @@ def check_step_inputs(name: str, h: Tensor, addr: Tensor, h_dim: int, addr_dim: 
     assert addr.shape == (h.shape[0], addr_dim), f"{name}: addr must be (B, {addr_dim}), got {tuple(addr.shape)}"
     if z is not None:
         assert z.shape == (h.shape[0], z_dim), f"{name}: z must be (B, {z_dim}), got {tuple(z.shape)}"
+
+
+def small_linear(in_dim: int, out_dim: int, bias: float | Tensor = 0.0, weight_scale: float = 0.1) -> nn.Linear:
+    """A linear layer whose output starts near ``bias``: small weights, so a gate or mode starts where we put it
+    (e.g. "write to the next slot") and training moves it from there."""
+    layer = nn.Linear(in_dim, out_dim)
+    with torch.no_grad():
+        layer.weight.mul_(weight_scale)
+        layer.bias.copy_(torch.as_tensor(bias, dtype=layer.bias.dtype).expand(out_dim))
+    return layer
+
+
+def mark_written(written: Tensor, write_weights: Tensor) -> Tensor:
+    """Soft occupancy o_n <- o_n + w_n (1 - o_n) = 1 - prod_t (1 - w_n,t): how much slot n holds any write.
+    Used by the gate so that attention on never-written slots counts as reading nothing. (B, N) -> (B, N)"""
+    return written + write_weights * (1.0 - written)

@@ -1,0 +1,139 @@
+"""GTMM with a Neural Turing Machine memory (Graves et al. 2014, sec. 3; Gemici et al. 2017).
+
+Slots are split as everywhere in this package: M_t(n) = [address part (A), content part (C)]. Keys come from addr_t
+and are matched against the address part; reads return the content part. Each head (R read heads, 1 write head)
+turns its key into weights w_t over the N slots by the NTM's four stages:
+
+    w^c   = softmax_n(beta * cos(k, M_{t-1}^addr(n)))                       content addressing   (eq. 5, 6)
+    w^g   = g w^c + (1 - g) w_{t-1}                                         interpolation        (eq. 7)
+    w~(n) = sum_j w^g(j) s(n - j)   (circular, shifts -S..S)                convolutional shift  (eq. 8)
+    w(n)  = w~(n)^gamma / sum_j w~(j)^gamma,  gamma >= 1                     sharpening           (eq. 9)
+
+    read   r = sum_n w^r(n) M^content(n), gated as in ``ReadGate``                              (eq. 2)
+    write  M~ = M_{t-1} (1 - w^w e^T),  M_t = M~ + w^w v^T,  v = [addr_t, c_t], e = sigmoid(.)  (eq. 3, 4)
+
+Gates g, shifts s, gamma, erase e come from h_t. At initialisation the read heads address by content (g ~ 1, no
+shift) and the write head moves one slot forward each step (g ~ 0, shift +1): the memory starts out as a ring
+buffer of (address, latent) read by address, and learning can make the write head overwrite the slot of a
+revisited place instead (content-addressed write, g -> 1).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from worldmodel.memory.base import (
+    Memory, ReadGate, ReadKeys, State, check_step_inputs, content_weights, cosine_similarity, inverse_softplus,
+    mark_written, small_linear,
+)
+
+
+class LocationHead(nn.Module):
+    """Per-head interpolation gate g in (0, 1), shift distribution s over -S..S, sharpening gamma >= 1, from h_t."""
+
+    def __init__(self, *, h_dim: int, heads: int, shift_range: int, interpolate: float, shift: int, gamma: float):
+        super().__init__()
+        self.heads, self.shifts = heads, 2 * shift_range + 1
+        self.interpolation = small_linear(h_dim, heads, bias=torch.logit(torch.tensor(interpolate)))
+        shift_bias = torch.full((self.shifts,), -3.0)
+        shift_bias[shift + shift_range] = 3.0  # most of the mass on the chosen initial shift
+        self.shift = small_linear(h_dim, heads * self.shifts, bias=shift_bias.repeat(heads))
+        self.sharpening = small_linear(h_dim, heads, bias=inverse_softplus(gamma - 1.0))
+
+    def forward(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        B = h.shape[0]
+        g = torch.sigmoid(self.interpolation(h))  # (B, R)
+        s = torch.softmax(self.shift(h).view(B, self.heads, self.shifts), dim=-1)  # (B, R, 2S+1)
+        gamma = 1.0 + F.softplus(self.sharpening(h))  # (B, R)
+        return g, s, gamma
+
+
+def ntm_weights(w_content: Tensor, w_prev: Tensor, g: Tensor, s: Tensor, gamma: Tensor) -> Tensor:
+    """NTM eq. 7-9 from the content weights (B, R, N) and the head's previous weights (B, R, N)."""
+    w_g = g.unsqueeze(-1) * w_content + (1.0 - g.unsqueeze(-1)) * w_prev  # (B, R, N)   eq. 7
+    shift_range = (s.shape[-1] - 1) // 2
+    # eq. 8 as a sum of rolled copies: roll by +k moves weight from slot n to slot n+k (S is 1 or 2: cheap)
+    w_s = sum(s[..., k : k + 1] * torch.roll(w_g, shifts=k - shift_range, dims=-1) for k in range(s.shape[-1]))
+    # eq. 9; the clamp keeps d/dgamma (w^gamma log w) finite where a weight underflowed to 0
+    w_sharp = w_s.clamp_min(1e-12) ** gamma.unsqueeze(-1)  # (B, R, N)
+    return w_sharp / w_sharp.sum(-1, keepdim=True)
+
+
+class NTMMemory(Memory):
+    """NTM memory of N (address, content) slots: R content+location read heads, one erase/add write head."""
+
+    def __init__(self, *, z_dim: int, h_dim: int, addr_dim: int, slots: int = 64, heads: int = 2,
+                 store_h: bool = False, key_from_h: bool = False, init_sharpness: float = 10.0, shift_range: int = 1):
+        super().__init__()
+        if slots < 2 or heads < 1 or shift_range < 1:
+            raise ValueError(f"ntm memory: expected slots >= 2, heads >= 1, shift_range >= 1, got slots={slots}, "
+                             f"heads={heads}, shift_range={shift_range}")
+        self.z_dim, self.h_dim, self.addr_dim = z_dim, h_dim, addr_dim
+        self.slots, self.heads, self.store_h = slots, heads, store_h
+        self.content_dim = z_dim + (h_dim if store_h else 0)
+        self.read_dim = heads * self.content_dim
+        width = addr_dim + self.content_dim
+        self.keys = ReadKeys(addr_dim=addr_dim, h_dim=h_dim, heads=heads, use_h=key_from_h, init_sharpness=init_sharpness)
+        self.read_location = LocationHead(h_dim=h_dim, heads=heads, shift_range=shift_range, interpolate=0.95,
+                                          shift=0, gamma=1.5)
+        self.write_key = ReadKeys(addr_dim=addr_dim, h_dim=h_dim, heads=1, use_h=key_from_h, init_sharpness=init_sharpness)
+        self.write_location = LocationHead(h_dim=h_dim, heads=1, shift_range=shift_range, interpolate=0.05,
+                                           shift=1, gamma=3.0)
+        self.erase = small_linear(h_dim, width, bias=3.0)  # e ~ 0.95: a write mostly replaces the slot
+        self.gate = ReadGate(h_dim=h_dim, heads=heads)
+
+    def init_state(self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> State:
+        N, R = self.slots, self.heads
+        first_slot = torch.zeros(batch, 1, N, device=device, dtype=dtype)
+        first_slot[..., 0] = 1.0  # heads start on slot 0 (the write head's first shift then moves it to slot 1)
+        return {
+            "addr": torch.zeros(batch, N, self.addr_dim, device=device, dtype=dtype),  # (B, N, A)
+            "content": torch.zeros(batch, N, self.content_dim, device=device, dtype=dtype),  # (B, N, C)
+            "written": torch.zeros(batch, N, device=device, dtype=dtype),  # (B, N) soft occupancy
+            "read_weights": first_slot.expand(batch, R, N).clone(),  # (B, R, N) w^r_{t-1}
+            "write_weights": first_slot.clone(),  # (B, 1, N) w^w_{t-1}
+        }
+
+    def _read_weights(self, state: State, h: Tensor, addr: Tensor) -> tuple[Tensor, Tensor]:
+        keys, beta = self.keys(h, addr)  # (B, R, A), (B, R)
+        similarity = cosine_similarity(keys, state["addr"])  # (B, R, N)
+        g, s, gamma = self.read_location(h)
+        weights = ntm_weights(content_weights(similarity, beta), state["read_weights"], g, s, gamma)  # (B, R, N)
+        return weights, similarity
+
+    def attend(self, state: State, h: Tensor, addr: Tensor) -> dict[str, Tensor]:
+        check_step_inputs("ntm.read", h, addr, self.h_dim, self.addr_dim)
+        B = h.shape[0]
+        weights, similarity = self._read_weights(state, h, addr)  # (B, R, N)
+        heads_read = torch.einsum("brn,bnc->brc", weights, state["content"])  # (B, R, C)   eq. 2
+        match = (weights * similarity).sum(-1)  # (B, R)
+        written = (weights * state["written"].unsqueeze(1)).sum(-1)  # (B, R)
+        gate = self.gate(h, match, written)  # (B, R)
+        read = (gate.unsqueeze(-1) * heads_read).reshape(B, self.read_dim)  # (B, R*C)
+        return {"read": read, "weights": weights, "gate": gate}
+
+    def write(self, state: State, h: Tensor, addr: Tensor, z: Tensor) -> State:
+        check_step_inputs("ntm.write", h, addr, self.h_dim, self.addr_dim, z, self.z_dim)
+        # the read heads' weights of this step, kept as w^r_{t-1} for the next step's interpolation (eq. 7)
+        read_weights, _ = self._read_weights(state, h, addr)  # (B, R, N)
+        key, beta = self.write_key(h, addr)  # (B, 1, A), (B, 1)
+        g, s, gamma = self.write_location(h)
+        w_content = content_weights(cosine_similarity(key, state["addr"]), beta)  # (B, 1, N)
+        write_weights = ntm_weights(w_content, state["write_weights"], g, s, gamma)  # (B, 1, N)
+        w = write_weights[:, 0].unsqueeze(-1)  # (B, N, 1)
+
+        content = torch.cat([z, h], dim=-1) if self.store_h else z  # (B, C)
+        value = torch.cat([addr, content], dim=-1).unsqueeze(1)  # (B, 1, A+C)   v_t
+        erase = torch.sigmoid(self.erase(h)).unsqueeze(1)  # (B, 1, A+C)   e_t
+        memory = torch.cat([state["addr"], state["content"]], dim=-1)  # (B, N, A+C)
+        memory = memory * (1.0 - w * erase) + w * value  # eq. 3, 4
+        return {
+            "addr": memory[..., : self.addr_dim],
+            "content": memory[..., self.addr_dim :],
+            "written": mark_written(state["written"], write_weights[:, 0]),
+            "read_weights": read_weights,
+            "write_weights": write_weights,
+        }
