@@ -28,6 +28,7 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
+import torch
 import tyro
 from tqdm import tqdm
 
@@ -60,6 +61,8 @@ class CollectConfig:
     """saved SB3 policy (.zip) for --agent sb3"""
     progress: bool = True
     """show a progress bar"""
+    threads: int = 1
+    """torch CPU threads (the sb3 agent's policy); more threads than free cores slow small policies a lot"""
 
 
 def parse_json_object(text: str, field: str) -> dict[str, Any]:
@@ -193,6 +196,7 @@ def collect(config: CollectConfig) -> dict[str, Any]:
                          f"{config.workers}")
     if config.agent not in AGENTS:
         raise ValueError(f"--agent {config.agent!r}: expected one of {AGENTS}")
+    torch.set_num_threads(config.threads)
     env_kwargs_user = parse_json_object(config.env_kwargs, "env_kwargs")
     agent_kwargs = parse_json_object(config.agent_kwargs, "agent_kwargs")
     if config.agent == "sb3":

@@ -1,0 +1,97 @@
+"""Train a Stable-Baselines3 PPO collector policy on one of our envs.
+
+    python -m agents.train_sb3 --env mnist_map --timesteps 20000 --out policies/mnist_map_ppo.zip
+    python -m rollouts.collect --env mnist_map --agent sb3 --policy policies/mnist_map_ppo.zip --out data/mnist_map_ppo
+
+Our envs have no task reward (reward is always 0), so by default (``--reward novelty``) the env is wrapped in
+``agents.sb3.NoveltyReward``: +1 for every step that reaches a place not seen before in the episode. The policy
+learns to cover the map, a different behaviour from the hand-written agents. ``--reward env`` keeps the env's own.
+Images go through ``agents.sb3.SmallCNN`` (SB3's NatureCNN cannot take the 28x28 MNIST-map window).
+Seeded: the same command gives the same policy on the same machine and thread count.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import tyro
+from stable_baselines3 import PPO
+from stable_baselines3.common.env_util import make_vec_env
+
+import envs
+from agents.sb3 import NoveltyReward, policy_kwargs_for
+from rollouts.collect import parse_json_object
+
+
+@dataclass
+class TrainSB3Config:
+    env: str = "mnist_map"
+    """env short name or Gymnasium id (as for rollouts.collect)"""
+    out: Path = Path("policy.zip")
+    """where to save the policy (.zip); the resolved config goes next to it as <out>.json"""
+    timesteps: int = 20_000
+    """total env steps of PPO training"""
+    env_kwargs: str = "{}"
+    """JSON object of env constructor arguments"""
+    reward: Literal["novelty", "env"] = "novelty"
+    """novelty: +1 per new place this episode (our envs have no reward); env: the env's own reward"""
+    num_envs: int = 4
+    """envs stepped together for PPO's rollouts (in one process)"""
+    n_steps: int = 128
+    """PPO steps per env between updates"""
+    batch_size: int = 128
+    """PPO minibatch size"""
+    learning_rate: float = 3e-4
+    """Adam learning rate"""
+    seed: int = 0
+    """seed of the envs, the policy's initialisation and PPO's sampling"""
+    threads: int = 1
+    """torch CPU threads (fixed so runs are reproducible)"""
+
+
+def train(config: TrainSB3Config) -> Path:
+    """Train and save the policy; returns the path of the ``.zip``."""
+    if config.timesteps < 1 or config.num_envs < 1 or config.n_steps < 1:
+        raise ValueError(f"--timesteps, --num-envs and --n-steps must be >= 1, got {config.timesteps}, "
+                         f"{config.num_envs}, {config.n_steps}")
+    if config.out.suffix != ".zip":
+        raise ValueError(f"--out {config.out}: expected a path ending in .zip (SB3 appends it otherwise)")
+    env_kwargs = parse_json_object(config.env_kwargs, "env_kwargs")
+    torch.set_num_threads(config.threads)
+
+    def make_env():
+        # the reward wrapper goes inside make_vec_env's Monitor, so logged episode returns are the ones PPO sees
+        env = envs.make(config.env, **env_kwargs)
+        return NoveltyReward(env) if config.reward == "novelty" else env
+
+    vec_env = make_vec_env(make_env, n_envs=config.num_envs, seed=config.seed)
+    model = PPO("CnnPolicy", vec_env, n_steps=config.n_steps, batch_size=config.batch_size,
+                learning_rate=config.learning_rate, seed=config.seed, device="cpu", verbose=0,
+                policy_kwargs=policy_kwargs_for(vec_env.observation_space))
+    model.learn(total_timesteps=config.timesteps, progress_bar=False)
+    config.out.parent.mkdir(parents=True, exist_ok=True)
+    model.save(config.out)
+    config.out.with_suffix(".json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v
+                                                           for k, v in asdict(config).items()}, indent=1) + "\n")
+    vec_env.close()
+    rewards = [ep["r"] for ep in model.ep_info_buffer] if model.ep_info_buffer else []
+    mean = f"{sum(rewards) / len(rewards):.2f}" if rewards else "n/a (no episode finished)"
+    print(f"saved {config.out}: {config.timesteps} steps of PPO on {config.env} ({config.reward} reward), "
+          f"mean episode return of the last {len(rewards)} episodes {mean}")
+    return config.out
+
+
+def main() -> None:
+    config = tyro.cli(TrainSB3Config)
+    try:
+        train(config)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from error
+
+
+if __name__ == "__main__":
+    main()
