@@ -230,3 +230,72 @@ def test_step_traces_as_one_graph(name):
     read, mem_state, addr_state = compiled(mem_state, addr_state, torch.randn(B, H), torch.tensor([0, -1, 3]),
                                            torch.randn(B, POSE_DIM), torch.randn(B, Z))
     assert read.shape == (B, memory.read_dim)
+
+
+def write_sequence(memory, T: int, seed: int = 5):
+    g = torch.Generator().manual_seed(seed)
+    addrs, zs = torch.randn(T, B, A, generator=g), torch.randn(T, B, Z, generator=g)
+    state = memory.init_state(B, "cpu")
+    for t in range(T):
+        state = memory.write(state, torch.zeros(B, H), addrs[t], zs[t])
+    return state, addrs, zs
+
+
+def test_ntm_write_head_is_a_ring_that_overwrites_the_oldest_slot():
+    memory = sharpen(make("ntm"))
+    state, addrs, zs = write_sequence(memory, T=N + 2)
+    # writes went to slots 1, 2, ..., N-1, 0, 1, 2: the last N writes fill the ring, the two oldest are gone
+    expected = torch.stack([zs[t] for t in (N - 1, N, N + 1, 2, 3, 4)], dim=1)  # slot order 0..N-1
+    assert torch.allclose(state["content"], expected, atol=1e-4)
+    out = memory.attend(state, torch.zeros(B, H), addrs[N + 1])
+    assert torch.allclose(out["read"].view(B, R, Z)[:, 0], zs[N + 1], atol=1e-3)
+
+
+def test_lru_recycles_the_least_used_slot_once_full():
+    memory = sharpen(make("lru"))
+    state, addrs, zs = write_sequence(memory, T=N)
+    assert torch.allclose(state["content"], zs.transpose(0, 1), atol=1e-5)  # empty slots filled in order
+    assert torch.equal(state["written"], torch.ones(B, N))
+    g = torch.Generator().manual_seed(6)
+    h = torch.zeros(B, H)
+    for _ in range(3):  # sigmoid(alpha) = 0: each new write replaces the then least-used slot, the rest stays
+        least_used = state["usage"].argmin(-1)  # (B,)
+        before = state["content"]
+        z_new = torch.randn(B, Z, generator=g)
+        state = memory.write(state, h, torch.randn(B, A, generator=g), z_new)
+        replaced = torch.nn.functional.one_hot(least_used, N).bool()  # (B, N)
+        assert torch.allclose(state["content"][replaced], z_new, atol=1e-5)
+        assert torch.allclose(state["content"][~replaced], before[~replaced], atol=1e-6)
+
+
+def test_dnc_allocates_fresh_slots_and_its_links_follow_the_write_order():
+    memory = sharpen(make("dnc"))
+    T = N - 2
+    g = torch.Generator().manual_seed(5)
+    addrs, zs = torch.randn(T, B, A, generator=g), torch.randn(T, B, Z, generator=g)
+    state = memory.init_state(B, "cpu")
+    h = torch.zeros(B, H)
+    slots = []
+    for t in range(T):
+        state = memory.write(state, h, addrs[t], zs[t])
+        assert state["write_weights"].max(-1).values.min() > 0.99  # one slot per write
+        slots.append(state["write_weights"].argmax(-1))  # (B,)
+    slots = torch.stack(slots, 1)  # (B, T)
+    assert all(len(set(row.tolist())) == T for row in slots)  # every write took a fresh slot
+    with torch.no_grad():  # "last read = the slot of item 1"; the forward link leads to item 2, the backward to item 0
+        state = dict(state, read_weights=torch.nn.functional.one_hot(slots[:, 1:2].expand(B, R), N).float())
+        memory.read_modes.bias.copy_(torch.tensor([-20.0, -20.0, 20.0]).repeat(R))
+        forward = memory.attend(state, h, addrs[0])["read"].view(B, R, Z)
+        memory.read_modes.bias.copy_(torch.tensor([20.0, -20.0, -20.0]).repeat(R))
+        backward = memory.attend(state, h, addrs[0])["read"].view(B, R, Z)
+    assert torch.allclose(forward[:, 0], zs[2], atol=1e-3)
+    assert torch.allclose(backward[:, 0], zs[0], atol=1e-3)
+
+
+def test_dnc_allocation_prefers_the_freest_slot():
+    from worldmodel.memory.dnc import allocation_weights
+
+    usage = torch.tensor([[1.0, 0.2, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    a = allocation_weights(usage)
+    assert a[0].argmax() == 3 and a[0, 3] > 0.99 and a[0, 0] < 1e-3
+    assert a[1, 0] > 0.99 and a[1, 1:].sum() < 1e-3  # ties: lowest index first
