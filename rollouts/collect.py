@@ -244,6 +244,8 @@ def collect(config: CollectConfig) -> dict[str, Any]:
             manifest["episodes_requested"] = max(manifest["episodes_requested"], config.episodes)
         agent = make_agent(config.agent, vec.single_action_space, inverse_actions_of(vec), **agent_kwargs)
         agent.reset(config.workers, config.seed)
+        for leftover in out.glob(".*.tmp"):  # temp files of a killed run (atomic writes never leave anything else)
+            leftover.unlink()
         manifest["episodes"] = _verified_records(manifest, out)
         storage.write_manifest(out, manifest)
 
