@@ -299,3 +299,24 @@ def test_dnc_allocation_prefers_the_freest_slot():
     a = allocation_weights(usage)
     assert a[0].argmax() == 3 and a[0, 3] > 0.99 and a[0, 0] < 1e-3
     assert a[1, 0] > 0.99 and a[1, 1:].sum() < 1e-3  # ties: lowest index first
+
+
+def test_reset_state_restarts_only_the_flagged_rows():
+    from worldmodel.memory import reset_state
+
+    memory = make("dnc")
+    state, _, _ = write_sequence(memory, T=3)
+    fresh = memory.init_state(B, "cpu")
+    restarted = reset_state(state, fresh, torch.tensor([True, False, True]))
+    for key, value in restarted.items():
+        assert torch.equal(value[0], fresh[key][0]) and torch.equal(value[2], fresh[key][2]), key
+        assert torch.equal(value[1], state[key][1]), key
+
+
+def test_bad_address_options_are_value_errors():
+    with pytest.raises(ValueError, match="pose_scale"):
+        build_address("pose", h_dim=H, num_actions=0, pose_dim=3, addr_dim=A, pose_scale=(1.0, 2.0))
+    with pytest.raises(ValueError, match="even"):
+        build_address("pose", h_dim=H, num_actions=0, pose_dim=3, addr_dim=7)
+    with pytest.raises(ValueError, match="additive"):
+        build_address("actions", h_dim=H, num_actions=2, pose_dim=0, addr_dim=A, inverse_actions=(1, 0))

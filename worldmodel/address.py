@@ -163,7 +163,10 @@ class PoseAddress(AddressPath):
             raise ValueError(f"address 'pose': the data has no pose (pose_dim={pose_dim}); use 'hidden' or 'actions'")
         if addr_dim % 2:
             raise ValueError(f"address 'pose': addr_dim must be even (sin and cos halves), got {addr_dim}")
-        scale = torch.as_tensor(pose_scale, dtype=torch.float32).expand(pose_dim).clone()
+        scale = torch.as_tensor(pose_scale, dtype=torch.float32).flatten()
+        if scale.numel() not in (1, pose_dim):
+            raise ValueError(f"address 'pose': pose_scale needs 1 or {pose_dim} values (one per pose dim), got {pose_scale}")
+        scale = scale.expand(pose_dim).clone()
         if bool((scale <= 0).any()):
             raise ValueError(f"address 'pose': pose_scale must be > 0, got {pose_scale}")
         self.addr_dim, self.pose_dim = addr_dim, pose_dim

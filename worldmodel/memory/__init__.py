@@ -1,21 +1,24 @@
 """External memories for GTMM (Gemici et al. 2017): each is read by ADDRESS and returns CONTENT.
 
-| name            | what                                                                           | module          |
-|-----------------|--------------------------------------------------------------------------------|-----------------|
-| ``none``        | no memory: the VRNN-style baseline, read_dim 0                                  | ``none``        |
-| ``introspective``| FIFO of the last L (address, z) pairs, R address-keyed heads, gated reads       | ``introspective``|
-| ``ntm``         | NTM: content + location addressing, erase/add writes (Graves et al. 2014)        | ``ntm``         |
-| ``lru``         | least-recently-used access (Santoro et al. 2016)                                 | ``lru``         |
-| ``dnc``         | DNC: usage-based allocation, temporal links, read modes (Graves et al. 2016)     | ``dnc``         |
+| name              | what                                                                         |
+|-------------------|------------------------------------------------------------------------------|
+| ``none``          | no memory: the VRNN-style baseline, read_dim 0                               |
+| ``introspective`` | FIFO of the last L (address, z) pairs, R address-keyed heads, gated reads    |
+| ``ntm``           | NTM: content + location addressing, erase/add writes (Graves et al. 2014)    |
+| ``lru``           | least-recently-used access (Santoro et al. 2016)                             |
+| ``dnc``           | DNC: usage-based allocation, temporal links, read modes (Graves et al. 2016) |
+
+Each lives in the module of its name (``worldmodel/memory/<name>.py``).
 
 Contract (``worldmodel.memory.base.Memory``): ``init_state(batch, device, dtype) -> state``,
-``read(state, h, addr) -> (B, read_dim)``, ``write(state, h, addr, z) -> state``, ``attend(...)`` for diagnostics.
+``read(state, h, addr) -> (B, read_dim)``, ``write(state, h, addr, z) -> state``, ``attend(...)`` for diagnostics
+(read weights, gates). ``reset_state(state, fresh, is_first)`` restarts the episodes that begin mid-batch.
 Slot memories return reads of size R * C, C = z_dim (+ h_dim with ``store_h=True``).
 """
 
 from __future__ import annotations
 
-from worldmodel.memory.base import Memory, State
+from worldmodel.memory.base import Memory, State, reset_state
 from worldmodel.memory.dnc import DNCMemory
 from worldmodel.memory.introspective import IntrospectiveMemory
 from worldmodel.memory.lru import LRUMemory
@@ -42,5 +45,5 @@ def build_memory(name: str, *, z_dim: int, h_dim: int, addr_dim: int, slots: int
     return _CLASSES[name](z_dim=z_dim, h_dim=h_dim, addr_dim=addr_dim, slots=slots, heads=heads, **kw)
 
 
-__all__ = ["MEMORIES", "Memory", "State", "build_memory", "NoMemory", "IntrospectiveMemory", "NTMMemory", "LRUMemory",
+__all__ = ["MEMORIES", "Memory", "State", "build_memory", "reset_state", "NoMemory", "IntrospectiveMemory", "NTMMemory", "LRUMemory",
            "DNCMemory"]

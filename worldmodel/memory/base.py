@@ -167,3 +167,10 @@ def mark_written(written: Tensor, write_weights: Tensor) -> Tensor:
     """Soft occupancy o_n <- o_n + w_n (1 - o_n) = 1 - prod_t (1 - w_n,t): how much slot n holds any write.
     Used by the gate so that attention on never-written slots counts as reading nothing. (B, N) -> (B, N)"""
     return written + write_weights * (1.0 - written)
+
+
+def reset_state(state: State, fresh: State, is_first: Tensor) -> State:
+    """Start a new episode in the rows where ``is_first`` (B,) bool is set: those rows take ``fresh``'s values
+    (e.g. ``memory.init_state(B, device)``), the others keep theirs. Works for address-path states too; a
+    ``torch.where`` per entry, so there is no branch on data. (B, ...) -> (B, ...)"""
+    return {k: torch.where(is_first.view(-1, *([1] * (v.dim() - 1))), fresh[k], v) for k, v in state.items()}
