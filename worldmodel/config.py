@@ -44,7 +44,11 @@ class ModelConfig:
     hidden_dim: int = 128
     """hidden size of the prior/posterior MLPs"""
     obs_model: Literal["bernoulli", "gaussian"] = "bernoulli"
-    """p(x|z): bernoulli (BCE on pixels in [0, 1]) or gaussian (fixed unit-variance, i.e. scaled MSE)"""
+    """p(x|z): bernoulli (BCE on pixels in [0, 1]) or gaussian (fixed std 0.1 on pixels in [0, 1])"""
+    memory_kwargs: dict[str, Any] = field(default_factory=dict)
+    """extra arguments of the memory class (e.g. store_h)"""
+    address_kwargs: dict[str, Any] = field(default_factory=dict)
+    """extra arguments of the address pathway (e.g. integrator, inverse_actions, pose_scale)"""
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
@@ -102,6 +106,10 @@ class TrainConfig:
     """hidden size of the prior/posterior MLPs"""
     obs_model: Literal["bernoulli", "gaussian"] = "bernoulli"
     """observation likelihood p(x|z)"""
+    memory_kwargs: str = "{}"
+    """JSON object of extra memory arguments, e.g. '{"store_h": true}'"""
+    address_kwargs: str = "{}"
+    """JSON object of extra address arguments, e.g. '{"integrator": "additive", "inverse_actions": [1, 0, 3, 2]}'"""
 
     # optimisation
     steps: int = 3000
@@ -145,6 +153,8 @@ class TrainConfig:
             address=self.address, z_dim=self.z_dim, h_dim=self.h_dim, addr_dim=self.addr_dim,
             slots=self.slots or self.seq_len, heads=self.heads, embed_dim=self.embed_dim, channels=self.channels,
             hidden_dim=self.hidden_dim, obs_model=self.obs_model,
+            memory_kwargs=parse_json_object("--memory-kwargs", self.memory_kwargs),
+            address_kwargs=parse_json_object("--address-kwargs", self.address_kwargs),
         )
 
     def to_json(self) -> str:
@@ -157,6 +167,16 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"train config: unknown fields {sorted(unknown)}; expected a subset of {sorted(known)}")
         return cls(**d)
+
+
+def parse_json_object(flag: str, text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{flag} {text!r}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{flag} {text!r}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 PRESETS: dict[str, TrainConfig] = {

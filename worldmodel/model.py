@@ -82,9 +82,9 @@ class GTMMCell(nn.Module):
         self.cfg = cfg
         self.action_embed = ActionEmbedding(cfg.num_actions)
         self.memory = build_memory(cfg.memory, z_dim=cfg.z_dim, h_dim=cfg.h_dim, addr_dim=cfg.addr_dim,
-                                   slots=cfg.slots, heads=cfg.heads)
+                                   slots=cfg.slots, heads=cfg.heads, **cfg.memory_kwargs)
         self.address = build_address(cfg.address, h_dim=cfg.h_dim, num_actions=cfg.num_actions,
-                                     pose_dim=cfg.pose_dim, addr_dim=cfg.addr_dim)
+                                     pose_dim=cfg.pose_dim, addr_dim=cfg.addr_dim, **cfg.address_kwargs)
         read_dim = self.memory.read_dim
         self.lstm = nn.LSTMCell(cfg.z_dim + self.action_embed.dim + read_dim, cfg.h_dim)
         self.prior = GaussianHead(cfg.h_dim + read_dim, cfg.hidden_dim, cfg.z_dim)
