@@ -182,9 +182,9 @@ class RevisitTracker:
         # 24 steps of 15 gives a heading that differs from the start in the last bits.
         self.radius_sq = radius * radius + 1e-12
         self.cos_angle = math.cos(math.radians(angle)) - 1e-9
-        # One row per earlier pose: (x, z, cos heading, sin heading). Comparing unit heading vectors with a dot product
-        # avoids wrapping angle differences.
-        self._past = np.empty((capacity, 4), dtype=np.float64)
+        # Earlier poses as columns of (x, z, cos heading, sin heading): each quantity is one contiguous row. Comparing
+        # unit heading vectors with a dot product avoids wrapping angle differences.
+        self._past = np.empty((4, capacity), dtype=np.float64)
         self._count = 0
 
     def reset(self) -> None:
@@ -193,13 +193,13 @@ class RevisitTracker:
     def visit(self, x: float, z: float, heading: float) -> tuple[bool, int]:
         """Record a pose; return (revisit, how many earlier poses of this episode it matches)."""
         cos_h, sin_h = math.cos(heading), math.sin(heading)
-        past = self._past[: self._count]  # (N, 4) earlier poses
-        dist_sq = (past[:, 0] - x) ** 2 + (past[:, 1] - z) ** 2  # (N,)
-        facing = past[:, 2] * cos_h + past[:, 3] * sin_h  # (N,) cosine of the heading difference
+        xs, zs, coss, sins = self._past[:, : self._count]  # (N,) each: the earlier poses
+        dist_sq = (xs - x) ** 2 + (zs - z) ** 2  # (N,)
+        facing = coss * cos_h + sins * sin_h  # (N,) cosine of the heading difference
         visit_count = int(np.count_nonzero((dist_sq <= self.radius_sq) & (facing >= self.cos_angle)))
-        if self._count == len(self._past):  # stock envs run up to 1500+ steps: grow by doubling
-            self._past = np.concatenate([self._past, np.empty_like(self._past)])
-        self._past[self._count] = (x, z, cos_h, sin_h)
+        if self._count == self._past.shape[1]:  # stock envs run up to 1500+ steps: grow by doubling
+            self._past = np.concatenate([self._past, np.empty_like(self._past)], axis=1)
+        self._past[:, self._count] = (x, z, cos_h, sin_h)
         self._count += 1
         return visit_count > 0, visit_count
 
@@ -215,10 +215,21 @@ def _check_int(name: str, value: Any, low: int) -> int:
     return int(value)
 
 
-def _check_float(name: str, value: Any, low: float, high: float, unit: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not low < value <= high:
-        raise ValueError(f"{name}: expected {unit} in ({low}, {high}], got {value!r}")
+def _check_float(name: str, value: Any, low: float, high: float, unit: str, low_inclusive: bool = False) -> float:
+    is_number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if not is_number or not (low <= value if low_inclusive else low < value) or not value <= high:
+        interval = f"{'[' if low_inclusive else '('}{low}, {high}]"
+        raise ValueError(f"{name}: expected {unit} in {interval}, got {value!r}")
     return float(value)
+
+
+def _check_revisit(radius: Any, angle: Any) -> tuple[float | None, float | None]:
+    """Validate revisit thresholds before any GL work (None = the default, derived from the step sizes)."""
+    if radius is not None:
+        radius = _check_float("revisit_radius", radius, 0.0, 100.0, "metres", low_inclusive=True)
+    if angle is not None:
+        angle = _check_float("revisit_angle", angle, 0.0, 180.0, "degrees", low_inclusive=True)
+    return radius, angle
 
 
 class _MiniWorldRevisitBase(gym.Env):
@@ -265,8 +276,8 @@ class _MiniWorldRevisitBase(gym.Env):
         # margin. Positions are not on a lattice once the agent walks at angles, so the radius says how close counts
         # as the same view: at half a (default 0.4 m) step, the wall 2 m ahead shifts by at most ~atan(0.2/2) = 6
         # degrees, ~6 px of the 64 px, 60-degree-wide frame, while one full step or turn away changes it clearly.
-        self.revisit_radius = 0.5 * move_step if revisit_radius is None else float(revisit_radius)
-        self.revisit_angle = 0.5 * turn_step if revisit_angle is None else float(revisit_angle)
+        self.revisit_radius = 0.5 * move_step if revisit_radius is None else revisit_radius
+        self.revisit_angle = 0.5 * turn_step if revisit_angle is None else revisit_angle
         self._tracker = RevisitTracker(self.revisit_radius, self.revisit_angle)
         self._needs_reset = True
         self.render_mode = render_mode
@@ -277,6 +288,9 @@ class _MiniWorldRevisitBase(gym.Env):
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
         super().reset(seed=seed)
+        # New textures are uploaded during reset, into whichever GL context is current: make it ours (another env may
+        # have closed its own since).
+        self.sim.shadow_window.switch_to()
         obs, _ = self.sim.reset(seed=seed)  # the simulator's own np_random draws the world: same seed, same world
         self._tracker.reset()
         self._needs_reset = False
@@ -303,7 +317,13 @@ class _MiniWorldRevisitBase(gym.Env):
         return self.sim.render_top_view(self.sim.vis_fb, render_agent=render_agent)
 
     def close(self) -> None:
-        self.sim.close()
+        # MiniWorld's close() leaves its hidden window (a GL context with two frame buffers) open; close it too, so
+        # that making and closing envs in a loop does not leak contexts. Textures live on: they are shared with
+        # pyglet's own shadow window and cached for the next env.
+        if self.sim is not None:
+            self.sim.close()
+            self.sim.shadow_window.close()
+            self.sim = None
 
     # -- pose and revisits ---------------------------------------------------------------------------------------------
 
@@ -341,6 +361,7 @@ class StockRevisitEnv(_MiniWorldRevisitBase, EzPickle):
             turn_step = _check_float("turn_step", turn_step, 0.0, 180.0, "degrees")
         if move_step is not None:
             move_step = _check_float("move_step", move_step, 0.0, 10.0, "metres")
+        revisit_radius, revisit_angle = _check_revisit(revisit_radius, revisit_angle)
         self.env_id = env_id = _stock_id(env_id)
 
         def make(**sizes: Any) -> Any:
@@ -470,6 +491,7 @@ class MiniWorldRevisitEnv(_MiniWorldRevisitBase, EzPickle):
         turn_step = _check_float("turn_step", turn_step, 0.0, 180.0, "degrees")
         move_step = _check_float("move_step", move_step, 0.0, 0.5 * layout["room_size"], "metres")
         max_steps = _check_int("max_steps", max_steps, 1)
+        revisit_radius, revisit_angle = _check_revisit(revisit_radius, revisit_angle)
         if layout["num_objects"] > 2 * layout["num_rows"] * layout["num_cols"] * (layout["room_size"] // 2) ** 2:
             raise ValueError(f"num_objects: {num_objects} will not fit in {num_rows}x{num_cols} rooms of {room_size} m")
         world_cls = _revisit_world_class()
