@@ -202,3 +202,30 @@ def test_kwargs_for_length_fit_the_trainer_window(task: str, seq_len: int, pool:
     assert seq_len - 2 <= T <= seq_len  # within one pair of the window, never longer
     batch = sample_batch(task, 2, np.random.default_rng(0), source=pool, **kwargs)
     assert batch["obs"].shape[1] == T and batch["revisit"].any()
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_tiny_model_trains_a_few_steps_on_each_task(task: str, tmp_path) -> None:
+    """Through the trainer's Python API (as `python -m worldmodel.train --task <task> --preset debug`)."""
+    import dataclasses
+    import math
+
+    import torch
+
+    from worldmodel import checkpoint
+    from worldmodel.config import preset
+    from worldmodel.model import batch_to_torch
+    from worldmodel.train import train
+
+    cfg = dataclasses.replace(preset("debug"), task=task, memory="introspective", steps=3, out=str(tmp_path / "run"),
+                              progress=False, threads=1)
+    result = train(cfg)
+    assert result["step"] == 3 and result["skipped"] == 0
+    assert all(math.isfinite(loss) for _, loss in result["losses"])
+    assert result["config"].seq_len == sequence_length(task)  # the task sets the window
+    model, saved = checkpoint.load(tmp_path / "run")
+    assert saved.task == task
+    batch = batch_to_torch(sample_batch(task, 3, np.random.default_rng(0), split="test"), "cpu")
+    with torch.no_grad():
+        seq = model.observe(batch["obs"], batch["prev_action"], batch["pose"])
+    assert seq["kl"].shape == (3, sequence_length(task)) and torch.isfinite(seq["kl"]).all()
