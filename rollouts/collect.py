@@ -28,7 +28,6 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
-import torch
 import tyro
 from tqdm import tqdm
 
@@ -196,7 +195,10 @@ def collect(config: CollectConfig) -> dict[str, Any]:
                          f"{config.workers}")
     if config.agent not in AGENTS:
         raise ValueError(f"--agent {config.agent!r}: expected one of {AGENTS}")
-    torch.set_num_threads(config.threads)
+    if config.agent == "sb3":  # the only agent that runs torch (importing it costs seconds: not for the others)
+        import torch
+
+        torch.set_num_threads(config.threads)
     env_kwargs_user = parse_json_object(config.env_kwargs, "env_kwargs")
     agent_kwargs = parse_json_object(config.agent_kwargs, "agent_kwargs")
     if config.agent == "sb3":

@@ -146,3 +146,142 @@ def test_corrupt_missing_and_wrong_version_give_clear_errors(tmp_path):
         RolloutWindows(root, 4)
     with pytest.raises(ValueError, match="not a rollout folder"):
         RolloutWindows(tmp_path / "nowhere", 4)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Collection on the real envs
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import envs
+from envs.mnist_map import ACTION_DELTAS
+from rollouts.collect import CollectConfig, collect
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def checksums(root: Path) -> dict[str, str]:
+    return {p.name: storage.sha256_file(p) for p in sorted(root.glob("*.npz"))} | {
+        "manifest": storage.sha256_file(root / "manifest.json")}
+
+
+def replay_matches(root: Path, env_name: str, env_kwargs: dict) -> None:
+    """Every recorded episode is what a fresh env does under the recorded actions, bit for bit."""
+    for record, episode in iter_episodes(root):
+        env = envs.make(env_name, **env_kwargs)
+        obs, info = env.reset(seed=record["env_seed"])
+        assert np.array_equal(obs, episode["obs"][0]) and np.array_equal(info["pose"], episode["pose"][0])
+        for t, action in enumerate(episode["action"]):
+            obs, reward, terminated, truncated, info = env.step(int(action))
+            assert np.array_equal(obs, episode["obs"][t + 1]), f"{record['file']} step {t}"
+            assert np.array_equal(info["pose"], episode["pose"][t + 1])
+            assert info["revisit"] == episode["revisit"][t + 1] and info["visit_count"] == episode["visit_count"][t + 1]
+        env.close()
+
+
+@pytest.mark.parametrize("agent", ["random", "loop", "explore"])
+def test_collect_mnist_map_bit_exact(tmp_path, agent):
+    steps = 24
+    summary = collect(CollectConfig(env="mnist_map", agent=agent, episodes=3, steps=steps, out=tmp_path / "d",
+                                    workers=2, progress=False, env_kwargs='{"grid": 4}'))
+    assert summary["episodes"] == 3 and summary["steps"] == 3 * steps
+    manifest = storage.read_manifest(tmp_path / "d")
+    assert manifest["env"] == {"name": "mnist_map", "id": "MnistMap-v0", "kwargs": {"grid": 4, "max_steps": steps}}
+    assert manifest["obs_shape"] == [28, 28, 1] and manifest["num_actions"] == 4 and manifest["pose_dim"] == 2
+    for record, episode in iter_episodes(tmp_path / "d"):
+        assert episode["obs"].shape == (steps + 1, 28, 28, 1) and episode["truncated"][-1]
+        # obs[t] is the crop of the episode's map at pose[t], and pose[t+1] follows action[t] (14 px per move)
+        env = envs.make("mnist_map", grid=4, max_steps=steps)
+        env.reset(seed=record["env_seed"])
+        digit_map = env.unwrapped.map
+        for t in range(steps + 1):
+            r, c = episode["pose"][t].astype(int)
+            assert np.array_equal(episode["obs"][t, :, :, 0], digit_map[r:r + 28, c:c + 28])
+        moved = episode["pose"][:-1] + 14 * ACTION_DELTAS[episode["action"]]
+        expected = np.clip(moved, 0, digit_map.shape[0] - 28)
+        assert np.array_equal(episode["pose"][1:], expected)
+    replay_matches(tmp_path / "d", "mnist_map", {"grid": 4, "max_steps": steps})
+    # the same command with another worker count writes the same bytes
+    collect(CollectConfig(env="mnist_map", agent=agent, episodes=3, steps=steps, out=tmp_path / "e", workers=1,
+                          progress=False, env_kwargs='{"grid": 4}'))
+    assert checksums(tmp_path / "d") == checksums(tmp_path / "e")
+
+
+def test_collect_miniworld_processes_match_one_process(tmp_path):
+    kwargs = '{"obs_size": 16}'
+    for name, workers in (("one", 1), ("two", 2)):
+        collect(CollectConfig(env="miniworld", agent="explore", episodes=3, steps=10, out=tmp_path / name,
+                              workers=workers, progress=False, env_kwargs=kwargs,
+                              agent_kwargs='{"explore_steps": 4}'))
+    assert checksums(tmp_path / "one") == checksums(tmp_path / "two")
+    manifest = storage.read_manifest(tmp_path / "one")
+    assert manifest["obs_shape"] == [16, 16, 3] and manifest["pose_dim"] == 3
+    replay_matches(tmp_path / "one", "miniworld", manifest["env"]["kwargs"])
+    windows = RolloutWindows(tmp_path / "one", 5, split="all", cache=False)
+    assert windows[0]["obs"].shape == (5, 16, 16, 3) and windows[0]["pose"].shape == (5, 3)
+
+
+def collect_cmd(out: Path, episodes: int) -> list[str]:
+    return [sys.executable, "-m", "rollouts.collect", "--env", "mnist_map", "--agent", "loop", "--episodes",
+            str(episodes), "--steps", "64", "--seed", "7", "--out", str(out), "--no-progress"]
+
+
+def test_sigkill_midway_then_resume_gives_the_same_dataset(tmp_path):
+    episodes = 150
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    collect(CollectConfig(env="mnist_map", agent="loop", episodes=episodes, steps=64, seed=7, out=full, progress=False))
+
+    process = subprocess.Popen(collect_cmd(killed, episodes), cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list(killed.glob("episode_*.npz"))) < 5:
+        time.sleep(0.005)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    written = len(list(killed.glob("episode_*.npz")))
+    assert 5 <= written < episodes, f"the kill should land midway, found {written} episodes"
+    partial = storage.read_manifest(killed)  # the manifest is always whole (atomic), possibly a wave behind
+    assert len(partial["episodes"]) <= written
+
+    result = subprocess.run(collect_cmd(killed, episodes), cwd=REPO, check=True, capture_output=True, text=True)
+    assert f"{episodes} episodes" in result.stdout
+    assert checksums(killed) == checksums(full)
+    assert not list(killed.glob(".*.tmp"))
+
+
+def test_corrupt_file_and_foreign_folder_are_refused(tmp_path):
+    out = tmp_path / "d"
+    config = CollectConfig(env="mnist_map", agent="random", episodes=3, steps=8, out=out, progress=False)
+    collect(config)
+    before = checksums(out)
+    # another env (or env kwargs, agent, seed) into the same folder: refused, nothing touched
+    for change in (dict(env="miniworld"), dict(env_kwargs='{"grid": 4}'), dict(agent="loop"), dict(seed=1)):
+        with pytest.raises(ValueError, match="collect into another --out"):
+            collect(CollectConfig(**{**config.__dict__, **change}))
+    assert checksums(out) == before
+    # a damaged episode: collect (resume) and the dataset both name it; the file is left as it is
+    target = out / storage.episode_filename(2)
+    data = bytearray(target.read_bytes())
+    data[100] ^= 0xFF
+    target.write_bytes(bytes(data))
+    damaged = storage.sha256_file(target)
+    with pytest.raises(ValueError, match=r"episode_000002\.npz is corrupt"):
+        collect(config)
+    with pytest.raises(ValueError, match=r"episode_000002\.npz is corrupt"):
+        RolloutWindows(out, 4, cache_dir=tmp_path / "cache")
+    assert storage.sha256_file(target) == damaged
+    # deleting it and re-running rewrites it identically
+    target.unlink()
+    collect(config)
+    assert checksums(out) == before
+    # a folder with other files and no manifest is not written into
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty"):
+        collect(CollectConfig(**{**config.__dict__, "out": tmp_path / "other"}))
+    with pytest.raises(ValueError, match="--env-kwargs"):
+        collect(CollectConfig(**{**config.__dict__, "env_kwargs": "{grid: 4"}))
