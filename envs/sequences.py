@@ -65,9 +65,11 @@ import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
+
+from envs.digits import SPLITS, load_digits
 
 TASKS: tuple[str, ...] = (
     "perfect_recall",
@@ -76,8 +78,6 @@ TASKS: tuple[str, ...] = (
     "dynamic_dependencies",
     "similarity_cued_recall",
 )
-
-SPLITS: tuple[str, ...] = ("train", "test")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -146,14 +146,11 @@ class DigitPool:
 
 @functools.lru_cache(maxsize=8)
 def _load_pool(source: str, split: str) -> DigitPool:
-    # Imported here so this module (and its docs) load even where the digit loader's data is missing.
-    from envs.digits import load_digits
-
     images, labels = load_digits(split=split, source=source)
     return DigitPool(images, labels)
 
 
-def get_pool(source: Union[str, Path, DigitPool], split: str) -> DigitPool:
+def get_pool(source: str | Path | DigitPool, split: str) -> DigitPool:
     """The pool of ``split`` images of a digit source (``"mnist5k"``, ``"fashion"`` or an IDX folder), cached."""
     if split not in SPLITS:
         raise ValueError(f"split {split!r}: expected one of {SPLITS}")
@@ -427,7 +424,7 @@ def sample_batch(
     batch_size: int,
     rng: np.random.Generator,
     split: str = "train",
-    source: Union[str, Path, DigitPool] = "mnist5k",
+    source: str | Path | DigitPool = "mnist5k",
     **task_kwargs: Any,
 ) -> dict[str, np.ndarray]:
     """A batch of ``batch_size`` sequences of ``task`` (one of ``TASKS``), drawn with ``rng`` only.
