@@ -101,15 +101,40 @@ class MapGeometry:
 # The dynamics: pure numpy functions on batches, the only place where maps are drawn and windows move
 
 
-def draw_episode(rng: np.random.Generator, n_digits: int, geometry: MapGeometry) -> tuple[np.ndarray, np.ndarray]:
-    """One episode's random choices from one env's generator: digit ids (grid*grid,) and start lattice index (2,).
+def draw_uniforms(rng: np.random.Generator, geometry: MapGeometry) -> np.ndarray:
+    """All random numbers of one episode from one env's generator, in a single call: (grid*grid + 2,) in [0, 1).
+
+    One call per env keeps batched resets cheap, and ``episode_from_uniforms`` turns a whole batch of them into
+    maps and starts at once; the single env goes through the same two functions.
+    """
+    return rng.random(geometry.grid * geometry.grid + 2)
+
+
+def sample_without_replacement(uniforms: np.ndarray, n: int) -> np.ndarray:
+    """Distinct ids in ``0..n-1`` from uniforms (M, k), k <= n: id j is the ``floor(u_j * (n - j))``-th smallest id not
+    yet chosen (sequential sampling without replacement, so every k-subset and order is equally likely)."""
+    M, k = uniforms.shape
+    ids = np.empty((M, k), dtype=np.int64)
+    for j in range(k):
+        rank = np.minimum((uniforms[:, j] * (n - j)).astype(np.int64), n - j - 1)  # (M,) guard u*(n-j) rounding to n-j
+        for chosen in np.sort(ids[:, :j], axis=1).T:  # ascending: skip every chosen id at or below the rank
+            rank += chosen <= rank
+        ids[:, j] = rank
+    return ids
+
+
+def episode_from_uniforms(uniforms: np.ndarray, n_digits: int, geometry: MapGeometry) -> tuple[np.ndarray, np.ndarray]:
+    """Uniforms (M, grid*grid + 2) -> digit ids (M, grid*grid) and start position ids (M,).
 
     Digits are drawn without replacement so that no image appears twice on a map: a revisit is then a return to a
-    place, never a look-alike elsewhere.
+    place, never a look-alike elsewhere. The start is uniform over the lattice.
     """
-    digit_ids = rng.choice(n_digits, size=geometry.grid * geometry.grid, replace=False)
-    start = rng.integers(0, np.asarray(geometry.lattice_shape))
-    return digit_ids, start
+    k = geometry.grid * geometry.grid
+    digit_ids = sample_without_replacement(uniforms[:, :k], n_digits)  # (M, k)
+    n_rows, n_cols = geometry.lattice_shape
+    start_row = np.minimum((uniforms[:, k] * n_rows).astype(np.int64), n_rows - 1)  # (M,)
+    start_col = np.minimum((uniforms[:, k + 1] * n_cols).astype(np.int64), n_cols - 1)  # (M,)
+    return digit_ids, start_row * n_cols + start_col
 
 
 def assemble_maps(digits: np.ndarray, digit_ids: np.ndarray, grid: int) -> np.ndarray:
@@ -130,7 +155,8 @@ def pad_maps(maps: np.ndarray, geometry: MapGeometry) -> np.ndarray:
 
 
 def move(lattice: np.ndarray, actions: np.ndarray, geometry: MapGeometry) -> np.ndarray:
-    """Lattice indices (N, 2) after ``actions`` (N,): blocked at the border (``clip``) or around the torus (``wrap``)."""
+    """The motion model: lattice indices (N, 2) after ``actions`` (N,), blocked at the border (``clip``) or around
+    the torus (``wrap``)."""
     target = lattice + ACTION_DELTAS[actions] * geometry.stride  # (N, 2)
     n = np.asarray(geometry.lattice_shape)
     if geometry.border == "clip":
@@ -138,10 +164,35 @@ def move(lattice: np.ndarray, actions: np.ndarray, geometry: MapGeometry) -> np.
     return target % n
 
 
-def crop(windows: np.ndarray, pixel: np.ndarray) -> np.ndarray:
-    """Gather one window per map: ``windows`` is the (M, Hp-w+1, Wp-w+1, w, w) sliding view, ``pixel`` (M, 2) the
-    top-left corners; one fancy index, a single copy -> (M, w, w)."""
-    return windows[np.arange(len(pixel)), pixel[:, 0], pixel[:, 1]]
+def transition_table(geometry: MapGeometry) -> np.ndarray:
+    """``move`` tabulated once: next position id (P, A) for every position id and action, so that a batched step is
+    a single gather. Position id = row_index * n_cols + col_index."""
+    n_rows, n_cols = geometry.lattice_shape
+    P, A = n_rows * n_cols, len(ACTION_DELTAS)
+    lattice = np.stack(np.divmod(np.repeat(np.arange(P), A), n_cols), axis=1)  # (P*A, 2), row-major ids
+    target = move(lattice, np.tile(np.arange(A), P), geometry)  # (P*A, 2)
+    return (target[:, 0] * n_cols + target[:, 1]).reshape(P, A)
+
+
+def position_pixels(geometry: MapGeometry) -> np.ndarray:
+    """(P, 2) top-left (row, col) in map pixels of every position id."""
+    n_rows, n_cols = geometry.lattice_shape
+    lattice = np.stack(np.divmod(np.arange(n_rows * n_cols), n_cols), axis=1)  # (P, 2)
+    return lattice * geometry.unit
+
+
+def crop(windows: np.ndarray, env_ids: np.ndarray, pixel: np.ndarray) -> np.ndarray:
+    """Gather windows: ``windows`` is the (N, Hp-w+1, Wp-w+1, w, w) sliding view, ``env_ids`` (M,) the maps to cut
+    from, ``pixel`` (M, ..., 2) the top-left corners; one fancy index, a single copy -> (M, ..., w, w).
+    (Never ``windows[env_ids]`` first: that would materialise every window of those maps.)"""
+    env = env_ids.reshape((-1,) + (1,) * (pixel.ndim - 2))  # (M, 1, ...) broadcasts against pixel[..., 0]
+    return windows[env, pixel[..., 0], pixel[..., 1]]
+
+
+# Cutting 28x28 windows out of a strided view copies 28 bytes at a time; when every window of every lattice position
+# fits in this many bytes, each reset cuts them all once into a contiguous (N, P, w, w) array and a step copies whole
+# windows from it (several times faster). Otherwise steps crop from the view directly. Both give identical frames.
+WINDOW_CACHE_BYTES = 512 * 2**20
 
 
 class MnistMapCore:
@@ -163,25 +214,37 @@ class MnistMapCore:
         self.geometry = MapGeometry(geometry.grid, tuple(self.digits.shape[1:]), geometry.window, geometry.step, geometry.border)
         self.geometry.validate(len(self.digits))
         N, (Hm, Wm) = self.num_envs, self.geometry.map_shape
+        self.next_position = transition_table(self.geometry)  # (P, A)
+        self.position_pixels = position_pixels(self.geometry)  # (P, 2)
         self.maps = np.zeros((N, Hm, Wm), dtype=np.uint8)  # (N, Hm, Wm)
         self.digit_ids = np.zeros((N, self.geometry.grid**2), dtype=np.int64)  # (N, grid*grid) rows of the digit set
-        self.lattice = np.zeros((N, 2), dtype=np.int64)  # (N, 2) lattice index of the window
+        self.position = np.zeros(N, dtype=np.int64)  # (N,) position id of each window
         self.visits = np.zeros((N, self.geometry.n_positions), dtype=np.int32)  # (N, P) visits this episode
         self.steps = np.zeros(N, dtype=np.int64)  # (N,) steps taken this episode
-        self._unit = self.geometry.unit
-        self._n_cols = self.geometry.lattice_shape[1]
         self._arange = np.arange(N)
+        P, w = self.geometry.n_positions, self.geometry.window
+        # Only worth it when an episode is long enough to look at a position more than once on average.
+        self.use_window_cache = N * P * w * w <= WINDOW_CACHE_BYTES and P <= max_steps
         self._build_windows()
 
     def _build_windows(self) -> None:
+        """The derived arrays windows are read from: the padded maps, their sliding view, the window cache."""
         self.padded = pad_maps(self.maps, self.geometry) if self.geometry.border == "wrap" else self.maps
         w = self.geometry.window
         self.windows = sliding_window_view(self.padded, (w, w), axis=(1, 2))  # (N, Hp-w+1, Wp-w+1, w, w), a view
+        self.window_cache = None
+        if self.use_window_cache:
+            self.window_cache = self._cut_all_windows(self._arange)  # (N, P, w, w)
 
-    # The sliding view and the cached digit set are not state: rebuild them instead of pickling copies.
+    def _cut_all_windows(self, env_ids: np.ndarray) -> np.ndarray:
+        """(M, P, w, w): the window at every position of the maps ``env_ids``."""
+        pixel = np.broadcast_to(self.position_pixels, (len(env_ids),) + self.position_pixels.shape)  # (M, P, 2)
+        return crop(self.windows, env_ids, pixel)
+
+    # Derived arrays and the shared digit set are not state: rebuild them instead of pickling copies.
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for key in ("digits", "labels", "padded", "windows"):
+        for key in ("digits", "labels", "padded", "windows", "window_cache"):
             state.pop(key)
         return state
 
@@ -193,35 +256,38 @@ class MnistMapCore:
     @property
     def pixel(self) -> np.ndarray:
         """(N, 2) top-left (row, col) of each window in map pixels."""
-        return self.lattice * self._unit
+        return self.position_pixels[self.position]
 
     def reset(self, env_ids: np.ndarray, rngs: Sequence[np.random.Generator]) -> None:
         """Start a new episode in envs ``env_ids`` (M,): a fresh map and start from each env's own generator."""
         env_ids = np.asarray(env_ids, dtype=np.int64)
-        draws = [draw_episode(rng, len(self.digits), self.geometry) for rng in rngs]
-        self.digit_ids[env_ids] = np.stack([d for d, _ in draws])
-        self.lattice[env_ids] = np.stack([s for _, s in draws])
-        maps = assemble_maps(self.digits, self.digit_ids[env_ids], self.geometry.grid)  # (M, Hm, Wm)
+        uniforms = np.stack([draw_uniforms(rng, self.geometry) for rng in rngs])  # (M, grid*grid + 2)
+        digit_ids, start = episode_from_uniforms(uniforms, len(self.digits), self.geometry)
+        self.digit_ids[env_ids] = digit_ids
+        self.position[env_ids] = start
+        maps = assemble_maps(self.digits, digit_ids, self.geometry.grid)  # (M, Hm, Wm)
         self.maps[env_ids] = maps
         if self.geometry.border == "wrap":
             self.padded[env_ids] = pad_maps(maps, self.geometry)
+        if self.window_cache is not None:
+            self.window_cache[env_ids] = self._cut_all_windows(env_ids)
         self.steps[env_ids] = 0
         self.visits[env_ids] = 0
-        key = self.lattice[env_ids, 0] * self._n_cols + self.lattice[env_ids, 1]
-        self.visits[env_ids, key] = 1  # the first observation is a visit: coming back to it is a revisit
+        self.visits[env_ids, start] = 1  # the first observation is a visit: coming back to it is a revisit
 
     def step(self, actions: np.ndarray) -> np.ndarray:
         """Move every window by ``actions`` (N,); returns each new position's earlier visits this episode (N,)."""
-        self.lattice = move(self.lattice, actions, self.geometry)
-        key = self.lattice[:, 0] * self._n_cols + self.lattice[:, 1]  # (N,) position id
-        visit_count = self.visits[self._arange, key]  # (N,) a copy: the count *before* this step
-        self.visits[self._arange, key] = visit_count + 1
+        self.position = self.next_position[self.position, actions]  # (N,)
+        visit_count = self.visits[self._arange, self.position]  # (N,) a copy: the count *before* this step
+        self.visits[self._arange, self.position] = visit_count + 1
         self.steps += 1
         return visit_count
 
     def observe(self) -> np.ndarray:
         """(N, w, w, 1) uint8: the window under each agent."""
-        return crop(self.windows, self.pixel)[..., None]
+        if self.window_cache is not None:
+            return self.window_cache[self._arange, self.position][..., None]  # whole contiguous windows
+        return crop(self.windows, self._arange, self.pixel)[..., None]
 
 
 def _check_render_mode(render_mode: str | None, allowed: Sequence[str]) -> None:
