@@ -109,7 +109,7 @@ def evaluate(run_dir: str | Path, task: str, sequences: int, seed: int, device: 
     """Per-step KL and NLL of a trained checkpoint on fresh test-split sequences of `task`, split by recall position."""
     import torch
 
-    from envs.sequences import get_pool, sample_batch
+    from envs.sequences import parity_images, sample_batch
     from worldmodel import checkpoint
     from worldmodel.model import batch_to_torch
     from worldmodel.train import resolve_device
@@ -132,8 +132,7 @@ def evaluate(run_dir: str | Path, task: str, sequences: int, seed: int, device: 
                 # knows the parity pays much less KL for the right image than for the wrong one; one that does not
                 # pays the same for both (on average).
                 wrong = sample["obs"].copy()  # (B, T, H, W, 1)
-                wrong[:, -1, :, :, 0] = get_pool("mnist5k", "test").images[
-                    get_pool("mnist5k", "test").first_exemplar(1 - sample["label"][:, -1])]
+                wrong[:, -1, :, :, 0] = parity_images("test")[1 - sample["label"][:, -1]]
                 seq = model.observe(torch.as_tensor(wrong, device=dev), batch["prev_action"], batch["pose"])
                 kl_wrong.append(seq["kl"][:, -1].float().cpu().numpy())  # (B,)
     kl, nll, recall = (np.concatenate(x) for x in (kl_steps, nll_steps, recall))

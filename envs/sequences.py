@@ -240,6 +240,12 @@ class ParityRecall(_Task):
     def length(self) -> int:
         return self.k + 1
 
+    def answer_images(self, pool: DigitPool) -> np.ndarray:
+        """The images that show parity 0 and 1 with ``exemplar='fixed'``: (2, H, W)."""
+        if not pool.has((0, 1)):
+            raise ValueError(f"task 'parity_recall': the image set has no class 0 or 1 to show the parity, classes {pool.classes.tolist()}")
+        return pool.images[pool.first_exemplar(np.array([0, 1]))]
+
     def frames(self, pool: DigitPool, batch_size: int, rng: np.random.Generator) -> Frames:
         if not pool.has((0, 1)):
             raise ValueError(f"task 'parity_recall': the image set has no class 0 or 1 to show the parity, classes {pool.classes.tolist()}")
@@ -411,6 +417,14 @@ def kwargs_for_length(task: str, seq_len: int) -> dict[str, Any]:
         return {"k": k, "n_queries": (seq_len - k) // 2, "max_back": k}
     k = min(5, max(1, seq_len // 3))  # similarity_cued_recall
     return {"k": k, "n_queries": (seq_len - k) // 2}
+
+
+def parity_images(split: str = "train", source: str | Path | DigitPool = "mnist5k") -> np.ndarray:
+    """uint8 (2, 28, 28): the fixed images that end a ``parity_recall`` sequence of even (0) and odd (1) parity.
+
+    For counterfactual checks: swap the last frame for the other one, and a model that knows the parity should be
+    surprised."""
+    return ParityRecall().answer_images(get_pool(source, split))
 
 
 def task_fields(task: str) -> dict[str, Any]:

@@ -229,3 +229,13 @@ def test_tiny_model_trains_a_few_steps_on_each_task(task: str, tmp_path) -> None
     with torch.no_grad():
         seq = model.observe(batch["obs"], batch["prev_action"], batch["pose"])
     assert seq["kl"].shape == (3, sequence_length(task)) and torch.isfinite(seq["kl"]).all()
+
+
+def test_parity_images_are_the_fixed_answers(pool: DigitPool) -> None:
+    from envs.sequences import parity_images
+
+    answers = parity_images("test", source=pool)  # (2, 28, 28)
+    batch = sample_batch("parity_recall", 32, np.random.default_rng(0), split="test", source=pool, k=3)
+    last = batch["obs"][:, -1, :, :, 0]
+    assert np.array_equal(last, answers[batch["label"][:, -1]])
+    assert not np.array_equal(answers[0], answers[1])
