@@ -285,3 +285,46 @@ def test_corrupt_file_and_foreign_folder_are_refused(tmp_path):
         collect(CollectConfig(**{**config.__dict__, "out": tmp_path / "other"}))
     with pytest.raises(ValueError, match="--env-kwargs"):
         collect(CollectConfig(**{**config.__dict__, "env_kwargs": "{grid: 4"}))
+
+
+def test_inspect_prints_stats_and_writes_marked_gif(tmp_path, capsys):
+    import imageio.v2 as imageio
+
+    from rollouts.inspect import InspectConfig, inspect, mark_frames
+
+    collect(CollectConfig(env="mnist_map", agent="loop", episodes=2, steps=20, out=tmp_path / "d", progress=False))
+    stats = inspect(InspectConfig(root=tmp_path / "d", episode=1, gif=tmp_path / "ep.gif", scale=2))
+    printed = capsys.readouterr().out
+    assert "episodes 2 (of 2 requested), steps 40" in printed and "revisit share" in printed
+    assert stats["verified"] == 2 and stats["bytes"] > 0
+    frames = imageio.mimread(tmp_path / "ep.gif")
+    assert frames[0].shape[:2] == (28 * 2 + 4, 28 * 2 + 4)
+    _, episode = list(iter_episodes(tmp_path / "d"))[1]
+    marked = mark_frames(episode["obs"], episode["revisit"], 2)
+    assert np.array_equal(marked[episode["revisit"], 0, 0], np.tile([230, 30, 30], (episode["revisit"].sum(), 1)))
+    assert not np.array_equal(marked[~episode["revisit"], 0, 0][:1], [[230, 30, 30]])
+    with pytest.raises(ValueError, match="--episode 5"):
+        inspect(InspectConfig(root=tmp_path / "d", episode=5, verify=False))
+
+
+def test_minari_export_is_lossless(tmp_path, monkeypatch):
+    minari = pytest.importorskip("minari")
+    from rollouts.export import export_minari
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "unused"))
+    collect(CollectConfig(env="mnist_map", agent="explore", episodes=3, steps=12, out=tmp_path / "d", progress=False,
+                          env_kwargs='{"window": 32, "grid": 4}'))  # 32x32: Minari would JPEG these by default
+    dataset = export_minari(tmp_path / "d", tmp_path / "minari", "test/mnist-explore-v0")
+    assert (tmp_path / "minari" / "test" / "mnist-explore-v0").is_dir() and not (tmp_path / "unused").exists()
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    loaded = minari.load_dataset("test/mnist-explore-v0")
+    assert loaded.total_episodes == dataset.total_episodes == 3
+    for exported, (record, episode) in zip(loaded.iterate_episodes(), iter_episodes(tmp_path / "d")):
+        assert np.array_equal(exported.observations, episode["obs"])  # bit-exact: no JPEG
+        assert np.array_equal(exported.actions, episode["action"])
+        assert np.array_equal(exported.infos["revisit"], episode["revisit"])
+        assert np.array_equal(exported.infos["pose"], episode["pose"])
+    with pytest.raises(ValueError, match="already exists"):
+        export_minari(tmp_path / "d", tmp_path / "minari", "test/mnist-explore-v0")
+    with pytest.raises(ValueError, match="--dataset-id"):
+        export_minari(tmp_path / "d", tmp_path / "minari", "no version")

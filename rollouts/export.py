@@ -1,0 +1,132 @@
+"""Export a rollout folder to other formats; for now a Minari dataset (HDF5), for interop with offline-RL tools.
+
+    python -m rollouts.export --minari --data data/mnist_map --out minari_datasets
+    python -m rollouts.export --minari --data data/mnist_map --out minari_datasets --dataset-id gtmm/mnist_map/loop-v0
+
+``--out`` is the Minari datasets folder (what ``MINARI_DATASETS_PATH`` names; the export sets it for itself), the
+dataset lands in ``<out>/<dataset id>``; read it back with
+``MINARI_DATASETS_PATH=<out> python -c "import minari; minari.load_dataset('<dataset id>')"``.
+
+Lossless: Minari 0.5 JPEG-encodes image observations of 32x32 and larger by default, which would change the
+frames; we pass ``jpeg_encoding=False`` so observations are stored as raw uint8 arrays (uncompressed HDF5, so the
+export is larger than our compressed ``.npz`` files). ``pose``, ``revisit`` and ``visit_count`` go into the episode
+``infos`` (T+1 entries, like the observations); each episode keeps its env seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import tyro
+
+import envs  # registers our env ids, so the exported dataset can name its env spec
+from rollouts import storage
+from rollouts.dataset import iter_episodes
+
+_DATASET_ID = re.compile(r"^([A-Za-z0-9_.-]+/)*[A-Za-z0-9_.-]+-v\d+$")
+
+
+@dataclass
+class ExportConfig:
+    data: Path
+    """rollout folder to export (written by python -m rollouts.collect)"""
+    out: Path
+    """Minari datasets folder (becomes MINARI_DATASETS_PATH for the export)"""
+    minari: bool = False
+    """export to Minari (the only format so far; required)"""
+    dataset_id: str | None = None
+    """Minari dataset id, '(namespace/)name-v<N>' (default gtmm/<env>-<agent>-v0)"""
+
+
+def default_dataset_id(manifest: dict[str, Any]) -> str:
+    env = re.sub(r"[^A-Za-z0-9_.-]+", "_", manifest["env"]["name"])
+    return f"gtmm/{env}-{manifest['agent']['name']}-v0"
+
+
+def _env_spec(manifest: dict[str, Any]) -> gym.envs.registration.EnvSpec | None:
+    """The registered env with the recorded kwargs, so ``recover_environment`` rebuilds it; None if unregistered."""
+    env_id = manifest["env"]["id"]
+    if env_id not in gym.registry:
+        return None
+    return dataclasses.replace(gym.spec(env_id), kwargs=dict(manifest["env"]["kwargs"]))
+
+
+def export_minari(data: Path, out: Path, dataset_id: str | None = None):
+    """Write the folder's episodes (checksums verified) as a lossless Minari dataset; returns the MinariDataset."""
+    manifest = storage.read_manifest(data)
+    dataset_id = dataset_id or default_dataset_id(manifest)
+    if not _DATASET_ID.match(dataset_id):
+        raise ValueError(f"--dataset-id {dataset_id!r}: expected '(namespace/)name-v<N>', e.g. 'gtmm/mnist_map-loop-v0'")
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        import minari
+        from minari.data_collector import EpisodeBuffer
+    except ImportError as error:
+        raise ImportError('Minari export needs minari and h5py: pip install "gtmm-worlds[minari]"') from error
+    if (out / dataset_id).exists():
+        raise ValueError(f"{out / dataset_id} already exists: remove it or pick another --dataset-id")
+
+    H, W, C = manifest["obs_shape"]
+    observation_space = gym.spaces.Box(0, 255, (H, W, C), dtype=np.uint8)
+    action_space = gym.spaces.Discrete(manifest["num_actions"])
+    buffers = []
+    for record, episode in iter_episodes(data):
+        buffers.append(EpisodeBuffer(
+            id=len(buffers),
+            seed=record.get("env_seed"),
+            observations=episode["obs"],
+            actions=episode["action"],
+            rewards=episode["reward"],
+            terminations=episode["terminated"],
+            truncations=episode["truncated"],
+            infos={"pose": episode["pose"], "revisit": episode["revisit"], "visit_count": episode["visit_count"]},
+        ))
+    spec = _env_spec(manifest)
+    previous = os.environ.get("MINARI_DATASETS_PATH")
+    os.environ["MINARI_DATASETS_PATH"] = str(out.resolve())  # minari reads it whenever it builds a dataset path
+    try:
+        with warnings.catch_warnings():  # Minari asks for author contacts: noise for a local export
+            warnings.filterwarnings("ignore", message=".*(author|code_permalink).*", category=UserWarning)
+            return minari.create_dataset_from_buffers(
+                dataset_id=dataset_id,
+                buffer=buffers,
+                env=None,  # giving the env would make Minari build one just to read its spaces; the spec goes below
+                observation_space=observation_space,
+                action_space=action_space,
+                algorithm_name=f"gtmm-worlds {manifest['agent']['name']} agent",
+                description=(f"{manifest['env']['name']} ({manifest['env']['id']}, kwargs {manifest['env']['kwargs']}), "
+                             f"agent {manifest['agent']['name']} {manifest['agent']['kwargs']}, seed {manifest['seed']}; "
+                             "infos: pose, revisit, visit_count. Exported losslessly from a gtmm-worlds rollout folder."),
+                jpeg_encoding=False,  # Minari's default JPEG would alter the frames; raw uint8 keeps them bit-exact
+                **({"eval_env": spec} if spec is not None else {}),
+            )
+    finally:
+        if previous is None:
+            del os.environ["MINARI_DATASETS_PATH"]
+        else:
+            os.environ["MINARI_DATASETS_PATH"] = previous
+
+
+def main() -> None:
+    config = tyro.cli(ExportConfig)
+    if not config.minari:
+        raise SystemExit("error: choose a format: --minari (the only one so far)")
+    try:
+        dataset = export_minari(config.data, config.out, config.dataset_id)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from error
+    print(f"wrote Minari dataset {dataset.spec.dataset_id} to {config.out}: {dataset.total_episodes} episodes, "
+          f"{dataset.total_steps} steps. Frames are stored raw (jpeg_encoding=False): lossless, not JPEG. "
+          f"Load with MINARI_DATASETS_PATH={config.out} and minari.load_dataset({dataset.spec.dataset_id!r})")
+
+
+if __name__ == "__main__":
+    main()
