@@ -148,6 +148,19 @@ def test_corrupt_missing_and_wrong_version_give_clear_errors(tmp_path):
         RolloutWindows(tmp_path / "nowhere", 4)
 
 
+def test_episode_of_another_shape_is_named(tmp_path):
+    root = tmp_path / "d"
+    write_synthetic(root, [6, 6])
+    manifest = storage.read_manifest(root)
+    episode = synthetic_episode(np.random.default_rng(5), 6)
+    episode["obs"] = np.zeros((7, H + 2, W, C), np.uint8)  # a frame size the folder does not hold
+    file = storage.episode_filename(1)
+    manifest["episodes"][1]["sha256"] = storage.save_episode(root / file, episode)
+    storage.write_manifest(root, manifest)
+    with pytest.raises(ValueError, match=r"episode_000001\.npz: obs shape \(10, 8, 1\) differs"):
+        RolloutWindows(root, 3, split="all", cache=False)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Collection on the real envs
 
