@@ -56,22 +56,24 @@ class RolloutSource:
 
 
 class TaskSource:
-    """An action-free sequence task of the paper (`envs.sequences`), sampled fresh every step."""
+    """An action-free sequence task of the paper (`envs.sequences`), sampled fresh every step, its kwargs chosen to
+    fill `seq_len` frames (`envs.sequences.kwargs_for_length`)."""
 
-    def __init__(self, task: str) -> None:
+    def __init__(self, task: str, seq_len: int) -> None:
         from envs import sequences
 
         if task not in sequences.TASKS:
             raise ValueError(f"--task {task!r}: expected one of {sequences.TASKS}")
         self.task, self._sample = task, sequences.sample_batch
-        probe = self._sample(task, 1, np.random.default_rng(0))
+        self.task_kwargs = sequences.kwargs_for_length(task, seq_len)
+        probe = self._sample(task, 1, np.random.default_rng(0), **self.task_kwargs)
         self.obs_shape = tuple(probe["obs"].shape[2:])
         self.num_actions, self.pose_dim = 0, probe["pose"].shape[-1]
-        self.seq_len = probe["obs"].shape[1]
-        self.name = f"task:{task}"
+        self.seq_len = probe["obs"].shape[1]  # may be shorter than asked (e.g. an odd length for recall tasks)
+        self.name = f"task:{task}{self.task_kwargs}"
 
     def sample(self, batch_size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        return self._sample(self.task, batch_size, rng, split="train")
+        return self._sample(self.task, batch_size, rng, split="train", **self.task_kwargs)
 
 
 def make_source(cfg: TrainConfig):
@@ -79,7 +81,7 @@ def make_source(cfg: TrainConfig):
         raise ValueError(f"give exactly one of --data (rollout folder) or --task (sequence task); got data={cfg.data!r}, task={cfg.task!r}")
     if cfg.data is not None:
         return RolloutSource(cfg.data, cfg.seq_len, cfg.val_fraction, cfg.seed)
-    return TaskSource(cfg.task)
+    return TaskSource(cfg.task, cfg.seq_len)
 
 
 def batch_rng(seed: int, rank: int, step: int) -> np.random.Generator:
@@ -174,7 +176,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     # -- data -----------------------------------------------------------------------------------------------------------
     source = make_source(cfg)
     if cfg.task is not None and cfg.seq_len != source.seq_len:
-        cfg = dataclasses.replace(cfg, seq_len=source.seq_len)  # a task fixes its own length
+        cfg = dataclasses.replace(cfg, seq_len=source.seq_len)  # what the task could fit
     if cfg.address == "pose" and source.pose_dim == 0:
         raise ValueError(f"--address pose: the data ({source.name}) has no pose (pose_dim 0)")
 

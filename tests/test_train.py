@@ -1,0 +1,128 @@
+"""Training and evaluation end to end at tiny sizes: CLI, exact resume, NaN guard, evaluate's JSON + PNG."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from worldmodel import checkpoint
+from worldmodel.config import preset
+from worldmodel.model import GTMM
+from worldmodel.train import curriculum_len, parse_args, train
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def run_cli(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def rollouts(tmp_path_factory) -> dict[str, Path]:
+    """A tiny collected MNIST-map dataset (train digits) and a held-out one (test digits), via the real collector."""
+    root = tmp_path_factory.mktemp("data")
+    env_kwargs = json.dumps({"grid": 2})
+    for name, env, episodes, seed in (("train", "mnist_map", 6, 0), ("test", "mnist_map_test", 3, 1)):
+        run_cli("-m", "rollouts.collect", "--env", env, "--out", str(root / name), "--episodes", str(episodes),
+                "--steps", "9", "--seed", str(seed), "--env-kwargs", env_kwargs, "--no-progress")
+    return {"train": root / "train", "test": root / "test"}
+
+
+def debug_config(tmp_path: Path, data: Path, **kw):
+    cfg = preset("debug")
+    return dataclasses.replace(cfg, data=str(data), out=str(tmp_path / "run"), progress=False, threads=1,
+                               val_fraction=0.0, **kw)
+
+
+def test_resume_gives_the_same_next_losses_as_an_uninterrupted_run(tmp_path, rollouts):
+    full = train(debug_config(tmp_path / "a", rollouts["train"], steps=6, ckpt_every=100, memory="introspective",
+                              address="actions"))
+    first = train(debug_config(tmp_path / "b", rollouts["train"], steps=3, ckpt_every=100, memory="introspective",
+                               address="actions"))
+    assert checkpoint.load_raw(tmp_path / "b" / "run")["step"] == 3  # the final checkpoint is always written
+    resumed = train(dataclasses.replace(debug_config(tmp_path / "b", rollouts["train"], steps=6), resume=True))
+    assert [s for s, _ in resumed["losses"]] == [4, 5, 6]
+    np.testing.assert_allclose([l for _, l in first["losses"] + resumed["losses"]], [l for _, l in full["losses"]],
+                               rtol=1e-6)
+    # a fresh run refuses to overwrite a run folder that has a checkpoint
+    with pytest.raises(ValueError, match="--resume"):
+        train(debug_config(tmp_path / "b", rollouts["train"], steps=6))
+
+
+def test_nan_guard_skips_the_step_and_keeps_the_weights(tmp_path, rollouts, monkeypatch):
+    calls = {"n": 0}
+    original = GTMM.forward
+
+    def poisoned(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(GTMM, "forward", poisoned)
+    result = train(debug_config(tmp_path, rollouts["train"], steps=3, ckpt_every=100))
+    assert result["skipped"] == 1
+    model, _ = checkpoint.load(tmp_path / "run", "cpu")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_train_and_evaluate_cli_on_collected_rollouts(tmp_path, rollouts):
+    for name, memory in (("none", "none"), ("intro", "introspective")):
+        proc = run_cli("-m", "worldmodel.train", "--preset", "debug", "--data", str(rollouts["train"]),
+                       "--memory", memory, "--address", "actions", "--steps", "4", "--out", str(tmp_path / name),
+                       "--threads", "1", "--no-progress", "--val-fraction", "0")
+        assert json.loads(proc.stdout.strip().splitlines()[-1])["step"] == 4
+        run_dir = tmp_path / name
+        assert json.loads((run_dir / "config.json").read_text())["memory"] == memory
+        assert (run_dir / "ckpt.pt").is_file() and list((run_dir / "tb").glob("events.out.tfevents.*"))
+
+    proc = run_cli("-m", "worldmodel.evaluate", "--checkpoint", str(tmp_path / "intro"), "--data",
+                   str(rollouts["test"]), "--baseline", str(tmp_path / "none"), "--context", "3",
+                   "--out", str(tmp_path / "eval"), "--device", "cpu")
+    assert "open_loop_revisit_over_baseline" in proc.stdout
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert len(report["models"]) == 2 and report["seq_len"] == 8
+    figures = next(iter(report["models"].values()))
+    assert len(figures["teacher_forcing"]["kl_per_step"]) == 8
+    assert figures["counts"]["windows"] == 3  # one window per held-out episode
+    assert 0.0 <= figures["open_loop"]["mse_first_visit"] <= 1.0
+    import imageio.v3 as iio
+
+    strip = iio.imread(tmp_path / "eval" / "strip.png")
+    assert strip.ndim == 3 and strip.shape[2] == 3 and strip.shape[0] > 28
+
+
+def test_train_on_a_sequence_task(tmp_path):
+    from envs.sequences import TASKS
+
+    assert "perfect_recall" in TASKS
+    cfg = dataclasses.replace(preset("debug"), task="perfect_recall", out=str(tmp_path / "run"), steps=3,
+                              progress=False, threads=1)
+    result = train(cfg)
+    assert result["step"] == 3 and all(np.isfinite(l) for _, l in result["losses"])
+    assert result["config"].seq_len == 8  # --seq-len 8 of the debug preset: k = 4 images, then the same 4 again
+
+
+def test_cli_presets_flags_and_bad_input():
+    cfg = parse_args(["--preset", "debug", "--task", "perfect_recall", "--z-dim", "5"])
+    assert cfg.preset == "debug" and cfg.z_dim == 5 and cfg.h_dim == preset("debug").h_dim
+    with pytest.raises(ValueError, match="exactly one of --data"):
+        train(dataclasses.replace(preset("debug"), progress=False))
+    with pytest.raises(ValueError, match="--memory 'tape'"):
+        train(dataclasses.replace(preset("debug"), task="perfect_recall", memory="tape"))
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("huge")
+    cfg = dataclasses.replace(preset("debug"), curriculum_start=4, curriculum_steps=10)
+    assert [curriculum_len(cfg, s, 12) for s in (0, 5, 10, 50)] == [4, 8, 12, 12]
