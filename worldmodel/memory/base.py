@@ -76,16 +76,23 @@ def cosine_similarity(keys: Tensor, slots: Tensor, eps: float = 1e-6) -> Tensor:
     return torch.einsum("bra,bna->brn", F.normalize(keys, dim=-1, eps=eps), F.normalize(slots, dim=-1, eps=eps))
 
 
-def content_weights(similarity: Tensor, beta: Tensor, valid: Tensor | None = None) -> Tensor:
-    """w_n = softmax_n(beta * K(k, M_n)) (NTM eq. 5), over valid slots only when ``valid`` (B, N) is given.
+def content_weights(similarity: Tensor, beta: Tensor, valid: Tensor | None = None,
+                    occupancy: Tensor | None = None) -> Tensor:
+    """w_n = softmax_n(beta * K(k, M_n)) (NTM eq. 5), restricted to the slots that hold something.
 
-    Invalid slots get the dtype's lowest finite logit rather than -inf: if no slot is valid the softmax is then
-    uniform (finite, and the gate zeroes it) instead of NaN, with no Python branch on the data.
+    ``valid`` (B, N) in {0, 1} is a hard mask (a FIFO knows exactly which slots are filled). Invalid slots get the
+    dtype's lowest finite logit rather than -inf: if no slot is valid the softmax is uniform (finite, and the gate
+    zeroes it) instead of NaN, with no Python branch on the data.
+    ``occupancy`` (B, N) in [0, 1] is the soft version for memories with soft writes: w_n ~ o_n exp(beta K_n).
+    Without it, cosine similarity (blind to scale) would rank a slot that received a 1e-4 sliver of one soft write
+    as high as the slot that received the write itself.
     similarity (B, R, N), beta (B, R) -> (B, R, N)
     """
     logits = beta.unsqueeze(-1) * similarity  # (B, R, N)
     if valid is not None:  # a branch on an argument's presence, not on data
         logits = logits.masked_fill(~(valid > 0.5).unsqueeze(1), torch.finfo(logits.dtype).min)
+    if occupancy is not None:
+        logits = logits + occupancy.clamp_min(1e-6).log().unsqueeze(1)
     return torch.softmax(logits, dim=-1)
 
 

@@ -20,7 +20,7 @@ for the free gates are this step's reads, and the temporal links used by a read 
     L_t[i,j] = (1 - w^w_i - w^w_j) L_{t-1}[i,j] + w^w_i p_{t-1}[j],  L_t[i,i] = 0
     p_t   = (1 - sum_n w^w_n) p_{t-1} + w^w                             precedence
 
-At initialisation writes go to freshly allocated slots (g^w, g^a ~ 0.9) and reads address by content (pi_c ~ 0.8).
+At initialisation writes go to freshly allocated slots (g^w, g^a ~ 0.98) and reads address by content (pi_c ~ 0.9).
 The link matrix is (B, N, N): keep N modest (tens of slots).
 """
 
@@ -68,12 +68,12 @@ class DNCMemory(Memory):
         width = addr_dim + self.content_dim
         self.keys = ReadKeys(addr_dim=addr_dim, h_dim=h_dim, heads=heads, use_h=key_from_h, init_sharpness=init_sharpness)
         mode_bias = torch.zeros(3)
-        mode_bias[CONTENT] = 1.5  # softmax([0, 1.5, 0]) ~ (0.14, 0.69, 0.14)... near-content reads at first
+        mode_bias[CONTENT] = 3.0  # softmax([0, 3, 0]) ~ (0.04, 0.91, 0.04): content reads at first
         self.read_modes = small_linear(h_dim, heads * 3, bias=mode_bias.repeat(heads))
         self.free_gates = small_linear(h_dim, heads, bias=-3.0)  # rarely free what was just read, at first
         self.write_key = ReadKeys(addr_dim=addr_dim, h_dim=h_dim, heads=1, use_h=key_from_h, init_sharpness=init_sharpness)
-        self.write_gate = small_linear(h_dim, 1, bias=2.0)  # g^w ~ 0.88: write every step
-        self.allocation_gate = small_linear(h_dim, 1, bias=2.0)  # g^a ~ 0.88: mostly to a free slot
+        self.write_gate = small_linear(h_dim, 1, bias=4.0)  # g^w ~ 0.98: write every step
+        self.allocation_gate = small_linear(h_dim, 1, bias=4.0)  # g^a ~ 0.98: to a free slot
         self.erase = small_linear(h_dim, width, bias=3.0)  # e ~ 0.95: a write mostly replaces the slot
         self.gate = ReadGate(h_dim=h_dim, heads=heads)
 
@@ -95,7 +95,7 @@ class DNCMemory(Memory):
         B = h.shape[0]
         keys, beta = self.keys(h, addr)  # (B, R, A), (B, R)
         similarity = cosine_similarity(keys, state["addr"])  # (B, R, N)
-        content = content_weights(similarity, beta)  # (B, R, N)
+        content = content_weights(similarity, beta, occupancy=state["written"])  # (B, R, N)
         previous = state["read_weights"]  # (B, R, N)
         forward = torch.einsum("bij,brj->bri", state["link"], previous)  # (B, R, N)  f = L w
         backward = torch.einsum("bij,bri->brj", state["link"], previous)  # (B, R, N)  b = L^T w
@@ -128,7 +128,8 @@ class DNCMemory(Memory):
 
         # Write weighting: allocation or content lookup of the write key (update the slot of a known address)
         key, beta = self.write_key(h, addr)  # (B, 1, A), (B, 1)
-        write_content = content_weights(cosine_similarity(key, state["addr"]), beta)[:, 0]  # (B, N)
+        write_similarity = cosine_similarity(key, state["addr"])  # (B, 1, N)
+        write_content = content_weights(write_similarity, beta, occupancy=state["written"])[:, 0]  # (B, N)
         g_write = torch.sigmoid(self.write_gate(h))  # (B, 1)
         g_alloc = torch.sigmoid(self.allocation_gate(h))  # (B, 1)
         write_weights = g_write * (g_alloc * allocation + (1.0 - g_alloc) * write_content)  # (B, N)

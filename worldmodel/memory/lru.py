@@ -46,7 +46,7 @@ class LRUMemory(Memory):
         self.content_dim = z_dim + (h_dim if store_h else 0)
         self.read_dim = heads * self.content_dim
         self.keys = ReadKeys(addr_dim=addr_dim, h_dim=h_dim, heads=heads, use_h=key_from_h, init_sharpness=init_sharpness)
-        self.write_gate = small_linear(h_dim, 1, bias=-3.0)  # alpha: sigmoid ~ 0.05, mostly the least-used slot
+        self.write_gate = small_linear(h_dim, 1, bias=-5.0)  # alpha: sigmoid ~ 0.007, the least-used slot
         self.gate = ReadGate(h_dim=h_dim, heads=heads)
 
     def init_state(self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> State:
@@ -62,7 +62,7 @@ class LRUMemory(Memory):
     def _read_weights(self, state: State, h: Tensor, addr: Tensor) -> tuple[Tensor, Tensor]:
         keys, beta = self.keys(h, addr)  # (B, R, A), (B, R)
         similarity = cosine_similarity(keys, state["addr"])  # (B, R, N)
-        return content_weights(similarity, beta), similarity
+        return content_weights(similarity, beta, occupancy=state["written"]), similarity
 
     def attend(self, state: State, h: Tensor, addr: Tensor) -> dict[str, Tensor]:
         check_step_inputs("lru.read", h, addr, self.h_dim, self.addr_dim)

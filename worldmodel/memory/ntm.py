@@ -101,7 +101,8 @@ class NTMMemory(Memory):
         keys, beta = self.keys(h, addr)  # (B, R, A), (B, R)
         similarity = cosine_similarity(keys, state["addr"])  # (B, R, N)
         g, s, gamma = self.read_location(h)
-        weights = ntm_weights(content_weights(similarity, beta), state["read_weights"], g, s, gamma)  # (B, R, N)
+        w_content = content_weights(similarity, beta, occupancy=state["written"])  # (B, R, N)
+        weights = ntm_weights(w_content, state["read_weights"], g, s, gamma)  # (B, R, N)
         return weights, similarity
 
     def attend(self, state: State, h: Tensor, addr: Tensor) -> dict[str, Tensor]:
@@ -121,7 +122,8 @@ class NTMMemory(Memory):
         read_weights, _ = self._read_weights(state, h, addr)  # (B, R, N)
         key, beta = self.write_key(h, addr)  # (B, 1, A), (B, 1)
         g, s, gamma = self.write_location(h)
-        w_content = content_weights(cosine_similarity(key, state["addr"]), beta)  # (B, 1, N)
+        write_similarity = cosine_similarity(key, state["addr"])  # (B, 1, N)
+        w_content = content_weights(write_similarity, beta, occupancy=state["written"])  # (B, 1, N)
         write_weights = ntm_weights(w_content, state["write_weights"], g, s, gamma)  # (B, 1, N)
         w = write_weights[:, 0].unsqueeze(-1)  # (B, N, 1)
 
