@@ -88,5 +88,14 @@ def test_sb3_train_then_collect(tmp_path):
     alone, _, _, _ = run("sb3", 1, [4], [40], steps=32, policy=str(policy))
     assert np.array_equal(batch[:, 1], alone[:, 0]), "sampling uses the per-episode generators"
     assert batch.min() >= 0 and batch.max() < 4
+    # and the collector runs it: `python -m rollouts.collect --agent sb3 --policy policy.zip`
+    from rollouts import storage
+    from rollouts.collect import CollectConfig, collect
+
+    summary = collect(CollectConfig(env="mnist_map", agent="sb3", policy=policy, episodes=2, steps=16,
+                                    out=tmp_path / "data", progress=False))
+    assert summary["episodes"] == 2 and summary["steps"] == 32
+    manifest = storage.read_manifest(tmp_path / "data")
+    assert manifest["agent"] == {"name": "sb3", "kwargs": {"policy_sha256": storage.sha256_file(policy)}}
     with pytest.raises(ValueError, match="does not exist"):
         agents.make_agent("sb3", agent.model.action_space, policy=str(tmp_path / "missing.zip"))
