@@ -81,7 +81,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
     """Write ``array`` as an IDX file (gzipped when ``path`` ends in ``.gz``); the inverse of ``read_idx``."""
     path = Path(path)
-    codes = {dt.newbyteorder("=") if dt.itemsize > 1 else dt: code for code, dt in _IDX_DTYPES.items()}
+    codes = {dt.newbyteorder("="): code for code, dt in _IDX_DTYPES.items()}  # native dtype -> IDX type code
     dtype = np.dtype(array.dtype).newbyteorder("=")
     if dtype not in codes:
         raise ValueError(f"{path}: IDX cannot store dtype {array.dtype}: expected one of uint8, int8, int16, int32, float32, float64")

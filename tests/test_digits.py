@@ -148,3 +148,14 @@ def test_unknown_split_and_source():
         load_digits("val")
     with pytest.raises(ValueError, match="not a folder"):
         load_digits("train", "/nonexistent/mnist")
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.int16, np.int32, np.float32, np.float64])
+def test_idx_round_trip_every_type(tmp_path, dtype):
+    array = (np.arange(24) - 7).astype(dtype).reshape(2, 3, 4)
+    write_idx(tmp_path / "a.idx", array)
+    back = read_idx(tmp_path / "a.idx")
+    assert back.dtype == np.dtype(dtype) and back.dtype.isnative
+    np.testing.assert_array_equal(back, array)
+    with pytest.raises(ValueError, match="a.idx: IDX cannot store dtype int64"):
+        write_idx(tmp_path / "a.idx", array.astype(np.int64))
