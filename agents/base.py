@@ -65,7 +65,7 @@ class Agent:
 
 def _env_info(info: dict[str, np.ndarray], i: int) -> dict[str, np.ndarray]:
     """Env ``i``'s entries of a vector env's info (keys starting with "_" are gymnasium's presence masks)."""
-    return {k: v[i] for k, v in info.items() if not k.startswith("_") and isinstance(v, np.ndarray) and len(v) > i}
+    return {k: v[i] for k, v in info.items() if not k.startswith("_") and isinstance(v, np.ndarray) and v.ndim > 0 and len(v) > i}
 
 
 class RandomAgent(Agent):
