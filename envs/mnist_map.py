@@ -435,6 +435,11 @@ class MnistMapEnv(gym.Env[np.ndarray, int]):
         """The current map (Hm, Wm) uint8."""
         return self.core.maps[0]
 
+    @property
+    def map_labels(self) -> np.ndarray:
+        """The class of each digit of the current map (grid, grid) int64, for plots and probes."""
+        return self.core.labels[self.core.digit_ids[0]].reshape(self.geometry.grid, self.geometry.grid)
+
     def _info(self, visit_count: int) -> dict[str, Any]:
         return {
             "pose": self.core.pixel[0].astype(np.float32),

@@ -355,3 +355,24 @@ def test_vector_env_pickles_and_renders():
         np.testing.assert_array_equal(venv.step(actions)[0], clone.step(actions)[0])
     frames = venv.render()
     assert len(frames) == 2 and frames[0].shape == (336, 336, 3)
+
+
+def test_map_from_an_idx_folder_of_other_sized_digits(tmp_path):
+    """Any IDX digit set works: 16x16 images give a 48x48 map; the labels of the map follow the tiles."""
+    from envs.digits import write_idx
+
+    rng = np.random.default_rng(0)
+    for prefix in ("train", "t10k"):
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (20, 16, 16), dtype=np.uint8))
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte", np.arange(20, dtype=np.uint8))
+    env = MnistMapEnv(source=str(tmp_path), window=16, step=8)
+    obs, info = env.reset(seed=0)
+    assert env.map.shape == (48, 48) and obs.shape == (16, 16, 1) and env.geometry.lattice_shape == (5, 5)
+    images, labels = load_digits("train", tmp_path)
+    for r in range(3):
+        for c in range(3):
+            tile = env.map[16 * r : 16 * (r + 1), 16 * c : 16 * (c + 1)]
+            np.testing.assert_array_equal(tile, images[env.map_labels[r, c]])  # label i is image i in this set
+    np.testing.assert_array_equal(obs[..., 0], expected_window(env, info["pose"]))
+    with pytest.raises(ValueError, match="window 49 is larger than the map 48x48"):
+        MnistMapEnv(source=str(tmp_path), window=49)
