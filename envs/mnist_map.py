@@ -559,6 +559,8 @@ class MnistMapVectorEnv(VectorEnv):
         if isinstance(seed, (int, np.integer)):
             super().reset(seed=int(seed))
         if self._rngs is None:
+            if not mask.all():
+                raise ValueError("MnistMapVectorEnv.reset: the first reset must reset every env (reset_mask all True)")
             self._rngs = [seeding.np_random(s)[0] for s in seeds]  # unseeded envs get fresh entropy, once
         else:
             for i in np.flatnonzero(mask):

@@ -330,6 +330,8 @@ def test_vector_next_step_autoreset_ignores_the_action():
 
 def test_vector_reset_options():
     venv = MnistMapVectorEnv(num_envs=3)
+    with pytest.raises(ValueError, match="first reset must reset every env"):
+        venv.reset(seed=0, options={"reset_mask": np.array([True, False, True])})
     venv.reset(seed=[10, 20, 30])
     single = MnistMapEnv()
     single.reset(seed=20)
