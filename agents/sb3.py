@@ -89,6 +89,6 @@ class SB3Agent(Agent):
         return np.array([rng.choice(self.num_actions, p=p) for rng, p in zip(self.rngs, probs)], dtype=np.int64)
 
 
-def policy_kwargs_for(observation_space: gym.Space) -> dict[str, Any]:
-    """Policy kwargs for an image space: our SmallCNN (fits any image size)."""
+def policy_kwargs_for() -> dict[str, Any]:
+    """PPO policy kwargs for our image envs: the SmallCNN features (fits any image size)."""
     return {"features_extractor_class": SmallCNN, "features_extractor_kwargs": {"features_dim": 128}}

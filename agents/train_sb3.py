@@ -71,7 +71,7 @@ def train(config: TrainSB3Config) -> Path:
     vec_env = make_vec_env(make_env, n_envs=config.num_envs, seed=config.seed)
     model = PPO("CnnPolicy", vec_env, n_steps=config.n_steps, batch_size=config.batch_size,
                 learning_rate=config.learning_rate, seed=config.seed, device="cpu", verbose=0,
-                policy_kwargs=policy_kwargs_for(vec_env.observation_space))
+                policy_kwargs=policy_kwargs_for())
     model.learn(total_timesteps=config.timesteps, progress_bar=False)
     config.out.parent.mkdir(parents=True, exist_ok=True)
     model.save(config.out)
