@@ -553,7 +553,7 @@ class MnistMapVectorEnv(VectorEnv):
         elif seed is None:
             seeds = [None] * N
         else:
-            seeds = list(seed)
+            seeds = [None if s is None else int(s) for s in seed]  # numpy ints too: seeding wants plain ints
             if len(seeds) != N:
                 raise ValueError(f"MnistMapVectorEnv.reset: got {len(seeds)} seeds for {N} envs")
         if isinstance(seed, (int, np.integer)):
