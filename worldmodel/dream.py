@@ -1,0 +1,711 @@
+"""Dreaming: a trained GTMM standing in for the environment it was trained on (issue #5).
+
+    gymnasium.make("Dream-v0", checkpoint="runs/intro_actions", data="data/mnist_map")
+    python -m worldmodel.dream --checkpoint runs/intro_actions --data data/mnist_map_test --out dream.gif
+    python -m worldmodel.dream --checkpoint runs/intro_actions --data data/mnist_map_test --agent loop --shadow \
+        --steps 200 --out dream_loop.gif
+    python -m rollouts.collect --env dream --env-kwargs '{"checkpoint": "runs/intro_actions", "data": "data/mnist_map"}' \
+        --agent loop --episodes 10 --steps 64 --out data/dreamed
+    python -m agents.train_sb3 --env dream --env-kwargs '{"checkpoint": "runs/intro_actions", "data": "data/mnist_map"}'
+
+A dream is the model's open loop (the `imagine` path of `worldmodel.model`): `reset` teacher-forces the posterior
+over K real context frames (the memory is written from what was really seen), then every `step(action)` runs
+equations (1)-(7) with z_t drawn from the prior p(z_t | h_t, r_t) -- with its std scaled by `temperature` -- and
+decodes x_t = mean of p(x_t | z_t) (8) into a uint8 frame. Nothing of the real env is consulted for the frames.
+
+The scalar `DreamEnv` and the batched `DreamVectorEnv` share one implementation (`DreamBatch`): N dreams step in one
+forward call of the model on its device (a GPU when there is one).
+
+What is real and what is unknown in `info` (the contract of `envs/__init__.py`):
+    - context frames: everything is real (recorded or live).
+    - after the context, while the actions taken are exactly the recorded episode's next actions ("on record"),
+      `pose`, `revisit`, `visit_count` are the recorded ones (the place the agent would really be).
+    - with `shadow=True` a real env (the live one, or the recorded episode's env rebuilt from the manifest and its
+      env seed) is stepped beside the dream with the same actions: pose, revisit and visit_count are then always real.
+    - otherwise, once the actions leave the record, the place is unknown: `pose` is NaN, `revisit` False and
+      `visit_count` 0, and `info["pose_known"]` is False. A model with the `pose` address needs the pose to dream,
+      so it can only dream on record or with a shadow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import tyro
+from gymnasium import spaces
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+
+from worldmodel import checkpoint as ckpt_io
+from worldmodel.model import GTMM, ModelState
+
+INFO_KEYS = ("pose", "revisit", "visit_count", "pose_known", "on_record")
+
+
+# -- the model side: warm up on real frames, then step the prior ---------------------------------------------------------
+
+@contextlib.contextmanager
+def prior_temperature(model: GTMM, temperature: float):
+    """Scale the std of the prior p(z_t) by `temperature` inside the block (a forward hook on the prior head).
+
+    `GTMM.step_prior` has no temperature argument; the hook changes only what the prior head returns, so the cell
+    samples z_t = mu_p + temperature * sigma_p * eps and writes that z_t to memory, as a cooler prior would.
+    """
+    if temperature == 1.0:
+        yield
+        return
+
+    def scale(_module, _inputs, output):
+        mean, std = output
+        return mean, std * temperature
+
+    handle = model.cell.prior.register_forward_hook(scale)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _rows(state: ModelState, index: torch.Tensor) -> ModelState:
+    """The sub-batch `index` of a state (every tensor has the batch on axis 0)."""
+    return ModelState(h=state.h[index], c=state.c[index], z=state.z[index], read=state.read[index],
+                      memory={k: v[index] for k, v in state.memory.items()},
+                      address={k: v[index] for k, v in state.address.items()})
+
+
+def _set_rows(state: ModelState, index: torch.Tensor, rows: ModelState) -> ModelState:
+    """`state` with the batch rows `index` replaced by `rows` (out of place)."""
+    def put(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+        out = dst.clone()
+        out[index] = src
+        return out
+
+    return ModelState(h=put(state.h, rows.h), c=put(state.c, rows.c), z=put(state.z, rows.z),
+                      read=put(state.read, rows.read),
+                      memory={k: put(v, rows.memory[k]) for k, v in state.memory.items()},
+                      address={k: put(v, rows.address[k]) for k, v in state.address.items()})
+
+
+def to_uint8(frames: torch.Tensor) -> np.ndarray:
+    """Mean frames in [0, 1] (..., H, W, C) -> uint8 numpy, as the real env's observations."""
+    return frames.float().mul(255.0).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+
+
+# -- where the context frames come from ----------------------------------------------------------------------------------
+
+@dataclass
+class Track:
+    """One dream's link to reality: the recorded episode it started from and/or a real env stepped beside it."""
+
+    episode: Optional[dict[str, np.ndarray]]  # the recorded episode (data mode), None for a live env
+    episode_index: int  # manifest index of the episode (-1 for a live env)
+    t: int  # frame index into the episode of the current frame, while on record
+    on_record: bool  # every action since reset was the recorded one (and the record has not run out)
+    shadow: Optional[gym.Env]  # a real env stepped with the same actions (shadow mode / live env), else None
+    steps: int = 0  # dreamed steps since reset
+    real_obs: Optional[np.ndarray] = None  # the real frame at this step when known (on record or shadowed)
+    real_info: Optional[dict[str, Any]] = None  # the real env's last info (shadowed), else None
+    context_obs: Optional[np.ndarray] = None  # (K, H, W, C) the real context frames
+
+
+class DreamBatch:
+    """N dreams of one checkpoint, stepped together: the single implementation behind `DreamEnv` and
+    `DreamVectorEnv`. See the module docstring for what is real in `info`.
+
+    Args:
+        checkpoint: a run folder or its ckpt.pt, of a model trained on recorded rollouts (it must have actions).
+        num_envs: dreams stepped in one forward call.
+        data: rollout folder (`python -m rollouts.collect`) giving the context episodes; exclusive with `env`.
+        env: live env short name (`envs.make`) giving the context; exclusive with `data`.
+        env_kwargs: constructor arguments of the live env.
+        context: K, real frames teacher-forced at reset (0 = the checkpoint's `open_loop_context`).
+        temperature: scale of the prior std when sampling z_t (0 = the prior mean, deterministic).
+        max_steps: dreamed steps before truncation.
+        shadow: step a real env beside each dream with the same actions, for real pose/revisit in `info`.
+        context_agent: collector agent (agents.make_agent) taking the K-1 context actions in a live env.
+        device: auto (cuda if available), cpu, cuda, cuda:N.
+    """
+
+    def __init__(self, checkpoint: str, num_envs: int = 1, data: Optional[str] = None, env: Optional[str] = None,
+                 env_kwargs: Optional[dict[str, Any]] = None, context: int = 0, temperature: float = 1.0,
+                 max_steps: int = 100, shadow: bool = False, context_agent: str = "random",
+                 device: str = "auto") -> None:
+        from worldmodel.train import resolve_device
+
+        if (data is None) == (env is None):
+            raise ValueError(f"dream: give exactly one of data= (rollout folder) or env= (live env short name); "
+                             f"got data={data!r}, env={env!r}")
+        if num_envs < 1:
+            raise ValueError(f"dream: num_envs {num_envs}: expected >= 1")
+        if temperature < 0:
+            raise ValueError(f"dream: temperature {temperature}: expected >= 0")
+        if max_steps < 1:
+            raise ValueError(f"dream: max_steps {max_steps}: expected >= 1")
+        self.device = resolve_device(device)
+        self.model, self.train_config = ckpt_io.load(checkpoint, self.device)
+        cfg = self.model.cfg
+        if cfg.num_actions < 1:
+            raise ValueError(f"checkpoint {checkpoint}: the model was trained without actions (num_actions 0, e.g. a "
+                             "sequence task); a dream needs a model trained on recorded rollouts")
+        self.context = context or self.train_config.open_loop_context
+        if self.context < 1:
+            raise ValueError(f"dream: context {self.context}: expected >= 1 real frame")
+        self.num_envs, self.temperature, self.max_steps = num_envs, float(temperature), max_steps
+        self.shadow, self.needs_pose = bool(shadow) or env is not None, cfg.address == "pose"
+        self.obs_shape, self.num_actions, self.pose_dim = tuple(cfg.obs_shape), cfg.num_actions, cfg.pose_dim
+        self.observation_space = spaces.Box(0, 255, self.obs_shape, dtype=np.uint8)
+        self.action_space = spaces.Discrete(self.num_actions)
+
+        # -- the real env's identity: from the dataset's manifest or the live env ------------------------------------
+        self.data, self.live_env = data, env
+        if data is not None:
+            from rollouts.storage import read_manifest
+
+            self.manifest = read_manifest(data)
+            self.env_name, self.env_kwargs = self.manifest["env"]["name"], dict(self.manifest["env"]["kwargs"])
+            real = (tuple(self.manifest["obs_shape"]), int(self.manifest["num_actions"]), int(self.manifest["pose_dim"]))
+            self.candidates = [e for e in sorted(self.manifest["episodes"], key=lambda e: e["index"])
+                               if e["steps"] + 1 >= self.context]
+            if not self.candidates:
+                raise ValueError(f"{data}: no episode has the {self.context} frames of context the dream needs")
+            self._episodes: dict[int, dict[str, np.ndarray]] = {}
+        else:
+            self.manifest, self.env_name, self.env_kwargs = None, env, dict(env_kwargs or {})
+            real = None
+        if real is not None and real != (self.obs_shape, self.num_actions, self.pose_dim):
+            raise ValueError(f"{data}: frames/actions/pose {real} differ from the checkpoint's "
+                             f"{(self.obs_shape, self.num_actions, self.pose_dim)}: this model was trained on another env")
+        self.context_agent = context_agent
+        self.inverse_actions: Optional[tuple[int, ...]] = None
+        self._shadows: list[Optional[gym.Env]] = [None] * num_envs
+        if self.shadow or data is None:
+            probe = self._real_env(0)  # also checks the live env's spaces against the checkpoint
+        else:
+            probe = None
+        if self.inverse_actions is None:
+            inv = cfg.address_kwargs.get("inverse_actions")
+            self.inverse_actions = tuple(int(a) for a in inv) if inv is not None else self._probe_inverse_actions()
+        del probe
+
+        self.state: Optional[ModelState] = None
+        self.tracks: list[Optional[Track]] = [None] * num_envs
+        self.last_obs = np.zeros((num_envs, *self.obs_shape), dtype=np.uint8)
+
+    # -- real envs (shadows and live contexts) ----------------------------------------------------------------------
+
+    def _real_env(self, i: int) -> gym.Env:
+        """Dream i's real env, built once (the live env, or the manifest's env for shadowing)."""
+        import envs
+
+        if self._shadows[i] is None:
+            real = envs.make(self.env_name, **self.env_kwargs)
+            got = (tuple(real.observation_space.shape), int(real.action_space.n))
+            if got != (self.obs_shape, self.num_actions):
+                raise ValueError(f"env {self.env_name!r}: observations {got[0]} and {got[1]} actions, the checkpoint "
+                                 f"dreams {self.obs_shape} and {self.num_actions}: not the env it was trained on")
+            if self.inverse_actions is None and hasattr(real.unwrapped, "inverse_actions"):
+                self.inverse_actions = tuple(real.unwrapped.inverse_actions)
+            self._shadows[i] = real
+        return self._shadows[i]
+
+    def _probe_inverse_actions(self) -> Optional[tuple[int, ...]]:
+        """The real env's inverse_actions (for the loop/explore agents), read off a throwaway instance."""
+        import envs
+
+        try:
+            real = envs.make(self.env_name, **self.env_kwargs)
+        except Exception:  # the env may be unavailable here (e.g. no GL); the dream itself does not need it
+            return None
+        inv = getattr(real.unwrapped, "inverse_actions", None)
+        real.close()
+        return None if inv is None else tuple(int(a) for a in inv)
+
+    def close(self) -> None:
+        for i, real in enumerate(self._shadows):
+            if real is not None:
+                real.close()
+                self._shadows[i] = None
+
+    # -- contexts -------------------------------------------------------------------------------------------------------
+
+    def _load_episode(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
+        from rollouts.storage import check_episode_matches, load_episode
+
+        index = int(record["index"])
+        if index not in self._episodes:
+            path = Path(self.data) / record["file"]
+            episode = load_episode(path, sha256=record["sha256"])
+            check_episode_matches(self.manifest, episode, str(path))
+            self._episodes[index] = episode
+        return self._episodes[index]
+
+    def _context(self, i: int, rng: np.random.Generator) -> tuple[dict[str, np.ndarray], Track]:
+        """K real frames for dream i (obs (K, H, W, C), prev_action (K,), pose (K, D)) and its Track."""
+        from rollouts.dataset import episode_prev_action
+
+        K = self.context
+        if self.data is not None:
+            record = self.candidates[int(rng.integers(len(self.candidates)))]
+            episode = self._load_episode(record)
+            track = Track(episode=episode, episode_index=int(record["index"]), t=K - 1, on_record=True, shadow=None,
+                          real_obs=episode["obs"][K - 1])
+            if self.shadow:
+                track.shadow = self._replay_shadow(i, record, episode)
+            ctx = {"obs": episode["obs"][:K], "prev_action": episode_prev_action(episode["action"])[:K],
+                   "pose": episode["pose"][:K]}
+            return ctx, track
+        # a live env: reset with a seed from rng, K-1 actions of the context agent
+        from agents import make_agent
+
+        real = self._real_env(i)
+        obs, info = real.reset(seed=int(rng.integers(2**31)))
+        agent = make_agent(self.context_agent, real.action_space, self.inverse_actions)
+        agent.reset(1, int(rng.integers(2**31)))
+        frames, actions, poses = [obs], [-1], [np.asarray(info["pose"], np.float32)]
+        for _ in range(K - 1):
+            action = int(agent.act(obs[None], {k: np.asarray(v)[None] for k, v in info.items()})[0])
+            obs, _, terminated, truncated, info = real.step(action)
+            if terminated or truncated:
+                raise ValueError(f"env {self.env_name!r} ended its episode within the {K} context frames")
+            frames.append(obs), actions.append(action), poses.append(np.asarray(info["pose"], np.float32))
+        ctx = {"obs": np.stack(frames), "prev_action": np.array(actions, np.int64), "pose": np.stack(poses)}
+        track = Track(episode=None, episode_index=-1, t=K - 1, on_record=False, shadow=real, real_obs=obs,
+                      real_info=info)
+        return ctx, track
+
+    def _replay_shadow(self, i: int, record: dict[str, Any], episode: dict[str, np.ndarray]) -> gym.Env:
+        """Rebuild the recorded episode's env from the manifest and its env seed, and replay the context actions."""
+        if "env_seed" not in record:
+            raise ValueError(f"{self.data}: episode {record['index']} has no env_seed in the manifest; shadow=True "
+                             "needs it to rebuild the real env")
+        real = self._real_env(i)
+        obs, info = real.reset(seed=int(record["env_seed"]))
+        for action in episode["action"][:self.context - 1]:
+            obs, *_, info = real.step(int(action))
+        if not np.array_equal(obs, episode["obs"][self.context - 1]):
+            raise ValueError(f"{self.data}: episode {record['index']} cannot be replayed in a fresh {self.env_name!r} "
+                             f"env from its env_seed (frame {self.context - 1} differs); use shadow=False")
+        return real
+
+    # -- the dream itself -----------------------------------------------------------------------------------------------
+
+    def reset(self, indices: np.ndarray, rngs: list[np.random.Generator]) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        """Start new dreams in slots `indices` (one generator each picks the episode / live seed): warm the model
+        up on their K context frames in one batched call. Returns the last context frames (n, H, W, C) and infos."""
+        contexts, infos = [], []
+        for i, rng in zip(indices, rngs):
+            ctx, track = self._context(int(i), rng)
+            track.context_obs = ctx["obs"]
+            self.tracks[int(i)] = track
+            contexts.append(ctx)
+            infos.append(self._info_of_context(track, ctx))
+        batch = {k: torch.as_tensor(np.stack([c[k] for c in contexts])).to(self.device) for k in contexts[0]}
+        rows = self.model.warmup(batch["obs"], batch["prev_action"], batch["pose"].float())  # (n, ...) state
+        index = torch.as_tensor(np.asarray(indices), device=self.device, dtype=torch.long)
+        if self.state is None:
+            self.state = self.model.init_state(self.num_envs, self.device)
+        self.state = _set_rows(self.state, index, rows)
+        obs = np.stack([c["obs"][-1] for c in contexts])  # (n, H, W, C) the last real frame
+        self.last_obs[np.asarray(indices)] = obs
+        return obs, infos
+
+    def _info_of_context(self, track: Track, ctx: dict[str, np.ndarray]) -> dict[str, Any]:
+        if track.episode is not None:
+            return self._recorded_info(track.episode, track.t, on_record=True)
+        info = track.real_info
+        return {"pose": np.asarray(info["pose"], np.float32), "revisit": bool(info["revisit"]),
+                "visit_count": int(info["visit_count"]), "pose_known": True, "on_record": False}
+
+    @staticmethod
+    def _recorded_info(episode: dict[str, np.ndarray], t: int, on_record: bool) -> dict[str, Any]:
+        return {"pose": episode["pose"][t].astype(np.float32), "revisit": bool(episode["revisit"][t]),
+                "visit_count": int(episode["visit_count"][t]), "pose_known": True, "on_record": on_record}
+
+    def _advance(self, i: int, action: int) -> dict[str, Any]:
+        """Move dream i's link to reality by `action`; the info of the frame the action leads to."""
+        track = self.tracks[i]
+        track.steps += 1
+        if track.on_record:
+            episode = track.episode
+            track.on_record = track.t < len(episode["action"]) and int(episode["action"][track.t]) == action
+            if track.on_record:
+                track.t += 1
+        track.real_obs = track.episode["obs"][track.t] if track.on_record else None
+        if track.shadow is not None:
+            track.real_obs, _, _, _, info = track.shadow.step(action)
+            track.real_info = info
+            return {"pose": np.asarray(info["pose"], np.float32), "revisit": bool(info["revisit"]),
+                    "visit_count": int(info["visit_count"]), "pose_known": True, "on_record": track.on_record}
+        if track.on_record:
+            return self._recorded_info(track.episode, track.t, on_record=True)
+        return {"pose": np.full(self.pose_dim, np.nan, np.float32), "revisit": False, "visit_count": 0,
+                "pose_known": False, "on_record": False}
+
+    @torch.no_grad()
+    def step(self, actions: np.ndarray, noise_seed: int) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        """Dream one step of all N dreams in one forward call: actions (N,) -> frames (N, H, W, C) uint8, infos.
+
+        The prior noise comes from torch seeded with `noise_seed` inside a forked RNG (reproducible, and the global
+        torch RNG is left as it was)."""
+        assert self.state is not None, "DreamBatch.step before reset"
+        infos = [self._advance(i, int(a)) for i, a in enumerate(actions)]
+        pose = np.stack([info["pose"] for info in infos])  # (N, D)
+        if self.needs_pose and np.isnan(pose).any():
+            raise ValueError("dream: this model reads memory by the env's pose (address 'pose'), and the actions left "
+                             "the recorded episode, so the pose is unknown; dream with shadow=True (a real env "
+                             "stepped beside the dream) or with a model of another address")
+        action_t = torch.as_tensor(np.asarray(actions, dtype=np.int64), device=self.device)  # (N,)
+        pose_t = torch.as_tensor(np.nan_to_num(pose), device=self.device)  # (N, D); read only by the pose address
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), prior_temperature(self.model, self.temperature):
+            torch.manual_seed(noise_seed)
+            frames, self.state = self.model.step_prior(self.state, action_t, pose_t, sample=self.temperature > 0)
+        obs = to_uint8(frames)  # (N, H, W, C)
+        self.last_obs[:] = obs
+        return obs, infos
+
+
+def _stack_infos(infos: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Per-env info dicts -> the vector env's dict of arrays with a leading num_envs axis."""
+    return {k: np.stack([np.asarray(info[k]) for info in infos]) for k in INFO_KEYS}
+
+
+def _check_action(space: gym.Space, action: Any) -> None:
+    if not space.contains(action):
+        raise ValueError(f"action {action!r} is not in the action space {space}")
+
+
+# -- the Gymnasium envs ------------------------------------------------------------------------------------------------
+
+class DreamEnv(gym.Env):
+    """A trained GTMM world model as a Gymnasium environment.
+
+    ## Description
+    The frames come from the model, not from the world: `reset` shows the model K real frames of an episode (from a
+    rollout folder, `data=`, the episode picked by the reset seed; or from a live env, `env=`) so its memory holds
+    what was really seen, then every `step(action)` samples the next latent from the prior (temperature-scaled std)
+    and decodes it. Places seen in the context should come back when the agent returns to them -- if the memory
+    works.
+
+    ## Action Space
+    `Discrete(A)`, the actions of the env the model was trained on (A from the checkpoint).
+
+    ## Observation Space
+    | Num | Observation     | Min | Max | Shape          | dtype |
+    |-----|-----------------|-----|-----|----------------|-------|
+    | 0   | dreamed frame   | 0   | 255 | (H, W, C)      | uint8 |
+    (H, W, C) is the trained model's frame shape, the same as the real env's observations.
+
+    ## Rewards
+    Always 0 (our envs have no task reward). Wrap it (e.g. `agents.sb3.NoveltyReward`) to train agents.
+
+    ## Starting State
+    The last of the K context frames (a real frame); `info` is that frame's real pose/revisit/visit_count.
+
+    ## Episode End
+    Never terminates; truncates after `max_steps` dreamed steps.
+
+    ## Info
+    `pose`, `revisit`, `visit_count` as in `envs/__init__.py`, real on record or with `shadow=True`, else unknown
+    (`pose` NaN, `revisit` False, `visit_count` 0); `pose_known` (bool) and `on_record` (bool: every action so far
+    was the recorded episode's). See the module docstring.
+
+    ## Arguments
+    `checkpoint` (required), `data` or `env` (exactly one), `env_kwargs`, `context` (K, 0 = the checkpoint's
+    `open_loop_context`), `temperature` (1.0), `max_steps` (100), `shadow` (False), `context_agent` ("random"),
+    `device` ("auto"), `render_mode` (None or "rgb_array").
+
+    ## Version History
+    * v0: initial version.
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 8}
+
+    def __init__(self, checkpoint: str, data: Optional[str] = None, env: Optional[str] = None,
+                 env_kwargs: Optional[dict[str, Any]] = None, context: int = 0, temperature: float = 1.0,
+                 max_steps: int = 100, shadow: bool = False, context_agent: str = "random", device: str = "auto",
+                 render_mode: Optional[str] = None) -> None:
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"DreamEnv: render_mode {render_mode!r}: expected None or one of "
+                             f"{self.metadata['render_modes']}")
+        self.render_mode = render_mode
+        self.dreams = DreamBatch(checkpoint, 1, data=data, env=env, env_kwargs=env_kwargs, context=context,
+                                 temperature=temperature, max_steps=max_steps, shadow=shadow,
+                                 context_agent=context_agent, device=device)
+        self.observation_space, self.action_space = self.dreams.observation_space, self.dreams.action_space
+        self.inverse_actions = self.dreams.inverse_actions
+        self.pose_dim = self.dreams.pose_dim
+        self._ready = False
+
+    def reset(self, *, seed: Optional[int] = None, options: Optional[dict[str, Any]] = None):
+        super().reset(seed=seed)
+        obs, infos = self.dreams.reset(np.array([0]), [np.random.default_rng(self.np_random.integers(2**63))])
+        self._ready = True
+        return obs[0], infos[0]
+
+    def step(self, action):
+        if not self._ready:
+            raise RuntimeError("DreamEnv.step called before reset")
+        _check_action(self.action_space, action)
+        obs, infos = self.dreams.step(np.array([int(action)]), int(self.np_random.integers(2**63)))
+        truncated = self.dreams.tracks[0].steps >= self.dreams.max_steps
+        return obs[0], 0.0, False, truncated, infos[0]
+
+    def render(self):
+        if self.render_mode == "rgb_array":
+            frame = self.dreams.last_obs[0]
+            return np.repeat(frame, 3, axis=-1) if frame.shape[-1] == 1 else frame.copy()
+        return None
+
+    def close(self) -> None:
+        self.dreams.close()
+
+
+class DreamVectorEnv(VectorEnv):
+    """`num_envs` dreams stepped in one forward call of the model (on a GPU when there is one).
+
+    Same dynamics and info as `DreamEnv` (both run `DreamBatch`). `reset(seed=s)` gives dream i the generator of
+    seed `s + i`, so dream i starts from the episode a `DreamEnv` reset with `s + i` starts from; the prior noise
+    is drawn for the whole batch at once, so the dreamed frames themselves depend on the batch. Autoreset is
+    Gymnasium 1.x `NEXT_STEP`: the step after an episode ends returns that dream's reset frame and info, reward 0,
+    not done, and ignores its action. Infos are arrays with a leading `num_envs` axis.
+    """
+
+    metadata = {"render_modes": [], "autoreset_mode": AutoresetMode.NEXT_STEP}
+
+    def __init__(self, checkpoint: str, num_envs: int = 1, data: Optional[str] = None, env: Optional[str] = None,
+                 env_kwargs: Optional[dict[str, Any]] = None, context: int = 0, temperature: float = 1.0,
+                 max_steps: int = 100, shadow: bool = False, context_agent: str = "random",
+                 device: str = "auto") -> None:
+        self.dreams = DreamBatch(checkpoint, num_envs, data=data, env=env, env_kwargs=env_kwargs, context=context,
+                                 temperature=temperature, max_steps=max_steps, shadow=shadow,
+                                 context_agent=context_agent, device=device)
+        self.num_envs = num_envs
+        self.single_observation_space, self.single_action_space = self.dreams.observation_space, self.dreams.action_space
+        self.observation_space = batch_space(self.single_observation_space, num_envs)
+        self.action_space = batch_space(self.single_action_space, num_envs)
+        self.inverse_actions = self.dreams.inverse_actions
+        self.pose_dim = self.dreams.pose_dim
+        self._rngs: Optional[list[np.random.Generator]] = None
+        self._noise_rng = np.random.default_rng()
+        self._needs_reset = np.zeros(num_envs, dtype=bool)
+
+    def _reset_rows(self, indices: np.ndarray, obs: np.ndarray, infos: list[dict[str, Any]]) -> None:
+        new_obs, new_infos = self.dreams.reset(indices, [
+            np.random.default_rng(self._rngs[i].integers(2**63)) for i in indices])
+        obs[indices] = new_obs
+        for j, i in enumerate(indices):
+            infos[i] = new_infos[j]
+
+    def reset(self, *, seed: int | list[int] | None = None, options: Optional[dict[str, Any]] = None):
+        if seed is None:
+            seeds = [None] * self.num_envs
+        elif isinstance(seed, int):
+            seeds = [seed + i for i in range(self.num_envs)]
+        else:
+            if len(seed) != self.num_envs:
+                raise ValueError(f"DreamVectorEnv.reset: {len(seed)} seeds for {self.num_envs} envs")
+            seeds = list(seed)
+        # dream i's generator is the one a DreamEnv reset with seed s_i builds (gymnasium's np_random of s_i)
+        self._rngs = [gym.utils.seeding.np_random(s)[0] for s in seeds]
+        self._noise_rng = np.random.default_rng([0 if s is None else s + 1 for s in seeds]) \
+            if None not in seeds else np.random.default_rng()
+        obs = np.zeros((self.num_envs, *self.dreams.obs_shape), dtype=np.uint8)
+        infos: list[dict[str, Any]] = [{}] * self.num_envs
+        self._reset_rows(np.arange(self.num_envs), obs, infos)
+        self._needs_reset[:] = False
+        return obs, _stack_infos(infos)
+
+    def step(self, actions):
+        if self._rngs is None:
+            raise RuntimeError("DreamVectorEnv.step called before reset")
+        actions = np.asarray(actions, dtype=np.int64).reshape(self.num_envs)
+        resetting = np.flatnonzero(self._needs_reset)
+        actions = actions.copy()
+        actions[resetting] = 0  # ignored (NEXT_STEP autoreset): any valid action keeps the batch call uniform
+        for a in actions:
+            _check_action(self.single_action_space, a)
+        obs, infos = self.dreams.step(actions, int(self._noise_rng.integers(2**63)))
+        obs = obs.copy()
+        rewards = np.zeros(self.num_envs, dtype=np.float32)
+        terminated = np.zeros(self.num_envs, dtype=bool)
+        truncated = np.array([t.steps >= self.dreams.max_steps for t in self.dreams.tracks])
+        if len(resetting):
+            self._reset_rows(resetting, obs, infos)
+            truncated[resetting] = False
+        self._needs_reset = terminated | truncated
+        return obs, rewards, terminated, truncated, _stack_infos(infos)
+
+    def close_extras(self, **kwargs: Any) -> None:
+        self.dreams.close()
+
+
+# -- the command line: side-by-side GIFs of real vs dreamed frames ----------------------------------------------------
+
+@dataclass
+class DreamConfig:
+    """Dream with a trained GTMM and save a GIF (or MP4): real | dreamed side by side where the real frame is known."""
+
+    checkpoint: str
+    """the model: a run folder or its ckpt.pt"""
+    data: Optional[str] = None
+    """rollout folder giving the context episodes (and, with --agent recorded, the actions)"""
+    env: Optional[str] = None
+    """live env short name giving the context instead of --data (implies a real env beside the dream)"""
+    env_kwargs: str = "{}"
+    """JSON object of the live env's constructor arguments"""
+    agent: str = "recorded"
+    """who acts: recorded (the episode's own actions, real vs dreamed side by side), random, loop, explore, sb3"""
+    policy: Optional[str] = None
+    """saved SB3 policy (.zip) for --agent sb3"""
+    shadow: bool = False
+    """step a real env beside the dream with the same actions: real frames and revisits for any agent"""
+    episodes: int = 4
+    """dreams side by side (rows of the GIF), stepped in one batch"""
+    steps: int = 200
+    """dreamed steps (--agent recorded stops where the shortest recorded episode ends)"""
+    context: int = 0
+    """K real context frames (0 = the checkpoint's open_loop_context)"""
+    temperature: float = 1.0
+    """scale of the prior's std (0 = prior mean)"""
+    seed: int = 0
+    """seed of the episodes picked, the agent and the prior noise"""
+    out: str = "dream.gif"
+    """output file: .gif or .mp4"""
+    fps: int = 8
+    """frames per second of the output"""
+    scale: int = 3
+    """pixel upscaling of each frame"""
+    device: str = "auto"
+    """auto (cuda if available), cpu, cuda, cuda:N"""
+
+
+REVISIT_COLOUR = (220, 40, 40)  # red border: this frame shows a place seen before in the episode
+CONTEXT_COLOUR = (120, 120, 120)  # grey border: a real context frame
+DREAM_COLOUR = (40, 90, 220)  # blue border: a dreamed first visit
+
+
+def _tile(frame: np.ndarray, scale: int, colour: tuple[int, int, int], pad: int = 2) -> np.ndarray:
+    """One frame (H, W, C) uint8 -> an upscaled RGB tile with a coloured border."""
+    rgb = np.repeat(frame, 3, axis=-1) if frame.shape[-1] == 1 else frame
+    rgb = rgb.repeat(scale, 0).repeat(scale, 1)
+    out = np.empty((rgb.shape[0] + 2 * pad, rgb.shape[1] + 2 * pad, 3), np.uint8)
+    out[:] = colour
+    out[pad:-pad, pad:-pad] = rgb
+    return out
+
+
+def _blank_like(frame: np.ndarray) -> np.ndarray:
+    return np.full_like(frame, 255)
+
+
+def compose(real: list[Optional[np.ndarray]], dream: list[np.ndarray], revisit: list[bool], context: bool,
+            scale: int) -> np.ndarray:
+    """One video frame: a row per dream, [real | dreamed], borders grey (context), red (revisit), blue (else)."""
+    rows = []
+    for r, d, rev in zip(real, dream, revisit):
+        colour = CONTEXT_COLOUR if context else (REVISIT_COLOUR if rev else DREAM_COLOUR)
+        left = _tile(r if r is not None else _blank_like(d), scale, colour if r is not None else (255, 255, 255))
+        rows.append(np.concatenate([left, np.full((left.shape[0], 4, 3), 255, np.uint8), _tile(d, scale, colour)], 1))
+        rows.append(np.full((4, rows[-1].shape[1], 3), 255, np.uint8))
+    return np.concatenate(rows[:-1], 0)
+
+
+def write_video(frames: list[np.ndarray], path: str, fps: int) -> None:
+    """GIF through Pillow, MP4 through OpenCV (both already dependencies)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".gif":
+        from PIL import Image
+
+        images = [Image.fromarray(f) for f in frames]
+        images[0].save(out, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0,
+                       optimize=True)
+    elif out.suffix == ".mp4":
+        import cv2
+
+        h, w = frames[0].shape[:2]
+        writer = cv2.VideoWriter(str(out), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+        for f in frames:
+            writer.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+        writer.release()
+    else:
+        raise ValueError(f"--out {path}: expected a .gif or .mp4 file")
+
+
+def dream_video(cfg: DreamConfig) -> dict[str, Any]:
+    """Run `cfg.episodes` dreams side by side and write the video; returns a summary (frames, per-pixel errors)."""
+    from agents import AGENTS, make_agent
+    from rollouts.collect import parse_json_object
+
+    if cfg.agent not in ("recorded", *AGENTS):
+        raise ValueError(f"--agent {cfg.agent!r}: expected recorded or one of {AGENTS}")
+    if cfg.agent == "recorded" and cfg.data is None:
+        raise ValueError("--agent recorded replays the actions of recorded episodes: give --data")
+    if cfg.episodes < 1 or cfg.steps < 1 or cfg.scale < 1 or cfg.fps < 1:
+        raise ValueError(f"--episodes, --steps, --scale, --fps must be >= 1, got {cfg.episodes}, {cfg.steps}, "
+                         f"{cfg.scale}, {cfg.fps}")
+    vec = DreamVectorEnv(cfg.checkpoint, cfg.episodes, data=cfg.data, env=cfg.env,
+                         env_kwargs=parse_json_object(cfg.env_kwargs, "env_kwargs"), context=cfg.context,
+                         temperature=cfg.temperature, max_steps=cfg.steps, shadow=cfg.shadow, device=cfg.device)
+    dreams = vec.dreams
+    obs, info = vec.reset(seed=cfg.seed)
+    steps = cfg.steps
+    if cfg.agent == "recorded":
+        steps = min(steps, min(len(t.episode["action"]) - t.t for t in dreams.tracks))
+        if steps < 1:
+            raise ValueError(f"{cfg.data}: the picked episodes have no recorded step after the {dreams.context} "
+                             "context frames")
+        agent = None
+    else:
+        kwargs = {"policy": cfg.policy} if cfg.agent == "sb3" else {}
+        agent = make_agent(cfg.agent, vec.single_action_space, dreams.inverse_actions, **kwargs)
+        agent.reset(cfg.episodes, cfg.seed)
+
+    # the context: real frames in both columns (grey borders)
+    video = []
+    for k in range(dreams.context):
+        ctx = [t.context_obs[k] for t in dreams.tracks]
+        video.append(compose(ctx, ctx, [False] * cfg.episodes, True, cfg.scale))
+    errors = {"revisit": [], "first": []}
+    for _ in range(steps):
+        if agent is None:
+            action = np.array([int(t.episode["action"][t.t]) for t in dreams.tracks])
+        else:
+            action = agent.act(obs, info)
+        obs, _, _, truncated, info = vec.step(action)
+        real = [t.real_obs for t in dreams.tracks]
+        for i, r in enumerate(real):
+            if r is not None:
+                err = float(np.mean((r.astype(np.float32) - obs[i].astype(np.float32)) ** 2) / 255.0 ** 2)
+                errors["revisit" if info["revisit"][i] else "first"].append(err)
+        video.append(compose(real, list(obs), list(info["revisit"]), False, cfg.scale))
+        if truncated.any():
+            break
+    vec.close()
+    write_video(video, cfg.out, cfg.fps)
+    summary = {"out": cfg.out, "frames": len(video), "context": dreams.context, "dreamed_steps": len(video) - dreams.context,
+               "mse_revisit": float(np.mean(errors["revisit"])) if errors["revisit"] else None,
+               "mse_first_visit": float(np.mean(errors["first"])) if errors["first"] else None,
+               "bytes": Path(cfg.out).stat().st_size}
+    print(json.dumps(summary))
+    return summary
+
+
+def main() -> None:
+    cfg = tyro.cli(DreamConfig)
+    try:
+        dream_video(cfg)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from error
+
+
+if __name__ == "__main__":
+    main()
