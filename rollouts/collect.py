@@ -293,10 +293,7 @@ def _verified_records(manifest: dict[str, Any], out: Path) -> list[dict[str, Any
         path = out / record["file"]
         if not path.exists():
             continue
-        actual = storage.sha256_file(path)
-        if actual != record["sha256"]:
-            raise ValueError(f"episode file {path} is corrupt: sha256 {actual[:16]}... does not match the manifest's "
-                             f"{record['sha256'][:16]}...; delete it and re-run the same command to rewrite it")
+        storage.check_sha256(path, record["sha256"])
         kept.append(record)
     return kept
 

@@ -119,16 +119,21 @@ def save_episode(path: str | os.PathLike, episode: dict[str, np.ndarray]) -> str
     return sha256_file(path)
 
 
+def check_sha256(path: str | os.PathLike, expected: str) -> None:
+    """ValueError naming ``path`` if its sha256 is not ``expected`` (the manifest's)."""
+    actual = sha256_file(path)
+    if actual != expected:
+        raise ValueError(f"episode file {path} is corrupt: sha256 {actual[:16]}... does not match the manifest's "
+                         f"{expected[:16]}...; delete it and re-run the same collect command to rewrite it")
+
+
 def load_episode(path: str | os.PathLike, sha256: str | None = None) -> dict[str, np.ndarray]:
     """Read one episode; with ``sha256`` the file is checked against it first. Raises ``ValueError`` naming the file."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"episode file {path} is missing")
     if sha256 is not None:
-        actual = sha256_file(path)
-        if actual != sha256:
-            raise ValueError(f"episode file {path} is corrupt: sha256 {actual[:16]}... does not match the manifest's "
-                             f"{sha256[:16]}...; delete it and re-run the same collect command to rewrite it")
+        check_sha256(path, sha256)
     try:
         # zf.read checks each entry's CRC (np.load alone may stop reading before the check and miss damage)
         with zipfile.ZipFile(path) as zf:
