@@ -188,7 +188,7 @@ PRESETS: dict[str, TrainConfig] = {
     ),
     # 3x3-digit MNIST maps, 28px window, 48-step walks, on one or two CPU cores (~0.5 s/step).
     "mnist_cpu": TrainConfig(
-        preset="mnist_cpu", z_dim=32, h_dim=128, addr_dim=32, heads=2, embed_dim=128, channels=32, hidden_dim=128,
+        preset="mnist_cpu", z_dim=32, h_dim=128, addr_dim=32, heads=2, embed_dim=128, channels=16, hidden_dim=128,
         steps=3000, batch=16, seq_len=48, lr=1e-3, address_lr_scale=3.0, free_nats=1.0, kl_balance=0.8,
         log_every=25, image_every=250, ckpt_every=250,
     ),
