@@ -11,7 +11,9 @@ Two ways in, one set of dynamics (``_MiniWorldRevisitBase``):
 Both render headless by default: pyglet is switched to its EGL "headless" mode before ``miniworld`` is imported (Mesa's
 llvmpipe renders on the CPU, no display or GPU needed). ``miniworld`` is imported lazily, on the first env made, so
 importing this module never touches OpenGL. Set ``PYGLET_HEADLESS=0`` to render through an X display instead (e.g.
-under ``xvfb-run -a``).
+under ``xvfb-run -a``). OpenGL does not survive ``fork``: run MiniWorld envs in worker processes started with
+``spawn``/``forkserver`` (``gymnasium.vector.AsyncVectorEnv(fns, context="spawn")``); a forked child that tries gets a
+``RuntimeError`` saying so (pyglet would hang).
 
 Actions (both envs): ``0`` turn left, ``1`` turn right, ``2`` move forward, ``3`` move back, by exactly ``turn_step``
 degrees / ``move_step`` metres: MiniWorld's domain-randomisation noise on steps is removed, so undoing an action
@@ -67,13 +69,25 @@ GAP = 0.25  # wall thickness between neighbouring rooms (as MiniWorld's Maze), i
 # Importing miniworld headless
 # --------------------------------------------------------------------------------------------------------------------
 
+_GL_PID: int | None = None  # the process that opened pyglet's GL context (importing miniworld does)
+
 
 def import_miniworld() -> ModuleType:
     """Import ``miniworld``, rendering headless through EGL unless ``PYGLET_HEADLESS`` is set.
 
     Raises ``gymnasium.error.DependencyNotInstalled`` naming what to install when no GL context can be made.
     """
+    global _GL_PID
+    if _GL_PID is not None and _GL_PID != os.getpid():
+        # A forked child inherits the parent's EGL display and contexts, and pyglet hangs on them instead of failing.
+        raise RuntimeError(
+            "MiniWorld's OpenGL state was created in a parent process, which was then forked; OpenGL cannot be used "
+            "across fork. Start worker processes with 'spawn' or 'forkserver', e.g. "
+            "gymnasium.vector.AsyncVectorEnv(env_fns, context='spawn') (it makes one env in the parent to read the "
+            "spaces), or make no MiniWorld env before forking."
+        )
     if "miniworld" in sys.modules:
+        _GL_PID = os.getpid()
         return sys.modules["miniworld"]
     try:
         import pyglet
@@ -98,6 +112,7 @@ def import_miniworld() -> ModuleType:
             "or run under a virtual X display with PYGLET_HEADLESS=0 xvfb-run -a <command>."
         ) from err
     _install_fast_texture_loader(miniworld)
+    _GL_PID = os.getpid()
     return miniworld
 
 
@@ -335,17 +350,19 @@ class _MiniWorldRevisitBase(gym.Env):
 
     @property
     def pose(self) -> np.ndarray:
-        """(x, z, heading) float32: metres on the floor plan, heading in radians in [-pi, pi), 0 facing +x, growing
-        when turning left (counter-clockwise seen from above, MiniWorld's convention)."""
+        """(x, z, heading) float32, as in ``info["pose"]``: metres on the floor plan and radians in [-pi, pi).
+        Moving forward adds ``move_step * (cos heading, -sin heading)`` to (x, z); turning left adds ``turn_step``
+        (MiniWorld's conventions)."""
+        return np.array(self._pose(), dtype=np.float32)
+
+    def _pose(self) -> tuple[float, float, float]:
         x, _, z = self.sim.agent.pos
-        return np.array([x, z, wrap_angle(self.sim.agent.dir)], dtype=np.float32)
+        return float(x), float(z), wrap_angle(float(self.sim.agent.dir))
 
     def _info(self) -> dict[str, Any]:
-        x, _, z = self.sim.agent.pos
-        heading = wrap_angle(self.sim.agent.dir)
+        x, z, heading = self._pose()
         revisit, visit_count = self._tracker.visit(x, z, heading)
-        pose = np.array([x, z, heading], dtype=np.float32)
-        return {"pose": pose, "revisit": revisit, "visit_count": visit_count}
+        return {"pose": np.array((x, z, heading), dtype=np.float32), "revisit": revisit, "visit_count": visit_count}
 
 
 class StockRevisitEnv(_MiniWorldRevisitBase, EzPickle):
@@ -369,6 +386,10 @@ class StockRevisitEnv(_MiniWorldRevisitBase, EzPickle):
             move_step = _check_float("move_step", move_step, 0.0, 10.0, "metres")
         revisit_radius, revisit_angle = _check_revisit(revisit_radius, revisit_angle)
         self.env_id = env_id = _stock_id(env_id)
+        ours = {"obs_width": "obs_size", "obs_height": "obs_size", "window_width": "render_size",
+                "window_height": "render_size"}
+        for key in env_kwargs.keys() & ours.keys():
+            raise ValueError(f"{key}: set by this wrapper, pass {ours[key]}= instead")
 
         def make(**sizes: Any) -> Any:
             return gym.make(env_id, disable_env_checker=True, **sizes, **env_kwargs).unwrapped

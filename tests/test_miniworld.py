@@ -217,6 +217,26 @@ def test_vector_env_reports_info_arrays():
     vec.close()
 
 
+def test_async_vector_env_with_spawn_and_a_clear_error_after_fork():
+    vec = gym.vector.AsyncVectorEnv([lambda: envs.make("miniworld", max_steps=8)] * 2, context="spawn")
+    _, info = vec.reset(seed=[0, 1])
+    obs, _, _, _, info = vec.step(np.array([FORWARD, LEFT]))
+    assert obs.shape == (2, 64, 64, 3) and info["pose"].shape == (2, 3)
+    vec.close()
+    # This process holds GL state now; a forked child must fail loudly instead of hanging inside pyglet.
+    import_miniworld()
+    pid = os.fork()
+    if pid == 0:  # the child
+        try:
+            envs.make("miniworld")
+            code = 1
+        except RuntimeError as err:
+            code = 0 if "spawn" in str(err) else 2
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
 @pytest.mark.parametrize(
     "kwargs, field",
     [
@@ -247,6 +267,8 @@ def test_bad_stock_ids_raise_value_error():
         make_stock("MiniWorld-Sign-v0")  # a Dict observation (image + goal), not an image
     with pytest.raises(ValueError, match="turn_step"):
         make_stock("MiniWorld-OneRoom-v0", turn_step=-15)
+    with pytest.raises(ValueError, match="obs_size"):
+        make_stock("MiniWorld-OneRoom-v0", obs_width=32)
     with pytest.raises(ValueError, match="miniworld:"):
         envs.resolve("miniworld:")
 
