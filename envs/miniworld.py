@@ -86,7 +86,8 @@ def import_miniworld() -> ModuleType:
             "gymnasium.vector.AsyncVectorEnv(env_fns, context='spawn') (it makes one env in the parent to read the "
             "spaces), or make no MiniWorld env before forking."
         )
-    if "miniworld" in sys.modules:
+    if "miniworld" in sys.modules:  # imported already, by us or by the user
+        _install_fast_texture_loader(sys.modules["miniworld"])
         _GL_PID = os.getpid()
         return sys.modules["miniworld"]
     try:
@@ -117,13 +118,14 @@ def import_miniworld() -> ModuleType:
 
 
 def _install_fast_texture_loader(miniworld: ModuleType) -> None:
-    """Replace ``miniworld.opengl.Texture.load`` by one that uploads the very same pixels ~50x faster.
+    """Replace ``miniworld.opengl.Texture.load`` by one that uploads the very same pixels ~25x faster.
 
     MiniWorld's loader asks pyglet for the PNG as bottom-up RGBA rows, which pyglet converts with a per-pixel regular
-    expression: ~0.7 s per 512x512 texture here, and our env draws new textures every episode. Decoding is cheap
-    (pyglet gives top-down RGB/RGBA rows in ~10 ms); we reorder the rows and add alpha with numpy and upload exactly
-    what the original uploads (same glTexImage2D call, mipmaps and filters), so frames are bit-identical
-    (tests/test_miniworld.py checks the bytes against pyglet's own conversion).
+    expression: 0.7-1.2 s per 512x512 texture on our 2-core machine (4 s at 1024x1024), and our env draws new
+    textures every episode. Decoding is cheap (pyglet gives top-down RGB/RGBA rows in ~10 ms); we reorder the rows and
+    add alpha with numpy and upload exactly what the original uploads (same glTexImage2D call, mipmaps and filters):
+    0.04 s per 512x512 texture, and bit-identical frames (checked on FourRooms; tests/test_miniworld.py checks the
+    bytes against pyglet's own conversion). Textures are cached per process, so this is a one-off cost per file.
     """
     from pyglet import gl
     from pyglet import image as pyglet_image
@@ -277,6 +279,7 @@ class _MiniWorldRevisitBase(gym.Env):
     def _setup(self, sim: Any, turn_step: float, move_step: float, revisit_radius: float | None,
                revisit_angle: float | None, render_mode: str | None) -> None:
         if not isinstance(sim.observation_space, spaces.Box):
+            sim.shadow_window.close()
             raise ValueError(
                 f"{type(sim).__name__}: expected an image observation space (Box), got {sim.observation_space}; "
                 "only image-observation MiniWorld envs can be wrapped"
