@@ -263,6 +263,7 @@ class _MiniWorldRevisitBase(gym.Env):
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 30}
+    sim: Any = None  # the miniworld.MiniWorldEnv; None before construction finishes and after close()
     inverse_actions: tuple[int, ...] = INVERSE_ACTIONS
     pose_dim: int = POSE_DIM
     action_names: tuple[str, ...] = ACTION_NAMES
@@ -522,6 +523,7 @@ class MiniWorldRevisitEnv(_MiniWorldRevisitBase, EzPickle):
         move_step = _check_float("move_step", move_step, 0.0, 0.5 * layout["room_size"], "metres")
         max_steps = _check_int("max_steps", max_steps, 1)
         revisit_radius, revisit_angle = _check_revisit(revisit_radius, revisit_angle)
+        # Objects are placed by rejection sampling, which never ends if they cannot fit: allow about one per 2 m^2.
         if layout["num_objects"] > 2 * layout["num_rows"] * layout["num_cols"] * (layout["room_size"] // 2) ** 2:
             raise ValueError(f"num_objects: {num_objects} will not fit in {num_rows}x{num_cols} rooms of {room_size} m")
         world_cls = _revisit_world_class()
