@@ -104,6 +104,9 @@ class ActionAddress(AddressPath):
             self.cell = nn.GRUCell(num_actions, self.path_dim)
             self.out = nn.LayerNorm(self.path_dim) if layer_norm else nn.Identity()
             self.proj = nn.Linear(self.path_dim, addr_dim) if self.path_dim != addr_dim else nn.Identity()
+            # a learned start state: a zero state would give the start place the all-zero address, which cosine
+            # similarity can never match (the episode's first slot would be unreadable)
+            self.start = nn.Parameter(0.5 * torch.randn(self.path_dim))
         else:
             if addr_dim % 2:
                 raise ValueError(f"address 'actions' (additive): addr_dim must be even (sin and cos halves), got {addr_dim}")
@@ -124,6 +127,8 @@ class ActionAddress(AddressPath):
 
     def init_state(self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> State:
         # Every episode starts at the origin of its own path: addresses are relative to the start.
+        if self.integrator == "gru":
+            return {"path": self.start.to(device=device, dtype=dtype).expand(batch, self.path_dim)}  # (B, P)
         return {"path": torch.zeros(batch, self.path_dim, device=device, dtype=dtype)}  # (B, P)
 
     def displacements(self) -> Tensor:
