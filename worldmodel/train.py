@@ -193,8 +193,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         step = int(payload["step"])
     train_model = model
     if world > 1:
+        # with no memory the address path feeds nothing, so its parameters get no gradient: tell DDP to expect that
         train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=cfg.memory == "none")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
     # -- logging (rank 0 only) ------------------------------------------------------------------------------------------
