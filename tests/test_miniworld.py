@@ -100,7 +100,7 @@ def test_info_contract_and_rendering():
     for _ in range(5):
         assert set(info) == {"pose", "revisit", "visit_count"}
         assert info["pose"].dtype == np.float32 and info["pose"].shape == (3,)
-        assert -np.pi <= info["pose"][2] < np.pi
+        assert abs(info["pose"][2]) <= np.float32(np.pi)  # [-pi, pi) before rounding to float32
         assert type(info["revisit"]) is bool and type(info["visit_count"]) is int
         obs, reward, terminated, truncated, info = env.step(LEFT)
         assert reward == 0.0 and not terminated
