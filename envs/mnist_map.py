@@ -432,7 +432,7 @@ class MnistMapEnv(gym.Env[np.ndarray, int]):
 
     @property
     def map(self) -> np.ndarray:
-        """The current map (Hm, Wm) uint8."""
+        """The current map (Hm, Wm) uint8, a view that the next reset overwrites: copy it to keep it."""
         return self.core.maps[0]
 
     @property
