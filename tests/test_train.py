@@ -126,3 +126,14 @@ def test_cli_presets_flags_and_bad_input():
         preset("huge")
     cfg = dataclasses.replace(preset("debug"), curriculum_start=4, curriculum_steps=10)
     assert [curriculum_len(cfg, s, 12) for s in (0, 5, 10, 50)] == [4, 8, 12, 12]
+
+
+def test_seen_in_context_matches_revisits_by_pose():
+    from worldmodel.evaluate import seen_in_context
+
+    pose = np.array([[[0, 0], [0, 14], [14, 14], [0, 14], [28, 28], [28, 28], [0, 0]]], np.float32)  # (1, 7, 2)
+    revisit = np.array([[False, False, False, True, False, True, True]])
+    # context K = 3: step 3 revisits (0, 14) seen in the context, step 5 revisits (28, 28) first met open loop,
+    # step 6 revisits the start
+    assert seen_in_context(pose, revisit, 3).tolist() == [[True, False, False, True]]
+    assert seen_in_context(pose[:, :, :0], revisit, 3).tolist() == [[True, False, True, True]]

@@ -8,6 +8,8 @@ earlier in this window"):
   - open loop: the model sees frames [0, K), then only the actions, and predicts frames [K, T) from its prior
     (prior means, mean decode); per-pixel MSE (pixels in [0, 1]) and BCE against the truth, revisit vs first visit;
   - the floor: the model's own reconstruction (posterior-mean decode) error on the same steps.
+Revisits are split further: `revisit_context` are revisits of a place seen in the context (matched by pose), the
+only revisits a memory can recall open loop; the others revisit a place first met during the open-loop part.
 Writes `eval.json` (all figures, per-step curves) and `strip.png` (per window: truth, then the prediction with the
 context frames dimmed; a red bar above a frame marks a revisit, a grey one the context).
 """
@@ -70,6 +72,19 @@ def episode_start_windows(root: str, seq_len: int, count: int):
     return windows, pick
 
 
+def seen_in_context(pose: np.ndarray, revisit: np.ndarray, context: int, tol: float = 1e-3) -> np.ndarray:
+    """(N, T-K) bool: a revisit step after the context whose place was seen IN the context (pose within `tol`).
+
+    In open loop the model never sees the frames after the context, so only these revisits can be recalled; a
+    revisit of a place first seen during the open-loop part is as unpredictable as a first visit. Without a pose
+    (D = 0) every revisit counts."""
+    future = revisit[:, context:]
+    if pose.shape[-1] == 0:
+        return future.copy()
+    dist = np.linalg.norm(pose[:, context:, None, :] - pose[:, None, :context, :], axis=-1)  # (N, T-K, K)
+    return future & (dist.min(-1) < tol)
+
+
 def _masked(x: np.ndarray, mask: np.ndarray) -> float:
     return float(x[mask].mean()) if mask.any() else float("nan")
 
@@ -82,7 +97,7 @@ def evaluate_model(model: GTMM, windows, index: np.ndarray, context: int, batch:
     if not 0 < context < T:
         raise ValueError(f"--context {context}: expected 0 < context < seq_len = {T}")
     torch.manual_seed(seed)
-    nll, kl, revisit, pred_mse, pred_bce, rec_mse, rec_bce, preds = [], [], [], [], [], [], [], []
+    nll, kl, revisit, pose, pred_mse, pred_bce, rec_mse, rec_bce, preds = [], [], [], [], [], [], [], [], []
     for start in range(0, len(index), batch):
         items = [windows[int(i)] for i in index[start:start + batch]]
         b = batch_to_torch({k: np.stack([it[k].numpy() for it in items]) for k in items[0]}, device)
@@ -100,11 +115,13 @@ def evaluate_model(model: GTMM, windows, index: np.ndarray, context: int, batch:
         nll.append(elbo["nll"].float().cpu().numpy())
         kl.append(elbo["kl"].float().cpu().numpy())
         revisit.append(b["revisit"].cpu().numpy())
+        pose.append(b["pose"].cpu().numpy())
         preds.append(res["pred"].float().cpu().numpy())
     nll, kl, revisit = np.concatenate(nll), np.concatenate(kl), np.concatenate(revisit)  # (N, T)
     pred_mse, pred_bce = np.concatenate(pred_mse), np.concatenate(pred_bce)  # (N, T-K)
     rec_mse, rec_bce = np.concatenate(rec_mse), np.concatenate(rec_bce)
     future_revisit = revisit[:, context:]
+    recall = seen_in_context(np.concatenate(pose), revisit, context)  # (N, T-K)
     figures = {
         "teacher_forcing": {
             "nll_revisit": _masked(nll, revisit), "nll_first_visit": _masked(nll, ~revisit),
@@ -114,13 +131,16 @@ def evaluate_model(model: GTMM, windows, index: np.ndarray, context: int, batch:
         "open_loop": {
             "mse_revisit": _masked(pred_mse, future_revisit), "mse_first_visit": _masked(pred_mse, ~future_revisit),
             "bce_revisit": _masked(pred_bce, future_revisit), "bce_first_visit": _masked(pred_bce, ~future_revisit),
+            "mse_revisit_context": _masked(pred_mse, recall), "bce_revisit_context": _masked(pred_bce, recall),
             "mse_per_step": pred_mse.mean(0).tolist(),
         },
         "reconstruction": {
             "mse_revisit": _masked(rec_mse, future_revisit), "mse_first_visit": _masked(rec_mse, ~future_revisit),
             "bce_revisit": _masked(rec_bce, future_revisit), "bce_first_visit": _masked(rec_bce, ~future_revisit),
+            "mse_revisit_context": _masked(rec_mse, recall), "bce_revisit_context": _masked(rec_bce, recall),
         },
         "counts": {"windows": int(len(index)), "revisit_steps_open_loop": int(future_revisit.sum()),
+                   "revisit_of_context_steps_open_loop": int(recall.sum()),
                    "first_visit_steps_open_loop": int((~future_revisit).sum())},
     }
     return {"figures": figures, "pred": np.concatenate(preds), "revisit": revisit}
@@ -155,13 +175,16 @@ def model_label(model: GTMM) -> str:
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:
     head = (f"{'model':<34} {'KL rev':>7} {'KL new':>7} {'NLL rev':>8} {'NLL new':>8} "
-            f"{'OL mse rev':>10} {'OL mse new':>10} {'OL bce rev':>10} {'rec mse rev':>11} {'rec mse new':>11}")
-    lines = [head, "-" * len(head)]
+            f"{'OL ctx-rev':>10} {'OL rev':>8} {'OL new':>8} {'rec ctx-rev':>11} {'rec rev':>8} {'rec new':>8}")
+    lines = ["per-frame means; KL/NLL in nats (teacher forcing), OL = open-loop MSE per pixel, rec = own reconstruction "
+             "MSE; ctx-rev = revisits of places seen in the context, rev = all revisits, new = first visits",
+             head, "-" * len(head)]
     for name, f in results.items():
         tf, ol, rc = f["teacher_forcing"], f["open_loop"], f["reconstruction"]
         lines.append(f"{name:<34} {tf['kl_revisit']:7.2f} {tf['kl_first_visit']:7.2f} {tf['nll_revisit']:8.1f} "
-                     f"{tf['nll_first_visit']:8.1f} {ol['mse_revisit']:10.4f} {ol['mse_first_visit']:10.4f} "
-                     f"{ol['bce_revisit']:10.4f} {rc['mse_revisit']:11.4f} {rc['mse_first_visit']:11.4f}")
+                     f"{tf['nll_first_visit']:8.1f} {ol['mse_revisit_context']:10.4f} {ol['mse_revisit']:8.4f} "
+                     f"{ol['mse_first_visit']:8.4f} {rc['mse_revisit_context']:11.4f} {rc['mse_revisit']:8.4f} "
+                     f"{rc['mse_first_visit']:8.4f}")
     return "\n".join(lines)
 
 
@@ -188,10 +211,14 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
 
     main = results[next(iter(results))]
     ratios = {"open_loop_revisit_over_own_recon":
-              main["open_loop"]["mse_revisit"] / main["reconstruction"]["mse_revisit"]}
+              main["open_loop"]["mse_revisit"] / main["reconstruction"]["mse_revisit"],
+              "open_loop_revisit_context_over_own_recon":
+              main["open_loop"]["mse_revisit_context"] / main["reconstruction"]["mse_revisit_context"]}
     if cfg.baseline is not None:
         base = list(results.values())[1]
         ratios["open_loop_revisit_over_baseline"] = main["open_loop"]["mse_revisit"] / base["open_loop"]["mse_revisit"]
+        ratios["open_loop_revisit_context_over_baseline"] = (main["open_loop"]["mse_revisit_context"]
+                                                             / base["open_loop"]["mse_revisit_context"])
         ratios["open_loop_first_visit_over_baseline"] = (main["open_loop"]["mse_first_visit"]
                                                          / base["open_loop"]["mse_first_visit"])
     out_dir = Path(cfg.out) if cfg.out else (Path(cfg.checkpoint) if Path(cfg.checkpoint).is_dir()
