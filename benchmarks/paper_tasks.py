@@ -1,6 +1,6 @@
 """The paper's memory benchmarks (Gemici et al. 2017, sec. 5.1-5.5): every memory on every sequence task, one budget.
 
-    python benchmarks/paper_tasks.py --steps 800 --jobs 2
+    python benchmarks/paper_tasks.py --steps 600 --seq-len 10 --jobs 3
 
 For each (task, memory) pair this trains a GTMM through the project's trainer (`worldmodel.train.train`, the same
 path as `python -m worldmodel.train --task <task> --memory <memory>`), action-free, address `hidden`, for `--steps`
@@ -46,8 +46,10 @@ MIN_REFERENCE = 1.0  # nats: below this the model hardly encodes its frames and 
 class Args:
     """Train each memory on each of the paper's sequence tasks at a fixed budget; print KL at recall vs other steps."""
 
-    steps: int = 800
+    steps: int = 600
     """training steps per run (the budget)"""
+    seq_len: int = 10
+    """frames per sequence; each task's kwargs fill it (envs.sequences.kwargs_for_length), as the trainer does"""
     tasks: tuple[str, ...] = ()
     """tasks to run (empty = all of envs.sequences.TASKS)"""
     memories: tuple[str, ...] = ()
@@ -86,6 +88,8 @@ class Args:
     """KL balancing weight of the prior term (0.5 = plain ELBO gradient)"""
     table: str = ""
     """also write the markdown table to this file"""
+    train: bool = True
+    """train runs that are not finished; --no-train only tabulates the finished ones"""
 
 
 def train_config(args: Args, task: str, memory: str):
@@ -97,7 +101,8 @@ def train_config(args: Args, task: str, memory: str):
 
     return dataclasses.replace(
         preset("mnist_cpu"), task=task, memory=memory, address="hidden", out=str(Path(args.out) / task / memory),
-        device=args.device, seed=args.seed, threads=args.threads, steps=args.steps, batch=args.batch, lr=args.lr,
+        device=args.device, seed=args.seed, threads=args.threads, steps=args.steps, seq_len=args.seq_len, batch=args.batch,
+        lr=args.lr,
         z_dim=args.z_dim, h_dim=args.h_dim, embed_dim=args.embed_dim, channels=args.channels,
         hidden_dim=args.hidden_dim, addr_dim=args.addr_dim, heads=args.heads, free_nats=0.0,
         kl_balance=args.kl_balance, address_lr_scale=1.0, curriculum_start=0, progress=False,
@@ -109,19 +114,21 @@ def evaluate(run_dir: str | Path, task: str, sequences: int, seed: int, device: 
     """Per-step KL and NLL of a trained checkpoint on fresh test-split sequences of `task`, split by recall position."""
     import torch
 
-    from envs.sequences import parity_images, sample_batch
+    from envs.sequences import kwargs_for_length, parity_images, sample_batch
     from worldmodel import checkpoint
     from worldmodel.model import batch_to_torch
     from worldmodel.train import resolve_device
 
     dev = resolve_device(device)
-    model, _ = checkpoint.load(run_dir, dev)
+    model, cfg = checkpoint.load(run_dir, dev)
+    task_kwargs = kwargs_for_length(task, cfg.seq_len)  # what the trainer sampled (it saves the fitted seq_len)
     rng = np.random.default_rng([seed, 1])  # the same sequences for every memory
     kl_steps, nll_steps, recall, kl_wrong = [], [], [], []
     with torch.no_grad(), torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(seed)
         for start in range(0, sequences, 64):
-            sample = sample_batch(task, min(64, sequences - start), rng, split="test")
+            sample = sample_batch(task, min(64, sequences - start), rng, split="test", **task_kwargs)
+            assert sample["obs"].shape[1] == cfg.seq_len, f"eval length {sample['obs'].shape[1]} != trained {cfg.seq_len}"
             batch = batch_to_torch(sample, dev)
             seq = model.observe(batch["obs"], batch["prev_action"], batch["pose"], sample=True)
             kl_steps.append(seq["kl"].float().cpu().numpy())  # (B, T)
@@ -146,6 +153,7 @@ def evaluate(run_dir: str | Path, task: str, sequences: int, seed: int, device: 
         "nll_bound": float((nll + kl).sum(axis=1).mean()),  # -ELBO per sequence
         "kl_per_step": kl.mean(axis=0).tolist(),  # (T,) for plots
         "recall_positions": recall.mean(axis=0).tolist(),  # (T,) fraction of sequences recalling at t
+        "task_kwargs": task_kwargs,
         "sequences": int(kl.shape[0]),
         "length": int(kl.shape[1]),
     }
@@ -153,7 +161,7 @@ def evaluate(run_dir: str | Path, task: str, sequences: int, seed: int, device: 
 
 def run_one(args: Args, task: str, memory: str) -> dict[str, Any]:
     """Train (or reuse) one run and evaluate it; errors are returned, not raised, so the table can show them."""
-    result: dict[str, Any] = {"task": task, "memory": memory, "steps": args.steps}
+    result: dict[str, Any] = {"task": task, "memory": memory, "steps": args.steps, "seq_len": args.seq_len}
     run_dir = Path(args.out) / task / memory
     try:
         import torch
@@ -167,6 +175,8 @@ def run_one(args: Args, task: str, memory: str) -> dict[str, Any]:
             saved = json.loads(done.read_text())
             if saved.get("steps") == args.steps and "error" not in saved:
                 return saved
+        if not args.train:
+            return {**result, "not_run": True}
         resume = (run_dir / "ckpt.pt").is_file()
         tick = time.perf_counter()
         info = train(dataclasses.replace(cfg, resume=resume))
@@ -187,6 +197,8 @@ def reference_kl(result: dict[str, Any]) -> float:
 
 
 def verdict(result: dict[str, Any]) -> str:
+    if result.get("not_run"):
+        return "not run (unfinished, --no-train)"
     if "error" in result:
         return f"error: {result['error'].splitlines()[0][:80]}"
     if not all(math.isfinite(result[k]) for k in ("kl_recall", "kl_other", "nll_bound")):
@@ -199,13 +211,14 @@ def verdict(result: dict[str, Any]) -> str:
 
 def format_table(results: list[dict[str, Any]]) -> str:
     """Markdown table, one row per run, grouped by task, with the recall KL relative to the `none` baseline."""
-    baseline = {r["task"]: r for r in results if r["memory"] == "none" and "error" not in r}
+    results_ok = [r for r in results if "error" not in r and not r.get("not_run")]
+    baseline = {r["task"]: r for r in results_ok if r["memory"] == "none"}
     lines = [
         "| task | memory | KL/step recall | KL/step other | recall / reference | recall vs none | NLL bound / seq | verdict |",
         "|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
-        if "error" in r:
+        if r not in results_ok:
             lines.append(f"| {r['task']} | {r['memory']} | - | - | - | - | - | {verdict(r)} |")
             continue
         base = baseline.get(r["task"])
@@ -247,7 +260,7 @@ def main(args: Args) -> list[dict[str, Any]]:
 
     import torch
 
-    header = (f"{len(pairs)} runs x {args.steps} steps (batch {args.batch}), {args.jobs} jobs x {args.threads} "
+    header = (f"{len(pairs)} runs x {args.steps} steps (batch {args.batch}, {args.seq_len} frames), {args.jobs} jobs x {args.threads} "
               f"thread(s) on {args.device}, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
               f"{time.perf_counter() - tick:.0f} s in all")
     print(header)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from envs.sequences import TASKS, DigitPool, sample_batch, sequence_length, task_fields
+from envs.sequences import TASKS, DigitPool, kwargs_for_length, sample_batch, sequence_length, task_fields
 
 
 def stand_in_pool(seed: int, per_class: int = 30, num_classes: int = 10) -> DigitPool:
@@ -195,11 +195,10 @@ def test_real_digits_one_shot_split_is_unseen() -> None:
 @pytest.mark.parametrize("task", TASKS)
 @pytest.mark.parametrize("seq_len", [3, 8, 21, 48])
 def test_kwargs_for_length_fit_the_trainer_window(task: str, seq_len: int, pool: DigitPool) -> None:
-    from envs.sequences import kwargs_for_length
-
     kwargs = kwargs_for_length(task, seq_len)
     T = sequence_length(task, **kwargs)
     assert seq_len - 2 <= T <= seq_len  # within one pair of the window, never longer
+    assert kwargs_for_length(task, T) == kwargs  # a checkpoint's fitted length gives back the same task
     batch = sample_batch(task, 2, np.random.default_rng(0), source=pool, **kwargs)
     assert batch["obs"].shape[1] == T and batch["revisit"].any()
 
@@ -222,13 +221,15 @@ def test_tiny_model_trains_a_few_steps_on_each_task(task: str, tmp_path) -> None
     result = train(cfg)
     assert result["step"] == 3 and result["skipped"] == 0
     assert all(math.isfinite(loss) for _, loss in result["losses"])
-    assert result["config"].seq_len == sequence_length(task)  # the task sets the window
+    kwargs = kwargs_for_length(task, cfg.seq_len)  # the trainer fits the task into --seq-len
+    T = sequence_length(task, **kwargs)
+    assert result["config"].seq_len == T
     model, saved = checkpoint.load(tmp_path / "run")
-    assert saved.task == task
-    batch = batch_to_torch(sample_batch(task, 3, np.random.default_rng(0), split="test"), "cpu")
+    assert saved.task == task and kwargs_for_length(task, saved.seq_len) == kwargs  # the checkpoint says how to sample
+    batch = batch_to_torch(sample_batch(task, 3, np.random.default_rng(0), split="test", **kwargs), "cpu")
     with torch.no_grad():
         seq = model.observe(batch["obs"], batch["prev_action"], batch["pose"])
-    assert seq["kl"].shape == (3, sequence_length(task)) and torch.isfinite(seq["kl"]).all()
+    assert seq["kl"].shape == (3, T) and torch.isfinite(seq["kl"]).all()
 
 
 def test_parity_images_are_the_fixed_answers(pool: DigitPool) -> None:
