@@ -85,13 +85,16 @@ class ActionAddress(AddressPath):
     Knobs for fast convergence: ``layer_norm`` keeps the GRU address at a fixed scale whatever the gates do;
     ``inverse_actions`` (the env's ``inverse_actions`` table) ties E[inv(a)] = -E[a] so an out-and-back path returns
     exactly to its start address from the first update on; ``step_scale`` sets the initial size of E in units of
-    the Fourier kernel width (1 = one move changes the address to a nearly orthogonal one). The trainer's
-    ``--address-lr-scale`` multiplies this module's learning rate.
+    the Fourier kernel width. Start small (coarse to fine): with 0.1 all places begin with similar addresses, reads
+    blur over the whole memory, and the gradient pulls E apart until one move gives a new address; at 1.0 every
+    move starts out orthogonal and the loss gives E little to follow. (Recall of z by place on a 4x4 random walk,
+    introspective memory, 200 Adam steps: revisit MSE 0.013 with 0.1, 0.024 with 0.3, 0.42 with 1.0; the GRU 0.21.)
+    The trainer's ``--address-lr-scale`` multiplies this module's learning rate.
     No action (-1) leaves s unchanged.
     """
 
     def __init__(self, *, num_actions: int, addr_dim: int, integrator: str = "gru", path_dim: int = 0,
-                 layer_norm: bool = True, inverse_actions: Sequence[int] | None = None, step_scale: float = 1.0,
+                 layer_norm: bool = True, inverse_actions: Sequence[int] | None = None, step_scale: float = 0.1,
                  seed: int = 0):
         super().__init__()
         if num_actions < 1:
