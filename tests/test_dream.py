@@ -254,3 +254,51 @@ def test_cli_writes_side_by_side_video(tiny, data, tmp_path):
     with pytest.raises(ValueError, match=".gif or .mp4"):
         dream_video(DreamConfig(checkpoint=str(tiny), data=str(data), episodes=1, steps=2,
                                 out=str(tmp_path / "x.png"), device="cpu"))
+
+
+# -- the point of a memory: dreams bring back what was seen -------------------------------------------------------------
+
+def dream_errors(checkpoint: Path, data: Path, context: int, episodes: int) -> dict[str, float]:
+    """Per-pixel MSE of prior-mean dreams driven by recorded actions, on revisit frames (all, and those whose place
+    was shown in the real context) and on first visits."""
+    vec = DreamVectorEnv(str(checkpoint), episodes, data=str(data), context=context, temperature=0.0, device="cpu")
+    vec.reset(seed=0)
+    errors: dict[str, list[float]] = {"revisit": [], "revisit_of_context": [], "first_visit": []}
+    while all(t.t < len(t.episode["action"]) for t in vec.dreams.tracks):
+        tracks = vec.dreams.tracks
+        obs, _, _, _, info = vec.step(np.array([t.episode["action"][t.t] for t in tracks]))
+        for i, track in enumerate(tracks):
+            assert info["on_record"][i]
+            error = float(np.mean((obs[i] / 255.0 - track.real_obs / 255.0) ** 2))
+            if info["revisit"][i]:
+                errors["revisit"].append(error)
+                if (track.episode["pose"][:context] == info["pose"][i]).all(1).any():
+                    errors["revisit_of_context"].append(error)
+            else:
+                errors["first_visit"].append(error)
+    vec.close()
+    assert all(len(v) >= 10 for v in errors.values()), {k: len(v) for k, v in errors.items()}
+    return {k: float(np.mean(v)) for k, v in errors.items()}
+
+
+def test_memory_dreams_revisits_closer_than_none(tmp_path):
+    """Train a memory model (introspective, pose address) and a `none` model for the same short budget on short
+    loops; dream held-out episodes' own actions after 10 real frames: the memory model's revisited places are closer
+    to the truth. Measured (3 seeds, 120 steps): revisit-of-context MSE 0.089 / 0.089 / 0.086 vs none's 0.100 /
+    0.100 / 0.106; at 300 steps 0.065 vs 0.116."""
+    data = tmp_path / "loops"
+    held_out = tmp_path / "held_out"  # other maps, other walks (seed 1)
+    for out, episodes, seed in ((data, 64, 0), (held_out, 32, 1)):
+        collect(CollectConfig(env="mnist_map", agent="loop", episodes=episodes, steps=15, out=out, seed=seed,
+                              progress=False, agent_kwargs='{"min_out": 2, "max_out": 4}'))
+    errors = {}
+    for memory, address in (("introspective", "pose"), ("none", "hidden")):
+        out = tmp_path / memory
+        cfg = dataclasses.replace(preset("debug"), data=str(data), memory=memory, address=address, steps=120,
+                                  seq_len=16, batch=8, lr=3e-3, kl_balance=0.8, free_nats=0.0, out=str(out),
+                                  progress=False, threads=1, ckpt_every=120, log_every=120, image_every=10**6)
+        train(cfg)
+        errors[memory] = dream_errors(out, held_out, context=10, episodes=32)
+    print(errors)
+    assert errors["introspective"]["revisit"] < 0.95 * errors["none"]["revisit"], errors
+    assert errors["introspective"]["revisit_of_context"] < 0.95 * errors["none"]["revisit_of_context"], errors

@@ -557,7 +557,7 @@ class DreamVectorEnv(VectorEnv):
 
 @dataclass
 class DreamConfig:
-    """Dream with a trained GTMM and save a GIF (or MP4): real | dreamed side by side where the real frame is known."""
+    """Dream with a trained GTMM and save a GIF (or MP4): real over dreamed frames where the real frame is known."""
 
     checkpoint: str
     """the model: a run folder or its ckpt.pt"""
@@ -574,7 +574,7 @@ class DreamConfig:
     shadow: bool = False
     """step a real env beside the dream with the same actions: real frames and revisits for any agent"""
     episodes: int = 4
-    """dreams side by side (rows of the GIF), stepped in one batch"""
+    """dreams side by side (columns of the video), stepped in one batch"""
     steps: int = 200
     """dreamed steps (--agent recorded stops where the shortest recorded episode ends)"""
     context: int = 0
@@ -615,15 +615,21 @@ def _blank_like(frame: np.ndarray) -> np.ndarray:
 
 
 def compose(real: list[Optional[np.ndarray]], dream: list[np.ndarray], revisit: list[bool], context: bool,
-            scale: int) -> np.ndarray:
-    """One video frame: a row per dream, [real | dreamed], borders grey (context), red (revisit), blue (else)."""
-    rows = []
+            scale: int, caption: str = "") -> np.ndarray:
+    """One video frame: a column per dream, the real frame on top (white when unknown) and the dreamed one below;
+    borders grey (real context), red (revisit), blue (first visit); a caption strip on top."""
+    import cv2  # only for the caption text
+
+    columns = []
     for r, d, rev in zip(real, dream, revisit):
         colour = CONTEXT_COLOUR if context else (REVISIT_COLOUR if rev else DREAM_COLOUR)
-        left = _tile(r if r is not None else _blank_like(d), scale, colour if r is not None else (255, 255, 255))
-        rows.append(np.concatenate([left, np.full((left.shape[0], 4, 3), 255, np.uint8), _tile(d, scale, colour)], 1))
-        rows.append(np.full((4, rows[-1].shape[1], 3), 255, np.uint8))
-    return np.concatenate(rows[:-1], 0)
+        top = _tile(r if r is not None else _blank_like(d), scale, colour if r is not None else (255, 255, 255))
+        columns.append(np.concatenate([top, np.full((4, top.shape[1], 3), 255, np.uint8), _tile(d, scale, colour)], 0))
+        columns.append(np.full((columns[-1].shape[0], 6, 3), 255, np.uint8))
+    body = np.concatenate(columns[:-1], 1)
+    header = np.full((16, body.shape[1], 3), 255, np.uint8)
+    cv2.putText(header, caption, (2, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.concatenate([header, body], 0)
 
 
 def write_video(frames: list[np.ndarray], path: str, fps: int) -> None:
@@ -684,7 +690,8 @@ def dream_video(cfg: DreamConfig) -> dict[str, Any]:
     video = []
     for k in range(dreams.context):
         ctx = [t.context_obs[k] for t in dreams.tracks]
-        video.append(compose(ctx, ctx, [False] * cfg.episodes, True, cfg.scale))
+        video.append(compose(ctx, ctx, [False] * cfg.episodes, True, cfg.scale,
+                             f"t={k} real context (top: real, bottom: dream)"))
     errors = {"revisit": [], "first": []}
     for _ in range(steps):
         if agent is None:
@@ -697,7 +704,8 @@ def dream_video(cfg: DreamConfig) -> dict[str, Any]:
             if r is not None:
                 err = float(np.mean((r.astype(np.float32) - obs[i].astype(np.float32)) ** 2) / 255.0 ** 2)
                 errors["revisit" if info["revisit"][i] else "first"].append(err)
-        video.append(compose(real, list(obs), list(info["revisit"]), False, cfg.scale))
+        video.append(compose(real, list(obs), list(info["revisit"]), False, cfg.scale,
+                             f"t={len(video)} dream (red: revisit)"))
         if truncated.any():
             break
     vec.close()
