@@ -240,15 +240,18 @@ class ParityRecall(_Task):
     def length(self) -> int:
         return self.k + 1
 
-    def answer_images(self, pool: DigitPool) -> np.ndarray:
-        """The images that show parity 0 and 1 with ``exemplar='fixed'``: (2, H, W)."""
+    @staticmethod
+    def check_pool(pool: DigitPool) -> None:
         if not pool.has((0, 1)):
             raise ValueError(f"task 'parity_recall': the image set has no class 0 or 1 to show the parity, classes {pool.classes.tolist()}")
+
+    def answer_images(self, pool: DigitPool) -> np.ndarray:
+        """The images that show parity 0 and 1 with ``exemplar='fixed'``: (2, H, W)."""
+        self.check_pool(pool)
         return pool.images[pool.first_exemplar(np.array([0, 1]))]
 
     def frames(self, pool: DigitPool, batch_size: int, rng: np.random.Generator) -> Frames:
-        if not pool.has((0, 1)):
-            raise ValueError(f"task 'parity_recall': the image set has no class 0 or 1 to show the parity, classes {pool.classes.tolist()}")
+        self.check_pool(pool)
         k = self.k
         index, revisit, recall_of = _empty(batch_size, self.length())
         index[:, :k] = pool.random((batch_size, k), rng)  # (B, k)

@@ -240,3 +240,11 @@ def test_parity_images_are_the_fixed_answers(pool: DigitPool) -> None:
     last = batch["obs"][:, -1, :, :, 0]
     assert np.array_equal(last, answers[batch["label"][:, -1]])
     assert not np.array_equal(answers[0], answers[1])
+
+
+def test_image_sets_missing_needed_classes_are_named(pool: DigitPool) -> None:
+    no_small_digits = pool.subset((5, 6, 7, 8, 9))
+    with pytest.raises(ValueError, match="no class 0 or 1"):
+        sample_batch("parity_recall", 2, np.random.default_rng(0), source=no_small_digits)
+    with pytest.raises(ValueError, match=r"cues need classes 1\.\.3"):
+        sample_batch("dynamic_dependencies", 2, np.random.default_rng(0), source=no_small_digits, k=3, max_back=3)
