@@ -513,16 +513,16 @@ class DreamVectorEnv(VectorEnv):
     def reset(self, *, seed: int | list[int] | None = None, options: Optional[dict[str, Any]] = None):
         if seed is None:
             seeds = [None] * self.num_envs
-        elif isinstance(seed, int):
-            seeds = [seed + i for i in range(self.num_envs)]
+        elif isinstance(seed, (int, np.integer)):
+            seeds = [int(seed) + i for i in range(self.num_envs)]
         else:
             if len(seed) != self.num_envs:
                 raise ValueError(f"DreamVectorEnv.reset: {len(seed)} seeds for {self.num_envs} envs")
-            seeds = list(seed)
+            seeds = [None if s is None else int(s) for s in seed]
         # dream i's generator is the one a DreamEnv reset with seed s_i builds (gymnasium's np_random of s_i)
         self._rngs = [gym.utils.seeding.np_random(s)[0] for s in seeds]
-        self._noise_rng = np.random.default_rng([0 if s is None else s + 1 for s in seeds]) \
-            if None not in seeds else np.random.default_rng()
+        # the batch's prior noise: reproducible when every dream is seeded, fresh entropy otherwise
+        self._noise_rng = np.random.default_rng(seeds if None not in seeds else None)
         obs = np.zeros((self.num_envs, *self.dreams.obs_shape), dtype=np.uint8)
         infos: list[dict[str, Any]] = [{}] * self.num_envs
         self._reset_rows(np.arange(self.num_envs), obs, infos)
