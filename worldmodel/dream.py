@@ -170,7 +170,7 @@ class DreamBatch:
         self.action_space = spaces.Discrete(self.num_actions)
 
         # -- the real env's identity: from the dataset's manifest or the live env ------------------------------------
-        self.data, self.live_env = data, env
+        self.data = data
         if data is not None:
             from rollouts.storage import read_manifest
 
@@ -191,14 +191,11 @@ class DreamBatch:
         self.context_agent = context_agent
         self.inverse_actions: Optional[tuple[int, ...]] = None
         self._shadows: list[Optional[gym.Env]] = [None] * num_envs
-        if self.shadow or data is None:
-            probe = self._real_env(0)  # also checks the live env's spaces against the checkpoint
-        else:
-            probe = None
+        if self.shadow:
+            self._real_env(0)  # built now: checks the real env's spaces against the checkpoint, reads inverse_actions
         if self.inverse_actions is None:
             inv = cfg.address_kwargs.get("inverse_actions")
             self.inverse_actions = tuple(int(a) for a in inv) if inv is not None else self._probe_inverse_actions()
-        del probe
 
         self.state: Optional[ModelState] = None
         self.tracks: list[Optional[Track]] = [None] * num_envs
@@ -211,7 +208,10 @@ class DreamBatch:
         import envs
 
         if self._shadows[i] is None:
-            real = envs.make(self.env_name, **self.env_kwargs)
+            kwargs = dict(self.env_kwargs)
+            if "max_steps" in kwargs:  # the recorded episodes' length: a shadow must last as long as the dream
+                kwargs["max_steps"] = max(int(kwargs["max_steps"]), self.max_steps + self.context)
+            real = envs.make(self.env_name, **kwargs)
             got = (tuple(real.observation_space.shape), int(real.action_space.n))
             if got != (self.obs_shape, self.num_actions):
                 raise ValueError(f"env {self.env_name!r}: observations {got[0]} and {got[1]} actions, the checkpoint "
@@ -282,6 +282,9 @@ class DreamBatch:
                 raise ValueError(f"env {self.env_name!r} ended its episode within the {K} context frames")
             frames.append(obs), actions.append(action), poses.append(np.asarray(info["pose"], np.float32))
         ctx = {"obs": np.stack(frames), "prev_action": np.array(actions, np.int64), "pose": np.stack(poses)}
+        if ctx["pose"].shape[1:] != (self.pose_dim,):
+            raise ValueError(f"env {self.env_name!r}: info['pose'] has shape {ctx['pose'].shape[1:]}, the checkpoint "
+                             f"expects ({self.pose_dim},): not the env it was trained on")
         track = Track(episode=None, episode_index=-1, t=K - 1, on_record=False, shadow=real, real_obs=obs,
                       real_info=info)
         return ctx, track
@@ -311,7 +314,7 @@ class DreamBatch:
             track.context_obs = ctx["obs"]
             self.tracks[int(i)] = track
             contexts.append(ctx)
-            infos.append(self._info_of_context(track, ctx))
+            infos.append(self._info_of_context(track))
         batch = {k: torch.as_tensor(np.stack([c[k] for c in contexts])).to(self.device) for k in contexts[0]}
         rows = self.model.warmup(batch["obs"], batch["prev_action"], batch["pose"].float())  # (n, ...) state
         index = torch.as_tensor(np.asarray(indices), device=self.device, dtype=torch.long)
@@ -322,7 +325,7 @@ class DreamBatch:
         self.last_obs[np.asarray(indices)] = obs
         return obs, infos
 
-    def _info_of_context(self, track: Track, ctx: dict[str, np.ndarray]) -> dict[str, Any]:
+    def _info_of_context(self, track: Track) -> dict[str, Any]:
         if track.episode is not None:
             return self._recorded_info(track.episode, track.t, on_record=True)
         info = track.real_info
@@ -345,8 +348,10 @@ class DreamBatch:
                 track.t += 1
         track.real_obs = track.episode["obs"][track.t] if track.on_record else None
         if track.shadow is not None:
-            track.real_obs, _, _, _, info = track.shadow.step(action)
+            track.real_obs, _, terminated, truncated, info = track.shadow.step(action)
             track.real_info = info
+            if terminated or truncated:  # the real episode is over: from the next step on the place is unknown
+                track.shadow = None
             return {"pose": np.asarray(info["pose"], np.float32), "revisit": bool(info["revisit"]),
                     "visit_count": int(info["visit_count"]), "pose_known": True, "on_record": track.on_record}
         if track.on_record:
