@@ -19,7 +19,6 @@ written-mass factor makes a read of an empty buffer exactly zero. The read vecto
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 from torch import Tensor
 
 from worldmodel.memory.base import Memory, ReadGate, ReadKeys, State, check_step_inputs, content_weights, cosine_similarity
