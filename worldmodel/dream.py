@@ -1,12 +1,12 @@
 """Dreaming: a trained GTMM standing in for the environment it was trained on (issue #5).
 
-    gymnasium.make("Dream-v0", checkpoint="runs/intro_actions", data="data/mnist_map")
-    python -m worldmodel.dream --checkpoint runs/intro_actions --data data/mnist_map_test --out dream.gif
-    python -m worldmodel.dream --checkpoint runs/intro_actions --data data/mnist_map_test --agent loop --shadow \
-        --steps 200 --out dream_loop.gif
-    python -m rollouts.collect --env dream --env-kwargs '{"checkpoint": "runs/intro_actions", "data": "data/mnist_map"}' \
-        --agent loop --episodes 10 --steps 64 --out data/dreamed
-    python -m agents.train_sb3 --env dream --env-kwargs '{"checkpoint": "runs/intro_actions", "data": "data/mnist_map"}'
+    gymnasium.make("Dream-v0", checkpoint="runs/intro_pose", data="data/mnist_map")
+    python -m worldmodel.dream --checkpoint runs/intro_pose --data data/mnist_map_test --out dream.gif
+    python -m worldmodel.dream --checkpoint runs/intro_pose --data data/mnist_map_test --agent loop --steps 200 \
+        --out dream_loop.gif
+    python -m rollouts.collect --env dream --env-kwargs '{"checkpoint": "runs/intro_pose", "data": "data/mnist_map",
+        "threads": 1}' --agent loop --episodes 10 --steps 64 --out data/dreamed
+    python -m agents.train_sb3 --env dream --env-kwargs '{"checkpoint": "runs/intro_pose", "data": "data/mnist_map"}'
 
 A dream is the model's open loop (the `imagine` path of `worldmodel.model`): `reset` teacher-forces the posterior
 over K real context frames (the memory is written from what was really seen), then every `step(action)` runs
@@ -17,14 +17,18 @@ The scalar `DreamEnv` and the batched `DreamVectorEnv` share one implementation 
 forward call of the model on its device (a GPU when there is one).
 
 What is real and what is unknown in `info` (the contract of `envs/__init__.py`):
-    - context frames: everything is real (recorded or live).
+    - at reset (the last context frame): everything is real (recorded or live).
     - after the context, while the actions taken are exactly the recorded episode's next actions ("on record"),
-      `pose`, `revisit`, `visit_count` are the recorded ones (the place the agent would really be).
+      `pose`, `revisit`, `visit_count` are the recorded ones (where the agent really would be).
     - with `shadow=True` a real env (the live one, or the recorded episode's env rebuilt from the manifest and its
-      env seed) is stepped beside the dream with the same actions: pose, revisit and visit_count are then always real.
+      env seed, checked against the recorded context frames) is stepped beside the dream with the same actions:
+      pose, revisit and visit_count are then real until that real episode ends. A live env (`env=`) always shadows.
     - otherwise, once the actions leave the record, the place is unknown: `pose` is NaN, `revisit` False and
-      `visit_count` 0, and `info["pose_known"]` is False. A model with the `pose` address needs the pose to dream,
-      so it can only dream on record or with a shadow.
+      `visit_count` 0, and `info["pose_known"]` is False. (NaN != NaN, so Gymnasium's `check_env` determinism check
+      fails on such infos although the dream is deterministic; with `shadow=True` it passes.) A model with the
+      `pose` address needs the pose to dream, so it can only dream on record or with a shadow.
+    - the frames are always dreamed; the real frame, when known, is `env.dreams.tracks[i].real_obs`.
+    - reward is always 0; a dream never terminates and truncates after `max_steps` dreamed steps.
 """
 
 from __future__ import annotations
@@ -573,11 +577,11 @@ class DreamConfig:
     env_kwargs: str = "{}"
     """JSON object of the live env's constructor arguments"""
     agent: str = "recorded"
-    """who acts: recorded (the episode's own actions, real vs dreamed side by side), random, loop, explore, sb3"""
+    """who acts: recorded (each episode's own actions: real vs dreamed), random, loop, explore, sb3"""
     policy: Optional[str] = None
     """saved SB3 policy (.zip) for --agent sb3"""
-    shadow: bool = False
-    """step a real env beside the dream with the same actions: real frames and revisits for any agent"""
+    shadow: bool = True
+    """with --agent other than recorded: step a real env beside each dream for real frames/revisits (--no-shadow: none)"""
     episodes: int = 4
     """dreams side by side (columns of the video), stepped in one batch"""
     steps: int = 200
@@ -675,7 +679,8 @@ def dream_video(cfg: DreamConfig) -> dict[str, Any]:
                          f"{cfg.scale}, {cfg.fps}")
     vec = DreamVectorEnv(cfg.checkpoint, cfg.episodes, data=cfg.data, env=cfg.env,
                          env_kwargs=parse_json_object(cfg.env_kwargs, "env_kwargs"), context=cfg.context,
-                         temperature=cfg.temperature, max_steps=cfg.steps, shadow=cfg.shadow, device=cfg.device,
+                         temperature=cfg.temperature, max_steps=cfg.steps,
+                         shadow=cfg.shadow and cfg.agent != "recorded" and cfg.data is not None, device=cfg.device,
                          threads=cfg.threads)
     dreams = vec.dreams
     obs, info = vec.reset(seed=cfg.seed)
