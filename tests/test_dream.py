@@ -251,6 +251,7 @@ def test_collect_records_dreams_in_the_dataset_format(tiny, data, tmp_path):
     assert len(windows) == 2 and windows[0]["obs"].dtype == torch.uint8
 
 
+@pytest.mark.slow
 def test_sb3_trains_inside_the_dream(tiny, data, tmp_path):
     """`python -m agents.train_sb3 --env dream ...`: PPO on dreamed frames, with the novelty reward from dream info."""
     out = tmp_path / "dream_ppo.zip"
@@ -311,6 +312,7 @@ def dream_errors(checkpoint: Path, data: Path, context: int, episodes: int) -> d
     return {k: float(np.mean(v)) for k, v in errors.items()}
 
 
+@pytest.mark.slow
 def test_memory_dreams_revisits_closer_than_none(tmp_path):
     """Train a memory model (introspective, pose address) and a `none` model for the same short budget on short
     loops; dream held-out episodes' own actions after 10 real frames: the memory model's revisited places are closer
