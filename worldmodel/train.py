@@ -8,10 +8,12 @@ Reproducibility and exact resume: step k's batch is drawn with `np.random.defaul
 latent noise with torch seeded from (seed, rank, k), so the data position *is* the step, and a run resumed from a
 checkpoint draws exactly what an uninterrupted run would. RNG states are saved in the checkpoint all the same.
 
-What helps the memory get used (measured on mnist_map, see README): an address that does not depend on what was
-seen (`--address actions`, a small recurrent path integrator; `pose` as the ceiling); a larger learning rate for
-that path (`--address-lr-scale`); KL balancing (`--kl-balance 0.8`) so the prior, which is where a memory read pays
-off, learns faster than the posterior collapses onto it; a little free bits (`--free-nats 1`).
+What helped the memory get used (mnist_map, 3x3 maps, wrap border, 48-step random walks, CPU preset
+`mnist_cpu`, ~2,000 steps): an address that does not depend on what was seen. `--address actions` with
+`--address-kwargs '{"integrator": "additive", "inverse_actions": [1, 0, 3, 2]}'` matched the `pose` ceiling
+(open-loop error on revisits of context places 0.22x the `none` baseline's, within 1.04x of its own
+reconstruction); the default GRU integrator was still learning at 1,950 steps (0.69x). All runs used
+`--address-lr-scale 3`, `--kl-balance 0.8`, `--free-nats 1` (not ablated).
 """
 
 from __future__ import annotations
