@@ -36,7 +36,7 @@ _REGISTRATIONS: dict[str, dict[str, Any]] = {
         max_episode_steps=None,  # the env truncates itself at `max_steps` so the vector env agrees
     ),
     "MiniWorldRevisit-v0": dict(entry_point="envs.miniworld:MiniWorldRevisitEnv"),
-    "Dream-v0": dict(entry_point="worldmodel.dream:DreamEnv"),
+    "Dream-v0": dict(entry_point="worldmodel.dream:DreamEnv", vector_entry_point="worldmodel.dream:DreamVectorEnv"),
 }
 
 for _id, _kw in _REGISTRATIONS.items():
