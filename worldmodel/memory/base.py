@@ -151,6 +151,21 @@ class ReadGate(nn.Module):
         return torch.sigmoid(self.from_h(h) + self.match_scale * match) * written  # (B, R)
 
 
+def gated_read(gate: ReadGate, h: Tensor, weights: Tensor, similarity: Tensor, content: Tensor,
+               occupied: Tensor, read_dim: int) -> dict[str, Tensor]:
+    """r_t = concat_r g_r * sum_n w_rn content_n: the read every slot memory returns, and its diagnostics.
+
+    weights, similarity (B, R, N); content (B, N, C); occupied (B, N), 1 where a slot holds a write.
+    """
+    B = h.shape[0]
+    heads_read = torch.einsum("brn,bnc->brc", weights, content)  # (B, R, C)
+    match = (weights * similarity).sum(-1)  # (B, R) expected cosine of what was attended
+    written = (weights * occupied.unsqueeze(1)).sum(-1)  # (B, R) 0 for an empty memory
+    g = gate(h, match, written)  # (B, R)
+    read = (g.unsqueeze(-1) * heads_read).reshape(B, read_dim)  # (B, R*C)
+    return {"read": read, "weights": weights, "gate": g}
+
+
 def check_step_inputs(name: str, h: Tensor, addr: Tensor, h_dim: int, addr_dim: int, z: Tensor | None = None,
                       z_dim: int = 0) -> None:
     """Shape asserts (internal invariants: the model, not the user, calls the memory)."""

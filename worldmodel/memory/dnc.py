@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from worldmodel.memory.base import (
-    Memory, ReadGate, ReadKeys, State, check_step_inputs, content_weights, cosine_similarity, mark_written,
+    Memory, ReadGate, ReadKeys, State, check_step_inputs, content_weights, cosine_similarity, gated_read, mark_written,
     small_linear,
 )
 
@@ -106,14 +106,8 @@ class DNCMemory(Memory):
 
     def attend(self, state: State, h: Tensor, addr: Tensor) -> dict[str, Tensor]:
         check_step_inputs("dnc.read", h, addr, self.h_dim, self.addr_dim)
-        B = h.shape[0]
         weights, similarity = self._read_weights(state, h, addr)  # (B, R, N)
-        heads_read = torch.einsum("brn,bnc->brc", weights, state["content"])  # (B, R, C)
-        match = (weights * similarity).sum(-1)  # (B, R)
-        written = (weights * state["written"].unsqueeze(1)).sum(-1)  # (B, R)
-        gate = self.gate(h, match, written)  # (B, R)
-        read = (gate.unsqueeze(-1) * heads_read).reshape(B, self.read_dim)  # (B, R*C)
-        return {"read": read, "weights": weights, "gate": gate}
+        return gated_read(self.gate, h, weights, similarity, state["content"], state["written"], self.read_dim)
 
     def write(self, state: State, h: Tensor, addr: Tensor, z: Tensor) -> State:
         check_step_inputs("dnc.write", h, addr, self.h_dim, self.addr_dim, z, self.z_dim)

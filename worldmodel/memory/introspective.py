@@ -21,7 +21,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from worldmodel.memory.base import Memory, ReadGate, ReadKeys, State, check_step_inputs, content_weights, cosine_similarity
+from worldmodel.memory.base import (
+    Memory, ReadGate, ReadKeys, State, check_step_inputs, content_weights, cosine_similarity, gated_read,
+)
 
 
 class IntrospectiveMemory(Memory):
@@ -49,16 +51,10 @@ class IntrospectiveMemory(Memory):
 
     def attend(self, state: State, h: Tensor, addr: Tensor) -> dict[str, Tensor]:
         check_step_inputs("introspective.read", h, addr, self.h_dim, self.addr_dim)
-        B = h.shape[0]
         keys, beta = self.keys(h, addr)  # (B, R, A), (B, R)
         similarity = cosine_similarity(keys, state["addr"])  # (B, R, N)
         weights = content_weights(similarity, beta, valid=state["filled"])  # (B, R, N)
-        heads_read = torch.einsum("brn,bnc->brc", weights, state["content"])  # (B, R, C)
-        match = (weights * similarity).sum(-1)  # (B, R) expected cosine of what was attended
-        written = (weights * state["filled"].unsqueeze(1)).sum(-1)  # (B, R) 0 for an empty buffer
-        gate = self.gate(h, match, written)  # (B, R)
-        read = (gate.unsqueeze(-1) * heads_read).reshape(B, self.read_dim)  # (B, R*C)
-        return {"read": read, "weights": weights, "gate": gate}
+        return gated_read(self.gate, h, weights, similarity, state["content"], state["filled"], self.read_dim)
 
     def write(self, state: State, h: Tensor, addr: Tensor, z: Tensor) -> State:
         check_step_inputs("introspective.write", h, addr, self.h_dim, self.addr_dim, z, self.z_dim)

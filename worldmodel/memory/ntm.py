@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from worldmodel.memory.base import (
-    Memory, ReadGate, ReadKeys, State, check_step_inputs, content_weights, cosine_similarity, inverse_softplus,
+    Memory, ReadGate, ReadKeys, State, check_step_inputs, content_weights, cosine_similarity, gated_read, inverse_softplus,
     mark_written, small_linear,
 )
 
@@ -107,14 +107,8 @@ class NTMMemory(Memory):
 
     def attend(self, state: State, h: Tensor, addr: Tensor) -> dict[str, Tensor]:
         check_step_inputs("ntm.read", h, addr, self.h_dim, self.addr_dim)
-        B = h.shape[0]
         weights, similarity = self._read_weights(state, h, addr)  # (B, R, N)
-        heads_read = torch.einsum("brn,bnc->brc", weights, state["content"])  # (B, R, C)   eq. 2
-        match = (weights * similarity).sum(-1)  # (B, R)
-        written = (weights * state["written"].unsqueeze(1)).sum(-1)  # (B, R)
-        gate = self.gate(h, match, written)  # (B, R)
-        read = (gate.unsqueeze(-1) * heads_read).reshape(B, self.read_dim)  # (B, R*C)
-        return {"read": read, "weights": weights, "gate": gate}
+        return gated_read(self.gate, h, weights, similarity, state["content"], state["written"], self.read_dim)
 
     def write(self, state: State, h: Tensor, addr: Tensor, z: Tensor) -> State:
         check_step_inputs("ntm.write", h, addr, self.h_dim, self.addr_dim, z, self.z_dim)
