@@ -68,12 +68,15 @@ def inverse_softplus(y: float) -> float:
     return y + math.log(-math.expm1(-y))
 
 
-def cosine_similarity(keys: Tensor, slots: Tensor, eps: float = 1e-6) -> Tensor:
+def cosine_similarity(keys: Tensor, slots: Tensor, eps: float = 1e-6, slots_unit: bool = False) -> Tensor:
     """K(k, M_n) = k . M_n / (|k| |M_n|) for every head and slot (NTM eq. 6); an all-zero slot scores 0.
 
+    ``slots_unit``: the slots were stored already normalised (a FIFO writes each address once, so normalising it
+    at the write saves re-normalising all N slots at every read).
     keys (B, R, A), slots (B, N, A) -> (B, R, N)
     """
-    return torch.einsum("bra,bna->brn", F.normalize(keys, dim=-1, eps=eps), F.normalize(slots, dim=-1, eps=eps))
+    slots = slots if slots_unit else F.normalize(slots, dim=-1, eps=eps)
+    return torch.einsum("bra,bna->brn", F.normalize(keys, dim=-1, eps=eps), slots)
 
 
 def content_weights(similarity: Tensor, beta: Tensor, valid: Tensor | None = None,

@@ -19,6 +19,7 @@ written-mass factor makes a read of an empty buffer exactly zero. The read vecto
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from worldmodel.memory.base import (
@@ -44,7 +45,7 @@ class IntrospectiveMemory(Memory):
     def init_state(self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> State:
         N = self.slots
         return {
-            "addr": torch.zeros(batch, N, self.addr_dim, device=device, dtype=dtype),  # (B, N, A), oldest first
+            "addr": torch.zeros(batch, N, self.addr_dim, device=device, dtype=dtype),  # (B, N, A) unit, oldest first
             "content": torch.zeros(batch, N, self.content_dim, device=device, dtype=dtype),  # (B, N, C)
             "filled": torch.zeros(batch, N, device=device, dtype=dtype),  # (B, N), 1 = slot holds a write
         }
@@ -52,7 +53,7 @@ class IntrospectiveMemory(Memory):
     def attend(self, state: State, h: Tensor, addr: Tensor) -> dict[str, Tensor]:
         check_step_inputs("introspective.read", h, addr, self.h_dim, self.addr_dim)
         keys, beta = self.keys(h, addr)  # (B, R, A), (B, R)
-        similarity = cosine_similarity(keys, state["addr"])  # (B, R, N)
+        similarity = cosine_similarity(keys, state["addr"], slots_unit=True)  # (B, R, N)
         weights = content_weights(similarity, beta, valid=state["filled"])  # (B, R, N)
         return gated_read(self.gate, h, weights, similarity, state["content"], state["filled"], self.read_dim)
 
@@ -65,7 +66,7 @@ class IntrospectiveMemory(Memory):
             return torch.cat([buffer[:, 1:], item.unsqueeze(1)], dim=1)
 
         return {
-            "addr": push(state["addr"], addr),  # (B, N, A)
+            "addr": push(state["addr"], F.normalize(addr, dim=-1, eps=1e-6)),  # (B, N, A) normalised once, here
             "content": push(state["content"], content),  # (B, N, C)
             "filled": push(state["filled"], torch.ones_like(state["filled"][:, 0])),  # (B, N)
         }
