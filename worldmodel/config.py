@@ -148,13 +148,15 @@ class TrainConfig:
     """show a tqdm progress bar"""
 
     def model_config(self, obs_shape: tuple[int, int, int], num_actions: int, pose_dim: int) -> ModelConfig:
+        from rollouts.collect import parse_json_object  # the CLIs' one JSON-flag parser (lazy: collect imports envs)
+
         return ModelConfig(
             obs_shape=tuple(obs_shape), num_actions=num_actions, pose_dim=pose_dim, memory=self.memory,
             address=self.address, z_dim=self.z_dim, h_dim=self.h_dim, addr_dim=self.addr_dim,
             slots=self.slots or self.seq_len, heads=self.heads, embed_dim=self.embed_dim, channels=self.channels,
             hidden_dim=self.hidden_dim, obs_model=self.obs_model,
-            memory_kwargs=parse_json_object("--memory-kwargs", self.memory_kwargs),
-            address_kwargs=parse_json_object("--address-kwargs", self.address_kwargs),
+            memory_kwargs=parse_json_object(self.memory_kwargs, "memory_kwargs"),
+            address_kwargs=parse_json_object(self.address_kwargs, "address_kwargs"),
         )
 
     def to_json(self) -> str:
@@ -167,16 +169,6 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"train config: unknown fields {sorted(unknown)}; expected a subset of {sorted(known)}")
         return cls(**d)
-
-
-def parse_json_object(flag: str, text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{flag} {text!r}: not valid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{flag} {text!r}: expected a JSON object, got {type(value).__name__}")
-    return value
 
 
 PRESETS: dict[str, TrainConfig] = {
