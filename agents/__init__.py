@@ -18,6 +18,7 @@ from typing import Any
 
 import gymnasium as gym
 
+from gtmm.cli import UserError
 from agents.base import Agent, ExploreAgent, LoopAgent, RandomAgent
 
 AGENTS = ("random", "loop", "explore", "sb3")
@@ -32,11 +33,11 @@ def make_agent(name: str, action_space: gym.Space, inverse_actions: Sequence[int
     elif name in ("random", "loop", "explore"):
         cls = {"random": RandomAgent, "loop": LoopAgent, "explore": ExploreAgent}[name]
     else:
-        raise ValueError(f"unknown agent {name!r}: expected one of {AGENTS}")
+        raise UserError(f"unknown agent {name!r}: expected one of {AGENTS}")
     try:
         return cls(action_space, inverse_actions, **kwargs)
     except TypeError as error:  # an option this agent does not have
-        raise ValueError(f"agent {name!r}: bad options {kwargs}: {error}") from error
+        raise UserError(f"agent {name!r}: bad options {kwargs}: {error}") from error
 
 
 __all__ = ["AGENTS", "Agent", "ExploreAgent", "LoopAgent", "RandomAgent", "make_agent"]

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import gymnasium as gym
 import numpy as np
 
+from gtmm.cli import UserError
+
 
 class Agent:
     """A policy over a batch of ``num_envs`` envs with a ``Discrete`` action space.
@@ -23,14 +25,14 @@ class Agent:
     def __init__(self, action_space: gym.Space, inverse_actions: Sequence[int] | None = None,
                  actions: Sequence[int] | None = None):
         if not isinstance(action_space, gym.spaces.Discrete):
-            raise ValueError(f"{type(self).__name__} needs a Discrete action space, got {action_space}")
+            raise UserError(f"{type(self).__name__} needs a Discrete action space, got {action_space}")
         self.num_actions = int(action_space.n)
         self.actions = np.arange(self.num_actions) if actions is None else np.asarray(actions, dtype=np.int64)
         if len(self.actions) == 0 or self.actions.min() < 0 or self.actions.max() >= self.num_actions:
-            raise ValueError(f"actions {list(self.actions)}: expected a non-empty subset of [0, {self.num_actions})")
+            raise UserError(f"actions {list(self.actions)}: expected a non-empty subset of [0, {self.num_actions})")
         self.inverse_actions = None if inverse_actions is None else tuple(int(a) for a in inverse_actions)
         if self.inverse_actions is not None and len(self.inverse_actions) != self.num_actions:
-            raise ValueError(f"inverse_actions has {len(self.inverse_actions)} entries, expected {self.num_actions}")
+            raise UserError(f"inverse_actions has {len(self.inverse_actions)} entries, expected {self.num_actions}")
         self.num_envs = 0
         self.rngs: list[np.random.Generator] = []
 
@@ -45,7 +47,7 @@ class Agent:
         indices = np.flatnonzero(mask)
         if seeds is not None:
             if len(seeds) != len(indices):
-                raise ValueError(f"reset_envs: {len(seeds)} seeds for {len(indices)} envs")
+                raise UserError(f"reset_envs: {len(seeds)} seeds for {len(indices)} envs")
             for i, s in zip(indices, seeds):
                 self.rngs[i] = np.random.default_rng(s)
         for i in indices:
@@ -75,7 +77,7 @@ class RandomAgent(Agent):
                  actions: Sequence[int] | None = None, max_repeat: int = 1):
         super().__init__(action_space, inverse_actions, actions)
         if max_repeat < 1:
-            raise ValueError(f"max_repeat {max_repeat}: expected >= 1")
+            raise UserError(f"max_repeat {max_repeat}: expected >= 1")
         self.max_repeat = max_repeat
         self.current: list[int] = []
         self.left: list[int] = []
@@ -107,7 +109,7 @@ class _RetraceAgent(Agent):
                  actions: Sequence[int] | None = None):
         super().__init__(action_space, inverse_actions, actions)
         if self.inverse_actions is None:
-            raise ValueError(f"{type(self).__name__} retraces its path and needs the env's inverse_actions "
+            raise UserError(f"{type(self).__name__} retraces its path and needs the env's inverse_actions "
                              "(env.unwrapped.inverse_actions); this env has none")
         self.path: list[list[int]] = []  # effective actions of the current way out
         self.going_out: list[bool] = []
@@ -165,9 +167,9 @@ class LoopAgent(_RetraceAgent):
                  actions: Sequence[int] | None = None, min_out: int = 4, max_out: int = 16, max_repeat: int = 3):
         super().__init__(action_space, inverse_actions, actions)
         if not 1 <= min_out <= max_out:
-            raise ValueError(f"min_out={min_out}, max_out={max_out}: expected 1 <= min_out <= max_out")
+            raise UserError(f"min_out={min_out}, max_out={max_out}: expected 1 <= min_out <= max_out")
         if max_repeat < 1:
-            raise ValueError(f"max_repeat {max_repeat}: expected >= 1")
+            raise UserError(f"max_repeat {max_repeat}: expected >= 1")
         self.min_out, self.max_out, self.max_repeat = min_out, max_out, max_repeat
         self.current: list[int] = []
         self.left: list[int] = []
@@ -201,7 +203,7 @@ class ExploreAgent(_RetraceAgent):
                  actions: Sequence[int] | None = None, explore_steps: int = 48):
         super().__init__(action_space, inverse_actions, actions)
         if explore_steps < 1:
-            raise ValueError(f"explore_steps {explore_steps}: expected >= 1")
+            raise UserError(f"explore_steps {explore_steps}: expected >= 1")
         self.explore_steps = explore_steps
         self.current: list[int | None] = []
 

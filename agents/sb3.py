@@ -18,6 +18,7 @@ from stable_baselines3 import A2C, DQN, PPO
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import nn
 
+from gtmm.cli import UserError
 from agents.base import Agent
 
 ALGORITHMS = {"ppo": PPO, "a2c": A2C, "dqn": DQN}
@@ -64,14 +65,14 @@ class SB3Agent(Agent):
                  policy: str | os.PathLike | None = None, algo: str = "ppo", deterministic: bool = False):
         super().__init__(action_space, inverse_actions)
         if policy is None:
-            raise ValueError("agent 'sb3' needs a policy file: --policy path/to/policy.zip")
+            raise UserError("agent 'sb3' needs a policy file: --policy path/to/policy.zip")
         if not os.path.isfile(policy):
-            raise ValueError(f"SB3 policy file {policy} does not exist (train one with python -m agents.train_sb3)")
+            raise UserError(f"SB3 policy file {policy} does not exist (train one with python -m agents.train_sb3)")
         if algo not in ALGORITHMS:
-            raise ValueError(f"algo {algo!r}: expected one of {sorted(ALGORITHMS)}")
+            raise UserError(f"algo {algo!r}: expected one of {sorted(ALGORITHMS)}")
         self.model = ALGORITHMS[algo].load(policy, device="cpu")
         if self.model.action_space != action_space:
-            raise ValueError(f"SB3 policy {policy} acts in {self.model.action_space}, the env in {action_space}")
+            raise UserError(f"SB3 policy {policy} acts in {self.model.action_space}, the env in {action_space}")
         self.deterministic = deterministic
 
     def _reset_env(self, i: int) -> None:

@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import tyro
 from stable_baselines3 import PPO
 from stable_baselines3.common.env_util import make_vec_env
 
+from gtmm import cli
+from gtmm.cli import UserError, parse_json_object
 import envs
 from agents.sb3 import NoveltyReward, policy_kwargs_for
-from rollouts.collect import parse_json_object
 
 
 @dataclass
@@ -56,10 +56,10 @@ class TrainSB3Config:
 def train(config: TrainSB3Config) -> Path:
     """Train and save the policy; returns the path of the ``.zip``."""
     if config.timesteps < 1 or config.num_envs < 1 or config.n_steps < 1:
-        raise ValueError(f"--timesteps, --num-envs and --n-steps must be >= 1, got {config.timesteps}, "
+        raise UserError(f"--timesteps, --num-envs and --n-steps must be >= 1, got {config.timesteps}, "
                          f"{config.num_envs}, {config.n_steps}")
     if config.out.suffix != ".zip":
-        raise ValueError(f"--out {config.out}: expected a path ending in .zip (SB3 appends it otherwise)")
+        raise UserError(f"--out {config.out}: expected a path ending in .zip (SB3 appends it otherwise)")
     env_kwargs = parse_json_object(config.env_kwargs, "env_kwargs")
     torch.set_num_threads(config.threads)
 
@@ -85,13 +85,10 @@ def train(config: TrainSB3Config) -> Path:
     return config.out
 
 
-def main() -> None:
-    config = tyro.cli(TrainSB3Config)
-    try:
-        train(config)
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from error
+def main(argv: list[str] | None = None) -> None:
+    """``python -m agents.train_sb3``: parse the flags and train the policy."""
+    train(cli.parse(TrainSB3Config, argv, prog="agents.train_sb3"))
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -29,6 +29,8 @@ from typing import Any
 
 import gymnasium as gym
 
+from gtmm.cli import UserError
+
 _REGISTRATIONS: dict[str, dict[str, Any]] = {
     "MnistMap-v0": dict(
         entry_point="envs.mnist_map:MnistMapEnv",
@@ -63,12 +65,12 @@ def resolve(name: str) -> tuple[str, dict[str, Any]]:
     if name.startswith("miniworld:"):
         stock_id = name.split(":", 1)[1]
         if not stock_id:
-            raise ValueError(f"env name {name!r}: expected 'miniworld:<MiniWorld id>', e.g. 'miniworld:MiniWorld-Hallway-v0'")
+            raise UserError(f"env name {name!r}: expected 'miniworld:<MiniWorld id>', e.g. 'miniworld:MiniWorld-Hallway-v0'")
         return "envs.miniworld:make_stock", {"env_id": stock_id}
     if name in gym.registry:
         return name, {}
     known = ", ".join(sorted(SHORT_NAMES)) + ", miniworld:<MiniWorld id>"
-    raise ValueError(f"unknown env {name!r}: expected one of {known}, or a registered Gymnasium id")
+    raise UserError(f"unknown env {name!r}: expected one of {known}, or a registered Gymnasium id")
 
 
 def make(name: str, **kwargs: Any) -> gym.Env:

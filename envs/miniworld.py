@@ -36,6 +36,8 @@ import numpy as np
 from gymnasium import spaces
 from gymnasium.utils import EzPickle
 
+from gtmm.cli import UserError
+
 ACTION_NAMES = ("turn_left", "turn_right", "move_forward", "move_back")
 # inverse_actions[a] undoes a: left <-> right, forward <-> back (exact, since steps carry no noise).
 INVERSE_ACTIONS = (1, 0, 3, 2)
@@ -193,9 +195,9 @@ class RevisitTracker:
 
     def __init__(self, radius: float, angle: float, capacity: int = 256):
         if not radius >= 0.0:
-            raise ValueError(f"revisit_radius: expected metres >= 0, got {radius!r}")
+            raise UserError(f"revisit_radius: expected metres >= 0, got {radius!r}")
         if not 0.0 <= angle <= 180.0:
-            raise ValueError(f"revisit_angle: expected degrees in [0, 180], got {angle!r}")
+            raise UserError(f"revisit_angle: expected degrees in [0, 180], got {angle!r}")
         # Tiny slack so that thresholds of 0 still mean "the same pose up to float rounding": turning 360 degrees in
         # 24 steps of 15 gives a heading that differs from the start in the last bits.
         self.radius = radius + 1e-9
@@ -233,7 +235,7 @@ class RevisitTracker:
 
 def _check_int(name: str, value: Any, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
+        raise UserError(f"{name}: expected an integer >= {low}, got {value!r}")
     return int(value)
 
 
@@ -241,7 +243,7 @@ def _check_float(name: str, value: Any, low: float, high: float, unit: str, low_
     is_number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
     if not is_number or not (low <= value if low_inclusive else low < value) or not value <= high:
         interval = f"{'[' if low_inclusive else '('}{low}, {high}]"
-        raise ValueError(f"{name}: expected {unit} in {interval}, got {value!r}")
+        raise UserError(f"{name}: expected {unit} in {interval}, got {value!r}")
     return float(value)
 
 
@@ -271,7 +273,7 @@ class _MiniWorldRevisitBase(gym.Env):
     def _make_sim(self, make: Any, obs_size: int, render_size: int, render_mode: str | None) -> Any:
         """Create the simulator with ``make(**size_kwargs)``, silencing its "Falling back to num_samples=4" prints."""
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise ValueError(f"render_mode: expected None or one of {self.metadata['render_modes']}, got {render_mode!r}")
+            raise UserError(f"render_mode: expected None or one of {self.metadata['render_modes']}, got {render_mode!r}")
         import_miniworld()
         with contextlib.redirect_stdout(io.StringIO()):
             return make(obs_width=obs_size, obs_height=obs_size, window_width=render_size, window_height=render_size,
@@ -281,7 +283,7 @@ class _MiniWorldRevisitBase(gym.Env):
                revisit_angle: float | None, render_mode: str | None) -> None:
         if not isinstance(sim.observation_space, spaces.Box):
             sim.shadow_window.close()
-            raise ValueError(
+            raise UserError(
                 f"{type(sim).__name__}: expected an image observation space (Box), got {sim.observation_space}; "
                 "only image-observation MiniWorld envs can be wrapped"
             )
@@ -393,7 +395,7 @@ class StockRevisitEnv(_MiniWorldRevisitBase, EzPickle):
         ours = {"obs_width": "obs_size", "obs_height": "obs_size", "window_width": "render_size",
                 "window_height": "render_size"}
         for key in env_kwargs.keys() & ours.keys():
-            raise ValueError(f"{key}: set by this wrapper, pass {ours[key]}= instead")
+            raise UserError(f"{key}: set by this wrapper, pass {ours[key]}= instead")
 
         def make(**sizes: Any) -> Any:
             return gym.make(env_id, disable_env_checker=True, **sizes, **env_kwargs).unwrapped
@@ -410,12 +412,12 @@ def _stock_id(env_id: str) -> str:
     import_miniworld()  # registers the MiniWorld-* ids
     stock = sorted(i for i in gym.registry if i.startswith("MiniWorld-"))
     if not isinstance(env_id, str):
-        raise ValueError(f"env_id: expected a MiniWorld id string, got {env_id!r}")
+        raise UserError(f"env_id: expected a MiniWorld id string, got {env_id!r}")
     if env_id in stock:
         return env_id
     if f"MiniWorld-{env_id}-v0" in stock:
         return f"MiniWorld-{env_id}-v0"
-    raise ValueError(f"env_id: {env_id!r} is not a stock MiniWorld env; expected one of {', '.join(stock)}")
+    raise UserError(f"env_id: {env_id!r} is not a stock MiniWorld env; expected one of {', '.join(stock)}")
 
 
 def make_stock(env_id: str, **kwargs: Any) -> StockRevisitEnv:
@@ -525,7 +527,7 @@ class MiniWorldRevisitEnv(_MiniWorldRevisitBase, EzPickle):
         revisit_radius, revisit_angle = _check_revisit(revisit_radius, revisit_angle)
         # Objects are placed by rejection sampling, which never ends if they cannot fit: allow about one per 2 m^2.
         if layout["num_objects"] > 2 * layout["num_rows"] * layout["num_cols"] * (layout["room_size"] // 2) ** 2:
-            raise ValueError(f"num_objects: {num_objects} will not fit in {num_rows}x{num_cols} rooms of {room_size} m")
+            raise UserError(f"num_objects: {num_objects} will not fit in {num_rows}x{num_cols} rooms of {room_size} m")
         world_cls = _revisit_world_class()
         sim = self._make_sim(lambda **sizes: world_cls(max_episode_steps=max_steps, **layout, **sizes),
                              obs_size, render_size, render_mode)

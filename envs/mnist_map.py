@@ -26,6 +26,7 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 from numpy.lib.stride_tricks import sliding_window_view
 
+from gtmm.cli import UserError
 from envs.digits import SPLITS, load_digits
 
 ACTION_NAMES = ("up", "down", "left", "right", "stay")
@@ -81,20 +82,20 @@ class MapGeometry:
     def validate(self, n_digits: int) -> None:
         """ValueError naming the first bad parameter."""
         if not isinstance(self.grid, (int, np.integer)) or self.grid < 1:
-            raise ValueError(f"MnistMap: grid must be an int >= 1 (digits per map side), got {self.grid!r}")
+            raise UserError(f"MnistMap: grid must be an int >= 1 (digits per map side), got {self.grid!r}")
         if not isinstance(self.step, (int, np.integer)) or self.step <= 0:
-            raise ValueError(f"MnistMap: step must be an int > 0 (pixels per move), got {self.step!r}")
+            raise UserError(f"MnistMap: step must be an int > 0 (pixels per move), got {self.step!r}")
         if not isinstance(self.window, (int, np.integer)) or self.window <= 0:
-            raise ValueError(f"MnistMap: window must be an int > 0 (pixels per side), got {self.window!r}")
+            raise UserError(f"MnistMap: window must be an int > 0 (pixels per side), got {self.window!r}")
         if self.border not in BORDERS:
-            raise ValueError(f"MnistMap: unknown border mode {self.border!r}: expected one of {BORDERS}")
+            raise UserError(f"MnistMap: unknown border mode {self.border!r}: expected one of {BORDERS}")
         if self.window > min(self.map_shape):
-            raise ValueError(
+            raise UserError(
                 f"MnistMap: window {self.window} is larger than the map {self.map_shape[0]}x{self.map_shape[1]} "
                 f"(grid {self.grid} x digits {self.digit_shape[0]}x{self.digit_shape[1]}): use a smaller window or a larger grid"
             )
         if self.grid * self.grid > n_digits:
-            raise ValueError(f"MnistMap: a {self.grid}x{self.grid} map needs {self.grid**2} distinct digits, the digit set has {n_digits}")
+            raise UserError(f"MnistMap: a {self.grid}x{self.grid} map needs {self.grid**2} distinct digits, the digit set has {n_digits}")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -204,11 +205,11 @@ class MnistMapCore:
 
     def __init__(self, num_envs: int, geometry: MapGeometry, split: str, source: str, max_steps: int):
         if split not in SPLITS:
-            raise ValueError(f"MnistMap: unknown split {split!r}: expected one of {SPLITS}")
+            raise UserError(f"MnistMap: unknown split {split!r}: expected one of {SPLITS}")
         if not isinstance(max_steps, (int, np.integer)) or max_steps < 1:
-            raise ValueError(f"MnistMap: max_steps must be an int >= 1, got {max_steps!r}")
+            raise UserError(f"MnistMap: max_steps must be an int >= 1, got {max_steps!r}")
         if not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
-            raise ValueError(f"MnistMap: num_envs must be an int >= 1, got {num_envs!r}")
+            raise UserError(f"MnistMap: num_envs must be an int >= 1, got {num_envs!r}")
         self.num_envs, self.split, self.source, self.max_steps = int(num_envs), split, str(source), int(max_steps)
         self.digits, self.labels = load_digits(split, source)
         self.geometry = MapGeometry(geometry.grid, tuple(self.digits.shape[1:]), geometry.window, geometry.step, geometry.border)
@@ -292,7 +293,7 @@ class MnistMapCore:
 
 def _check_render_mode(render_mode: str | None, allowed: Sequence[str]) -> None:
     if render_mode is not None and render_mode not in allowed:
-        raise ValueError(f"MnistMap: unknown render_mode {render_mode!r}: expected None or one of {tuple(allowed)}")
+        raise UserError(f"MnistMap: unknown render_mode {render_mode!r}: expected None or one of {tuple(allowed)}")
 
 
 def render_map(map_: np.ndarray, path: np.ndarray, window: int, step: int, border: str, scale: int = 4) -> np.ndarray:
@@ -547,7 +548,7 @@ class MnistMapVectorEnv(VectorEnv):
         if options is not None and "reset_mask" in options:
             mask = np.asarray(options["reset_mask"])
             if mask.shape != (N,) or mask.dtype != np.bool_:
-                raise ValueError(f"MnistMapVectorEnv.reset: options['reset_mask'] must be a bool array of shape ({N},), got {mask.dtype} {mask.shape}")
+                raise UserError(f"MnistMapVectorEnv.reset: options['reset_mask'] must be a bool array of shape ({N},), got {mask.dtype} {mask.shape}")
         if isinstance(seed, (int, np.integer)):
             seeds: list[int | None] = [int(seed) + i for i in range(N)]
         elif seed is None:
@@ -555,12 +556,12 @@ class MnistMapVectorEnv(VectorEnv):
         else:
             seeds = [None if s is None else int(s) for s in seed]  # numpy ints too: seeding wants plain ints
             if len(seeds) != N:
-                raise ValueError(f"MnistMapVectorEnv.reset: got {len(seeds)} seeds for {N} envs")
+                raise UserError(f"MnistMapVectorEnv.reset: got {len(seeds)} seeds for {N} envs")
         if isinstance(seed, (int, np.integer)):
             super().reset(seed=int(seed))
         if self._rngs is None:
             if not mask.all():
-                raise ValueError("MnistMapVectorEnv.reset: the first reset must reset every env (reset_mask all True)")
+                raise UserError("MnistMapVectorEnv.reset: the first reset must reset every env (reset_mask all True)")
             self._rngs = [seeding.np_random(s)[0] for s in seeds]  # unseeded envs get fresh entropy, once
         else:
             for i in np.flatnonzero(mask):

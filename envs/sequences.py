@@ -69,6 +69,7 @@ from typing import Any
 
 import numpy as np
 
+from gtmm.cli import UserError
 from envs.digits import SPLITS, load_digits
 
 TASKS: tuple[str, ...] = (
@@ -95,11 +96,11 @@ class DigitPool:
         images = np.asarray(images)
         labels = np.asarray(labels)
         if images.ndim != 3 or images.dtype != np.uint8:
-            raise ValueError(f"DigitPool images: expected uint8 (N, H, W), got {images.dtype} {images.shape}")
+            raise UserError(f"DigitPool images: expected uint8 (N, H, W), got {images.dtype} {images.shape}")
         if labels.shape != images.shape[:1] or not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(f"DigitPool labels: expected int (N,) = ({images.shape[0]},), got {labels.dtype} {labels.shape}")
+            raise UserError(f"DigitPool labels: expected int (N,) = ({images.shape[0]},), got {labels.dtype} {labels.shape}")
         if labels.size == 0 or labels.min() < 0:
-            raise ValueError(f"DigitPool labels: expected a non-empty set of labels >= 0, got {labels.size} labels")
+            raise UserError(f"DigitPool labels: expected a non-empty set of labels >= 0, got {labels.size} labels")
         self.images = images  # (N, H, W)
         self.labels = labels.astype(np.int64)  # (N,)
         # Indices sorted by class: the exemplars of class c are order[start[c] : start[c] + count[c]].
@@ -153,7 +154,7 @@ def _load_pool(source: str, split: str) -> DigitPool:
 def get_pool(source: str | Path | DigitPool, split: str) -> DigitPool:
     """The pool of ``split`` images of a digit source (``"mnist5k"``, ``"fashion"`` or an IDX folder), cached."""
     if split not in SPLITS:
-        raise ValueError(f"split {split!r}: expected one of {SPLITS}")
+        raise UserError(f"split {split!r}: expected one of {SPLITS}")
     if isinstance(source, DigitPool):
         return source
     return _load_pool(str(source), split)
@@ -183,7 +184,7 @@ def _empty(batch_size: int, length: int) -> tuple[np.ndarray, np.ndarray, np.nda
 def _check_positive(task: str, **fields: int) -> None:
     for name, value in fields.items():
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"task {task!r}: {name}={value!r}, expected an integer >= 1")
+            raise UserError(f"task {task!r}: {name}={value!r}, expected an integer >= 1")
 
 
 class _Task:
@@ -235,7 +236,7 @@ class ParityRecall(_Task):
     def __post_init__(self) -> None:
         _check_positive("parity_recall", k=self.k)
         if self.exemplar not in ("fixed", "random"):
-            raise ValueError(f"task 'parity_recall': exemplar={self.exemplar!r}, expected 'fixed' or 'random'")
+            raise UserError(f"task 'parity_recall': exemplar={self.exemplar!r}, expected 'fixed' or 'random'")
 
     def length(self) -> int:
         return self.k + 1
@@ -243,7 +244,7 @@ class ParityRecall(_Task):
     @staticmethod
     def check_pool(pool: DigitPool) -> None:
         if not pool.has((0, 1)):
-            raise ValueError(f"task 'parity_recall': the image set has no class 0 or 1 to show the parity, classes {pool.classes.tolist()}")
+            raise UserError(f"task 'parity_recall': the image set has no class 0 or 1 to show the parity, classes {pool.classes.tolist()}")
 
     def answer_images(self, pool: DigitPool) -> np.ndarray:
         """The images that show parity 0 and 1 with ``exemplar='fixed'``: (2, H, W)."""
@@ -311,7 +312,7 @@ class DynamicDependencies(_Task):
     def __post_init__(self) -> None:
         _check_positive("dynamic_dependencies", k=self.k, n_queries=self.n_queries, max_back=self.max_back)
         if self.max_back > min(9, self.k):
-            raise ValueError(
+            raise UserError(
                 f"task 'dynamic_dependencies': max_back={self.max_back}, expected at most min(9, k)={min(9, self.k)} "
                 "(a cue is one digit, and the first cue must find a frame that far back)"
             )
@@ -321,7 +322,7 @@ class DynamicDependencies(_Task):
 
     def frames(self, pool: DigitPool, batch_size: int, rng: np.random.Generator) -> Frames:
         if not pool.has(range(1, self.max_back + 1)):
-            raise ValueError(f"task 'dynamic_dependencies': cues need classes 1..{self.max_back}, the image set has {pool.classes.tolist()}")
+            raise UserError(f"task 'dynamic_dependencies': cues need classes 1..{self.max_back}, the image set has {pool.classes.tolist()}")
         index, revisit, recall_of = _empty(batch_size, self.length())
         rows = np.arange(batch_size)
         index[:, : self.k] = pool.random((batch_size, self.k), rng)  # (B, k)
@@ -353,7 +354,7 @@ class SimilarityCuedRecall(_Task):
     def frames(self, pool: DigitPool, batch_size: int, rng: np.random.Generator) -> Frames:
         usable = pool.classes[pool.count[pool.classes] >= 2]  # a cue needs a second exemplar of the class
         if self.k > len(usable):
-            raise ValueError(
+            raise UserError(
                 f"task 'similarity_cued_recall': k={self.k}, expected at most {len(usable)}, "
                 "the number of classes with two or more exemplars (stored images have distinct classes)"
             )
@@ -386,12 +387,12 @@ assert tuple(_TASK_CLASSES) == TASKS
 def make_task(task: str, **task_kwargs: Any) -> _Task:
     """The task's config dataclass from keyword arguments, with errors that name the task and the bad value."""
     if task not in _TASK_CLASSES:
-        raise ValueError(f"unknown task {task!r}: expected one of {', '.join(TASKS)}")
+        raise UserError(f"unknown task {task!r}: expected one of {', '.join(TASKS)}")
     cls = _TASK_CLASSES[task]
     fields = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(task_kwargs) - set(fields))
     if unknown:
-        raise ValueError(f"task {task!r}: unknown argument(s) {unknown}, expected some of {fields}")
+        raise UserError(f"task {task!r}: unknown argument(s) {unknown}, expected some of {fields}")
     return cls(**task_kwargs)
 
 
@@ -410,7 +411,7 @@ def kwargs_for_length(task: str, seq_len: int) -> dict[str, Any]:
     make_task(task)  # validates the name
     minimum = {"perfect_recall": 2, "parity_recall": 2, "one_shot_recall": 2}.get(task, 3)
     if not isinstance(seq_len, (int, np.integer)) or seq_len < minimum:
-        raise ValueError(f"task {task!r}: seq_len={seq_len!r}, expected an integer >= {minimum}")
+        raise UserError(f"task {task!r}: seq_len={seq_len!r}, expected an integer >= {minimum}")
     if task in ("perfect_recall", "one_shot_recall"):
         return {"k": seq_len // 2}
     if task == "parity_recall":
@@ -453,13 +454,13 @@ def sample_batch(
     """
     spec = make_task(task, **task_kwargs)
     if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"task {task!r}: batch_size={batch_size!r}, expected an integer >= 1")
+        raise UserError(f"task {task!r}: batch_size={batch_size!r}, expected an integer >= 1")
     if not isinstance(rng, np.random.Generator):
-        raise ValueError(f"task {task!r}: rng must be a numpy Generator (np.random.default_rng(seed)), got {type(rng).__name__}")
+        raise UserError(f"task {task!r}: rng must be a numpy Generator (np.random.default_rng(seed)), got {type(rng).__name__}")
     pool = get_pool(source, split)
     keep = spec.split_classes(split, pool.classes)
     if len(keep) == 0:
-        raise ValueError(f"task {task!r}: {spec} leaves no classes to draw for split={split!r} (the images have {pool.classes.tolist()})")
+        raise UserError(f"task {task!r}: {spec} leaves no classes to draw for split={split!r} (the images have {pool.classes.tolist()})")
     if len(keep) < len(pool.classes):
         pool = _subset(pool, tuple(int(c) for c in keep))
 

@@ -28,9 +28,10 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
-import tyro
 from tqdm import tqdm
 
+from gtmm import cli
+from gtmm.cli import UserError, parse_json_object
 import envs
 from agents import AGENTS, make_agent
 from rollouts import storage
@@ -62,16 +63,6 @@ class CollectConfig:
     """show a progress bar"""
     threads: int = 1
     """torch CPU threads (the sb3 agent's policy); more threads than free cores slow small policies a lot"""
-
-
-def parse_json_object(text: str, field: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"--{field.replace('_', '-')}: {text!r} is not valid JSON ({error})") from error
-    if not isinstance(value, dict):
-        raise ValueError(f"--{field.replace('_', '-')}: expected a JSON object like '{{\"key\": 1}}', got {text!r}")
-    return value
 
 
 def episode_seeds(base_seed: int, index: int) -> tuple[int, int]:
@@ -122,7 +113,7 @@ def inverse_actions_of(vec: gym.vector.VectorEnv) -> tuple[int, ...] | None:
 
 def _info_column(info: dict[str, Any], key: str, env_name: str) -> np.ndarray:
     if key not in info:
-        raise ValueError(f"env {env_name!r} does not report info[{key!r}] (see the contract in envs/__init__.py)")
+        raise UserError(f"env {env_name!r} does not report info[{key!r}] (see the contract in envs/__init__.py)")
     return np.asarray(info[key])
 
 
@@ -172,7 +163,7 @@ def _check_compatible(manifest: dict[str, Any], expected: dict[str, Any], path: 
     }
     for field, (found, wanted) in fields.items():
         if found != wanted:
-            raise ValueError(f"{path}: the folder holds {field}={found!r} but this command asks for {wanted!r}; "
+            raise UserError(f"{path}: the folder holds {field}={found!r} but this command asks for {wanted!r}; "
                              "collect into another --out (nothing was written)")
 
 
@@ -181,7 +172,7 @@ def _check_env_matches(manifest: dict[str, Any], obs_shape, num_actions: int, po
                                  ("num_actions", manifest["num_actions"], num_actions),
                                  ("pose_dim", manifest["pose_dim"], pose_dim)):
         if found != wanted:
-            raise ValueError(f"{path}: the folder holds {field}={found!r}, this env gives {wanted!r}; "
+            raise UserError(f"{path}: the folder holds {field}={found!r}, this env gives {wanted!r}; "
                              "collect into another --out (nothing was written)")
 
 
@@ -191,10 +182,10 @@ _EPISODE_FILE = re.compile(r"episode_(\d{6,})\.npz")
 def collect(config: CollectConfig) -> dict[str, Any]:
     """Run the collection described by ``config``; returns the summary it prints."""
     if config.episodes < 1 or config.steps < 1 or config.workers < 1:
-        raise ValueError(f"--episodes, --steps and --workers must be >= 1, got {config.episodes}, {config.steps}, "
+        raise UserError(f"--episodes, --steps and --workers must be >= 1, got {config.episodes}, {config.steps}, "
                          f"{config.workers}")
     if config.agent not in AGENTS:
-        raise ValueError(f"--agent {config.agent!r}: expected one of {AGENTS}")
+        raise UserError(f"--agent {config.agent!r}: expected one of {AGENTS}")
     if config.agent == "sb3":  # the only agent that runs torch (importing it costs seconds: not for the others)
         import torch
 
@@ -203,9 +194,9 @@ def collect(config: CollectConfig) -> dict[str, Any]:
     agent_kwargs = parse_json_object(config.agent_kwargs, "agent_kwargs")
     if config.agent == "sb3":
         if config.policy is None:
-            raise ValueError("--agent sb3 needs --policy path/to/policy.zip")
+            raise UserError("--agent sb3 needs --policy path/to/policy.zip")
         if not config.policy.is_file():
-            raise ValueError(f"--policy {config.policy}: file not found")
+            raise UserError(f"--policy {config.policy}: file not found")
         agent_kwargs["policy"] = str(config.policy)
     env_id, env_kwargs = resolve_env(config.env, env_kwargs_user, config.steps)
     recorded_agent_kwargs = dict(agent_kwargs)
@@ -224,7 +215,7 @@ def collect(config: CollectConfig) -> dict[str, Any]:
         manifest = storage.read_manifest(out)
         _check_compatible(manifest, expected, manifest_path)
     elif out.exists() and any(out.iterdir()):
-        raise ValueError(f"--out {out}: the folder is not empty and has no {storage.MANIFEST_NAME}; "
+        raise UserError(f"--out {out}: the folder is not empty and has no {storage.MANIFEST_NAME}; "
                          "collect into an empty or new folder (nothing was written)")
 
     vec = make_collector_env(config.env, env_id, env_kwargs, config.workers)
@@ -232,10 +223,10 @@ def collect(config: CollectConfig) -> dict[str, Any]:
         obs, info = vec.reset(seed=[episode_seeds(config.seed, k)[0] for k in range(config.workers)])
         obs_shape = tuple(vec.single_observation_space.shape)
         if len(obs_shape) != 3 or vec.single_observation_space.dtype != np.uint8:
-            raise ValueError(f"env {config.env!r}: observations are {vec.single_observation_space}, "
+            raise UserError(f"env {config.env!r}: observations are {vec.single_observation_space}, "
                              "expected uint8 images (H, W, C)")
         if not isinstance(vec.single_action_space, gym.spaces.Discrete):
-            raise ValueError(f"env {config.env!r}: actions are {vec.single_action_space}, expected Discrete")
+            raise UserError(f"env {config.env!r}: actions are {vec.single_action_space}, expected Discrete")
         num_actions = int(vec.single_action_space.n)
         pose_dim = int(_info_column(info, "pose", config.env).reshape(config.workers, -1).shape[1])
         if manifest is None:
@@ -327,13 +318,10 @@ def _run_wave(vec: gym.vector.VectorEnv, agent, wave: list[int], config: Collect
     return records
 
 
-def main() -> None:
-    config = tyro.cli(CollectConfig)
-    try:
-        collect(config)
-    except ValueError as error:  # bad user input: the message names the problem, a traceback would bury it
-        raise SystemExit(f"error: {error}") from error
+def main(argv: list[str] | None = None) -> None:
+    """``python -m rollouts.collect``: parse the flags and collect."""
+    collect(cli.parse(CollectConfig, argv, prog="rollouts.collect"))
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

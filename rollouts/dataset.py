@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from gtmm.cli import UserError
 from rollouts.storage import check_episode_matches, load_episode, read_manifest
 
 # the four arrays a window is sliced from, concatenated over the episodes of a split
@@ -37,9 +38,9 @@ def split_episodes(manifest: dict[str, Any], split: str, val_fraction: float = 0
     shuffling keeps most assignments stable when a folder grows.
     """
     if split not in ("train", "val", "all"):
-        raise ValueError(f"split {split!r}: expected 'train', 'val' or 'all'")
+        raise UserError(f"split {split!r}: expected 'train', 'val' or 'all'")
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction {val_fraction}: expected a number in [0, 1)")
+        raise UserError(f"val_fraction {val_fraction}: expected a number in [0, 1)")
     records = sorted(manifest["episodes"], key=lambda e: e["index"])
     if split == "all":
         return records
@@ -90,9 +91,9 @@ class RolloutWindows(Dataset):
     def __init__(self, root: str | os.PathLike, seq_len: int, split: str = "train", val_fraction: float = 0.1,
                  seed: int = 0, stride: int = 1, cache_dir: str | os.PathLike | None = None, cache: bool = True):
         if seq_len < 1:
-            raise ValueError(f"seq_len {seq_len}: expected >= 1")
+            raise UserError(f"seq_len {seq_len}: expected >= 1")
         if stride < 1:
-            raise ValueError(f"stride {stride}: expected >= 1")
+            raise UserError(f"stride {stride}: expected >= 1")
         self.root = Path(root)
         self.manifest = read_manifest(self.root)
         self.seq_len, self.split, self.stride = seq_len, split, stride
@@ -102,7 +103,7 @@ class RolloutWindows(Dataset):
         self.env_name: str = self.manifest["env"]["name"]
         self.episodes = split_episodes(self.manifest, split, val_fraction, seed)
         if not self.episodes:
-            raise ValueError(f"{self.root}: split {split!r} has no episodes "
+            raise UserError(f"{self.root}: split {split!r} has no episodes "
                              f"({len(self.manifest['episodes'])} in the folder, val_fraction={val_fraction})")
 
         # where each episode's frames start in the concatenated arrays
@@ -112,7 +113,7 @@ class RolloutWindows(Dataset):
         starts = [offset + np.arange(0, n - seq_len + 1, stride) for offset, n in zip(self.episode_offsets, frames)]
         self.window_starts = np.concatenate(starts).astype(np.int64)
         if len(self.window_starts) == 0:
-            raise ValueError(f"{self.root}: no {split!r} episode has seq_len={seq_len} frames "
+            raise UserError(f"{self.root}: no {split!r} episode has seq_len={seq_len} frames "
                              f"(longest has {int(frames.max())})")
 
         self._cache_paths: dict[str, Path] | None = None
@@ -146,7 +147,7 @@ class RolloutWindows(Dataset):
             episode = load_episode(path, sha256=record["sha256"])
             check_episode_matches(self.manifest, episode, str(path))
             if len(episode["action"]) != record["steps"]:
-                raise ValueError(f"{path}: {len(episode['action'])} steps, the manifest says {record['steps']}")
+                raise UserError(f"{path}: {len(episode['action'])} steps, the manifest says {record['steps']}")
             end = offset + record["steps"] + 1
             arrays["obs"][offset:end] = episode["obs"]
             arrays["prev_action"][offset:end] = episode_prev_action(episode["action"])

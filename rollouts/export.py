@@ -25,8 +25,9 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
-import tyro
 
+from gtmm import cli
+from gtmm.cli import UserError
 import envs  # registers our env ids, so the exported dataset can name its env spec
 from rollouts import storage
 from rollouts.dataset import iter_episodes
@@ -64,7 +65,7 @@ def export_minari(data: Path, out: Path, dataset_id: str | None = None):
     manifest = storage.read_manifest(data)
     dataset_id = dataset_id or default_dataset_id(manifest)
     if not _DATASET_ID.match(dataset_id):
-        raise ValueError(f"--dataset-id {dataset_id!r}: expected '(namespace/)name-v<N>', e.g. 'gtmm/mnist_map-loop-v0'")
+        raise UserError(f"--dataset-id {dataset_id!r}: expected '(namespace/)name-v<N>', e.g. 'gtmm/mnist_map-loop-v0'")
     out.mkdir(parents=True, exist_ok=True)
     try:
         import minari
@@ -72,7 +73,7 @@ def export_minari(data: Path, out: Path, dataset_id: str | None = None):
     except ImportError as error:
         raise ImportError('Minari export needs minari and h5py: pip install "gtmm-worlds[minari]"') from error
     if (out / dataset_id).exists():
-        raise ValueError(f"{out / dataset_id} already exists: remove it or pick another --dataset-id")
+        raise UserError(f"{out / dataset_id} already exists: remove it or pick another --dataset-id")
 
     H, W, C = manifest["obs_shape"]
     observation_space = gym.spaces.Box(0, 255, (H, W, C), dtype=np.uint8)
@@ -115,18 +116,16 @@ def export_minari(data: Path, out: Path, dataset_id: str | None = None):
             os.environ["MINARI_DATASETS_PATH"] = previous
 
 
-def main() -> None:
-    config = tyro.cli(ExportConfig)
+def main(argv: list[str] | None = None) -> None:
+    """``python -m rollouts.export``: parse the flags and export the folder."""
+    config = cli.parse(ExportConfig, argv, prog="rollouts.export")
     if not config.minari:
-        raise SystemExit("error: choose a format: --minari (the only one so far)")
-    try:
-        dataset = export_minari(config.data, config.out, config.dataset_id)
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from error
+        raise UserError("choose a format: --minari (the only one so far)")
+    dataset = export_minari(config.data, config.out, config.dataset_id)
     print(f"wrote Minari dataset {dataset.spec.dataset_id} to {config.out}: {dataset.total_episodes} episodes, "
           f"{dataset.total_steps} steps. Frames are stored raw (jpeg_encoding=False): lossless, not JPEG. "
           f"Load with MINARI_DATASETS_PATH={config.out} and minari.load_dataset({dataset.spec.dataset_id!r})")
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -17,6 +17,8 @@ from typing import Annotated, Any
 import numpy as np
 import tyro
 
+from gtmm import cli
+from gtmm.cli import UserError
 from rollouts import storage
 from rollouts.dataset import iter_episodes
 
@@ -43,7 +45,7 @@ class InspectConfig:
 def mark_frames(obs: np.ndarray, revisit: np.ndarray, scale: int) -> np.ndarray:
     """(T, H, W, C) uint8 frames -> (T, H*scale + 2b, W*scale + 2b, 3) RGB with a red border on revisit frames."""
     if scale < 1:
-        raise ValueError(f"scale {scale}: expected >= 1")
+        raise UserError(f"scale {scale}: expected >= 1")
     frames = np.repeat(np.repeat(obs, scale, axis=1), scale, axis=2)  # (T, H*s, W*s, C)
     if frames.shape[-1] == 1:
         frames = np.repeat(frames, 3, axis=-1)  # grey -> RGB
@@ -99,7 +101,7 @@ def inspect(config: InspectConfig) -> dict[str, Any]:
 
     records = {e["index"]: e for e in manifest["episodes"]}
     if config.episode not in records:
-        raise ValueError(f"--episode {config.episode}: the folder has no such episode "
+        raise UserError(f"--episode {config.episode}: the folder has no such episode "
                          f"(indices {min(records, default=None)}..{max(records, default=None)})")
     record = records[config.episode]
     episode = storage.load_episode(config.root / record["file"], sha256=record["sha256"])
@@ -113,13 +115,10 @@ def inspect(config: InspectConfig) -> dict[str, Any]:
     return stats
 
 
-def main() -> None:
-    config = tyro.cli(InspectConfig)
-    try:
-        inspect(config)
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from error
+def main(argv: list[str] | None = None) -> None:
+    """``python -m rollouts.inspect``: parse the flags and inspect the folder."""
+    inspect(cli.parse(InspectConfig, argv, prog="rollouts.inspect"))
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

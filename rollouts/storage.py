@@ -25,13 +25,14 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
+
+from gtmm.cli import UserError
+from gtmm.fs import atomic_write
 
 FORMAT_NAME = "gtmm-rollouts"
 FORMAT_VERSION = 1
@@ -66,38 +67,22 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
-    """Call ``write(file)`` on a temp file next to ``path``, fsync it, then rename it over ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def validate_episode(episode: dict[str, np.ndarray], where: str = "episode") -> int:
     """Check keys, dtypes and aligned lengths; return the number of transitions T."""
     missing = [k for k in EPISODE_KEYS if k not in episode]
     if missing:
-        raise ValueError(f"{where}: missing keys {missing}; expected {list(EPISODE_KEYS)}")
+        raise UserError(f"{where}: missing keys {missing}; expected {list(EPISODE_KEYS)}")
     num_steps = len(episode["action"])
     for key, (dtype, extra) in EPISODE_KEYS.items():
         array = episode[key]
         if array.dtype != dtype:
-            raise ValueError(f"{where}: {key!r} has dtype {array.dtype}, expected {dtype}")
+            raise UserError(f"{where}: {key!r} has dtype {array.dtype}, expected {dtype}")
         if len(array) != num_steps + extra:
-            raise ValueError(f"{where}: {key!r} has {len(array)} entries, expected {num_steps + extra} (T={num_steps})")
+            raise UserError(f"{where}: {key!r} has {len(array)} entries, expected {num_steps + extra} (T={num_steps})")
     if episode["obs"].ndim != 4:
-        raise ValueError(f"{where}: 'obs' has shape {episode['obs'].shape}, expected (T+1, H, W, C)")
+        raise UserError(f"{where}: 'obs' has shape {episode['obs'].shape}, expected (T+1, H, W, C)")
     if episode["pose"].ndim != 2:
-        raise ValueError(f"{where}: 'pose' has shape {episode['pose'].shape}, expected (T+1, D)")
+        raise UserError(f"{where}: 'pose' has shape {episode['pose'].shape}, expected (T+1, D)")
     return num_steps
 
 
@@ -123,7 +108,7 @@ def check_sha256(path: str | os.PathLike, expected: str) -> None:
     """ValueError naming ``path`` if its sha256 is not ``expected`` (the manifest's)."""
     actual = sha256_file(path)
     if actual != expected:
-        raise ValueError(f"episode file {path} is corrupt: sha256 {actual[:16]}... does not match the manifest's "
+        raise UserError(f"episode file {path} is corrupt: sha256 {actual[:16]}... does not match the manifest's "
                          f"{expected[:16]}...; delete it and re-run the same collect command to rewrite it")
 
 
@@ -131,7 +116,7 @@ def load_episode(path: str | os.PathLike, sha256: str | None = None) -> dict[str
     """Read one episode; with ``sha256`` the file is checked against it first. Raises ``ValueError`` naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"episode file {path} is missing")
+        raise UserError(f"episode file {path} is missing")
     if sha256 is not None:
         check_sha256(path, sha256)
     try:
@@ -140,7 +125,7 @@ def load_episode(path: str | os.PathLike, sha256: str | None = None) -> dict[str
             episode = {name.removesuffix(".npy"): np.lib.format.read_array(io.BytesIO(zf.read(name)), allow_pickle=False)
                        for name in zf.namelist()}
     except Exception as error:  # zipfile.BadZipFile, zlib.error, EOFError, ValueError... all mean "unreadable"
-        raise ValueError(f"episode file {path} is unreadable ({type(error).__name__}: {error})") from error
+        raise UserError(f"episode file {path} is unreadable ({type(error).__name__}: {error})") from error
     validate_episode(episode, where=str(path))
     return episode
 
@@ -149,16 +134,16 @@ def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
     """Read and check a folder's manifest (format name and version)."""
     path = Path(root) / MANIFEST_NAME
     if not path.is_file():
-        raise ValueError(f"{path} is missing: {root} is not a rollout folder (make one with python -m rollouts.collect)")
+        raise UserError(f"{path} is missing: {root} is not a rollout folder (make one with python -m rollouts.collect)")
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from error
+        raise UserError(f"{path} is not valid JSON: {error}") from error
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise ValueError(f"{path}: field 'format' is {manifest.get('format') if isinstance(manifest, dict) else None!r}, "
+        raise UserError(f"{path}: field 'format' is {manifest.get('format') if isinstance(manifest, dict) else None!r}, "
                          f"expected {FORMAT_NAME!r}")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: field 'format_version' is {manifest.get('format_version')!r}, this code reads "
+        raise UserError(f"{path}: field 'format_version' is {manifest.get('format_version')!r}, this code reads "
                          f"version {FORMAT_VERSION}")
     return manifest
 
@@ -199,12 +184,12 @@ def check_episode_matches(manifest: dict[str, Any], episode: dict[str, np.ndarra
     """The episode's obs shape, pose size and actions agree with the folder's manifest."""
     obs_shape = list(episode["obs"].shape[1:])
     if obs_shape != list(manifest["obs_shape"]):
-        raise ValueError(f"{where}: obs shape {tuple(obs_shape)} differs from the manifest's {tuple(manifest['obs_shape'])}")
+        raise UserError(f"{where}: obs shape {tuple(obs_shape)} differs from the manifest's {tuple(manifest['obs_shape'])}")
     if episode["pose"].shape[1] != manifest["pose_dim"]:
-        raise ValueError(f"{where}: pose size {episode['pose'].shape[1]} differs from the manifest's {manifest['pose_dim']}")
+        raise UserError(f"{where}: pose size {episode['pose'].shape[1]} differs from the manifest's {manifest['pose_dim']}")
     actions = episode["action"]
     if len(actions) and (actions.min() < 0 or actions.max() >= manifest["num_actions"]):
-        raise ValueError(f"{where}: actions span [{actions.min()}, {actions.max()}], expected [0, {manifest['num_actions']})")
+        raise UserError(f"{where}: actions span [{actions.min()}, {actions.max()}], expected [0, {manifest['num_actions']})")
 
 
 def new_manifest(*, env_name: str, env_id: str, env_kwargs: dict[str, Any], agent_name: str,

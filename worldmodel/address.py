@@ -29,6 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from gtmm.cli import UserError
+
 ADDRESSES = ("hidden", "actions", "pose")
 INTEGRATORS = ("gru", "additive")
 
@@ -98,9 +100,9 @@ class ActionAddress(AddressPath):
                  seed: int = 0):
         super().__init__()
         if num_actions < 1:
-            raise ValueError(f"address 'actions': needs num_actions >= 1, got {num_actions} (action-free task?)")
+            raise UserError(f"address 'actions': needs num_actions >= 1, got {num_actions} (action-free task?)")
         if integrator not in INTEGRATORS:
-            raise ValueError(f"address 'actions': unknown integrator {integrator!r}, expected one of {INTEGRATORS}")
+            raise UserError(f"address 'actions': unknown integrator {integrator!r}, expected one of {INTEGRATORS}")
         self.addr_dim, self.num_actions, self.integrator = addr_dim, num_actions, integrator
         if integrator == "gru":
             self.path_dim = path_dim or addr_dim
@@ -112,18 +114,18 @@ class ActionAddress(AddressPath):
             self.start = nn.Parameter(0.5 * torch.randn(self.path_dim))
         else:
             if addr_dim % 2:
-                raise ValueError(f"address 'actions' (additive): addr_dim must be even (sin and cos halves), got {addr_dim}")
+                raise UserError(f"address 'actions' (additive): addr_dim must be even (sin and cos halves), got {addr_dim}")
             self.path_dim = path_dim or 8
             self.displacement = nn.Parameter(step_scale * torch.randn(num_actions, self.path_dim))  # E (A, P)
             self.register_buffer("frequencies", _random_frequencies(self.path_dim, addr_dim, seed))  # (P, addr_dim/2)
         if inverse_actions is not None:
             inverse = torch.as_tensor(list(inverse_actions), dtype=torch.long)
             if inverse.shape != (num_actions,) or bool(((inverse < 0) | (inverse >= num_actions)).any()):
-                raise ValueError(f"inverse_actions: expected {num_actions} action ids in [0, {num_actions}), got {list(inverse_actions)}")
+                raise UserError(f"inverse_actions: expected {num_actions} action ids in [0, {num_actions}), got {list(inverse_actions)}")
             if not torch.equal(inverse[inverse], torch.arange(num_actions)):
-                raise ValueError(f"inverse_actions: must be an involution (inv(inv(a)) = a), got {list(inverse_actions)}")
+                raise UserError(f"inverse_actions: must be an involution (inv(inv(a)) = a), got {list(inverse_actions)}")
             if integrator != "additive":
-                raise ValueError("inverse_actions: only the additive integrator can tie inverse actions")
+                raise UserError("inverse_actions: only the additive integrator can tie inverse actions")
             self.register_buffer("inverse", inverse)
         else:
             self.inverse = None
@@ -168,15 +170,15 @@ class PoseAddress(AddressPath):
     def __init__(self, *, pose_dim: int, addr_dim: int, pose_scale: float | Sequence[float] = 1.0, seed: int = 0):
         super().__init__()
         if pose_dim < 1:
-            raise ValueError(f"address 'pose': the data has no pose (pose_dim={pose_dim}); use 'hidden' or 'actions'")
+            raise UserError(f"address 'pose': the data has no pose (pose_dim={pose_dim}); use 'hidden' or 'actions'")
         if addr_dim % 2:
-            raise ValueError(f"address 'pose': addr_dim must be even (sin and cos halves), got {addr_dim}")
+            raise UserError(f"address 'pose': addr_dim must be even (sin and cos halves), got {addr_dim}")
         scale = torch.as_tensor(pose_scale, dtype=torch.float32).flatten()
         if scale.numel() not in (1, pose_dim):
-            raise ValueError(f"address 'pose': pose_scale needs 1 or {pose_dim} values (one per pose dim), got {pose_scale}")
+            raise UserError(f"address 'pose': pose_scale needs 1 or {pose_dim} values (one per pose dim), got {pose_scale}")
         scale = scale.expand(pose_dim).clone()
         if bool((scale <= 0).any()):
-            raise ValueError(f"address 'pose': pose_scale must be > 0, got {pose_scale}")
+            raise UserError(f"address 'pose': pose_scale must be > 0, got {pose_scale}")
         self.addr_dim, self.pose_dim = addr_dim, pose_dim
         self.register_buffer("frequencies", _random_frequencies(pose_dim, addr_dim, seed) / scale.unsqueeze(-1))
 
@@ -188,11 +190,11 @@ class PoseAddress(AddressPath):
 def build_address(kind: str, *, h_dim: int, num_actions: int, pose_dim: int, addr_dim: int, **kw) -> AddressPath:
     """The address pathway named ``kind`` (one of ``ADDRESSES``); ``kw`` go to its class (e.g. integrator=)."""
     if addr_dim < 1:
-        raise ValueError(f"addr_dim: expected >= 1, got {addr_dim}")
+        raise UserError(f"addr_dim: expected >= 1, got {addr_dim}")
     if kind == "hidden":
         return HiddenAddress(h_dim=h_dim, addr_dim=addr_dim, **kw)
     if kind == "actions":
         return ActionAddress(num_actions=num_actions, addr_dim=addr_dim, **kw)
     if kind == "pose":
         return PoseAddress(pose_dim=pose_dim, addr_dim=addr_dim, **kw)
-    raise ValueError(f"unknown address {kind!r}: expected one of {ADDRESSES}")
+    raise UserError(f"unknown address {kind!r}: expected one of {ADDRESSES}")

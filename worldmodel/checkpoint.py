@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gtmm.cli import UserError
 from worldmodel.config import ModelConfig, TrainConfig
 
 FORMAT_VERSION = 1
@@ -68,14 +69,14 @@ def load_raw(path: str | os.PathLike, device: torch.device | str = "cpu") -> dic
     if path.is_dir():
         path = path / "ckpt.pt"
     if not path.is_file():
-        raise ValueError(f"checkpoint {path}: no such file (expected a ckpt.pt or a run folder holding one)")
+        raise UserError(f"checkpoint {path}: no such file (expected a ckpt.pt or a run folder holding one)")
     payload = torch.load(path, map_location=device, weights_only=False)
     if not isinstance(payload, dict) or payload.get("version") != FORMAT_VERSION:
         got = payload.get("version") if isinstance(payload, dict) else type(payload).__name__
-        raise ValueError(f"checkpoint {path}: expected format version {FORMAT_VERSION}, got {got!r}")
+        raise UserError(f"checkpoint {path}: expected format version {FORMAT_VERSION}, got {got!r}")
     for key in ("model", "model_config", "config", "step"):
         if key not in payload:
-            raise ValueError(f"checkpoint {path}: missing field {key!r}")
+            raise UserError(f"checkpoint {path}: missing field {key!r}")
     return payload
 
 

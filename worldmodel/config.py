@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
+from gtmm.cli import UserError, parse_json_object
+
 
 @dataclass
 class ModelConfig:
@@ -55,7 +57,7 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"model config: unknown fields {sorted(unknown)}; expected a subset of {sorted(known)}")
+            raise UserError(f"model config: unknown fields {sorted(unknown)}; expected a subset of {sorted(known)}")
         d = dict(d)
         if "obs_shape" in d:
             d["obs_shape"] = tuple(int(x) for x in d["obs_shape"])
@@ -148,7 +150,6 @@ class TrainConfig:
     """show a tqdm progress bar"""
 
     def model_config(self, obs_shape: tuple[int, int, int], num_actions: int, pose_dim: int) -> ModelConfig:
-        from rollouts.collect import parse_json_object  # the CLIs' one JSON-flag parser (lazy: collect imports envs)
 
         return ModelConfig(
             obs_shape=tuple(obs_shape), num_actions=num_actions, pose_dim=pose_dim, memory=self.memory,
@@ -167,7 +168,7 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"train config: unknown fields {sorted(unknown)}; expected a subset of {sorted(known)}")
+            raise UserError(f"train config: unknown fields {sorted(unknown)}; expected a subset of {sorted(known)}")
         return cls(**d)
 
 
@@ -202,5 +203,5 @@ PRESETS: dict[str, TrainConfig] = {
 def preset(name: str) -> TrainConfig:
     """A fresh copy of a named preset."""
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}: expected one of {sorted(PRESETS)}")
+        raise UserError(f"unknown preset {name!r}: expected one of {sorted(PRESETS)}")
     return dataclasses.replace(PRESETS[name])

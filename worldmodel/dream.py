@@ -42,11 +42,12 @@ from typing import Any, Optional
 import gymnasium as gym
 import numpy as np
 import torch
-import tyro
 from gymnasium import spaces
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
+from gtmm import cli
+from gtmm.cli import UserError, parse_json_object
 from worldmodel import checkpoint as ckpt_io
 from worldmodel.model import GTMM, ModelState
 
@@ -146,27 +147,27 @@ class DreamBatch:
         from worldmodel.train import resolve_device
 
         if (data is None) == (env is None):
-            raise ValueError(f"dream: give exactly one of data= (rollout folder) or env= (live env short name); "
+            raise UserError(f"dream: give exactly one of data= (rollout folder) or env= (live env short name); "
                              f"got data={data!r}, env={env!r}")
         if num_envs < 1:
-            raise ValueError(f"dream: num_envs {num_envs}: expected >= 1")
+            raise UserError(f"dream: num_envs {num_envs}: expected >= 1")
         if temperature < 0:
-            raise ValueError(f"dream: temperature {temperature}: expected >= 0")
+            raise UserError(f"dream: temperature {temperature}: expected >= 0")
         if max_steps < 1:
-            raise ValueError(f"dream: max_steps {max_steps}: expected >= 1")
+            raise UserError(f"dream: max_steps {max_steps}: expected >= 1")
         if threads < 0:
-            raise ValueError(f"dream: threads {threads}: expected >= 0 (0 = leave torch's default)")
+            raise UserError(f"dream: threads {threads}: expected >= 0 (0 = leave torch's default)")
         if threads > 0:
             torch.set_num_threads(threads)
         self.device = resolve_device(device)
         self.model, self.train_config = ckpt_io.load(checkpoint, self.device)
         cfg = self.model.cfg
         if cfg.num_actions < 1:
-            raise ValueError(f"checkpoint {checkpoint}: the model was trained without actions (num_actions 0, e.g. a "
+            raise UserError(f"checkpoint {checkpoint}: the model was trained without actions (num_actions 0, e.g. a "
                              "sequence task); a dream needs a model trained on recorded rollouts")
         self.context = context or self.train_config.open_loop_context
         if self.context < 1:
-            raise ValueError(f"dream: context {self.context}: expected >= 1 real frame")
+            raise UserError(f"dream: context {self.context}: expected >= 1 real frame")
         self.num_envs, self.temperature, self.max_steps = num_envs, float(temperature), max_steps
         self.shadow, self.needs_pose = bool(shadow) or env is not None, cfg.address == "pose"
         self.obs_shape, self.num_actions, self.pose_dim = tuple(cfg.obs_shape), cfg.num_actions, cfg.pose_dim
@@ -184,13 +185,13 @@ class DreamBatch:
             self.candidates = [e for e in sorted(self.manifest["episodes"], key=lambda e: e["index"])
                                if e["steps"] + 1 >= self.context]
             if not self.candidates:
-                raise ValueError(f"{data}: no episode has the {self.context} frames of context the dream needs")
+                raise UserError(f"{data}: no episode has the {self.context} frames of context the dream needs")
             self._episodes: dict[int, dict[str, np.ndarray]] = {}
         else:
             self.manifest, self.env_name, self.env_kwargs = None, env, dict(env_kwargs or {})
             real = None
         if real is not None and real != (self.obs_shape, self.num_actions, self.pose_dim):
-            raise ValueError(f"{data}: frames/actions/pose {real} differ from the checkpoint's "
+            raise UserError(f"{data}: frames/actions/pose {real} differ from the checkpoint's "
                              f"{(self.obs_shape, self.num_actions, self.pose_dim)}: this model was trained on another env")
         self.context_agent = context_agent
         self.inverse_actions: Optional[tuple[int, ...]] = None
@@ -218,7 +219,7 @@ class DreamBatch:
             real = envs.make(self.env_name, **kwargs)
             got = (tuple(real.observation_space.shape), int(real.action_space.n))
             if got != (self.obs_shape, self.num_actions):
-                raise ValueError(f"env {self.env_name!r}: observations {got[0]} and {got[1]} actions, the checkpoint "
+                raise UserError(f"env {self.env_name!r}: observations {got[0]} and {got[1]} actions, the checkpoint "
                                  f"dreams {self.obs_shape} and {self.num_actions}: not the env it was trained on")
             if self.inverse_actions is None and hasattr(real.unwrapped, "inverse_actions"):
                 self.inverse_actions = tuple(real.unwrapped.inverse_actions)
@@ -283,11 +284,11 @@ class DreamBatch:
             action = int(agent.act(obs[None], {k: np.asarray(v)[None] for k, v in info.items()})[0])
             obs, _, terminated, truncated, info = real.step(action)
             if terminated or truncated:
-                raise ValueError(f"env {self.env_name!r} ended its episode within the {K} context frames")
+                raise UserError(f"env {self.env_name!r} ended its episode within the {K} context frames")
             frames.append(obs), actions.append(action), poses.append(np.asarray(info["pose"], np.float32))
         ctx = {"obs": np.stack(frames), "prev_action": np.array(actions, np.int64), "pose": np.stack(poses)}
         if ctx["pose"].shape[1:] != (self.pose_dim,):
-            raise ValueError(f"env {self.env_name!r}: info['pose'] has shape {ctx['pose'].shape[1:]}, the checkpoint "
+            raise UserError(f"env {self.env_name!r}: info['pose'] has shape {ctx['pose'].shape[1:]}, the checkpoint "
                              f"expects ({self.pose_dim},): not the env it was trained on")
         track = Track(episode=None, episode_index=-1, t=K - 1, on_record=False, shadow=real, real_obs=obs,
                       real_info=info)
@@ -296,14 +297,14 @@ class DreamBatch:
     def _replay_shadow(self, i: int, record: dict[str, Any], episode: dict[str, np.ndarray]) -> gym.Env:
         """Rebuild the recorded episode's env from the manifest and its env seed, and replay the context actions."""
         if "env_seed" not in record:
-            raise ValueError(f"{self.data}: episode {record['index']} has no env_seed in the manifest; shadow=True "
+            raise UserError(f"{self.data}: episode {record['index']} has no env_seed in the manifest; shadow=True "
                              "needs it to rebuild the real env")
         real = self._real_env(i)
         obs, info = real.reset(seed=int(record["env_seed"]))
         for action in episode["action"][:self.context - 1]:
             obs, *_, info = real.step(int(action))
         if not np.array_equal(obs, episode["obs"][self.context - 1]):
-            raise ValueError(f"{self.data}: episode {record['index']} cannot be replayed in a fresh {self.env_name!r} "
+            raise UserError(f"{self.data}: episode {record['index']} cannot be replayed in a fresh {self.env_name!r} "
                              f"env from its env_seed (frame {self.context - 1} differs); use shadow=False")
         return real
 
@@ -373,7 +374,7 @@ class DreamBatch:
         infos = [self._advance(i, int(a)) for i, a in enumerate(actions)]
         pose = np.stack([info["pose"] for info in infos])  # (N, D)
         if self.needs_pose and np.isnan(pose).any():
-            raise ValueError("dream: this model reads memory by the env's pose (address 'pose'), and the actions left "
+            raise UserError("dream: this model reads memory by the env's pose (address 'pose'), and the actions left "
                              "the recorded episode, so the pose is unknown; dream with shadow=True (a real env "
                              "stepped beside the dream) or with a model of another address")
         action_t = torch.as_tensor(np.asarray(actions, dtype=np.int64), device=self.device)  # (N,)
@@ -394,7 +395,7 @@ def _stack_infos(infos: list[dict[str, Any]]) -> dict[str, np.ndarray]:
 
 def _check_action(space: gym.Space, action: Any) -> None:
     if not space.contains(action):
-        raise ValueError(f"action {action!r} is not in the action space {space}")
+        raise UserError(f"action {action!r} is not in the action space {space}")
 
 
 # -- the Gymnasium envs ------------------------------------------------------------------------------------------------
@@ -448,7 +449,7 @@ class DreamEnv(gym.Env):
                  max_steps: int = 100, shadow: bool = False, context_agent: str = "random", device: str = "auto",
                  threads: int = 0, render_mode: Optional[str] = None) -> None:
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise ValueError(f"DreamEnv: render_mode {render_mode!r}: expected None or one of "
+            raise UserError(f"DreamEnv: render_mode {render_mode!r}: expected None or one of "
                              f"{self.metadata['render_modes']}")
         self.render_mode = render_mode
         self.dreams = DreamBatch(checkpoint, 1, data=data, env=env, env_kwargs=env_kwargs, context=context,
@@ -526,7 +527,7 @@ class DreamVectorEnv(VectorEnv):
             seeds = [int(seed) + i for i in range(self.num_envs)]
         else:
             if len(seed) != self.num_envs:
-                raise ValueError(f"DreamVectorEnv.reset: {len(seed)} seeds for {self.num_envs} envs")
+                raise UserError(f"DreamVectorEnv.reset: {len(seed)} seeds for {self.num_envs} envs")
             seeds = [None if s is None else int(s) for s in seed]
         # dream i's generator is the one a DreamEnv reset with seed s_i builds (gymnasium's np_random of s_i)
         self._rngs = [gym.utils.seeding.np_random(s)[0] for s in seeds]
@@ -660,22 +661,21 @@ def write_video(frames: list[np.ndarray], path: str, fps: int) -> None:
             writer.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
         writer.release()
     else:
-        raise ValueError(f"--out {path}: expected a .gif or .mp4 file")
+        raise UserError(f"--out {path}: expected a .gif or .mp4 file")
 
 
 def dream_video(cfg: DreamConfig) -> dict[str, Any]:
     """Run `cfg.episodes` dreams side by side and write the video; returns a summary (frames, per-pixel errors)."""
     from agents import AGENTS, make_agent
-    from rollouts.collect import parse_json_object
 
     if cfg.agent not in ("recorded", *AGENTS):
-        raise ValueError(f"--agent {cfg.agent!r}: expected recorded or one of {AGENTS}")
+        raise UserError(f"--agent {cfg.agent!r}: expected recorded or one of {AGENTS}")
     if Path(cfg.out).suffix not in (".gif", ".mp4"):
-        raise ValueError(f"--out {cfg.out}: expected a .gif or .mp4 file")
+        raise UserError(f"--out {cfg.out}: expected a .gif or .mp4 file")
     if cfg.agent == "recorded" and cfg.data is None:
-        raise ValueError("--agent recorded replays the actions of recorded episodes: give --data")
+        raise UserError("--agent recorded replays the actions of recorded episodes: give --data")
     if cfg.episodes < 1 or cfg.steps < 1 or cfg.scale < 1 or cfg.fps < 1:
-        raise ValueError(f"--episodes, --steps, --scale, --fps must be >= 1, got {cfg.episodes}, {cfg.steps}, "
+        raise UserError(f"--episodes, --steps, --scale, --fps must be >= 1, got {cfg.episodes}, {cfg.steps}, "
                          f"{cfg.scale}, {cfg.fps}")
     vec = DreamVectorEnv(cfg.checkpoint, cfg.episodes, data=cfg.data, env=cfg.env,
                          env_kwargs=parse_json_object(cfg.env_kwargs, "env_kwargs"), context=cfg.context,
@@ -688,7 +688,7 @@ def dream_video(cfg: DreamConfig) -> dict[str, Any]:
     if cfg.agent == "recorded":
         steps = min(steps, min(len(t.episode["action"]) - t.t for t in dreams.tracks))
         if steps < 1:
-            raise ValueError(f"{cfg.data}: the picked episodes have no recorded step after the {dreams.context} "
+            raise UserError(f"{cfg.data}: the picked episodes have no recorded step after the {dreams.context} "
                              "context frames")
         agent = None
     else:
@@ -728,13 +728,10 @@ def dream_video(cfg: DreamConfig) -> dict[str, Any]:
     return summary
 
 
-def main() -> None:
-    cfg = tyro.cli(DreamConfig)
-    try:
-        dream_video(cfg)
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from error
+def main(argv: list[str] | None = None) -> None:
+    """``python -m worldmodel.dream``: parse the flags and write the dream video."""
+    dream_video(cli.parse(DreamConfig, argv, prog="worldmodel.dream"))
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

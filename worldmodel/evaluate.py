@@ -25,8 +25,9 @@ from typing import Any, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-import tyro
 
+from gtmm import cli
+from gtmm.cli import UserError
 from worldmodel import checkpoint
 from worldmodel.model import GTMM, batch_to_torch
 from worldmodel.train import resolve_device
@@ -67,7 +68,7 @@ def episode_start_windows(root: str, seq_len: int, count: int):
     windows = RolloutWindows(root, seq_len=seq_len, split="all")
     first = np.flatnonzero(np.isin(windows.window_starts, windows.episode_offsets))
     if len(first) == 0:
-        raise ValueError(f"{root}: no episode has {seq_len} frames; collect longer episodes or pass --seq-len")
+        raise UserError(f"{root}: no episode has {seq_len} frames; collect longer episodes or pass --seq-len")
     pick = first[np.unique(np.linspace(0, len(first) - 1, min(count, len(first))).round().astype(int))]
     return windows, pick
 
@@ -95,7 +96,7 @@ def evaluate_model(model: GTMM, windows, index: np.ndarray, context: int, batch:
     """All figures of one model on the given windows; also returns the predictions for the strip."""
     T = windows.seq_len
     if not 0 < context < T:
-        raise ValueError(f"--context {context}: expected 0 < context < seq_len = {T}")
+        raise UserError(f"--context {context}: expected 0 < context < seq_len = {T}")
     torch.manual_seed(seed)
     nll, kl, revisit, pose, pred_mse, pred_bce, rec_mse, rec_bce, preds = [], [], [], [], [], [], [], [], []
     for start in range(0, len(index), batch):
@@ -198,7 +199,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     windows, index = episode_start_windows(cfg.data, seq_len, cfg.windows)
     for name, m in models.items():
         if tuple(windows.obs_shape) != tuple(m.cfg.obs_shape) or windows.num_actions != m.cfg.num_actions:
-            raise ValueError(f"--data {cfg.data}: frames {windows.obs_shape} with {windows.num_actions} actions, but "
+            raise UserError(f"--data {cfg.data}: frames {windows.obs_shape} with {windows.num_actions} actions, but "
                              f"the {name} checkpoint was trained on {m.cfg.obs_shape} with {m.cfg.num_actions}")
 
     results, preds, revisit = {}, {}, None
@@ -239,9 +240,10 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     return report
 
 
-def main() -> None:
-    run(tyro.cli(EvalConfig))
+def main(argv: list[str] | None = None) -> None:
+    """``python -m worldmodel.evaluate``: parse the flags and evaluate."""
+    run(cli.parse(EvalConfig, argv, prog="worldmodel.evaluate"))
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

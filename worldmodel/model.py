@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gtmm.cli import UserError
 from worldmodel.address import build_address
 from worldmodel.config import ModelConfig
 from worldmodel.memory import build_memory
@@ -69,7 +70,7 @@ def batch_to_torch(batch: dict[str, Any], device: torch.device | str) -> dict[st
     for key, dtype in (("obs", torch.uint8), ("prev_action", torch.int64), ("revisit", torch.bool),
                        ("pose", torch.float32)):
         if key not in batch:
-            raise ValueError(f"batch: missing key {key!r}; expected obs, prev_action, revisit, pose")
+            raise UserError(f"batch: missing key {key!r}; expected obs, prev_action, revisit, pose")
         out[key] = torch.as_tensor(batch[key]).to(device=device, dtype=dtype, non_blocking=True)
     return out
 
@@ -259,7 +260,7 @@ class GTMM(nn.Module):
         B, T = prev_action.shape
         if pose is None:
             if self.cfg.address == "pose":
-                raise ValueError("imagine: the 'pose' address needs the pose of every step; got pose=None")
+                raise UserError("imagine: the 'pose' address needs the pose of every step; got pose=None")
             pose = torch.zeros(B, T, self.cfg.pose_dim, device=prev_action.device)
         self._check_inputs(None, prev_action, pose)
         steps = []
@@ -280,7 +281,7 @@ class GTMM(nn.Module):
         B = action.shape[0]
         if pose is None:
             if self.cfg.address == "pose":
-                raise ValueError("step_prior: the 'pose' address needs the pose; got pose=None")
+                raise UserError("step_prior: the 'pose' address needs the pose; got pose=None")
             pose = torch.zeros(B, self.cfg.pose_dim, device=action.device)
         out, state = self.cell(state, action, pose, None, sample=sample)
         return self.decode_mean(out["z"]), state
@@ -300,7 +301,7 @@ class GTMM(nn.Module):
         """
         T = prev_action.shape[1]
         if not 0 < context < T:
-            raise ValueError(f"open-loop context {context}: expected 0 < context < T = {T}")
+            raise UserError(f"open-loop context {context}: expected 0 < context < T = {T}")
         seen = self.observe(obs, prev_action, pose, sample=False)
         ctx = self.observe(obs[:, :context], prev_action[:, :context], pose[:, :context], sample=False)
         dream = self.imagine(ctx["state"], prev_action[:, context:], pose[:, context:], sample=False)

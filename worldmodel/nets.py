@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gtmm.cli import UserError
+
 
 def _num_downsamples(height: int, width: int) -> int:
     """Halve the frame until it is at most 7 pixels on a side (28 -> 14 -> 7; 64 -> 32 -> 16 -> 8 -> 4)."""
@@ -22,7 +24,7 @@ def _num_downsamples(height: int, width: int) -> int:
 
 def _check_frame_size(height: int, width: int) -> None:
     if _num_downsamples(height, width) == 0:
-        raise ValueError(f"frame size {height}x{width}: expected even sides larger than 7 (e.g. 28x28 or 64x64)")
+        raise UserError(f"frame size {height}x{width}: expected even sides larger than 7 (e.g. 28x28 or 64x64)")
 
 
 class Encoder(nn.Module):

@@ -30,8 +30,9 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-import tyro
 
+from gtmm import cli
+from gtmm.cli import UserError
 from worldmodel import checkpoint
 from worldmodel.config import TrainConfig, preset
 from worldmodel.model import GTMM, batch_to_torch, param_groups
@@ -65,7 +66,7 @@ class TaskSource:
         from envs import sequences
 
         if task not in sequences.TASKS:
-            raise ValueError(f"--task {task!r}: expected one of {sequences.TASKS}")
+            raise UserError(f"--task {task!r}: expected one of {sequences.TASKS}")
         self.task, self._sample = task, sequences.sample_batch
         self.task_kwargs = sequences.kwargs_for_length(task, seq_len)
         probe = self._sample(task, 1, np.random.default_rng(0), **self.task_kwargs)
@@ -80,7 +81,7 @@ class TaskSource:
 
 def make_source(cfg: TrainConfig):
     if (cfg.data is None) == (cfg.task is None):
-        raise ValueError(f"give exactly one of --data (rollout folder) or --task (sequence task); got data={cfg.data!r}, task={cfg.task!r}")
+        raise UserError(f"give exactly one of --data (rollout folder) or --task (sequence task); got data={cfg.data!r}, task={cfg.task!r}")
     if cfg.data is not None:
         return RolloutSource(cfg.data, cfg.seq_len, cfg.val_fraction, cfg.seed)
     return TaskSource(cfg.task, cfg.seq_len)
@@ -105,11 +106,11 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine (use cpu or auto)")
+        raise UserError(f"--device {name}: CUDA is not available on this machine (use cpu or auto)")
     if name == "cuda":
         return torch.device(f"cuda:{local_rank}")
     if name != "cpu" and not name.startswith("cuda:"):
-        raise ValueError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+        raise UserError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
     return torch.device(name)
 
 
@@ -135,14 +136,14 @@ def check_config(cfg: TrainConfig) -> None:
     from worldmodel.memory import MEMORIES
 
     if cfg.memory not in MEMORIES:
-        raise ValueError(f"--memory {cfg.memory!r}: expected one of {MEMORIES}")
+        raise UserError(f"--memory {cfg.memory!r}: expected one of {MEMORIES}")
     if cfg.address not in ADDRESSES:
-        raise ValueError(f"--address {cfg.address!r}: expected one of {ADDRESSES}")
+        raise UserError(f"--address {cfg.address!r}: expected one of {ADDRESSES}")
     for name in ("steps", "batch", "seq_len", "log_every", "image_every", "ckpt_every"):
         if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected >= 1")
+            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected >= 1")
     if not 0.0 <= cfg.kl_balance <= 1.0:
-        raise ValueError(f"--kl-balance {cfg.kl_balance}: expected in [0, 1]")
+        raise UserError(f"--kl-balance {cfg.kl_balance}: expected in [0, 1]")
 
 
 # -- the training run -------------------------------------------------------------------------------------------------
@@ -173,14 +174,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         cfg = dataclasses.replace(saved, steps=cfg.steps, device=cfg.device, progress=cfg.progress,
                                   threads=cfg.threads, resume=True, out=cfg.out)
     elif ckpt_path.exists():
-        raise ValueError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
+        raise UserError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
 
     # -- data -----------------------------------------------------------------------------------------------------------
     source = make_source(cfg)
     if cfg.task is not None and cfg.seq_len != source.seq_len:
         cfg = dataclasses.replace(cfg, seq_len=source.seq_len)  # what the task could fit
     if cfg.address == "pose" and source.pose_dim == 0:
-        raise ValueError(f"--address pose: the data ({source.name}) has no pose (pose_dim 0)")
+        raise UserError(f"--address pose: the data ({source.name}) has no pose (pose_dim 0)")
 
     # -- model and optimizer --------------------------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)
@@ -323,7 +324,7 @@ def parse_args(argv: Optional[list[str]] = None) -> TrainConfig:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", default=TrainConfig.preset)
     known, _ = pre.parse_known_args(argv)
-    return tyro.cli(TrainConfig, default=preset(known.preset), args=argv)
+    return cli.parse(TrainConfig, argv, prog="worldmodel.train", default=preset(known.preset))
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -336,4 +337,4 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -18,6 +18,7 @@ Slot memories return reads of size R * C, C = z_dim (+ h_dim with ``store_h=True
 
 from __future__ import annotations
 
+from gtmm.cli import UserError
 from worldmodel.memory.base import Memory, State, reset_state
 from worldmodel.memory.dnc import DNCMemory
 from worldmodel.memory.introspective import IntrospectiveMemory
@@ -39,7 +40,7 @@ _CLASSES: dict[str, type[Memory]] = {
 def build_memory(name: str, *, z_dim: int, h_dim: int, addr_dim: int, slots: int = 64, heads: int = 2, **kw) -> Memory:
     """The memory named ``name`` (one of ``MEMORIES``); ``kw`` go to its class (e.g. store_h=True)."""
     if name not in _CLASSES:
-        raise ValueError(f"unknown memory {name!r}: expected one of {MEMORIES}")
+        raise UserError(f"unknown memory {name!r}: expected one of {MEMORIES}")
     if name == "none":
         return NoMemory()
     return _CLASSES[name](z_dim=z_dim, h_dim=h_dim, addr_dim=addr_dim, slots=slots, heads=heads, **kw)

@@ -29,6 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from gtmm.cli import UserError
+
 State = dict[str, Tensor]
 
 
@@ -111,7 +113,7 @@ class ReadKeys(nn.Module):
     def __init__(self, *, addr_dim: int, h_dim: int, heads: int, use_h: bool = False, init_sharpness: float = 10.0):
         super().__init__()
         if init_sharpness <= 1.0:
-            raise ValueError(f"init_sharpness: expected > 1 (beta = 1 + softplus(.)), got {init_sharpness}")
+            raise UserError(f"init_sharpness: expected > 1 (beta = 1 + softplus(.)), got {init_sharpness}")
         self.heads, self.addr_dim = heads, addr_dim
         self.from_addr = nn.Linear(addr_dim, heads * addr_dim, bias=False)
         with torch.no_grad():  # identity per head plus a little noise so the heads can specialise

@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from gtmm.cli import UserError
 from worldmodel.memory.base import (
     Memory, ReadGate, ReadKeys, State, check_step_inputs, content_weights, cosine_similarity, gated_read, mark_written,
     small_linear,
@@ -60,7 +61,7 @@ class DNCMemory(Memory):
                  store_h: bool = False, key_from_h: bool = False, init_sharpness: float = 10.0):
         super().__init__()
         if slots < 2 or heads < 1:
-            raise ValueError(f"dnc memory: expected slots >= 2 and heads >= 1, got slots={slots}, heads={heads}")
+            raise UserError(f"dnc memory: expected slots >= 2 and heads >= 1, got slots={slots}, heads={heads}")
         self.z_dim, self.h_dim, self.addr_dim = z_dim, h_dim, addr_dim
         self.slots, self.heads, self.store_h = slots, heads, store_h
         self.content_dim = z_dim + (h_dim if store_h else 0)

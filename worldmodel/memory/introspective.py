@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gtmm.cli import UserError
 from worldmodel.memory.base import (
     Memory, ReadGate, ReadKeys, State, check_step_inputs, content_weights, cosine_similarity, gated_read,
 )
@@ -34,7 +35,7 @@ class IntrospectiveMemory(Memory):
                  store_h: bool = False, key_from_h: bool = False, init_sharpness: float = 10.0):
         super().__init__()
         if slots < 1 or heads < 1:
-            raise ValueError(f"introspective memory: expected slots >= 1 and heads >= 1, got slots={slots}, heads={heads}")
+            raise UserError(f"introspective memory: expected slots >= 1 and heads >= 1, got slots={slots}, heads={heads}")
         self.z_dim, self.h_dim, self.addr_dim = z_dim, h_dim, addr_dim
         self.slots, self.heads, self.store_h = slots, heads, store_h
         self.content_dim = z_dim + (h_dim if store_h else 0)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from gtmm.cli import UserError
 from worldmodel.memory.base import (
     Memory, ReadGate, ReadKeys, State, check_step_inputs, content_weights, cosine_similarity, gated_read, mark_written,
     small_linear,
@@ -38,9 +39,9 @@ class LRUMemory(Memory):
                  usage_decay: float = 0.95):
         super().__init__()
         if slots < 1 or heads < 1:
-            raise ValueError(f"lru memory: expected slots >= 1 and heads >= 1, got slots={slots}, heads={heads}")
+            raise UserError(f"lru memory: expected slots >= 1 and heads >= 1, got slots={slots}, heads={heads}")
         if not 0.0 <= usage_decay <= 1.0:
-            raise ValueError(f"lru memory: usage_decay (gamma) must be in [0, 1], got {usage_decay}")
+            raise UserError(f"lru memory: usage_decay (gamma) must be in [0, 1], got {usage_decay}")
         self.z_dim, self.h_dim, self.addr_dim = z_dim, h_dim, addr_dim
         self.slots, self.heads, self.store_h, self.usage_decay = slots, heads, store_h, usage_decay
         self.content_dim = z_dim + (h_dim if store_h else 0)

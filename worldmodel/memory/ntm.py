@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from gtmm.cli import UserError
 from worldmodel.memory.base import (
     Memory, ReadGate, ReadKeys, State, check_step_inputs, content_weights, cosine_similarity, gated_read, inverse_softplus,
     mark_written, small_linear,
@@ -69,7 +70,7 @@ class NTMMemory(Memory):
                  store_h: bool = False, key_from_h: bool = False, init_sharpness: float = 10.0, shift_range: int = 1):
         super().__init__()
         if slots < 2 or heads < 1 or shift_range < 1:
-            raise ValueError(f"ntm memory: expected slots >= 2, heads >= 1, shift_range >= 1, got slots={slots}, "
+            raise UserError(f"ntm memory: expected slots >= 2, heads >= 1, shift_range >= 1, got slots={slots}, "
                              f"heads={heads}, shift_range={shift_range}")
         self.z_dim, self.h_dim, self.addr_dim = z_dim, h_dim, addr_dim
         self.slots, self.heads, self.store_h = slots, heads, store_h
