@@ -8,6 +8,10 @@ Our envs have no task reward (reward is always 0), so by default (``--reward nov
 learns to cover the map, a different behaviour from the hand-written agents. ``--reward env`` keeps the env's own.
 Images go through ``agents.sb3.SmallCNN`` (SB3's NatureCNN cannot take the 28x28 MNIST-map window).
 Seeded: the same command gives the same policy on the same machine and thread count.
+
+The zip is SB3's own format plus a ``gtmm_policy.json`` entry (algorithm, policy alias, policy kwargs with classes by
+name, spaces, all plain JSON), so ``SB3Agent`` rebuilds the policy and loads only its weights, never unpickling
+anything from the file (the trust model is in ``agents.sb3``).
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from stable_baselines3.common.env_util import make_vec_env
 from gtmm import cli
 from gtmm.cli import UserError, parse_json_object
 import envs
-from agents.sb3 import NoveltyReward, policy_kwargs_for
+from gtmm.fs import write_bytes_atomic
+from agents.sb3 import NoveltyReward, policy_kwargs_for, save_policy
 
 
 @dataclass
@@ -74,9 +79,9 @@ def train(config: TrainSB3Config) -> Path:
                 policy_kwargs=policy_kwargs_for())
     model.learn(total_timesteps=config.timesteps, progress_bar=False)
     config.out.parent.mkdir(parents=True, exist_ok=True)
-    model.save(config.out)
-    config.out.with_suffix(".json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v
-                                                           for k, v in asdict(config).items()}, indent=1) + "\n")
+    save_policy(model, config.out)  # SB3's zip plus gtmm_policy.json: loadable without unpickling (agents.sb3)
+    sidecar = json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}, indent=1)
+    write_bytes_atomic(config.out.with_suffix(".json"), (sidecar + "\n").encode())
     vec_env.close()
     rewards = [ep["r"] for ep in model.ep_info_buffer] if model.ep_info_buffer else []
     mean = f"{sum(rewards) / len(rewards):.2f}" if rewards else "n/a (no episode finished)"
