@@ -21,10 +21,15 @@ Contract shared by all our envs (what ``agents/``, ``rollouts/`` and ``worldmode
 Short names used by every command line (``--env``): ``mnist_map``, ``mnist_map_test`` (held-out test digits),
 ``miniworld`` (our ``MiniWorldRevisit-v0``), ``miniworld:<AnyMiniWorldId>`` (a stock MiniWorld env wrapped to report
 pose and revisits), ``dream`` (needs ``checkpoint=``), or any registered Gymnasium id.
+
+``make`` and ``make_vec`` check the kwargs against the env's constructor first (``check_kwargs``): an unknown or
+missing argument is one ``UserError`` listing the accepted names, not a ``TypeError`` traceback from deep inside
+Gymnasium (or, worse, from a worker process).
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import gymnasium as gym
@@ -73,8 +78,64 @@ def resolve(name: str) -> tuple[str, dict[str, Any]]:
     raise UserError(f"unknown env {name!r}: expected one of {known}, or a registered Gymnasium id")
 
 
+# gym.make's own keyword arguments, accepted beside the env constructor's
+_MAKE_KWARGS = ("max_episode_steps", "disable_env_checker")
+
+
+def _creator(env_id: str, vector: bool) -> Any:
+    """The callable that ``make`` (or ``make_vec``) passes the kwargs to, or None if it cannot be loaded here."""
+    if env_id == "envs.miniworld:make_stock":
+        from envs.miniworld import StockRevisitEnv  # no OpenGL at import: only making one touches it
+
+        return StockRevisitEnv
+    if env_id not in gym.registry:
+        return None
+    spec = gym.registry[env_id]
+    entry_point = spec.vector_entry_point if vector else spec.entry_point
+    if entry_point is None:
+        return None
+    try:
+        return gym.envs.registration.load_env_creator(entry_point) if isinstance(entry_point, str) else entry_point
+    except (ImportError, AttributeError, ModuleNotFoundError):
+        return None  # gym.make will report it with its own message
+
+
+def check_kwargs(name: str, kwargs: dict[str, Any], vector: bool = False, where: str = "") -> None:
+    """UserError if ``kwargs`` (defaults of the short name included) has a name the env's constructor does not take,
+    or lacks one it requires; the message lists the accepted names. ``where`` (e.g. ``"--env-kwargs"``) prefixes it.
+
+    Constructors that take ``**kwargs`` pass them on (a stock MiniWorld env's own arguments): those names are
+    checked where they are used (``envs.miniworld.StockRevisitEnv``)."""
+    env_id, defaults = resolve(name)
+    given = {**defaults, **kwargs}
+    creator = _creator(env_id, vector)
+    if creator is None:
+        return
+    try:
+        parameters = inspect.signature(creator).parameters
+    except (TypeError, ValueError):
+        return
+    skip = {"self", "num_envs"} if vector else {"self"}
+    params = {n: p for n, p in parameters.items() if n not in skip
+              and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    accepted = set(params) | (set() if vector else set(_MAKE_KWARGS))
+    listed = ", ".join(sorted(params))  # gym.make's own extras are accepted but not advertised
+    prefix = f"{where}: " if where else ""
+    if not any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
+        unknown = sorted(set(given) - accepted)
+        if unknown:
+            names = ", ".join(repr(n) for n in unknown)
+            raise UserError(f"{prefix}env {name!r} ({env_id}) has no argument{'s' if len(unknown) > 1 else ''} "
+                             f"{names}; it accepts {listed}")
+    missing = sorted(n for n, p in params.items() if p.default is p.empty and n not in given)
+    if missing:
+        raise UserError(f"{prefix}env {name!r} ({env_id}) needs the argument{'s' if len(missing) > 1 else ''} "
+                         f"{', '.join(repr(n) for n in missing)}; it accepts {listed}")
+
+
 def make(name: str, **kwargs: Any) -> gym.Env:
     """Make a single env from a short name or id; ``kwargs`` override the short name's defaults."""
+    check_kwargs(name, kwargs)
     env_id, defaults = resolve(name)
     defaults.update(kwargs)
     if env_id == "envs.miniworld:make_stock":
@@ -87,7 +148,9 @@ def make(name: str, **kwargs: Any) -> gym.Env:
 def make_vec(name: str, num_envs: int, **kwargs: Any) -> gym.vector.VectorEnv:
     """A batched env: the native numpy vector env where one exists (MNIST map), else a sync vector env."""
     env_id, defaults = resolve(name)
+    native = env_id in gym.registry and gym.registry[env_id].vector_entry_point is not None
+    check_kwargs(name, kwargs, vector=native)
     defaults.update(kwargs)
-    if env_id in gym.registry and gym.registry[env_id].vector_entry_point is not None:
+    if native:
         return gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="vector_entry_point", **defaults)
     return gym.vector.SyncVectorEnv([lambda: make(name, **kwargs) for _ in range(num_envs)])

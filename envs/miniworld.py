@@ -397,6 +397,8 @@ class StockRevisitEnv(_MiniWorldRevisitBase, EzPickle):
         for key in env_kwargs.keys() & ours.keys():
             raise UserError(f"{key}: set by this wrapper, pass {ours[key]}= instead")
 
+        _check_stock_kwargs(env_id, env_kwargs)
+
         def make(**sizes: Any) -> Any:
             return gym.make(env_id, disable_env_checker=True, **sizes, **env_kwargs).unwrapped
 
@@ -418,6 +420,39 @@ def _stock_id(env_id: str) -> str:
     if f"MiniWorld-{env_id}-v0" in stock:
         return f"MiniWorld-{env_id}-v0"
     raise UserError(f"env_id: {env_id!r} is not a stock MiniWorld env; expected one of {', '.join(stock)}")
+
+
+def _check_stock_kwargs(env_id: str, env_kwargs: dict[str, Any]) -> None:
+    """UserError listing the accepted names if the stock env's constructor does not take one of ``env_kwargs``
+    (instead of a TypeError from inside MiniWorld). Stock envs pass ``**kwargs`` up to ``MiniWorldEnv``: the accepted
+    names are those of every ``__init__`` up the class chain until one that takes no ``**kwargs``."""
+    import inspect
+
+    entry_point = gym.registry[env_id].entry_point
+    try:
+        cls = gym.envs.registration.load_env_creator(entry_point) if isinstance(entry_point, str) else entry_point
+    except (ImportError, AttributeError):
+        return
+    accepted: set[str] = set()
+    for klass in getattr(cls, "__mro__", (cls,)):
+        init = klass.__dict__.get("__init__") if isinstance(klass, type) else klass
+        if init is None:
+            continue
+        try:
+            parameters = inspect.signature(init).parameters
+        except (TypeError, ValueError):
+            return
+        accepted |= {n for n, p in parameters.items() if n != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
+            break
+    else:
+        return  # every constructor passes **kwargs on: nothing to check against
+    unknown = sorted(set(env_kwargs) - accepted)
+    if unknown:
+        ours = "obs_size, turn_step, move_step, revisit_radius, revisit_angle, render_mode, render_size"
+        raise UserError(f"{env_id}: no argument {', '.join(repr(n) for n in unknown)}; it accepts "
+                        f"{', '.join(sorted(accepted - {'obs_width', 'obs_height', 'window_width', 'window_height'}))} "
+                        f"(and this wrapper's {ours})")
 
 
 def make_stock(env_id: str, **kwargs: Any) -> StockRevisitEnv:

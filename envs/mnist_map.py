@@ -80,22 +80,47 @@ class MapGeometry:
         return self.lattice_shape[0] * self.lattice_shape[1]
 
     def validate(self, n_digits: int) -> None:
-        """ValueError naming the first bad parameter."""
-        if not isinstance(self.grid, (int, np.integer)) or self.grid < 1:
+        """UserError naming the first bad parameter: its type, then its value against the map it moves on.
+
+        Every step size the lattice cannot use is refused rather than silently accepted: under ``clip`` a step
+        larger than ``map - window`` leaves a single position (the window never moves); under ``wrap`` a step of a
+        whole map side goes around the torus back to where it was, and one of more than half a side lands where
+        ``side - step`` the other way would (the window moves the wrong way)."""
+        for name in ("grid", "window", "step"):
+            value = getattr(self, name)
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+                raise UserError(f"MnistMap: {name} must be an int, got {value!r} ({type(value).__name__})")
+        if self.grid < 1:
             raise UserError(f"MnistMap: grid must be an int >= 1 (digits per map side), got {self.grid!r}")
-        if not isinstance(self.step, (int, np.integer)) or self.step <= 0:
+        if self.step <= 0:
             raise UserError(f"MnistMap: step must be an int > 0 (pixels per move), got {self.step!r}")
-        if not isinstance(self.window, (int, np.integer)) or self.window <= 0:
+        if self.window <= 0:
             raise UserError(f"MnistMap: window must be an int > 0 (pixels per side), got {self.window!r}")
-        if self.border not in BORDERS:
+        if not isinstance(self.border, str) or self.border not in BORDERS:
             raise UserError(f"MnistMap: unknown border mode {self.border!r}: expected one of {BORDERS}")
+        Hm, Wm = self.map_shape
+        where = f"the map {Hm}x{Wm} (grid {self.grid} x digits {self.digit_shape[0]}x{self.digit_shape[1]})"
         if self.window > min(self.map_shape):
-            raise UserError(
-                f"MnistMap: window {self.window} is larger than the map {self.map_shape[0]}x{self.map_shape[1]} "
-                f"(grid {self.grid} x digits {self.digit_shape[0]}x{self.digit_shape[1]}): use a smaller window or a larger grid"
-            )
+            raise UserError(f"MnistMap: window {self.window} is larger than {where}: use a smaller window or a larger grid")
         if self.grid * self.grid > n_digits:
             raise UserError(f"MnistMap: a {self.grid}x{self.grid} map needs {self.grid**2} distinct digits, the digit set has {n_digits}")
+        for side in sorted(set(self.map_shape)):
+            if self.border == "clip":
+                room = side - self.window  # pixels the window can travel along this axis
+                if room == 0:
+                    raise UserError(f"MnistMap: window {self.window} fills {where} under border 'clip': it can never "
+                                    "move; use a smaller window, a larger grid or border 'wrap'")
+                if self.step > room:
+                    raise UserError(f"MnistMap: step {self.step} is larger than the {room} px the window {self.window} "
+                                    f"can travel on {where} under border 'clip': it would never move; "
+                                    f"expected step <= {room}")
+            elif self.step >= side:
+                raise UserError(f"MnistMap: step {self.step} is a whole side of {where} or more: under border 'wrap' a "
+                                f"move goes around the torus and the window never moves; expected step <= {side // 2}")
+            elif 2 * self.step > side:
+                raise UserError(f"MnistMap: step {self.step} is more than half a side of {where}: under border 'wrap' "
+                                f"it lands where {side - self.step} px the other way would (the window moves the "
+                                f"wrong way); expected step <= {side // 2}")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -204,12 +229,13 @@ class MnistMapCore:
     """
 
     def __init__(self, num_envs: int, geometry: MapGeometry, split: str, source: str, max_steps: int):
-        if split not in SPLITS:
+        if not isinstance(split, str) or split not in SPLITS:
             raise UserError(f"MnistMap: unknown split {split!r}: expected one of {SPLITS}")
-        if not isinstance(max_steps, (int, np.integer)) or max_steps < 1:
-            raise UserError(f"MnistMap: max_steps must be an int >= 1, got {max_steps!r}")
-        if not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
-            raise UserError(f"MnistMap: num_envs must be an int >= 1, got {num_envs!r}")
+        if not isinstance(source, str):
+            raise UserError(f"MnistMap: source must be a string ('mnist5k', 'fashion' or a folder), got {source!r}")
+        for name, value in (("max_steps", max_steps), ("num_envs", num_envs)):
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise UserError(f"MnistMap: {name} must be an int >= 1, got {value!r}")
         self.num_envs, self.split, self.source, self.max_steps = int(num_envs), split, str(source), int(max_steps)
         self.digits, self.labels = load_digits(split, source)
         self.geometry = MapGeometry(geometry.grid, tuple(self.digits.shape[1:]), geometry.window, geometry.step, geometry.border)
@@ -294,6 +320,13 @@ class MnistMapCore:
 def _check_render_mode(render_mode: str | None, allowed: Sequence[str]) -> None:
     if render_mode is not None and render_mode not in allowed:
         raise UserError(f"MnistMap: unknown render_mode {render_mode!r}: expected None or one of {tuple(allowed)}")
+
+
+def _check_allow_stay(allow_stay: Any) -> bool:
+    # bool("no") is True: only a real boolean (or numpy's) says whether to add the stay action
+    if not isinstance(allow_stay, (bool, np.bool_)):
+        raise UserError(f"MnistMap: allow_stay must be true or false, got {allow_stay!r}")
+    return bool(allow_stay)
 
 
 def render_map(map_: np.ndarray, path: np.ndarray, window: int, step: int, border: str, scale: int = 4) -> np.ndarray:
@@ -418,6 +451,7 @@ class MnistMapEnv(gym.Env[np.ndarray, int]):
         render_mode: str | None = None,
     ):
         _check_render_mode(render_mode, self.metadata["render_modes"])
+        allow_stay = _check_allow_stay(allow_stay)
         self.render_mode = render_mode
         self.core = MnistMapCore(1, MapGeometry(grid, (0, 0), window, step, border), split, source, max_steps)
         self.geometry = self.core.geometry
@@ -506,6 +540,7 @@ class MnistMapVectorEnv(VectorEnv):
         render_mode: str | None = None,
     ):
         _check_render_mode(render_mode, self.metadata["render_modes"])
+        allow_stay = _check_allow_stay(allow_stay)
         self.render_mode = render_mode
         self.core = MnistMapCore(num_envs, MapGeometry(grid, (0, 0), window, step, border), split, source, max_steps)
         self.geometry = self.core.geometry

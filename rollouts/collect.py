@@ -9,6 +9,11 @@ Reproducible and resumable: episode ``k`` is recorded from an env seed and an ag
 beside it, or on an earlier interrupted run. Re-running the same command skips episodes already written and
 verified, and ends with the same folder an uninterrupted run gives.
 
+Safe under faults: the output folder is locked (``gtmm.fs.FolderLock``), so a second collect into the same ``--out``
+stops at once with one line naming the folder and the holder (a killed collect's lock is taken over by the next
+run); every file is written atomically, so a full disk or a kill leaves the manifest and every file it names intact,
+and the same command resumes. ``--env dream`` records the checkpoint's sha256 and refuses to resume with another model.
+
 Workers: envs with a native vector env (MNIST map) run ``--workers`` maps in one process (``envs.make_vec``);
 other envs (MiniWorld) run one process per worker, each owning its own GL context (``AsyncVectorEnv``, spawn).
 Episodes run in waves of ``--workers``: all envs of a wave are reset together with their episodes' seeds and
@@ -19,8 +24,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +34,8 @@ import numpy as np
 from tqdm import tqdm
 
 from gtmm import cli
-from gtmm.cli import UserError, parse_json_object
+from gtmm.cli import UserError, check_range, parse_json_object
+from gtmm.fs import LOCK_NAME, FolderLock
 import envs
 from agents import AGENTS, make_agent
 from rollouts import storage
@@ -83,18 +87,40 @@ def _accepts_max_steps(env_id: str) -> bool:
         return False
 
 
-def resolve_env(name: str, user_kwargs: dict[str, Any], steps: int) -> tuple[str, dict[str, Any]]:
-    """(env id, full kwargs) as recorded in the manifest."""
-    env_id, kwargs = envs.resolve(name)
+def resolve_env(name: str, user_kwargs: dict[str, Any], steps: int, workers: int = 1) -> tuple[str, dict[str, Any]]:
+    """(env id, full kwargs) as recorded in the manifest; unknown or missing kwargs are a UserError naming the
+    accepted ones, before any env (or worker process) is made."""
+    try:
+        env_id, kwargs = envs.resolve(name)
+    except UserError as error:
+        raise UserError(f"--env: {error}") from None
     kwargs.update(user_kwargs)
     if "max_steps" not in kwargs and _accepts_max_steps(env_id):
         kwargs["max_steps"] = steps
+    envs.check_kwargs(name, kwargs, vector=_has_vector_env(env_id), where="--env-kwargs")
     return env_id, kwargs
+
+
+def _has_vector_env(env_id: str) -> bool:
+    return env_id in gym.registry and gym.registry[env_id].vector_entry_point is not None
+
+
+def dream_checkpoint_sha256(env_id: str, env_kwargs: dict[str, Any]) -> str | None:
+    """sha256 of the world model a ``Dream-v0`` collection dreams with (None for other envs): the path in the kwargs
+    may later hold another model, and one folder must never mix episodes of two."""
+    if env_id != "Dream-v0" or "checkpoint" not in env_kwargs:
+        return None
+    from worldmodel.checkpoint import sha256_of  # torch: only for dreams, which load it anyway
+
+    try:
+        return sha256_of(env_kwargs["checkpoint"])
+    except UserError as error:
+        raise UserError(f"--env-kwargs: {error}") from None
 
 
 def make_collector_env(name: str, env_id: str, kwargs: dict[str, Any], workers: int) -> gym.vector.VectorEnv:
     """``workers`` envs: the native vector env where one exists, else one process per env (own GL context)."""
-    if env_id in gym.registry and gym.registry[env_id].vector_entry_point is not None:
+    if _has_vector_env(env_id):
         return envs.make_vec(name, workers, **kwargs)
     make_one = functools.partial(envs.make, name, **kwargs)  # picklable: each worker process builds its own env
     if workers == 1:
@@ -152,6 +178,11 @@ class Recorder:
 
 def _check_compatible(manifest: dict[str, Any], expected: dict[str, Any], path: Path) -> None:
     """The folder's manifest was written by the same command (up to --episodes and --workers)."""
+    found_sha, wanted_sha = manifest["env"].get("checkpoint_sha256"), expected["env"].get("checkpoint_sha256")
+    if found_sha != wanted_sha:
+        raise UserError(f"{path}: the folder was dreamed by checkpoint sha256 {found_sha} but "
+                         f"{expected['env']['kwargs'].get('checkpoint')} now has sha256 {wanted_sha}: one folder must "
+                         "not mix episodes of two models; collect into another --out (nothing was written)")
     fields = {
         "env.name": (manifest["env"]["name"], expected["env"]["name"]),
         "env.id": (manifest["env"]["id"], expected["env"]["id"]),
@@ -176,16 +207,27 @@ def _check_env_matches(manifest: dict[str, Any], obs_shape, num_actions: int, po
                              "collect into another --out (nothing was written)")
 
 
-_EPISODE_FILE = re.compile(r"episode_(\d{6,})\.npz")
+def check_flags(config: CollectConfig) -> None:
+    """UserError naming the flag for every bad flag that needs no env or file (before anything is made or locked)."""
+    for flag in ("episodes", "steps", "workers", "threads"):
+        check_range(flag, getattr(config, flag), 1)
+    check_range("seed", config.seed, 0)  # np.random.SeedSequence takes no negative entropy
+    if config.agent not in AGENTS:
+        raise UserError(f"--agent {config.agent!r}: expected one of {AGENTS}")
+    if config.out.exists() and not config.out.is_dir():
+        raise UserError(f"--out {config.out} is a file, expected a folder (choose another output folder)")
+    if config.agent == "sb3":
+        if config.policy is None:
+            raise UserError("--agent sb3 needs --policy path/to/policy.zip")
+        if not config.policy.is_file():
+            raise UserError(f"--policy {config.policy}: file not found")
+    elif config.policy is not None:
+        raise UserError(f"--policy is only used by --agent sb3, got --agent {config.agent} (drop --policy)")
 
 
 def collect(config: CollectConfig) -> dict[str, Any]:
     """Run the collection described by ``config``; returns the summary it prints."""
-    if config.episodes < 1 or config.steps < 1 or config.workers < 1:
-        raise UserError(f"--episodes, --steps and --workers must be >= 1, got {config.episodes}, {config.steps}, "
-                         f"{config.workers}")
-    if config.agent not in AGENTS:
-        raise UserError(f"--agent {config.agent!r}: expected one of {AGENTS}")
+    check_flags(config)
     if config.agent == "sb3":  # the only agent that runs torch (importing it costs seconds: not for the others)
         import torch
 
@@ -193,71 +235,31 @@ def collect(config: CollectConfig) -> dict[str, Any]:
     env_kwargs_user = parse_json_object(config.env_kwargs, "env_kwargs")
     agent_kwargs = parse_json_object(config.agent_kwargs, "agent_kwargs")
     if config.agent == "sb3":
-        if config.policy is None:
-            raise UserError("--agent sb3 needs --policy path/to/policy.zip")
-        if not config.policy.is_file():
-            raise UserError(f"--policy {config.policy}: file not found")
         agent_kwargs["policy"] = str(config.policy)
-    env_id, env_kwargs = resolve_env(config.env, env_kwargs_user, config.steps)
+    env_id, env_kwargs = resolve_env(config.env, env_kwargs_user, config.steps, config.workers)
     recorded_agent_kwargs = dict(agent_kwargs)
     if config.agent == "sb3":  # the policy's content, not its path, decides the actions
         recorded_agent_kwargs["policy_sha256"] = storage.sha256_file(config.policy)
         recorded_agent_kwargs.pop("policy")
+    checkpoint_sha256 = dream_checkpoint_sha256(env_id, env_kwargs)
 
-    out = config.out
-    manifest_path = out / storage.MANIFEST_NAME
     expected = storage.new_manifest(env_name=config.env, env_id=env_id, env_kwargs=env_kwargs, agent_name=config.agent,
                                     agent_kwargs=recorded_agent_kwargs, seed=config.seed,
                                     steps_per_episode=config.steps, obs_shape=(), num_actions=0, pose_dim=0,
-                                    episodes_requested=config.episodes)
-    manifest: dict[str, Any] | None = None
-    if manifest_path.exists():
-        manifest = storage.read_manifest(out)
-        _check_compatible(manifest, expected, manifest_path)
-    elif out.exists() and any(out.iterdir()):
-        raise UserError(f"--out {out}: the folder is not empty and has no {storage.MANIFEST_NAME}; "
-                         "collect into an empty or new folder (nothing was written)")
-
-    vec = make_collector_env(config.env, env_id, env_kwargs, config.workers)
+                                    episodes_requested=config.episodes, checkpoint_sha256=checkpoint_sha256)
+    out = config.out
+    created = not out.exists()
     try:
-        obs, info = vec.reset(seed=[episode_seeds(config.seed, k)[0] for k in range(config.workers)])
-        obs_shape = tuple(vec.single_observation_space.shape)
-        if len(obs_shape) != 3 or vec.single_observation_space.dtype != np.uint8:
-            raise UserError(f"env {config.env!r}: observations are {vec.single_observation_space}, "
-                             "expected uint8 images (H, W, C)")
-        if not isinstance(vec.single_action_space, gym.spaces.Discrete):
-            raise UserError(f"env {config.env!r}: actions are {vec.single_action_space}, expected Discrete")
-        num_actions = int(vec.single_action_space.n)
-        pose_dim = int(_info_column(info, "pose", config.env).reshape(config.workers, -1).shape[1])
-        if manifest is None:
-            manifest = dict(expected, obs_shape=list(obs_shape), num_actions=num_actions, pose_dim=pose_dim)
-            out.mkdir(parents=True, exist_ok=True)
-        else:
-            _check_env_matches(manifest, obs_shape, num_actions, pose_dim, manifest_path)
-            manifest["episodes_requested"] = max(manifest["episodes_requested"], config.episodes)
-        agent = make_agent(config.agent, vec.single_action_space, inverse_actions_of(vec), **agent_kwargs)
-        agent.reset(config.workers, config.seed)
-        for leftover in out.glob(".*.tmp"):  # temp files of a killed run (atomic writes never leave anything else)
-            leftover.unlink()
-        manifest["episodes"] = _verified_records(manifest, out)
-        storage.write_manifest(out, manifest)
-
-        done = {e["index"] for e in manifest["episodes"]}
-        todo = [k for k in range(config.episodes) if k not in done]
-        start_time = time.perf_counter()
-        bar = tqdm(total=len(todo), unit="ep", disable=not config.progress, desc=f"collect {config.env}/{config.agent}")
-        for wave_start in range(0, len(todo), config.workers):
-            wave = todo[wave_start:wave_start + config.workers]
-            records = _run_wave(vec, agent, wave, config, out)
-            manifest["episodes"].extend(records)
-            storage.write_manifest(out, manifest)  # after every wave: a crash loses at most one wave
-            bar.update(len(wave))
-        bar.close()
-        elapsed = time.perf_counter() - start_time
-        new = set(todo)
-        collected_steps = sum(e["steps"] for e in manifest["episodes"] if e["index"] in new)
-    finally:
-        vec.close()
+        # one collect per folder: a second one (or an export) waits for nothing and fails with one line
+        with FolderLock(out, "collect"):
+            todo, elapsed, collected_steps = _collect_locked(config, out, expected, env_id, env_kwargs, agent_kwargs)
+    except BaseException:
+        if created:  # a folder this run made and left empty (it failed before writing anything): remove it
+            try:
+                out.rmdir()
+            except OSError:
+                pass
+        raise
 
     counts = storage.read_manifest(out)["counts"]
     summary = {
@@ -276,12 +278,66 @@ def collect(config: CollectConfig) -> dict[str, Any]:
     return summary
 
 
+def _collect_locked(config: CollectConfig, out: Path, expected: dict[str, Any], env_id: str,
+                    env_kwargs: dict[str, Any], agent_kwargs: dict[str, Any]) -> tuple[list[int], float, int]:
+    """The collection itself, run while holding the folder's lock; returns (episodes collected now, seconds, steps)."""
+    manifest_path = out / storage.MANIFEST_NAME
+    manifest: dict[str, Any] | None = None
+    if manifest_path.exists():
+        manifest = storage.read_manifest(out)
+        _check_compatible(manifest, expected, manifest_path)
+    elif any(p.name != LOCK_NAME for p in out.iterdir()):  # our own lock file does not make a folder "used"
+        raise UserError(f"--out {out}: the folder is not empty and has no {storage.MANIFEST_NAME}; "
+                         "collect into an empty or new folder (nothing was written)")
+
+    vec = make_collector_env(config.env, env_id, env_kwargs, config.workers)
+    try:
+        obs, info = vec.reset(seed=[episode_seeds(config.seed, k)[0] for k in range(config.workers)])
+        obs_shape = tuple(vec.single_observation_space.shape)
+        if len(obs_shape) != 3 or vec.single_observation_space.dtype != np.uint8:
+            raise UserError(f"env {config.env!r}: observations are {vec.single_observation_space}, "
+                             "expected uint8 images (H, W, C)")
+        if not isinstance(vec.single_action_space, gym.spaces.Discrete):
+            raise UserError(f"env {config.env!r}: actions are {vec.single_action_space}, expected Discrete")
+        num_actions = int(vec.single_action_space.n)
+        pose_dim = int(_info_column(info, "pose", config.env).reshape(config.workers, -1).shape[1])
+        if manifest is None:
+            manifest = dict(expected, obs_shape=list(obs_shape), num_actions=num_actions, pose_dim=pose_dim)
+        else:
+            _check_env_matches(manifest, obs_shape, num_actions, pose_dim, manifest_path)
+            manifest["episodes_requested"] = max(manifest["episodes_requested"], config.episodes)
+        agent = make_agent(config.agent, vec.single_action_space, inverse_actions_of(vec), **agent_kwargs)
+        agent.reset(config.workers, config.seed)
+        for leftover in out.glob(".*.tmp"):  # temp files of a killed run (atomic writes never leave anything else)
+            leftover.unlink()
+        manifest["episodes"] = _verified_records(manifest, out)
+        storage.write_manifest(out, manifest)
+
+        done = {e["index"] for e in manifest["episodes"]}
+        todo = [k for k in range(config.episodes) if k not in done]
+        start_time = time.perf_counter()
+        bar = tqdm(total=len(todo), unit="ep", disable=not config.progress, desc=f"collect {config.env}/{config.agent}")
+        for wave_start in range(0, len(todo), config.workers):
+            wave = todo[wave_start:wave_start + config.workers]
+            records = _run_wave(vec, agent, wave, config, out, manifest)
+            manifest["episodes"].extend(records)
+            storage.write_manifest(out, manifest)  # after every wave: a crash loses at most one wave
+            bar.update(len(wave))
+        bar.close()
+        elapsed = time.perf_counter() - start_time
+        new = set(todo)
+        collected_steps = sum(e["steps"] for e in manifest["episodes"] if e["index"] in new)
+    finally:
+        vec.close()
+    return todo, elapsed, collected_steps
+
+
 def _verified_records(manifest: dict[str, Any], out: Path) -> list[dict[str, Any]]:
     """The manifest's episodes whose files exist with the right checksum. A listed file that is missing is dropped
     (it is collected again, identically); one whose checksum differs is an error (never overwritten)."""
     kept = []
     for record in manifest["episodes"]:
-        path = out / record["file"]
+        path = storage.episode_path(out, record)
         if not path.exists():
             continue
         storage.check_sha256(path, record["sha256"])
@@ -289,7 +345,8 @@ def _verified_records(manifest: dict[str, Any], out: Path) -> list[dict[str, Any
     return kept
 
 
-def _run_wave(vec: gym.vector.VectorEnv, agent, wave: list[int], config: CollectConfig, out: Path) -> list[dict]:
+def _run_wave(vec: gym.vector.VectorEnv, agent, wave: list[int], config: CollectConfig, out: Path,
+              manifest: dict[str, Any]) -> list[dict]:
     """Record episodes ``wave`` (at most ``workers``) side by side; unused envs run along and are not recorded."""
     num_envs = config.workers
     seeds = [episode_seeds(config.seed, k) for k in wave]
@@ -312,7 +369,9 @@ def _run_wave(vec: gym.vector.VectorEnv, agent, wave: list[int], config: Collect
     for i, index in enumerate(wave):
         episode = recorder.episode(i, cut=True)
         file = storage.episode_filename(index)
-        sha = storage.save_episode(out / file, episode)
+        # a format-1 folder being resumed stays format 1 (no identity), so it matches an uninterrupted old run
+        identity = (storage.episode_identity(manifest, index, *seeds[i]) if manifest["format_version"] >= 2 else None)
+        sha = storage.save_episode(out / file, episode, identity)
         records.append(storage.episode_record(index, file, sha, (out / file).stat().st_size, episode,
                                               env_seed=seeds[i][0], agent_seed=seeds[i][1]))
     return records

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from gtmm.cli import UserError
-from rollouts.storage import check_episode_matches, load_episode, read_manifest
+from rollouts.storage import check_episode_record, episode_path, load_episode, read_manifest
 
 # the four arrays a window is sliced from, concatenated over the episodes of a split
 _CACHE_KEYS = ("obs", "prev_action", "revisit", "pose")
@@ -58,13 +58,14 @@ def split_episodes(manifest: dict[str, Any], split: str, val_fraction: float = 0
 
 def iter_episodes(root: str | os.PathLike, split: str = "all", val_fraction: float = 0.1,
                   seed: int = 0) -> Iterator[tuple[dict[str, Any], dict[str, np.ndarray]]]:
-    """Yield ``(manifest record, episode arrays)`` for whole episodes, checksums verified (for evaluation)."""
+    """Yield ``(manifest record, episode arrays)`` for whole episodes, checksums verified and each file checked
+    against its manifest entry (``storage.check_episode_record``), for evaluation."""
     root = Path(root)
     manifest = read_manifest(root)
     for record in split_episodes(manifest, split, val_fraction, seed):
-        path = root / record["file"]
+        path = episode_path(root, record)
         episode = load_episode(path, sha256=record["sha256"])
-        check_episode_matches(manifest, episode, str(path))
+        check_episode_record(manifest, record, episode, str(path))
         yield record, episode
 
 
@@ -127,7 +128,7 @@ class RolloutWindows(Dataset):
     # -- decoding and caching --------------------------------------------------------------------------------------
 
     def _decode(self) -> dict[str, np.ndarray]:
-        """Load every episode of the split (checksums verified) into concatenated in-memory arrays."""
+        """Load every episode of the split (checksums and manifest entries verified) into concatenated arrays."""
         arrays = self._empty_arrays(lambda key, shape, dtype: np.empty(shape, dtype))
         self._fill(arrays)
         return arrays
@@ -143,11 +144,10 @@ class RolloutWindows(Dataset):
 
     def _fill(self, arrays: dict[str, np.ndarray]) -> None:
         for record, offset in zip(self.episodes, self.episode_offsets):
-            path = self.root / record["file"]
+            path = episode_path(self.root, record)
             episode = load_episode(path, sha256=record["sha256"])
-            check_episode_matches(self.manifest, episode, str(path))
-            if len(episode["action"]) != record["steps"]:
-                raise UserError(f"{path}: {len(episode['action'])} steps, the manifest says {record['steps']}")
+            # steps must agree before the copy below (the offsets come from the manifest); identity catches a swap
+            check_episode_record(self.manifest, record, episode, str(path))
             end = offset + record["steps"] + 1
             arrays["obs"][offset:end] = episode["obs"]
             arrays["prev_action"][offset:end] = episode_prev_action(episode["action"])

@@ -11,6 +11,11 @@ Lossless: Minari 0.5 JPEG-encodes image observations of 32x32 and larger by defa
 frames; we pass ``jpeg_encoding=False`` so observations are stored as raw uint8 arrays (uncompressed HDF5, so the
 export is larger than our compressed ``.npz`` files). ``pose``, ``revisit`` and ``visit_count`` go into the episode
 ``infos`` (T+1 entries, like the observations); each episode keeps its env seed.
+
+Safe: ``--out`` is locked while exporting (``gtmm.fs.FolderLock``), every episode is checked against the manifest
+first, and the dataset is built in a hidden staging folder of ``--out`` and renamed into place only when complete, so
+a crash or a full disk never leaves half a dataset. An existing dataset is never replaced unless ``--overwrite`` is
+given (and then only once the new one is complete).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +34,7 @@ import numpy as np
 
 from gtmm import cli
 from gtmm.cli import UserError
+from gtmm.fs import FolderLock
 import envs  # registers our env ids, so the exported dataset can name its env spec
 from rollouts import storage
 from rollouts.dataset import iter_episodes
@@ -45,6 +52,8 @@ class ExportConfig:
     """export to Minari (the only format so far; required)"""
     dataset_id: str | None = None
     """Minari dataset id, '(namespace/)name-v<N>' (default gtmm/<env>-<agent>-v0)"""
+    overwrite: bool = False
+    """replace an existing dataset of that id (the old one is removed only once the new one is complete)"""
 
 
 def default_dataset_id(manifest: dict[str, Any]) -> str:
@@ -60,21 +69,40 @@ def _env_spec(manifest: dict[str, Any]) -> gym.envs.registration.EnvSpec | None:
     return dataclasses.replace(gym.spec(env_id), kwargs=dict(manifest["env"]["kwargs"]))
 
 
-def export_minari(data: Path, out: Path, dataset_id: str | None = None):
-    """Write the folder's episodes (checksums verified) as a lossless Minari dataset; returns the MinariDataset."""
+def export_minari(data: Path, out: Path, dataset_id: str | None = None, overwrite: bool = False):
+    """Write the folder's episodes (checked against the manifest) as a lossless Minari dataset; returns the
+    MinariDataset. ``out`` is locked meanwhile; the dataset appears at ``out/<dataset_id>`` only once complete."""
+    data, out = Path(data), Path(out)
     manifest = storage.read_manifest(data)
     dataset_id = dataset_id or default_dataset_id(manifest)
-    if not _DATASET_ID.match(dataset_id):
+    if not _DATASET_ID.match(dataset_id) or ".." in dataset_id.split("/"):
         raise UserError(f"--dataset-id {dataset_id!r}: expected '(namespace/)name-v<N>', e.g. 'gtmm/mnist_map-loop-v0'")
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, expected a folder (the Minari datasets folder)")
     try:
         import minari
         from minari.data_collector import EpisodeBuffer
+        from minari.dataset.minari_dataset import MinariDataset
     except ImportError as error:
         raise ImportError('Minari export needs minari and h5py: pip install "gtmm-worlds[minari]"') from error
-    if (out / dataset_id).exists():
-        raise UserError(f"{out / dataset_id} already exists: remove it or pick another --dataset-id")
+    with FolderLock(out, "export"):
+        target = out / dataset_id
+        if target.exists() and not overwrite:
+            raise UserError(f"{target} already exists: pass --overwrite to replace it, or pick another --dataset-id "
+                             "(nothing was written)")
+        for stale in list(out.glob(".export.*.tmp")) + list(target.parent.glob(f".{target.name}.old.*.tmp")):
+            shutil.rmtree(stale, ignore_errors=True)  # left by a killed export: we hold the lock, nobody uses them
+        stage = out / f".export.{os.getpid()}.tmp"
+        try:
+            _build(minari, EpisodeBuffer, manifest, data, stage, dataset_id)
+            _publish(stage, target, dataset_id)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+    return MinariDataset(str(target / "data"))
 
+
+def _build(minari, EpisodeBuffer, manifest: dict[str, Any], data: Path, stage: Path, dataset_id: str) -> None:
+    """Create the Minari dataset ``dataset_id`` under the datasets folder ``stage``."""
     H, W, C = manifest["obs_shape"]
     observation_space = gym.spaces.Box(0, 255, (H, W, C), dtype=np.uint8)
     action_space = gym.spaces.Discrete(manifest["num_actions"])
@@ -92,11 +120,11 @@ def export_minari(data: Path, out: Path, dataset_id: str | None = None):
         ))
     spec = _env_spec(manifest)
     previous = os.environ.get("MINARI_DATASETS_PATH")
-    os.environ["MINARI_DATASETS_PATH"] = str(out.resolve())  # minari reads it whenever it builds a dataset path
+    os.environ["MINARI_DATASETS_PATH"] = str(stage.resolve())  # minari reads it whenever it builds a dataset path
     try:
         with warnings.catch_warnings():  # Minari asks for author contacts: noise for a local export
             warnings.filterwarnings("ignore", message=".*(author|code_permalink).*", category=UserWarning)
-            return minari.create_dataset_from_buffers(
+            minari.create_dataset_from_buffers(
                 dataset_id=dataset_id,
                 buffer=buffers,
                 env=None,  # giving the env would make Minari build one just to read its spaces; the spec goes below
@@ -116,12 +144,31 @@ def export_minari(data: Path, out: Path, dataset_id: str | None = None):
             os.environ["MINARI_DATASETS_PATH"] = previous
 
 
+def _publish(stage: Path, target: Path, dataset_id: str) -> None:
+    """Move the complete dataset from the staging folder to ``target`` (one rename); an old one is set aside first
+    and removed after. Minari's namespace files (``namespace_metadata.json``) are copied where missing."""
+    out = stage.parent
+    for meta in stage.rglob("namespace_metadata.json"):
+        dest = out / meta.relative_to(stage)
+        if not dest.exists():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(meta, dest)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old.{os.getpid()}.tmp")
+        os.replace(target, old)
+    os.replace(stage / dataset_id, target)
+    if old is not None:
+        shutil.rmtree(old)
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m rollouts.export``: parse the flags and export the folder."""
     config = cli.parse(ExportConfig, argv, prog="rollouts.export")
     if not config.minari:
         raise UserError("choose a format: --minari (the only one so far)")
-    dataset = export_minari(config.data, config.out, config.dataset_id)
+    dataset = export_minari(config.data, config.out, config.dataset_id, overwrite=config.overwrite)
     print(f"wrote Minari dataset {dataset.spec.dataset_id} to {config.out}: {dataset.total_episodes} episodes, "
           f"{dataset.total_steps} steps. Frames are stored raw (jpeg_encoding=False): lossless, not JPEG. "
           f"Load with MINARI_DATASETS_PATH={config.out} and minari.load_dataset({dataset.spec.dataset_id!r})")
