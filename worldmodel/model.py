@@ -109,7 +109,13 @@ class GTMMCell(nn.Module):
         sample: bool = True,
     ) -> tuple[dict[str, torch.Tensor], ModelState]:
         """One step. prev_action (B,) int64 (-1 = none); pose (B, D); embed (B, E) = enc(x_t), or None to run open
-        loop from the prior. `sample=False` takes the mean of whichever distribution drives z_t."""
+        loop from the prior. `sample=False` takes the mean of whichever distribution drives z_t.
+
+        `out` holds prior_mean/std (and post_mean/std with `embed`), z, h, addr, read, and the memory diagnostics
+        that `worldmodel.retrieval` reads (tensors the step computed anyway): `read_weights` (B, R, N) the read
+        attention over the slots of M_{t-1}, `read_gate` (B, R), and for soft-write memories the write record
+        `write_weights`, `write_retain` (B, N) of `Memory.write_record`. The `none` memory gives (B, 0, 0) and (B, 0).
+        """
         B = state.batch_size
         assert prev_action.shape == (B,), f"prev_action: expected ({B},), got {tuple(prev_action.shape)}"
         assert pose.shape == (B, self.cfg.pose_dim), f"pose: expected ({B}, {self.cfg.pose_dim}), got {tuple(pose.shape)}"
@@ -120,7 +126,8 @@ class GTMMCell(nn.Module):
 
         # (2) address of this step; (3) read the memory written at earlier steps
         addr, address_state = self.address.step(state.address, h, prev_action, pose)  # (B, addr_dim)
-        read = self.memory.read(state.memory, h, addr)  # (B, read_dim)
+        attention = self.memory.attend(state.memory, h, addr)  # one attend: the read and its diagnostics
+        read = attention["read"]  # (B, read_dim)
 
         # (4) prior and (5) posterior
         prior_mean, prior_std = self.prior(torch.cat([h, read], dim=-1))  # (B, Z) each
@@ -138,7 +145,8 @@ class GTMMCell(nn.Module):
 
         # (7) write z_t under addr_t
         memory = self.memory.write(state.memory, h, addr, z)
-        out.update(z=z, h=h, addr=addr, read=read)
+        out.update(z=z, h=h, addr=addr, read=read, read_weights=attention["weights"], read_gate=attention["gate"])
+        out.update(self.memory.write_record(memory))  # write_weights, write_retain (soft memories), for attribution
         return out, ModelState(h=h, c=c, z=z, read=read, memory=memory, address=address_state)
 
 
@@ -218,8 +226,10 @@ class GTMM(nn.Module):
         """Teacher forcing: run the posterior over real frames.
 
         obs uint8 (B, T, H, W, C); prev_action int64 (B, T); pose (B, T, D). Returns per-step `nll` and `kl` (B, T)
-        in nats, `z`, `prior_mean/std`, `post_mean/std` (B, T, Z), `logits` (B, T, C, H, W) and `state`, the
-        recurrent state after the last frame (to continue with `imagine` or `step_prior`).
+        in nats, `z`, `prior_mean/std`, `post_mean/std` (B, T, Z), `logits` (B, T, C, H, W), the cell's memory
+        diagnostics stacked over time (`read_weights` (B, T, R, N), `read_gate` (B, T, R), `write_*` (B, T, N); see
+        `GTMMCell.forward`) and `state`, the recurrent state after the last frame (to continue with `imagine` or
+        `step_prior`).
         """
         self._check_inputs(obs, prev_action, pose)
         B, T = prev_action.shape

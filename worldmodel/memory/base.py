@@ -18,6 +18,26 @@ updates, no ``.item()``, no Python branching on tensor values), so a step loop c
 CUDA graph, and truncated BPTT is ``{k: v.detach() for k, v in state.items()}``.
 
 Shapes: B batch, N slots, R read heads, A = addr_dim, C = content size (Z, or Z + H when h_t is stored).
+
+Write attribution (for retrieval diagnostics, ``worldmodel.retrieval``): which earlier steps' writes does slot n
+hold? Every write of our memories is linear in the written value v_s = [addr_s, c_s]:
+
+    M_t(n) = sum_{s <= t} a_t[s, n] v_s          (plus what the initial zeros became, which is zero)
+
+and ``attribute`` carries the coefficients a_t (B, S, N) from one step to the next. For the soft memories it is
+
+    a_t[s, n] = a_{t-1}[s, n] * rho_t[n]   (s < t),     a_t[t, n] = w_t[n]
+    i.e.  a_t[s, n] = w_s[n] * prod_{s < s' <= t} rho_s'[n]
+
+with w_t the write weighting and rho_t the share of each slot's earlier content that the write of step t keeps:
+rho = 1 - w * mean(e) for an erase/add write (NTM, DNC: the erase vector's mean over the content part stands in
+for its per-dimension values, exact when e is the same in every dimension, as at initialisation), rho = 0 on the
+slot an LRU write zeroes and 1 elsewhere. The FIFO's coefficients are exact 0/1: slot n after the write of step t
+holds step t - N + 1 + n. ``slot_shares`` turns coefficients into shares of a slot's content (each in [0, 1], at
+most 1 per slot). To feed it, a memory's ``write`` keeps w_t and rho_t in the state it returns under the keys
+``write_weights`` (B, N) and ``write_retain`` (B, N) (both present from ``init_state`` on, so the state's
+structure never changes between steps), and ``write_record(state)`` returns them: views of tensors the write
+computed anyway, so the step stays pure and costs nothing extra.
 """
 
 from __future__ import annotations
@@ -63,6 +83,19 @@ class Memory(nn.Module):
     def write(self, state: State, h: Tensor, addr: Tensor, z: Tensor) -> State:
         """The next memory state M_t after writing latent ``z`` (B, Z) at ``addr`` (B, A)."""
         raise NotImplementedError
+
+    def write_record(self, state: State) -> dict[str, Tensor]:
+        """What the write that produced ``state`` did, for ``attribute``: ``write_weights`` w_t (B, N) and
+        ``write_retain`` rho_t (B, N) (module docstring). Only views of the state: the model's cell returns them
+        every step at no cost. The FIFO and ``none`` need nothing and return {}."""
+        return {"write_weights": state["write_weights"], "write_retain": state["write_retain"]}
+
+    def attribute(self, coefficients: Tensor, record: dict[str, Tensor]) -> Tensor:
+        """Write attribution one step on: ``coefficients`` a_{t-1} (B, S, N), the part of slot n's content that is
+        the value written at each of the S earlier steps, and ``record`` (``write_record`` of M_t) -> a_t
+        (B, S+1, N), whose last row is this step's write. Soft memories: a_{t-1} * rho_t, then w_t appended."""
+        weights, retain = record["write_weights"], record["write_retain"]  # (B, N) each
+        return torch.cat([coefficients * retain.unsqueeze(1), weights.unsqueeze(1)], dim=1)  # (B, S+1, N)
 
 
 def inverse_softplus(y: float) -> float:
@@ -194,6 +227,16 @@ def mark_written(written: Tensor, write_weights: Tensor) -> Tensor:
     """Soft occupancy o_n <- o_n + w_n (1 - o_n) = 1 - prod_t (1 - w_n,t): how much slot n holds any write.
     Used by the gate so that attention on never-written slots counts as reading nothing. (B, N) -> (B, N)"""
     return written + write_weights * (1.0 - written)
+
+
+def slot_shares(coefficients: Tensor) -> Tensor:
+    """The share of slot n's content that came from each step: a[s, n] / max(1, sum_s a[s, n]), (B, S, N).
+
+    Coefficients can sum above 1 (an LRU slot that takes two soft writes holds 0.6 v_1 + 0.6 v_2; an erase below 1
+    leaves some of the old value under the new one), so they are scaled down there; a sum below 1 means part of the
+    slot is still empty (its initial zeros), which no step wrote. Shares are in [0, 1], at most 1 per slot.
+    """
+    return coefficients / coefficients.sum(1, keepdim=True).clamp_min(1.0)
 
 
 def reset_state(state: State, fresh: State, is_first: Tensor) -> State:

@@ -22,6 +22,9 @@ for the free gates are this step's reads, and the temporal links used by a read 
 
 At initialisation writes go to freshly allocated slots (g^w, g^a ~ 0.98) and reads address by content (pi_c ~ 0.9).
 The link matrix is (B, N, N): keep N modest (tens of slots).
+
+Write attribution (``worldmodel.memory.base``): rho_t(n) = 1 - w^w_t(n) mean_c e_t(c), the erase averaged over the
+content part.
 """
 
 from __future__ import annotations
@@ -90,6 +93,7 @@ class DNCMemory(Memory):
             "link": zeros(batch, N, N),  # (B, N, N) L_{t-1}[i, j]: i was written right after j
             "read_weights": zeros(batch, R, N),  # (B, R, N) w^r of the previous step
             "write_weights": zeros(batch, N),  # (B, N) w^w_{t-1}
+            "write_retain": torch.ones(batch, N, device=device, dtype=dtype),  # (B, N) rho_{t-1}, diagnostics
         }
 
     def _read_weights(self, state: State, h: Tensor, addr: Tensor) -> tuple[Tensor, Tensor]:
@@ -136,6 +140,8 @@ class DNCMemory(Memory):
         erase = torch.sigmoid(self.erase(h)).unsqueeze(1)  # (B, 1, A+C)
         memory = torch.cat([state["addr"], state["content"]], dim=-1)  # (B, N, A+C)
         memory = memory * (1.0 - w * erase) + w * value  # (B, N, A+C)
+        # attribution: the share of each slot's earlier content this write keeps (mean erase of the content part)
+        retain = 1.0 - write_weights * erase[:, 0, self.addr_dim :].mean(-1, keepdim=True)  # (B, N)
 
         # Temporal memory linkage
         w_i, w_j = write_weights.unsqueeze(2), write_weights.unsqueeze(1)  # (B, N, 1), (B, 1, N)
@@ -151,4 +157,5 @@ class DNCMemory(Memory):
             "link": link,
             "read_weights": read_weights,
             "write_weights": write_weights,
+            "write_retain": retain,
         }

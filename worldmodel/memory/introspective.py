@@ -14,6 +14,9 @@ so the model "introspects" on latents it has already inferred. Each of R heads r
 
 The gate g_r lets the model ignore memory when nothing stored matches where it is now (a first visit), and the
 written-mass factor makes a read of an empty buffer exactly zero. The read vector is [r_1, ..., r_R] (B, R*C).
+
+Write attribution is exact: after the write of step t, slot n holds the write of step t - L + 1 + n (nothing while
+that is negative), so ``attribute`` shifts the coefficients one slot towards the oldest end and needs no record.
 """
 
 from __future__ import annotations
@@ -71,3 +74,15 @@ class IntrospectiveMemory(Memory):
             "content": push(state["content"], content),  # (B, N, C)
             "filled": push(state["filled"], torch.ones_like(state["filled"][:, 0])),  # (B, N)
         }
+
+    def write_record(self, state: State) -> dict[str, Tensor]:
+        """The FIFO's attribution is fixed by its order: nothing to record."""
+        return {}
+
+    def attribute(self, coefficients: Tensor, record: dict[str, Tensor]) -> Tensor:
+        """a_{t-1} (B, S, N) -> a_t (B, S+1, N): every earlier write moves one slot towards the oldest end (the
+        oldest falls out), this step's write takes the newest slot N-1. Exact 0/1 coefficients."""
+        B, S, N = coefficients.shape
+        shifted = torch.cat([coefficients[..., 1:], coefficients.new_zeros(B, S, 1)], dim=-1)  # (B, S, N)
+        newest = F.one_hot(torch.full((B, 1), N - 1, device=coefficients.device), N).to(coefficients.dtype)  # (B, 1, N)
+        return torch.cat([shifted, newest], dim=1)  # (B, S+1, N)

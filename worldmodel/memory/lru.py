@@ -17,6 +17,9 @@ One change: reads count towards usage only on slots that hold a write (o = soft 
 stay "least used" and the memory fills its empty slots before it recycles any.
 sigmoid(alpha) starts near 0 (a new place gets a fresh slot); the model can learn to raise it to update the slot
 of a place it recognises.
+
+Write attribution (``worldmodel.memory.base``): exact, rho_t = 1 - w^lu_t (only the zeroed slot loses its content);
+coefficients can sum above 1 on a slot that takes several soft writes (the memory adds, it never erases).
 """
 
 from __future__ import annotations
@@ -58,6 +61,8 @@ class LRUMemory(Memory):
             "usage": torch.zeros(batch, N, device=device, dtype=dtype),  # (B, N) u_{t-1}
             "written": torch.zeros(batch, N, device=device, dtype=dtype),  # (B, N) soft occupancy o_{t-1}
             "read_weights": torch.zeros(batch, self.heads, N, device=device, dtype=dtype),  # (B, R, N) diagnostics
+            "write_weights": torch.zeros(batch, N, device=device, dtype=dtype),  # (B, N) w^w_{t-1}, diagnostics
+            "write_retain": torch.ones(batch, N, device=device, dtype=dtype),  # (B, N) rho_{t-1}, diagnostics
         }
 
     def _read_weights(self, state: State, h: Tensor, addr: Tensor) -> tuple[Tensor, Tensor]:
@@ -82,14 +87,16 @@ class LRUMemory(Memory):
 
         content = torch.cat([z, h], dim=-1) if self.store_h else z  # (B, C)
         value = torch.cat([addr, content], dim=-1).unsqueeze(1)  # (B, 1, A+C)
-        keep = (1.0 - least_used).unsqueeze(-1)  # (B, N, 1) zero the least-used slot before writing
-        memory = torch.cat([state["addr"], state["content"]], dim=-1) * keep  # (B, N, A+C)
+        retain = 1.0 - least_used  # (B, N) zero the least-used slot before writing
+        memory = torch.cat([state["addr"], state["content"]], dim=-1) * retain.unsqueeze(-1)  # (B, N, A+C)
         memory = memory + write_weights.unsqueeze(-1) * value  # (B, N, A+C)
-        written = state["written"] * (1.0 - least_used)  # the zeroed slot no longer holds anything
+        written = state["written"] * retain  # the zeroed slot no longer holds anything
         return {
             "addr": memory[..., : self.addr_dim],
             "content": memory[..., self.addr_dim :],
             "usage": self.usage_decay * usage + (read_weights.sum(1) * state["written"]) + write_weights,
             "written": mark_written(written, write_weights),
             "read_weights": read_weights,
+            "write_weights": write_weights,
+            "write_retain": retain,
         }

@@ -1,7 +1,8 @@
 """No external memory: the VRNN-style baseline (Chung et al. 2015), the paper's "no memory" comparison.
 
 The controller LSTM is the only thing that carries the past; ``read`` returns an empty (B, 0) vector so the model
-code is the same for every memory (a concatenation with a (B, 0) tensor is a no-op).
+code is the same for every memory (a concatenation with a (B, 0) tensor is a no-op). Its read weights are (B, 0, 0)
+(no heads, no slots) and its write attribution is (B, S, 0): diagnostics see "no memory", not an empty one.
 """
 
 from __future__ import annotations
@@ -28,3 +29,11 @@ class NoMemory(Memory):
 
     def write(self, state: State, h: Tensor, addr: Tensor, z: Tensor) -> State:
         return state
+
+    def write_record(self, state: State) -> dict[str, Tensor]:
+        return {}
+
+    def attribute(self, coefficients: Tensor, record: dict[str, Tensor]) -> Tensor:
+        """No slots: (B, S, 0) -> (B, S+1, 0)."""
+        B, S, N = coefficients.shape
+        return coefficients.new_zeros(B, S + 1, N)

@@ -16,6 +16,9 @@ Gates g, shifts s, gamma, erase e come from h_t. At initialisation the read head
 shift) and the write head moves one slot forward each step (g ~ 0, shift +1): the memory starts out as a ring
 buffer of (address, latent) read by address, and learning can make the write head overwrite the slot of a
 revisited place instead (content-addressed write, g -> 1).
+
+Write attribution (``worldmodel.memory.base``): rho_t(n) = 1 - w^w_t(n) mean_c e_t(c), the erase averaged over the
+content part.
 """
 
 from __future__ import annotations
@@ -96,6 +99,7 @@ class NTMMemory(Memory):
             "written": torch.zeros(batch, N, device=device, dtype=dtype),  # (B, N) soft occupancy
             "read_weights": first_slot.expand(batch, R, N).clone(),  # (B, R, N) w^r_{t-1}
             "write_weights": first_slot.clone(),  # (B, 1, N) w^w_{t-1}
+            "write_retain": torch.ones(batch, N, device=device, dtype=dtype),  # (B, N) rho_{t-1}, diagnostics
         }
 
     def _read_weights(self, state: State, h: Tensor, addr: Tensor) -> tuple[Tensor, Tensor]:
@@ -127,10 +131,16 @@ class NTMMemory(Memory):
         erase = torch.sigmoid(self.erase(h)).unsqueeze(1)  # (B, 1, A+C)   e_t
         memory = torch.cat([state["addr"], state["content"]], dim=-1)  # (B, N, A+C)
         memory = memory * (1.0 - w * erase) + w * value  # eq. 3, 4
+        # attribution: the share of each slot's earlier content this write keeps (mean erase of the content part)
+        retain = 1.0 - write_weights[:, 0] * erase[:, 0, self.addr_dim :].mean(-1, keepdim=True)  # (B, N)
         return {
             "addr": memory[..., : self.addr_dim],
             "content": memory[..., self.addr_dim :],
             "written": mark_written(state["written"], write_weights[:, 0]),
             "read_weights": read_weights,
             "write_weights": write_weights,
+            "write_retain": retain,
         }
+
+    def write_record(self, state: State) -> dict[str, Tensor]:
+        return {"write_weights": state["write_weights"][:, 0], "write_retain": state["write_retain"]}  # (B, N) each
