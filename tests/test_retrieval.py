@@ -12,7 +12,7 @@ from worldmodel.config import ModelConfig
 from worldmodel.memory import MEMORIES, build_memory
 from worldmodel.memory.base import slot_shares
 from worldmodel.model import GTMM, frames_to_float
-from worldmodel.retrieval import attribution_per_step, retrieval_per_step
+from worldmodel.retrieval import attribution_per_step, retrieval_from_steps, retrieval_per_step
 
 torch.set_num_threads(1)
 
@@ -42,7 +42,7 @@ def test_fifo_attribution_is_exact():
     memory = make_memory("introspective")
     T = N + 3
     states, zs = write_steps(memory, T)
-    shares = attribution_per_step(memory, {}, B, T + 1)  # shares[t]: M_{t-1}, t in [0, T]
+    shares = list(attribution_per_step(memory, {}, B, T + 1))  # shares[t]: M_{t-1}, t in [0, T]
     for t in range(T + 1):
         expected = torch.zeros(B, t, N)
         for n in range(N):
@@ -100,7 +100,27 @@ def test_soft_attribution_reconstructs_the_memory_content(name):
     assert (shares >= 0).all() and (shares.sum(1) <= 1 + 1e-6).all()
     # the per-step helper agrees with the loop above
     records = {k: torch.stack([memory.write_record(s)[k] for s in states], 1) for k in ("write_weights", "write_retain")}
-    assert torch.allclose(attribution_per_step(memory, records, B, T + 1)[T], shares)
+    assert torch.allclose(list(attribution_per_step(memory, records, B, T + 1))[T], shares)
+
+
+def test_figures_of_hand_made_reads():
+    """FIFO of 4 slots, places a, b, a, b: at step 2 memory holds [-, -, a, b], at step 3 [-, a, b, a]."""
+    memory = make_memory("introspective")
+    pose = torch.tensor([[[0.0, 0.0], [0.0, 14.0], [0.0, 0.0], [0.0, 14.0]]])  # (1, T=4, 2)
+    weights = torch.zeros(1, 4, R, N)
+    weights[0, 2, 0] = torch.tensor([0.0, 0.0, 1.0, 0.0])  # head 0 on the slot of step 0 (same place)
+    weights[0, 2, 1] = torch.tensor([0.0, 0.0, 0.3, 0.7])  # head 1 mostly on step 1's slot (the other place)
+    weights[0, 3, 0] = torch.tensor([0.0, 0.2, 0.6, 0.2])  # head 0 mostly on step 1's slot (same place)
+    weights[0, 3, 1] = torch.tensor([0.0, 0.5, 0.0, 0.5])  # head 1 on two slots of the other place
+    gate = torch.rand(1, 4, R)
+    figures = retrieval_from_steps(memory, weights, gate, {}, pose)
+    assert figures["target"].tolist() == [[False, False, True, True]]
+    nan = float("nan")
+    assert torch.equal(figures["precision_at_1"][0].nan_to_num(-1), torch.tensor([[-1, -1], [-1, -1], [1, 0], [1, 0.0]]))
+    assert torch.allclose(figures["correct_mass"][0], torch.tensor([[nan, nan], [nan, nan], [1.0, 0.3], [0.6, 0.0]]),
+                          equal_nan=True)
+    assert torch.allclose(figures["chance_mass"][0], torch.tensor([nan, nan, 1 / 2, 1 / 3]), equal_nan=True)
+    assert torch.equal(figures["gate"], gate)
 
 
 def test_none_attribution_has_no_slots():

@@ -19,7 +19,7 @@ come from the model's own step (`GTMMCell.forward`'s `read_weights`), not from a
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -33,24 +33,19 @@ METRICS = ("target", "precision_at_1", "correct_mass", "gate", "chance_mass")
 
 
 def attribution_per_step(memory: Memory, records: dict[str, Tensor], batch: int, steps: int,
-                         device: torch.device | str = "cpu") -> list[Tensor]:
-    """The shares of slot content held by M_{t-1} (what the read of step t sees), for t in [0, T).
+                         device: torch.device | str = "cpu") -> Iterator[Tensor]:
+    """The shares of slot content held by M_{t-1} (what the read of step t sees), for t in [0, steps).
 
     records: the cell's write record of each step, each (B, >= steps - 1, N) (empty for the FIFO and `none`).
-    Returns `steps` tensors, the t-th (B, t, N): share[s, n] of slot n's content that the write of step s < t put
-    there.
+    Yields `steps` tensors, the t-th (B, t, N): share[s, n] of slot n's content that the write of step s < t put
+    there. A generator, so that only one step's (B, t, N) lives at a time.
     """
-    N = _slots(memory)
+    N = memory.slots
     coefficients = torch.zeros(batch, 0, N, device=device)  # (B, 0, N) nothing written yet
-    shares = [slot_shares(coefficients)]
+    yield slot_shares(coefficients)
     for t in range(steps - 1):
         coefficients = memory.attribute(coefficients, {k: v[:, t].float() for k, v in records.items()})
-        shares.append(slot_shares(coefficients))  # (B, t + 1, N)
-    return shares
-
-
-def _slots(memory: Memory) -> int:
-    return getattr(memory, "slots", 0) if memory.read_dim > 0 else 0
+        yield slot_shares(coefficients)  # (B, t + 1, N)
 
 
 def same_place_earlier(pose: Tensor, tol: float) -> Tensor:
@@ -74,16 +69,15 @@ def retrieval_from_steps(memory: Memory, read_weights: Tensor, read_gate: Tensor
     """
     B, T, R, N = read_weights.shape
     same = same_place_earlier(pose.float(), tol)  # (B, T, T)
-    shares = attribution_per_step(memory, records, B, T, read_weights.device)
     correct = torch.zeros(B, T, N, device=read_weights.device)  # same-place share of every slot of M_{t-1}
     occupancy = torch.zeros(B, T, N, device=read_weights.device)  # how full every slot of M_{t-1} is
     from_sources = torch.zeros(B, T, device=read_weights.device)
-    for t in range(T):
+    for t, shares in enumerate(attribution_per_step(memory, records, B, T, read_weights.device)):  # (B, t, N)
         mask = same[:, t, :t].unsqueeze(-1).float()  # (B, t, 1)
-        correct[:, t] = (mask * shares[t]).sum(1)  # (B, N)
-        occupancy[:, t] = shares[t].sum(1)  # (B, N)
+        correct[:, t] = (mask * shares).sum(1)  # (B, N)
+        occupancy[:, t] = shares.sum(1)  # (B, N)
         if sources is not None:
-            from_sources[:, t] = (mask * sources[:t].view(1, t, 1) * shares[t]).sum((1, 2))  # (B,)
+            from_sources[:, t] = (mask * sources[:t].view(1, t, 1) * shares).sum((1, 2))  # (B,)
     nan = torch.tensor(float("nan"), device=read_weights.device)
     target = correct.sum(-1) >= held  # (B, T)
     weights = read_weights.float()
@@ -146,7 +140,7 @@ def retrieval_per_step(model: Any, obs: Any, prev_action: Any, pose: Any, contex
     ctx = model.observe(obs[:, :K], prev_action[:, :K], pose[:, :K], sample=False)
     dream = model.imagine(ctx["state"], prev_action[:, K:], pose[:, K:], sample=False)
     memory = model.cell.memory
-    if _slots(memory) == 0:
+    if memory.slots == 0:
         figures = _no_memory(B, T, model.cfg.heads)
     else:
         joined = lambda key: torch.cat([ctx[key], dream[key]], dim=1)  # noqa: E731  (B, T, ...)

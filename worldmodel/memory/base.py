@@ -65,6 +65,7 @@ class Memory(nn.Module):
     """
 
     read_dim: int = 0
+    slots: int = 0  # N, the number of slots (0: no memory)
 
     def init_state(self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> State:
         raise NotImplementedError
