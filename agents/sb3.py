@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from stable_baselines3 import A2C, DQN, PPO
 from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, FlattenExtractor, NatureCNN
 from torch import nn
@@ -173,7 +174,7 @@ def policy_spec(model: BaseAlgorithm) -> dict[str, Any]:
         raise UserError(f"policy class {type(model.policy).__name__}: expected one of {type(model).__name__}'s "
                         f"aliases {sorted(type(model).policy_aliases)}")
     kwargs = dict(model.policy_kwargs)
-    if hasattr(model, "use_sde"):  # on-policy algorithms pass it to the policy beside policy_kwargs
+    if isinstance(model, OnPolicyAlgorithm):  # PPO and A2C pass it to the policy beside policy_kwargs (DQN not)
         kwargs["use_sde"] = bool(model.use_sde)
     return {"format": SPEC_FORMAT, "algo": algo, "policy": alias, "policy_kwargs": _kwargs_to_json(kwargs, "policy_kwargs"),
             "observation_space": _space_to_json(model.policy.observation_space),
@@ -242,10 +243,14 @@ def load_policy(path: str | os.PathLike, algo: str | None = None) -> tuple[BaseP
         try:
             # the learning-rate schedule only feeds the policy's optimizer, which acting never steps
             policy = algorithm.policy_aliases[spec["policy"]](observation_space, action_space, lambda _: 0.0, **kwargs)
-            policy.load_state_dict(state, strict=True)
         except (TypeError, ValueError, RuntimeError, AssertionError, KeyError) as error:
-            raise UserError(f"SB3 policy {path}: its weights do not fit the policy its {SPEC_NAME} describes "
-                            f"({type(error).__name__}: {' '.join(str(error).split())[:300]})") from error
+            raise UserError(f"SB3 policy {path}: cannot build the policy its {SPEC_NAME} describes "
+                            f"({type(error).__name__}: {' '.join(str(error).split())[:300]}); {retrain}") from error
+        try:
+            policy.load_state_dict(state, strict=True)
+        except RuntimeError as error:  # missing/unexpected keys or other sizes
+            raise UserError(f"SB3 policy {path}: policy.pth does not fit the policy its {SPEC_NAME} describes "
+                            f"({' '.join(str(error).split())[:300]})") from error
     policy.set_training_mode(False)
     return policy, spec
 

@@ -180,7 +180,8 @@ def test_garbage_files_give_one_user_error_naming_the_file(tmp_path):
 
 @pytest.mark.slow
 def test_crafted_checkpoint_through_the_clis(tmp_path):
-    """evaluate (--checkpoint and --baseline), dream and train --resume refuse it: exit 2, one line, no marker."""
+    """evaluate (--checkpoint and --baseline), dream, train --resume and collect --env dream refuse it: exit 2, one
+    line naming the file, no marker."""
     marker = tmp_path / "MARKER"
     evil = write_evil_checkpoint(tmp_path / "evil" / "ckpt.pt", payloads(marker)["os.system"])
     model, cfg = tiny_model_and_config()
@@ -196,9 +197,11 @@ def test_crafted_checkpoint_through_the_clis(tmp_path):
         ("worldmodel.dream", "--checkpoint", str(evil), "--env", "mnist_map", "--agent", "random",
          "--out", str(tmp_path / "d.gif")),
         ("worldmodel.train", "--out", str(tmp_path / "evil"), "--resume", "--preset", "debug", "--no-progress"),
+        ("rollouts.collect", "--env", "dream", "--env-kwargs", json.dumps({"checkpoint": str(evil), "env": "mnist_map"}),
+         "--out", str(tmp_path / "dreamed"), "--episodes", "1", "--steps", "4", "--no-progress"),
     ]
     before = evil.read_bytes()
-    # the four commands run at once: each spends most of its time importing torch
+    # the commands run at once: each spends most of its time importing torch
     running = [subprocess.Popen([sys.executable, "-m", *command], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True) for command in commands]
     for command, popen in zip(commands, running):
@@ -208,7 +211,7 @@ def test_crafted_checkpoint_through_the_clis(tmp_path):
         assert "not loadable safely" in line and "posix.system" in line, line
         assert not marker.exists(), command
     assert evil.read_bytes() == before  # refused, not overwritten
-    assert not (tmp_path / "d.gif").exists()
+    assert not (tmp_path / "d.gif").exists() and not any((tmp_path / "dreamed").rglob("*.npz"))
 
 
 # -- a full disk ---------------------------------------------------------------------------------------------------------
