@@ -248,17 +248,17 @@ def collect(config: CollectConfig) -> dict[str, Any]:
                                     steps_per_episode=config.steps, obs_shape=(), num_actions=0, pose_dim=0,
                                     episodes_requested=config.episodes, checkpoint_sha256=checkpoint_sha256)
     out = config.out
-    created = not out.exists()
+    created = [p for p in (out, *out.parents) if not p.exists()]  # folders the lock will create, deepest first
     try:
         # one collect per folder: a second one (or an export) waits for nothing and fails with one line
         with FolderLock(out, "collect"):
             todo, elapsed, collected_steps = _collect_locked(config, out, expected, env_id, env_kwargs, agent_kwargs)
     except BaseException:
-        if created:  # a folder this run made and left empty (it failed before writing anything): remove it
+        for folder in created:  # folders this run made and left empty (it failed before writing): remove them
             try:
-                out.rmdir()
+                folder.rmdir()
             except OSError:
-                pass
+                break
         raise
 
     counts = storage.read_manifest(out)["counts"]

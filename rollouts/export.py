@@ -37,9 +37,10 @@ from gtmm.cli import UserError
 from gtmm.fs import FolderLock
 import envs  # registers our env ids, so the exported dataset can name its env spec
 from rollouts import storage
-from rollouts.dataset import iter_episodes
 
-_DATASET_ID = re.compile(r"^([A-Za-z0-9_.-]+/)*[A-Za-z0-9_.-]+-v\d+$")
+# Minari's own dataset id pattern (minari.dataset.minari_dataset.DATASET_ID_RE) with the version required: checked
+# here so a bad id is one line before anything is read or written
+_DATASET_ID = re.compile(r"^(?:[-_\w][-_\w/]*[-_\w]+/)?[-_\w]+-v\d+$")
 
 
 @dataclass
@@ -57,7 +58,7 @@ class ExportConfig:
 
 
 def default_dataset_id(manifest: dict[str, Any]) -> str:
-    env = re.sub(r"[^A-Za-z0-9_.-]+", "_", manifest["env"]["name"])
+    env = re.sub(r"[^A-Za-z0-9_-]+", "_", manifest["env"]["name"])
     return f"gtmm/{env}-{manifest['agent']['name']}-v0"
 
 
@@ -75,7 +76,7 @@ def export_minari(data: Path, out: Path, dataset_id: str | None = None, overwrit
     data, out = Path(data), Path(out)
     manifest = storage.read_manifest(data)
     dataset_id = dataset_id or default_dataset_id(manifest)
-    if not _DATASET_ID.match(dataset_id) or ".." in dataset_id.split("/"):
+    if not _DATASET_ID.match(dataset_id) or "//" in dataset_id:
         raise UserError(f"--dataset-id {dataset_id!r}: expected '(namespace/)name-v<N>', e.g. 'gtmm/mnist_map-loop-v0'")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, expected a folder (the Minari datasets folder)")
@@ -101,13 +102,23 @@ def export_minari(data: Path, out: Path, dataset_id: str | None = None, overwrit
     return MinariDataset(str(target / "data"))
 
 
+def _episodes(data: Path, manifest: dict[str, Any]):
+    """``(record, episode)`` in index order, each file checked against its manifest entry (what
+    ``rollouts.dataset.iter_episodes`` does, without importing torch for it)."""
+    for record in sorted(manifest["episodes"], key=lambda e: e["index"]):
+        path = storage.episode_path(data, record)
+        episode = storage.load_episode(path, sha256=record["sha256"])
+        storage.check_episode_record(manifest, record, episode, str(path))
+        yield record, episode
+
+
 def _build(minari, EpisodeBuffer, manifest: dict[str, Any], data: Path, stage: Path, dataset_id: str) -> None:
     """Create the Minari dataset ``dataset_id`` under the datasets folder ``stage``."""
     H, W, C = manifest["obs_shape"]
     observation_space = gym.spaces.Box(0, 255, (H, W, C), dtype=np.uint8)
     action_space = gym.spaces.Discrete(manifest["num_actions"])
     buffers = []
-    for record, episode in iter_episodes(data):
+    for record, episode in _episodes(data, manifest):
         buffers.append(EpisodeBuffer(
             id=len(buffers),
             seed=record.get("env_seed"),

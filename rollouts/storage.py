@@ -81,7 +81,7 @@ def episode_filename(index: int) -> str:
 def _file_name_problem(file: Any) -> str | None:
     """Why ``file`` (a manifest's ``file`` field) may not be opened, or None if it is a plain episode file name."""
     if not isinstance(file, str):
-        return f"is a {type(file).__name__}, expected a file name string"
+        return f"is of type {type(file).__name__}, expected a file name string"
     if file.startswith(("/", "\\")) or Path(file).is_absolute() or re.match(r"[A-Za-z]:", file):
         return "is an absolute path, expected a file inside the folder"
     if ".." in re.split(r"[/\\]", file):
@@ -199,7 +199,9 @@ def load_episode(path: str | os.PathLike, sha256: str | None = None) -> dict[str
 def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
     """Read a folder's manifest and check every field's type (``validate_manifest``): UserError naming the problem."""
     root = Path(root)
-    if root.exists() and not root.is_dir():
+    if not root.exists():
+        raise UserError(f"{root} does not exist: not a rollout folder (make one with python -m rollouts.collect)")
+    if not root.is_dir():
         raise UserError(f"{root} is a file, expected a rollout folder (written by python -m rollouts.collect)")
     path = root / MANIFEST_NAME
     if not path.is_file():
