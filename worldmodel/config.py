@@ -3,6 +3,7 @@
 `ModelConfig` is everything needed to rebuild a model from a checkpoint; `TrainConfig` is the command line of
 `python -m worldmodel.train` (each field's docstring is its `--help`). A preset is a `TrainConfig` whose fields
 become the defaults that explicit flags then override (DreamerV3's `debug`, nanoGPT's `shakespeare_char`).
+`RESUME_MAY_CHANGE` names the fields a resumed run may change; every other field is the run's definition.
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ class TrainConfig:
     out: str = "runs/default"
     """run folder: config.json, ckpt.pt, TensorBoard logs"""
     resume: bool = False
-    """continue the run in --out from its ckpt.pt exactly (optimiser, step, RNG, data position)"""
+    """continue the run in --out from its ckpt.pt exactly (optimiser, step, RNG, data position); only --steps,
+    --threads, --device, --progress and the --*-every intervals may differ from the run's saved config"""
     device: str = "auto"
     """auto (cuda if available), cpu, cuda, cuda:N"""
     seed: int = 0
@@ -115,7 +117,7 @@ class TrainConfig:
 
     # optimisation
     steps: int = 3000
-    """training steps (optimizer updates)"""
+    """training steps (optimizer updates); with --resume, the step the run goes to (default: the saved one)"""
     batch: int = 16
     """sequences per batch (per process under torchrun)"""
     seq_len: int = 48
@@ -135,19 +137,25 @@ class TrainConfig:
     curriculum_steps: int = 1000
     """steps over which the curriculum grows linearly to --seq-len"""
     val_fraction: float = 0.05
-    """fraction of episodes held out by rollouts.dataset for validation"""
+    """fraction of episodes held out by rollouts.dataset for validation (never trained on)"""
+
+    # validation
+    val_every: int = 250
+    """steps between validations on held-out episodes (0 = off); the best one is kept as best.pt"""
+    val_windows: int = 32
+    """held-out windows in the fixed validation set (episode starts of the val split, or task sequences)"""
 
     # bookkeeping
     log_every: int = 50
-    """steps between TensorBoard scalars"""
+    """steps between TensorBoard scalars and, off a terminal or with --no-progress, a plain log line"""
     image_every: int = 500
     """steps between TensorBoard image grids and per-step KL curves"""
     ckpt_every: int = 500
     """steps between (atomic) checkpoints"""
     open_loop_context: int = 8
-    """context frames before open-loop prediction in logged image grids"""
+    """context frames before open-loop prediction (image grids and validation)"""
     progress: bool = True
-    """show a tqdm progress bar"""
+    """show a tqdm progress bar on a terminal (plain log lines otherwise)"""
 
     def model_config(self, obs_shape: tuple[int, int, int], num_actions: int, pose_dim: int) -> ModelConfig:
 
@@ -172,30 +180,37 @@ class TrainConfig:
         return cls(**d)
 
 
+# What `--resume` may change: how long and where the run goes, and how it reports. Everything else defines the run
+# (model, data, optimisation): a resumed run that changed it would no longer be the run its checkpoint describes.
+# `--data` is special: it may name a moved copy of the same dataset (checked by the episodes' checksums).
+RESUME_MAY_CHANGE = ("steps", "threads", "device", "progress", "log_every", "image_every", "ckpt_every", "val_every")
+
+
 PRESETS: dict[str, TrainConfig] = {
     # Seconds on a CPU: what the tests use.
     "debug": TrainConfig(
         preset="debug", z_dim=8, h_dim=32, addr_dim=8, heads=1, embed_dim=32, channels=8, hidden_dim=32,
         steps=20, batch=4, seq_len=8, log_every=5, image_every=10, ckpt_every=10, open_loop_context=3,
-        address_lr_scale=1.0,
+        address_lr_scale=1.0, val_every=10, val_windows=8,
     ),
     # 3x3-digit MNIST maps, 28px window, 48-step walks, on one or two CPU cores (~0.5 s/step).
     "mnist_cpu": TrainConfig(
         preset="mnist_cpu", z_dim=32, h_dim=128, addr_dim=32, heads=2, embed_dim=128, channels=16, hidden_dim=128,
         steps=3000, batch=16, seq_len=48, lr=1e-3, address_lr_scale=3.0, free_nats=1.0, kl_balance=0.8,
-        log_every=25, image_every=250, ckpt_every=250,
+        log_every=25, image_every=250, ckpt_every=250, val_every=250,
     ),
     # One modern GPU: bigger model, longer sequences, bigger batches (bf16 autocast).
     "gpu": TrainConfig(
         preset="gpu", z_dim=64, h_dim=256, addr_dim=64, heads=4, embed_dim=256, channels=32, hidden_dim=256,
         steps=50_000, batch=64, seq_len=64, lr=6e-4, address_lr_scale=3.0, free_nats=1.0, kl_balance=0.8,
-        curriculum_start=16, curriculum_steps=5000, log_every=100, image_every=2000, ckpt_every=2000,
+        curriculum_start=16, curriculum_steps=5000, log_every=100, image_every=2000, ckpt_every=2000, val_every=2000,
     ),
     # 64x64x3 MiniWorld frames on a GPU.
     "miniworld": TrainConfig(
         preset="miniworld", z_dim=64, h_dim=256, addr_dim=64, heads=4, embed_dim=512, channels=32, hidden_dim=256,
         steps=100_000, batch=32, seq_len=64, lr=3e-4, address_lr_scale=3.0, free_nats=1.0, kl_balance=0.8,
         curriculum_start=16, curriculum_steps=10_000, log_every=100, image_every=2000, ckpt_every=2000,
+        val_every=2000,
     ),
 }
 
