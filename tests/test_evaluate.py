@@ -59,7 +59,7 @@ def evaluate_cli(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-# -- metrics --------------------------------------------------------------------------------------------------------------
+# -- metrics -----------------------------------------------------------------------------------------------------------
 
 def test_psnr_mse_bce_match_a_direct_computation():
     rng = np.random.default_rng(0)
@@ -113,7 +113,8 @@ def test_memory_score_is_one_for_the_oracle_and_zero_for_none():
     assert boot.score(e_none, e_none, e_oracle, mask)["mean"] == pytest.approx(0.0, abs=1e-12)
     halfway = (e_none + e_oracle) / 2
     score = boot.score(e_none, halfway, e_oracle, mask)
-    assert score["mean"] == pytest.approx(0.5) and score["n"] == int(mask.sum()) and score["windows"] == int(mask.any(1).sum())
+    assert score["mean"] == pytest.approx(0.5)
+    assert score["n"] == int(mask.sum()) and score["windows"] == int(mask.any(1).sum())
     assert metrics.memory_score(e_none, halfway, e_oracle, mask) == pytest.approx(0.5)
     # an oracle no better than none leaves the score undefined rather than dividing by ~0
     assert boot.score(e_none, halfway, e_none, mask)["mean"] is None
@@ -149,7 +150,7 @@ def test_lag_visits_oracle_source_and_bins_on_a_hand_made_path():
     assert metrics.bin_labels(metrics.VISIT_BINS)[:2] == ["1", "2"]
 
 
-# -- the command end to end -----------------------------------------------------------------------------------------------
+# -- the command end to end --------------------------------------------------------------------------------------------
 
 def test_cli_writes_eval_json_strip_and_lag_into_a_folder_named_after_the_data(setup):
     proc = evaluate_cli("--checkpoint", str(setup["intro"]), "--data", str(setup["heldout"]), "--baseline",
@@ -178,6 +179,11 @@ def test_cli_writes_eval_json_strip_and_lag_into_a_folder_named_after_the_data(s
     assert main["lag"]["lag"]["bins"][0] == "1-2"
     assert sum(s["n"] for s in main["lag"]["lag"]["revisit_context"]["mse"]) == ctx["mse"]["n"]
     assert len(main["teacher_forcing"]["kl_per_step"]) == 12
+    # semantic recall (MNIST map): digit agreement on digit-centred steps, for the models and copy-last
+    assert result["semantic"]["applies"] and result["semantic"]["centred_steps_open_loop"] > 0
+    for entry in (main, base, result["references"]["copy_last"]):
+        assert set(entry["semantic"]) >= {"revisit_context", "first_visit", "prob_of_true"}
+        assert 0 <= entry["semantic"]["first_visit"]["mean"] <= 1
     # retrieval on context revisits whose earlier visit memory holds (a pose address finds it from the start)
     found = main["retrieval"]
     assert base["retrieval"] is None and found["heads"] == 1 and 0 < found["steps"] <= ctx["mse"]["n"]
@@ -201,7 +207,8 @@ def test_report_builds_a_table_and_plots_from_two_eval_files(setup, tmp_path, ca
     run(EvalConfig(checkpoint=str(setup["intro"]), out=str(tmp_path / "a"), **common))
     run(EvalConfig(checkpoint=str(setup["none"]), out=str(tmp_path / "b"), **common))
     capsys.readouterr()
-    table = report(ReportConfig(paths=(str(tmp_path / "a"), str(tmp_path / "b" / "eval.json")), out=str(tmp_path / "r")))
+    paths = (str(tmp_path / "a"), str(tmp_path / "b" / "eval.json"))
+    table = report(ReportConfig(paths=paths, out=str(tmp_path / "r")))
     assert {p.name for p in (tmp_path / "r").iterdir()} >= {"results.md", "lag.png", "kl_per_step.png",
                                                             "memory_score.png"}
     assert (tmp_path / "r" / "results.md").read_text().startswith(table)
@@ -216,7 +223,7 @@ def test_report_builds_a_table_and_plots_from_two_eval_files(setup, tmp_path, ca
     assert iio.imread(tmp_path / "r" / "lag.png").shape[0] > 100
 
 
-# -- bad input: one line, exit 2, nothing overwritten ---------------------------------------------------------------------
+# -- bad input: one line, exit 2, nothing overwritten ------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def bad_inputs(setup) -> dict[str, Path]:

@@ -118,14 +118,14 @@ def _masked(x: np.ndarray, mask: np.ndarray) -> float:
     return float(x[mask].mean()) if mask.any() else float("nan")
 
 
-# -- one pass over the windows ------------------------------------------------------------------------------------------
+# -- one pass over the windows -----------------------------------------------------------------------------------------
 
 def _batches(windows, index: np.ndarray, batch: int, device: torch.device):
-    """Yield (slice of `index` positions, batch dict of tensors on `device`) for consecutive chunks of windows."""
+    """Yield the batch dicts of tensors on `device` of consecutive chunks of `batch` windows."""
     for start in range(0, len(index), batch):
         items = [windows[int(i)] for i in index[start:start + batch]]
         b = batch_to_torch({k: np.stack([it[k].numpy() for it in items]) for k in items[0]}, device)
-        yield slice(start, start + len(items)), b
+        yield b
 
 
 def window_arrays(windows, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -166,7 +166,7 @@ def model_steps(model: GTMM, windows, index: np.ndarray, context: int, batch: in
     torch.manual_seed(seed)
     parts: dict[str, list] = {k: [] for k in ("tf", "open_loop", "reconstruction", "oracle", "retrieval", "semantic")}
     strip = []
-    for rows, b in _batches(windows, index, batch, device):
+    for b in _batches(windows, index, batch, device):
         elbo = model.observe(b["obs"], b["prev_action"], b["pose"], sample=True)  # ELBO terms under the posterior
         res = model.predict_open_loop(b["obs"], b["prev_action"], b["pose"], context)
         pred = res["pred"].float()  # (B, S, H, W, C)
@@ -203,8 +203,9 @@ def reference_steps(windows, index: np.ndarray, context: int, batch: int,
     """Per-step arrays of the two predictors without a model, in the layout of `model_steps`:
     `copy_last` (the last context frame, for every open-loop step) and `mean_frame` (the mean of the window's
     context frames)."""
-    parts: dict[str, dict[str, list]] = {name: {"open_loop": [], "semantic": []} for name in ("copy_last", "mean_frame")}
-    for rows, b in _batches(windows, index, batch, "cpu"):
+    parts: dict[str, dict[str, list]] = {name: {"open_loop": [], "semantic": []}
+                                         for name in ("copy_last", "mean_frame")}
+    for b in _batches(windows, index, batch, "cpu"):
         truth = b["obs"].float().div(255)  # (B, T, H, W, C)
         future = truth[:, context:]  # (B, S, H, W, C)
         guesses = {"copy_last": truth[:, context - 1:context].expand_as(future),
@@ -250,8 +251,9 @@ def retrieval_figures(found: dict[str, np.ndarray], mask: np.ndarray, boot: metr
     heads = found["precision_at_1"].shape[-1]
     out: dict[str, Any] = {"steps": int(target.sum()), "revisit_context_steps": int(mask.sum()),
                            "held_fraction": float(target.sum() / mask.sum()) if mask.any() else None,
-                           "held_from_context_fraction": (float((mask & found["target_from_context"]).sum() / mask.sum())
-                                                          if mask.any() and "target_from_context" in found else None),
+                           "held_from_context_fraction": (
+                               float((mask & found["target_from_context"]).sum() / mask.sum())
+                               if mask.any() and "target_from_context" in found else None),
                            "heads": heads,
                            "chance_mass": boot.mean(found["chance_mass"], target)}
     for key in ("precision_at_1", "correct_mass", "gate"):
@@ -261,11 +263,17 @@ def retrieval_figures(found: dict[str, np.ndarray], mask: np.ndarray, boot: metr
     return out
 
 
-def semantic_figures(agree: np.ndarray, masks: dict[str, np.ndarray], centred: np.ndarray,
+def semantic_figures(found: dict[str, np.ndarray], masks: dict[str, np.ndarray], centred: np.ndarray,
                      boot: metrics.Bootstrap) -> dict[str, Any]:
-    """Digit agreement of predicted vs true frames on the steps centred on one digit, per step group."""
-    return {group: boot.mean(agree.astype(np.float64), masks[group] & centred)
-            for group in ("revisit_context", "revisit_new", "first_visit")}
+    """Digit agreement of predicted vs true frames (`worldmodel.semantic.digit_agreement`) on the steps centred on
+    one digit, per step group; `prob_of_true`: the same for the classifier's probability of the true frame's label
+    on the predicted frame (a soft agreement)."""
+    groups = ("revisit_context", "revisit_new", "first_visit")
+    out: dict[str, Any] = {g: boot.mean(found["agree"].astype(np.float64), masks[g] & centred) for g in groups}
+    if "pred_prob_of_true" in found:
+        out["prob_of_true"] = {g: boot.mean(found["pred_prob_of_true"].astype(np.float64), masks[g] & centred)
+                               for g in groups}
+    return out
 
 
 def model_figures(steps: dict[str, Any], masks: dict[str, np.ndarray], revisit: np.ndarray, boot: metrics.Bootstrap,
@@ -301,7 +309,7 @@ def model_figures(steps: dict[str, Any], masks: dict[str, np.ndarray], revisit: 
         "lag": (lag_figures(ol["mse"], masks, lag, visits, boot, e_none, oracle["mse"] if e_none is not None else None)
                 if lag is not None else None),
         "retrieval": retrieval_figures(steps["retrieval"], ctx, boot) if steps.get("retrieval") is not None else None,
-        "semantic": (semantic_figures(steps["semantic"]["agree"], masks, centred, boot)
+        "semantic": (semantic_figures(steps["semantic"], masks, centred, boot)
                      if steps.get("semantic") is not None and centred is not None else None),
         "counts": {"windows": int(len(nll)), "revisit_steps_open_loop": int(future.sum()),
                    "revisit_of_context_steps_open_loop": int(ctx.sum()),
@@ -319,16 +327,17 @@ def reference_figures(steps: dict[str, Any], masks: dict[str, np.ndarray], boot:
     ol = steps["open_loop"]
     ctx = masks["revisit_context"]
     return {
-        "open_loop": {"mse_revisit_context": _masked(ol["mse"], ctx), "mse_first_visit": _masked(ol["mse"], ~masks["revisit"]),
+        "open_loop": {"mse_revisit_context": _masked(ol["mse"], ctx),
+                      "mse_first_visit": _masked(ol["mse"], ~masks["revisit"]),
                       "mse_per_step": ol["mse"].mean(0).tolist(), **image_figures(ol, masks, boot)},
         "memory_score": boot.score(e_none, ol["mse"], e_oracle, ctx) if e_none is not None else None,
         "lag": (lag_figures(ol["mse"], masks, lag, visits, boot, e_none, e_oracle) if lag is not None else None),
-        "semantic": (semantic_figures(steps["semantic"]["agree"], masks, centred, boot)
+        "semantic": (semantic_figures(steps["semantic"], masks, centred, boot)
                      if steps.get("semantic") is not None and centred is not None else None),
     }
 
 
-# -- the strip ----------------------------------------------------------------------------------------------------------
+# -- the strip ---------------------------------------------------------------------------------------------------------
 
 # step marks of strip.png: (name in the legend, RGB in [0, 1])
 MARKS = {"context": ("context", (0.6, 0.6, 0.6)), "revisit_context": ("revisit (seen in context)", (0.9, 0.1, 0.1)),
@@ -379,7 +388,8 @@ def draw_strip(windows, index: np.ndarray, preds: dict[str, np.ndarray], masks: 
             _put_text(canvas, label, 4, min(tall - 3, tall // 2 + 5))
         body.append(canvas)
     # the legend, above everything (the strip is widened when a short window leaves it too little room)
-    items = [(name, color, cv2.getTextSize(name, cv2.FONT_HERSHEY_SIMPLEX, 0.4, 1)[0][0]) for name, color in MARKS.values()]
+    items = [(name, color, cv2.getTextSize(name, cv2.FONT_HERSHEY_SIMPLEX, 0.4, 1)[0][0])
+             for name, color in MARKS.values()]
     legend_width = 4 + sum(18 + w + 12 for _, _, w in items)
     total = max(legend_width, max(c.shape[1] for c in body))
     image = np.concatenate([np.pad(c, ((0, 0), (0, total - c.shape[1]), (0, 0)), constant_values=255) for c in body])
@@ -392,7 +402,7 @@ def draw_strip(windows, index: np.ndarray, preds: dict[str, np.ndarray], masks: 
     return np.concatenate([legend, image], axis=0)
 
 
-# -- the command --------------------------------------------------------------------------------------------------------
+# -- the command -------------------------------------------------------------------------------------------------------
 
 def model_label(model: GTMM) -> str:
     """memory/address of a model, e.g. 'introspective/actions'."""
@@ -429,99 +439,110 @@ def output_folder(cfg: EvalConfig) -> Path:
     return out
 
 
-def run(cfg: EvalConfig) -> dict[str, Any]:
-    """Evaluate, write eval.json, strip.png and lag.png, print the table; returns the eval.json dict."""
-    check_config(cfg)
-    out_dir = output_folder(cfg)
-    device = resolve_device(cfg.device)
+def load_models(cfg: EvalConfig, device: torch.device) -> dict[str, tuple[GTMM, Any, int]]:
+    """{"model": (model, train config, step), "baseline": ...}: the checkpoints, refused when they diverged."""
     paths = {"model": cfg.checkpoint, **({"baseline": cfg.baseline} if cfg.baseline is not None else {})}
     loaded = {}
     for role, path in paths.items():
         model, train_cfg = checkpoint.load(path, device)
         check_finite_weights(model, path)
         loaded[role] = (model, train_cfg, int(checkpoint.load_raw(path)["step"]))
-    trained_seq_len = loaded["model"][1].seq_len
-    seq_len = cfg.seq_len or trained_seq_len
-    if cfg.context >= seq_len:
-        raise UserError(f"--context {cfg.context}: expected 0 < context < seq_len = {seq_len} (or pass a longer --seq-len)")
-    windows, index = episode_start_windows(cfg.data, seq_len, cfg.windows)
+    return loaded
+
+
+def check_data_matches(cfg: EvalConfig, windows, loaded: dict[str, tuple[GTMM, Any, int]]) -> None:
+    """UserError when the data's frames, actions or poses are not what a checkpoint was trained on."""
     for role, (m, _, _) in loaded.items():
+        path = cfg.checkpoint if role == "model" else cfg.baseline
         if tuple(windows.obs_shape) != tuple(m.cfg.obs_shape) or windows.num_actions != m.cfg.num_actions:
             raise UserError(f"--data {cfg.data}: frames {windows.obs_shape} with {windows.num_actions} actions, but "
-                             f"the {role} checkpoint {paths[role]} was trained on {m.cfg.obs_shape} with "
-                             f"{m.cfg.num_actions}")
+                            f"the {role} checkpoint {path} was trained on {m.cfg.obs_shape} with {m.cfg.num_actions}")
         if windows.pose_dim != m.cfg.pose_dim:
-            raise UserError(f"--data {cfg.data}: poses of size {windows.pose_dim}, but the {role} checkpoint "
-                             f"{paths[role]} was trained on poses of size {m.cfg.pose_dim}")
+            raise UserError(f"--data {cfg.data}: poses of size {windows.pose_dim}, but the {role} checkpoint {path} "
+                            f"was trained on poses of size {m.cfg.pose_dim}")
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> float:
+    return a / b if a is not None and b and math.isfinite(a) and math.isfinite(b) else math.nan
+
+
+def run(cfg: EvalConfig) -> dict[str, Any]:
+    """Evaluate, write eval.json, strip.png and lag.png, print the table; returns the eval.json dict."""
+    check_config(cfg)
+    out_dir = output_folder(cfg)
+    device = resolve_device(cfg.device)
+    loaded = load_models(cfg, device)
+    paths = {"model": cfg.checkpoint, "baseline": cfg.baseline}
+    trained_seq_len = int(loaded["model"][1].seq_len)
+    seq_len = cfg.seq_len or trained_seq_len
+    if cfg.context >= seq_len:
+        raise UserError(f"--context {cfg.context}: expected 0 < context < seq_len = {seq_len} "
+                        "(or pass a longer --seq-len)")
+    windows, index = episode_start_windows(cfg.data, seq_len, cfg.windows)
+    check_data_matches(cfg, windows, loaded)
     episodes = len(windows.episodes)
     long_enough = int(np.isin(windows.window_starts, windows.episode_offsets).sum())
     note = (f"{len(index)} windows of {seq_len} frames" +
             (f" ({cfg.windows} asked; the data has {long_enough} episodes of >= {seq_len} frames"
              f"{'' if long_enough == episodes else f', of {episodes}'})" if len(index) < cfg.windows else ""))
 
+    # the step groups, lags and (MNIST map) digit-centred steps: the same for every model
     env = windows.manifest["env"]
     is_mnist = env.get("id") == MNIST_MAP_ID and tuple(windows.obs_shape) == semantic.INPUT_SHAPE
-    is_mnist = False  # TEMPORARY until the semantic helper commits
     revisit, pose = window_arrays(windows, index)  # (N, T), (N, T, D)
-    masks = split_masks(pose, revisit, cfg.context)
+    masks = split_masks(pose, revisit, cfg.context)  # each (N, S)
     has_pose = pose.shape[-1] > 0
     lag = visits = None
     if has_pose:
-        lag, visits = (a[:, cfg.context:] for a in metrics.lag_and_visits(pose, POSE_TOL))
-    centred = None
-    if is_mnist:  # semantic recall: windows centred on one digit, read by the digit classifier
-        centred = semantic.centred_on_digit(pose, env["kwargs"])[:, cfg.context:]  # (N, S)
+        lag, visits = (a[:, cfg.context:] for a in metrics.lag_and_visits(pose, POSE_TOL))  # (N, S) each
+    centred = semantic.centred_on_digit(pose, env["kwargs"])[:, cfg.context:] if is_mnist else None  # (N, S)
+    agreement = semantic.digit_agreement if is_mnist else None
     boot = metrics.Bootstrap.make(len(index), cfg.resamples, cfg.seed)
-    semantic_fn = semantic.digit_agreement if is_mnist else None
 
     with FolderLock(out_dir, "evaluate"):
+        # -- per-step arrays: each model, then the references
         steps = {}
         for role, (m, _, _) in loaded.items():
             steps[role] = model_steps(m, windows, index, cfg.context, cfg.batch, device, cfg.seed, paths[role],
                                       keep=cfg.strip_windows,
                                       retrieval=retrieval_per_step if m.cfg.memory != "none" and has_pose else None,
-                                      agreement=semantic_fn)
-        refs = reference_steps(windows, index, cfg.context, cfg.batch, semantic_fn)
-        e_none = steps["baseline"]["open_loop"]["mse"] if "baseline" in steps else None
+                                      agreement=agreement)
+        refs = reference_steps(windows, index, cfg.context, cfg.batch, agreement)
+
+        # -- figures with intervals
+        e_none = steps["baseline"]["open_loop"]["mse"] if "baseline" in steps else None  # (N, S)
         labels = {role: f"{role} ({model_label(m)})" for role, (m, _, _) in loaded.items()}
         models = {}
         for role, (m, train_cfg, step) in loaded.items():
             entry = model_figures(steps[role], masks, revisit, boot, lag, visits, centred, e_none)
             if entry["memory_score"] is not None:
-                base = loaded["baseline"][0]
                 entry["memory_score"].update(
-                    against=labels["baseline"], against_memory=base.cfg.memory,
+                    against=labels["baseline"], against_memory=loaded["baseline"][0].cfg.memory,
                     metric="open-loop MSE on revisits of context places",
                     oracle="this model's posterior-mean reconstruction of the latest context view of the place")
             models[labels[role]] = {"role": role, "checkpoint": str(paths[role]), "run": _run_name(paths[role]),
                                     "memory": m.cfg.memory, "address": m.cfg.address, "train_steps": step,
                                     "trained_seq_len": int(train_cfg.seq_len), **entry}
-        e_oracle = steps["model"]["oracle"]["mse"]
-        references = {name: {"label": {"copy_last": "copy last context frame",
-                                       "mean_frame": "mean frame (of the window's context)"}[name],
-                             "memory_score_oracle_of": labels["model"],
+        e_oracle = steps["model"]["oracle"]["mse"]  # (N, S)
+        names = {"copy_last": "copy last context frame", "mean_frame": "mean frame (of the window's context)"}
+        references = {name: {"label": names[name], "memory_score_oracle_of": labels["model"],
                              **reference_figures(refs[name], masks, boot, lag, visits, centred, e_none, e_oracle)}
                       for name in refs}
-
         main = models[labels["model"]]
-        ratios = {"open_loop_revisit_over_own_recon":
-                  main["open_loop"]["mse_revisit"] / main["reconstruction"]["mse_revisit"],
-                  "open_loop_revisit_context_over_own_recon":
-                  main["open_loop"]["mse_revisit_context"] / main["reconstruction"]["mse_revisit_context"]}
+        ol, rc = main["open_loop"], main["reconstruction"]
+        ratios = {"open_loop_revisit_over_own_recon": _ratio(ol["mse_revisit"], rc["mse_revisit"]),
+                  "open_loop_revisit_context_over_own_recon": _ratio(ol["mse_revisit_context"],
+                                                                     rc["mse_revisit_context"])}
         if "baseline" in labels:
-            base = models[labels["baseline"]]
-            ratios["open_loop_revisit_over_baseline"] = main["open_loop"]["mse_revisit"] / base["open_loop"]["mse_revisit"]
-            ratios["open_loop_revisit_context_over_baseline"] = (main["open_loop"]["mse_revisit_context"]
-                                                                 / base["open_loop"]["mse_revisit_context"])
-            ratios["open_loop_first_visit_over_baseline"] = (main["open_loop"]["mse_first_visit"]
-                                                             / base["open_loop"]["mse_first_visit"])
-        result = {
+            base = models[labels["baseline"]]["open_loop"]
+            for key in ("revisit", "revisit_context", "first_visit"):
+                ratios[f"open_loop_{key}_over_baseline"] = _ratio(ol[f"mse_{key}"], base[f"mse_{key}"])
+        result = report.finite_json({
             "format": report.EVAL_FORMAT, "version": report.EVAL_VERSION,
             "config": asdict(cfg), "seq_len": seq_len, "context": cfg.context, "env": windows.env_name,
-            "data": {"path": str(cfg.data), "name": Path(cfg.data).resolve().name, "env_id": windows.manifest["env"].get("id"),
-                     "env_kwargs": windows.manifest["env"].get("kwargs"), "episodes": episodes,
-                     "episodes_long_enough": long_enough, "windows_asked": cfg.windows, "windows": int(len(index)),
-                     "note": note},
+            "data": {"path": str(cfg.data), "name": Path(cfg.data).resolve().name, "env_id": env.get("id"),
+                     "env_kwargs": env.get("kwargs"), "episodes": episodes, "episodes_long_enough": long_enough,
+                     "windows_asked": cfg.windows, "windows": int(len(index)), "note": note},
             "bootstrap": {"unit": "window", "resamples": cfg.resamples, "level": boot.level, "seed": cfg.seed,
                           "estimator": "pooled mean over steps: sum of per-window sums / sum of per-window counts "
                                        "(windows with more steps weigh more); percentile interval"},
@@ -529,31 +550,34 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
                        "revisit_new": "revisit of a place first met during the open-loop part",
                        "first_visit": "a place not seen earlier in the window", "revisit": "all revisits"},
             "semantic": ({"applies": True, "centred_steps_open_loop": int(centred.sum())} if centred is not None else
-                         {"applies": False, "why": f"env {windows.manifest['env'].get('id')} frames "
-                                                  f"{tuple(windows.obs_shape)}: needs {MNIST_MAP_ID} frames of {semantic.INPUT_SHAPE}"}),
+                         {"applies": False, "why": f"env {env.get('id')} frames {tuple(windows.obs_shape)}: needs "
+                                                  f"{MNIST_MAP_ID} frames of {semantic.INPUT_SHAPE}"}),
             "train_steps": {label: models[label]["train_steps"] for label in models},
             "models": models, "references": references, "ratios": ratios,
-        }
-        text = json.dumps(report.finite_json(result), indent=1, allow_nan=False)
-        atomic_write(out_dir / "eval.json", lambda f: f.write(text.encode()))
-        import imageio.v3 as iio
+        })
 
-        preds = {labels[role]: steps[role]["strip"] for role in steps if steps[role]["strip"] is not None}
+        # -- files
+        text = json.dumps(result, indent=1, allow_nan=False)
+        atomic_write(out_dir / "eval.json", lambda f: f.write(text.encode()))
+        wrote = ["eval.json"]
         if cfg.strip_windows > 0:
+            import imageio.v3 as iio
+
+            preds = {labels[role]: steps[role]["strip"] for role in steps}
             strip = draw_strip(windows, index[:cfg.strip_windows], preds,
                                {k: v[:cfg.strip_windows] for k, v in masks.items()}, cfg.context)
             write_bytes_atomic(out_dir / "strip.png", iio.imwrite("<bytes>", strip, extension=".png"))
-        wrote = ["eval.json"] + (["strip.png"] if cfg.strip_windows > 0 else [])
+            wrote.append("strip.png")
         if has_pose:
             buffer = io.BytesIO()
-            report.plot_lag(report.entries_of(report.finite_json(result), references=True), buffer)
+            report.plot_lag(report.entries_of(result, references=True), buffer)
             write_bytes_atomic(out_dir / "lag.png", buffer.getvalue())
             wrote.append("lag.png")
 
     print(note + (f"; seq_len {seq_len} > trained {trained_seq_len}" if seq_len > trained_seq_len else ""))
-    print(report.results_table([report.finite_json(result)]))
-    print(report.teacher_forcing_lines(report.finite_json(result)))
-    print("ratios: " + ", ".join(f"{k} = {v:.3f}" for k, v in ratios.items() if not math.isnan(v)))
+    print(report.results_table([result]))
+    print(report.teacher_forcing_lines(result))
+    print("ratios: " + ", ".join(f"{k} = {v:.3f}" for k, v in ratios.items() if math.isfinite(v)))
     print(f"wrote {', '.join(str(out_dir / name) for name in wrote)}")
     return result
 

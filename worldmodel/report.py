@@ -22,7 +22,8 @@ MODEL:
     without poses), retrieval {steps, revisit_context_steps, held_fraction, held_from_context_fraction, heads,
     chance_mass STAT, precision_at_1 / correct_mass / gate {mean_over_heads STAT, per_head [STAT]}} (on revisits
     of context places whose earlier visit memory holds; null for memory none or without poses),
-    semantic {revisit_context, revisit_new, first_visit: STAT of digit agreement} (MNIST map only), counts {...}
+    semantic {revisit_context, revisit_new, first_visit: STAT of digit agreement on digit-centred steps,
+    prob_of_true {the same three: STAT of the probability of the true label}} (MNIST map only), counts {...}
 REF: label, memory_score_oracle_of (the model whose oracle its score divides by), open_loop, memory_score, lag,
     semantic (as MODEL)
 STAT: {mean, ci [low, high], n (steps), windows}
@@ -49,7 +50,7 @@ EVAL_FORMAT = "gtmm-eval"
 EVAL_VERSION = 2  # 1 = evaluate's first eval.json (no "format"/"version" fields, no intervals)
 
 
-# -- reading eval.json --------------------------------------------------------------------------------------------------
+# -- reading eval.json -------------------------------------------------------------------------------------------------
 
 def finite_json(value: Any) -> Any:
     """`value` with every NaN / inf float replaced by None (JSON has no NaN), recursively."""
@@ -94,7 +95,7 @@ def load_eval(path: Path) -> dict[str, Any]:
     return result
 
 
-# -- rows ---------------------------------------------------------------------------------------------------------------
+# -- rows --------------------------------------------------------------------------------------------------------------
 
 def _setting(result: dict[str, Any]) -> str:
     return f"{result['data']['name']} (K {result['context']}, T {result['seq_len']})"
@@ -138,7 +139,7 @@ def collect_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(rows.values()) + list(refs.values())
 
 
-# -- the table ----------------------------------------------------------------------------------------------------------
+# -- the table ---------------------------------------------------------------------------------------------------------
 
 def _mean(stat: Optional[dict[str, Any]]) -> Optional[float]:
     return None if stat is None else stat.get("mean")
@@ -177,7 +178,8 @@ def table_row(row: dict[str, Any]) -> list[str]:
     recon = e.get("reconstruction")
     steps = e.get("train_steps")
     return [row["label"], row["setting"], f"{steps:,}" if isinstance(steps, int) else "–", _fmt(ctx_mse, 4), ratio,
-            _fmt(e.get("memory_score") if row["kind"] != "reference" else None, 2), _fmt(ol["revisit_context"]["psnr"], 1, ci=False),
+            _fmt(e.get("memory_score") if row["kind"] != "reference" else None, 2),
+            _fmt(ol["revisit_context"]["psnr"], 1, ci=False),
             _fmt(ol["revisit_context"]["ssim"], 3, ci=False), p_at_1, sem,
             _fmt(ol["first_visit"]["mse"], 4, ci=False),
             _fmt(recon["revisit_context"]["mse"], 4, ci=False) if recon else "–"]
@@ -218,7 +220,7 @@ def teacher_forcing_lines(result: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-# -- plots --------------------------------------------------------------------------------------------------------------
+# -- plots -------------------------------------------------------------------------------------------------------------
 
 def _plt():
     import matplotlib
@@ -305,7 +307,8 @@ def plot_scores(rows: list[dict[str, Any]], out: Union[str, Path, BinaryIO]) -> 
     for i, row in enumerate(rows):
         s = row["entry"]["memory_score"]
         low, high = s["ci"]
-        err = [[s["mean"] - (low if low is not None else s["mean"])], [(high if high is not None else s["mean"]) - s["mean"]]]
+        err = [[s["mean"] - (low if low is not None else s["mean"])],
+               [(high if high is not None else s["mean"]) - s["mean"]]]
         ax.bar(i, s["mean"], yerr=err, capsize=4, color="tab:blue")
     ax.set_xticks(range(len(rows)), [r["label"] for r in rows], rotation=20, ha="right", fontsize=7)
     ax.axhline(0, color="black", lw=0.8), ax.axhline(1, color="grey", lw=0.8, ls="--")
@@ -321,7 +324,7 @@ def _png(plot, rows: list[dict[str, Any]]) -> bytes:
     return buffer.getvalue()
 
 
-# -- the command --------------------------------------------------------------------------------------------------------
+# -- the command -------------------------------------------------------------------------------------------------------
 
 @dataclass
 class ReportConfig:
