@@ -62,7 +62,7 @@ def frame_metrics(pred: torch.Tensor, truth: torch.Tensor) -> dict[str, np.ndarr
     return {k: v.double().reshape(B, T).cpu().numpy() for k, v in out.items()}
 
 
-# -- where a step's place was seen before -------------------------------------------------------------------------------
+# -- where a step's place was seen before ------------------------------------------------------------------------------
 
 def same_place(pose: np.ndarray, tol: float = 1e-3) -> np.ndarray:
     """(N, T, T) bool: [n, t, s] is True when steps t and s of window n are at the same pose (within `tol`)."""
@@ -112,7 +112,7 @@ def bin_labels(bins: tuple[tuple[int, Optional[int]], ...]) -> list[str]:
     return [f"{low}+" if high is None else (str(low) if low == high else f"{low}-{high}") for low, high in bins]
 
 
-# -- bootstrap over windows ---------------------------------------------------------------------------------------------
+# -- bootstrap over windows --------------------------------------------------------------------------------------------
 
 def _finite(x: float) -> Optional[float]:
     return float(x) if math.isfinite(x) else None
