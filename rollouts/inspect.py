@@ -145,7 +145,9 @@ def inspect(config: InspectConfig) -> dict[str, Any]:
     print("episode " + json.dumps(record))
     if config.gif is None:
         return stats
-    episode = storage.load_episode(storage.episode_path(config.root, record), sha256=record["sha256"])
+    path = storage.episode_path(config.root, record)
+    episode = storage.load_episode(path, sha256=record["sha256"])
+    storage.check_episode_record(manifest, record, episode, str(path))  # also with --no-verify: draw the right one
     frames = mark_frames(episode["obs"], episode["revisit"], config.scale)
     import imageio.v2 as imageio
 

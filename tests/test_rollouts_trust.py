@@ -83,6 +83,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
         manifest["episodes"][1][field] = value
         (paths[name] / storage.MANIFEST_NAME).write_text(json.dumps(manifest))
     paths["foreign"].mkdir()
+    paths["new"].mkdir()  # each case's "{new}" is its own subfolder (cases run at once), which must not appear
     (paths["foreign"] / "notes.txt").write_text("mine")
     if _has_minari():
         from rollouts.export import export_minari
@@ -172,8 +173,10 @@ EXISTING_DATASET = ("export-into-existing-dataset", EXPORT,
                     ["test/d-v0", "already exists", "--overwrite"])
 
 
-def fill(text: str, world: dict[str, Path]) -> str:
-    """``text`` with each ``{name}`` of ``world`` replaced by its path (JSON braces left alone)."""
+def fill(text: str, world: dict[str, Path], case_id: str = "") -> str:
+    """``text`` with each ``{name}`` of ``world`` replaced by its path (JSON braces left alone); ``{new}`` is a path
+    of its own per case, so cases running at once never share a folder that one of them creates."""
+    text = text.replace("{new}", str(world["new"] / case_id))
     for name, path in world.items():
         text = text.replace("{" + name + "}", str(path))
     return text
@@ -191,11 +194,11 @@ def bad_input_results(world) -> dict[str, subprocess.CompletedProcess]:
     cases = BAD_INPUTS + ([EXISTING_DATASET] if _has_minari() else [])
     before = tree_digest(world["data"].parent)
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        futures = {case_id: pool.submit(_run, module, [fill(a, world) for a in argv])
+        futures = {case_id: pool.submit(_run, module, [fill(a, world, case_id) for a in argv])
                    for case_id, module, argv, _ in cases}
         results = {case_id: future.result() for case_id, future in futures.items()}
     assert tree_digest(world["data"].parent) == before, "a bad command line changed or created a file"
-    assert not world["new"].exists(), "a bad command line created its output folder"
+    assert not any(world["new"].iterdir()), "a bad command line created its output folder"
     return results
 
 
@@ -204,7 +207,7 @@ def bad_input_results(world) -> dict[str, subprocess.CompletedProcess]:
 def test_bad_input_is_one_error_line(bad_input_results, world, case_id, module, argv, needles):
     if case_id not in bad_input_results:
         pytest.skip("minari is not installed")
-    assert_one_error_line(bad_input_results[case_id], *[fill(n, world) for n in needles])
+    assert_one_error_line(bad_input_results[case_id], *[fill(n, world, case_id) for n in needles])
 
 
 def test_inspect_writes_nothing_without_gif(world, tmp_path):
@@ -465,6 +468,8 @@ def test_killed_collect_lock_is_taken_over_and_resume_is_identical(tmp_path):
     process.wait()
     assert (killed / LOCK_NAME).exists(), "a SIGKILLed holder leaves its lock file (the kernel drops the lock)"
     assert len(list(killed.glob("episode_*.npz"))) < episodes
+    report = storage.verify_folder(killed)  # whole, and the lock file is nobody's stray file
+    assert not report["mismatches"] and not any(LOCK_NAME in note for note in report["notes"]), report
     result = subprocess.run(collect_argv(killed, episodes, steps), cwd=REPO, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr
