@@ -563,7 +563,8 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         if cfg.strip_windows > 0:
             import imageio.v3 as iio
 
-            preds = {labels[role]: steps[role]["strip"] for role in steps}
+            preds = {f"{role}: {_run_name(paths[role])} ({model_label(loaded[role][0])})": steps[role]["strip"]
+                     for role in steps}
             strip = draw_strip(windows, index[:cfg.strip_windows], preds,
                                {k: v[:cfg.strip_windows] for k, v in masks.items()}, cfg.context)
             write_bytes_atomic(out_dir / "strip.png", iio.imwrite("<bytes>", strip, extension=".png"))

@@ -3,8 +3,10 @@ confidence intervals over windows, and the normalised memory score.
 
 Image metrics (per frame, pixels in [0, 1]): MSE, BCE (pixel intensities as Bernoulli targets, the model's own
 likelihood on MNIST), PSNR and SSIM from torchmetrics (data range 1, SSIM with its default 11x11 Gaussian window of
-sigma 1.5, as in Wang et al. 2004). PSNR is capped at `PSNR_CAP_DB`: a frame predicted exactly (copy-last on a step
-that stays put) has infinite PSNR, which would make every mean infinite.
+sigma 1.5, as in Wang et al. 2004). PSNR is capped at `PSNR_CAP_DB`, the PSNR of a frame off by half a grey level
+everywhere (20 log10(2 * 255) = 54.2 dB): our frames are 8-bit, so a smaller error is below their quantisation, and a
+frame predicted exactly (copy-last on a step that stays put) would otherwise have an infinite PSNR and make every
+mean infinite (or, with the 100 dB cap some code uses, dominate it).
 
 Confidence intervals: the unit of resampling is the window (one per held-out episode), because steps of one
 episode are not independent. A statistic over the steps selected by a mask is the pooled mean
@@ -32,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-PSNR_CAP_DB = 100.0  # 10 log10(1 / 1e-10): identical frames
+PSNR_CAP_DB = 20 * math.log10(2 * 255)  # 54.15 dB: an error of half an 8-bit grey level on every pixel
 BCE_EPS = 1e-6  # predictions are clamped to [eps, 1 - eps] before the log, as the old evaluate did
 IMAGE_METRICS = ("mse", "bce", "psnr", "ssim")
 
@@ -54,7 +56,8 @@ def frame_metrics(pred: torch.Tensor, truth: torch.Tensor) -> dict[str, np.ndarr
     t = truth.float().reshape(B * T, H, W, C).permute(0, 3, 1, 2)  # (B*T, C, H, W)
     mse = ((p - t) ** 2).flatten(1).mean(-1)  # (B*T,)
     bce = F.binary_cross_entropy(p.clamp(BCE_EPS, 1 - BCE_EPS), t, reduction="none").flatten(1).mean(-1)
-    psnr = peak_signal_noise_ratio(p, t, data_range=1.0, reduction="none", dim=(1, 2, 3)).clamp(max=PSNR_CAP_DB)
+    psnr = peak_signal_noise_ratio(p, t, data_range=1.0, reduction="none", dim=(1, 2, 3))
+    psnr = psnr.double().clamp(max=PSNR_CAP_DB)  # in float64, so a capped frame is exactly PSNR_CAP_DB
     # the Gaussian window may not be wider than the frame (reflection padding needs pad < size)
     kernel = min(11, min(H, W) - (1 - min(H, W) % 2))
     ssim = structural_similarity_index_measure(p, t, data_range=1.0, reduction="none", kernel_size=kernel)

@@ -199,7 +199,10 @@ def results_table(results: list[dict[str, Any]]) -> str:
     notes = sorted({f"{_setting(r)}: {r['data']['note']}, {r['bootstrap']['resamples']} bootstrap resamples over "
                     f"windows" for r in results})
     lines.append("")
-    lines.append("Open-loop figures on revisits of places seen in the K context frames (PSNR in dB, SSIM, digit "
+    from worldmodel.metrics import PSNR_CAP_DB
+
+    lines.append("Open-loop figures on revisits of places seen in the K context frames (PSNR in dB, per frame, capped "
+                 f"at {PSNR_CAP_DB:.1f} dB = half an 8-bit grey level; SSIM; digit "
                  "agreement on windows centred on a digit); x none = MSE / the baseline's; memory score = (E_none - "
                  "E) / (E_none - E_oracle), 1 = the model's own reconstruction of the earlier view; retrieval P@1 = "
                  "share of steps whose top read slot holds an earlier visit of the place (chance = uniform read). "
