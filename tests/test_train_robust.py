@@ -101,7 +101,8 @@ BAD_INPUTS = [
     ("pose_without_pose", ["--task", "perfect_recall", "--address", "pose"],
      "--address pose: the data (task:perfect_recall"),
     ("out_is_a_file", D + ["--out", "FILE"], "--out FILE: is a file, expected a run folder"),
-] + ([] if torch.cuda.is_available() else [("no_cuda", D + ["--device", "cuda"], "--device cuda: CUDA is not available")])
+] + ([] if torch.cuda.is_available() else
+      [("no_cuda", D + ["--device", "cuda"], "--device cuda: CUDA is not available")])
 
 
 # the rows also run as real processes: one of each place an error can come from (flag values, argv spelling, JSON,
@@ -209,7 +210,7 @@ def test_two_runs_into_one_folder_the_second_is_refused(tmp_path, data):
     assert checkpoint.load_raw(out)["step"] == 200 and not (out / ".gtmm.lock").exists()
 
 
-# -- signals: finish the step, save it, exit 128 + signal, resume from it ------------------------------------------------
+# -- signals: finish the step, save it, exit 128 + signal, resume from it ----------------------------------------------
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_saves_the_current_step_and_the_run_resumes_from_it(tmp_path, data, sig, code):
@@ -244,7 +245,7 @@ def test_a_signal_saves_the_current_step_and_the_run_resumes_from_it(tmp_path, d
     assert checkpoint.load_raw(out)["step"] == steps
 
 
-# -- resume finishes the run as configured ------------------------------------------------------------------------------
+# -- resume finishes the run as configured -----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def stopped_run(tmp_path_factory, data) -> Path:
@@ -267,8 +268,8 @@ CONFLICTS = [
     (["--memory-kwargs", '{"store_h": true}'], "--memory-kwargs {\"store_h\": true} conflicts with the run's saved "
                                                "memory_kwargs {}"),
     (["--steps", "3"], "--steps 3: the run in RUN has already done 4 steps; expected >= 4"),
-    (["--data", "OTHER"], "--data OTHER (mnist_map, 6 episodes) is not the dataset of this run (TRAIN: mnist_map, 6 episodes; "
-                        "the episode checksums differ)"),
+    (["--data", "OTHER"], "--data OTHER (mnist_map, 6 episodes) is not the dataset of this run (TRAIN: mnist_map, "
+                          "6 episodes; the episode checksums differ)"),
 ]
 
 
@@ -366,3 +367,17 @@ def test_validation_on_a_sequence_task_uses_its_test_images(tmp_path, capsys):
     record = read_val_log(tmp_path)[2]
     assert np.isfinite(record["loss"]) and record["windows"] == 3
     assert checkpoint.load_raw(tmp_path / "best.pt")["val"]["windows"] == 3
+
+
+def test_resume_refuses_data_that_changed_under_the_saved_path(tmp_path, data, capsys):
+    folder = tmp_path / "data"
+    shutil.copytree(data["other"], folder, ignore=shutil.ignore_patterns(".cache", ".gtmm.lock"))
+    out = tmp_path / "run"
+    argv = ["--preset", "debug", "--data", str(folder), "--out", str(out), "--steps", "2", "--threads", "1",
+            "--no-progress", "--val-every", "0"]
+    assert run_main(argv, capsys)[0] == 0
+    shutil.rmtree(folder)
+    shutil.copytree(data["train"], folder, ignore=shutil.ignore_patterns(".cache", ".gtmm.lock"))
+    code, _, err = run_main(["--out", str(out), "--resume", "--steps", "3"], capsys)
+    assert code == 2 and f"the run's data folder {folder} changed since the run started" in err, err
+    assert checkpoint.load_raw(out)["step"] == 2

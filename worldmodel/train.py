@@ -219,7 +219,6 @@ def _check_kwargs(flag: str, what: str, cls: Optional[type], kwargs: dict[str, A
 
 def check_config(cfg: TrainConfig) -> None:
     """Reject bad flag values before anything is read or written: one UserError naming the flag."""
-    from envs.sequences import TASKS
     from worldmodel.address import ADDRESSES
     from worldmodel.memory import MEMORIES
 
@@ -246,8 +245,11 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.task is not None and cfg.data is not None:
         raise UserError(f"give exactly one of --data (rollout folder) or --task (sequence task); got both "
                         f"--data {cfg.data} and --task {cfg.task}")
-    if cfg.task is not None and cfg.task not in TASKS:
-        raise UserError(f"--task {cfg.task!r}: expected one of {', '.join(TASKS)}")
+    if cfg.task is not None:
+        from envs.sequences import TASKS
+
+        if cfg.task not in TASKS:
+            raise UserError(f"--task {cfg.task!r}: expected one of {', '.join(TASKS)}")
     if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         raise UserError(f"--out {cfg.out}: is a file, expected a run folder")
     memories, addresses = _component_classes()
@@ -310,7 +312,7 @@ def resume_config(given: TrainConfig, saved: TrainConfig, explicit: Optional[set
     same dataset moved."""
     run_dir = Path(given.out)
     if explicit is None:
-        explicit = {*RESUME_MAY_CHANGE, "data"}
+        explicit = {*RESUME_MAY_CHANGE, *(["data"] if given.data is not None else [])}
     conflicts, changes = [], {}
     for name in sorted(explicit - {"resume", "out"}):
         ours, theirs = getattr(given, name), getattr(saved, name)
@@ -324,10 +326,11 @@ def resume_config(given: TrainConfig, saved: TrainConfig, explicit: Optional[set
             conflicts.append(f"--{name.replace('_', '-')} {_show(ours)} conflicts with the run's saved {name} "
                              f"{_show(theirs)}")
     if conflicts:
+        may = ", ".join("--" + n.replace("_", "-") for n in RESUME_MAY_CHANGE)
         raise UserError(f"{', '.join(conflicts)} ({run_dir / 'config.json'}); to resume the run leave "
                         f"{'that flag' if len(conflicts) == 1 else 'those flags'} out, or start a new run in "
-                        f"another --out (a resume may change only --{', --'.join(n.replace('_', '-') for n in RESUME_MAY_CHANGE)} "
-                        "and --data for a moved copy of the same dataset)")
+                        f"another --out (a resume may change only {may} and --data for a moved copy of the same "
+                        "dataset)")
     if changes.get("steps", saved.steps) < step:
         raise UserError(f"--steps {changes['steps']}: the run in {run_dir} has already done {step} steps; "
                         f"expected >= {step} (--steps can extend a run, not undo steps)")
@@ -392,7 +395,8 @@ class Validation:
                 return None, f"validation off: {error}"
             # windows that start at an episode's first frame, so "revisit" means "seen earlier in this window"
             first = np.flatnonzero(np.isin(windows.window_starts, windows.episode_offsets))
-            pick = first[np.unique(np.linspace(0, len(first) - 1, min(cfg.val_windows, len(first))).round().astype(int))]
+            spread = np.linspace(0, len(first) - 1, min(cfg.val_windows, len(first))).round().astype(int)
+            pick = first[np.unique(spread)]  # evenly over the held-out episodes
             items = [windows[int(i)] for i in pick]
             arrays = {k: np.stack([item[k].numpy() for item in items]) for k in items[0]}
             what = f"{len(pick)} windows of {len(windows.episodes)} held-out episodes"
@@ -579,7 +583,7 @@ def _train_locked(cfg: TrainConfig, explicit: Optional[set[str]], stop: Optional
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
 
-    # -- data -----------------------------------------------------------------------------------------------------------
+    # -- data ----------------------------------------------------------------------------------------------------------
     source = make_source(cfg)
     if cfg.task is not None and cfg.seq_len != source.seq_len:
         cfg = dataclasses.replace(cfg, seq_len=source.seq_len)  # what the task could fit
@@ -593,13 +597,16 @@ def _train_locked(cfg: TrainConfig, explicit: Optional[set[str]], stop: Optional
     if device.type == "cuda":
         torch.cuda.set_device(device)
 
-    # -- model and optimizer --------------------------------------------------------------------------------------------
+    # -- model and optimizer -------------------------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)
     model_cfg = cfg.model_config(source.obs_shape, source.num_actions, source.pose_dim)
     try:
         model = GTMM(model_cfg).to(device)
-    except TypeError as error:  # a kwargs name check_config could not see (a memory it does not know)
-        raise UserError(f"--memory-kwargs {cfg.memory_kwargs} / --address-kwargs {cfg.address_kwargs}: {error}") from error
+    except TypeError as error:  # a kwargs name check_config could not see (a memory it does not know); else a bug
+        if "unexpected keyword argument" not in str(error):
+            raise
+        raise UserError(f"--memory-kwargs {cfg.memory_kwargs} / --address-kwargs {cfg.address_kwargs}: "
+                        f"{error}") from error
     optimizer = torch.optim.Adam(param_groups(model, cfg.lr, cfg.address_lr_scale), lr=cfg.lr)
     step, best_val = 0, math.inf
     if payload is not None:
@@ -615,7 +622,8 @@ def _train_locked(cfg: TrainConfig, explicit: Optional[set[str]], stop: Optional
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=cfg.memory == "none")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else torch.autocast("cpu", enabled=False))
 
     def save(path: Path, extra: Optional[dict[str, Any]] = None) -> None:
         checkpoint.save(path, model=model, optimizer=optimizer, config=cfg, step=step,
@@ -660,19 +668,19 @@ def _train_locked(cfg: TrainConfig, explicit: Optional[set[str]], stop: Optional
     tick, tick_step = time.perf_counter(), step
     try:
         while step < cfg.steps:
-            # -- batch --------------------------------------------------------------------------------------------------
+            # -- batch -------------------------------------------------------------------------------------------------
             seq_len = curriculum_len(cfg, step, source.seq_len)
             batch = batch_to_torch(source.sample(cfg.batch, batch_rng(cfg.seed, rank, step)), device)
             batch = {k: v[:, :seq_len] for k, v in batch.items()}  # (B, T', ...)
             torch.manual_seed(int(batch_rng(cfg.seed, rank, step).integers(2**62)) + 1)  # latent noise of this step
 
-            # -- forward and loss ---------------------------------------------------------------------------------------
+            # -- forward and loss --------------------------------------------------------------------------------------
             model.train()
             with autocast:
                 out = train_model(batch, free_nats=cfg.free_nats, kl_balance=cfg.kl_balance)
             loss = out["loss"]
 
-            # -- update, with a NaN/inf guard ----------------------------------------------------------------------------
+            # -- update, with a NaN/inf guard --------------------------------------------------------------------------
             # Backward runs even on a bad loss so every DDP rank joins the all-reduce; the (synchronised) gradient
             # norm then says, identically on every rank, whether to skip.
             optimizer.zero_grad(set_to_none=True)
@@ -691,7 +699,7 @@ def _train_locked(cfg: TrainConfig, explicit: Optional[set[str]], stop: Optional
             losses.append((step, loss.item()))
             last = step == cfg.steps
 
-            # -- validate (rank 0; the others go on to the next step's all-reduce and wait there) -----------------------
+            # -- validate (rank 0; the others go on to the next step's all-reduce and wait there) ----------------------
             val, improved = None, False
             if validation is not None and (step % cfg.val_every == 0 or last):
                 val = validation(model, device, autocast)
@@ -705,7 +713,7 @@ def _train_locked(cfg: TrainConfig, explicit: Optional[set[str]], stop: Optional
                 with open(val_log, "a") as f:
                     f.write(_json_line({"step": step, **val, "best": improved}) + "\n")
 
-            # -- log ----------------------------------------------------------------------------------------------------
+            # -- log ---------------------------------------------------------------------------------------------------
             if is_main and (step % cfg.log_every == 0 or last):
                 now = time.perf_counter()
                 steps_per_s = (step - tick_step) / max(now - tick, 1e-9)
@@ -738,12 +746,12 @@ def _train_locked(cfg: TrainConfig, explicit: Optional[set[str]], stop: Optional
             if bar is not None:
                 bar.update(1)
 
-            # -- checkpoint ---------------------------------------------------------------------------------------------
+            # -- checkpoint --------------------------------------------------------------------------------------------
             if is_main and (step % cfg.ckpt_every == 0 or last):
                 save(ckpt_path)
                 saved_at = step
 
-            # -- stop on a signal: the step is done; save it and let the caller exit ------------------------------------
+            # -- stop on a signal: the step is done; save it and let the caller exit -----------------------------------
             if not last and _stop_requested(stop, world, device):
                 stopped = stop.name or "a signal on another rank"
                 if is_main and saved_at != step:
