@@ -431,6 +431,10 @@ class MnistMapEnv(gym.Env[np.ndarray, int]):
       IDX files (``envs.digits.load_digits``).
     - ``render_mode="rgb_array"``: the whole map, the path so far and the current window.
 
+    Every argument is checked (a ``UserError`` names it): ints must be ints (``True`` is not a grid size), the
+    window must fit the map and leave it room to move, and ``step`` must move it: at most ``map - window`` under
+    clip, at most half a map side under wrap (more would land where a shorter move the other way does).
+
     ## Version History
 
     - v0: initial version.

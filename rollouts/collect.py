@@ -87,7 +87,7 @@ def _accepts_max_steps(env_id: str) -> bool:
         return False
 
 
-def resolve_env(name: str, user_kwargs: dict[str, Any], steps: int, workers: int = 1) -> tuple[str, dict[str, Any]]:
+def resolve_env(name: str, user_kwargs: dict[str, Any], steps: int) -> tuple[str, dict[str, Any]]:
     """(env id, full kwargs) as recorded in the manifest; unknown or missing kwargs are a UserError naming the
     accepted ones, before any env (or worker process) is made."""
     try:
@@ -236,7 +236,7 @@ def collect(config: CollectConfig) -> dict[str, Any]:
     agent_kwargs = parse_json_object(config.agent_kwargs, "agent_kwargs")
     if config.agent == "sb3":
         agent_kwargs["policy"] = str(config.policy)
-    env_id, env_kwargs = resolve_env(config.env, env_kwargs_user, config.steps, config.workers)
+    env_id, env_kwargs = resolve_env(config.env, env_kwargs_user, config.steps)
     recorded_agent_kwargs = dict(agent_kwargs)
     if config.agent == "sb3":  # the policy's content, not its path, decides the actions
         recorded_agent_kwargs["policy_sha256"] = storage.sha256_file(config.policy)
