@@ -247,13 +247,13 @@ class DreamBatch:
     # -- contexts -------------------------------------------------------------------------------------------------------
 
     def _load_episode(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
-        from rollouts.storage import check_episode_matches, load_episode
+        from rollouts.storage import check_episode_record, episode_path, load_episode
 
         index = int(record["index"])
         if index not in self._episodes:
-            path = Path(self.data) / record["file"]
+            path = episode_path(self.data, record)  # confined to the data folder, never a path the manifest invents
             episode = load_episode(path, sha256=record["sha256"])
-            check_episode_matches(self.manifest, episode, str(path))
+            check_episode_record(self.manifest, record, episode, str(path))
             self._episodes[index] = episode
         return self._episodes[index]
 
