@@ -109,6 +109,7 @@ BAD_INPUTS = [
 # component kwargs, the data folder, the task, the run folder, the device, resume); all rows run in-process below
 IN_A_PROCESS = ("steps0", "negative_lr", "bad_json", "unknown_memory_kwarg", "seq_len_too_long", "data_not_rollouts",
                 "unknown_task", "out_is_a_file", "device_name", "resume_nothing")
+PROCESS_ROWS = [row for row in BAD_INPUTS if row[0] in IN_A_PROCESS]
 
 
 @pytest.fixture(scope="module")
@@ -155,11 +156,11 @@ def bad_input_processes(bad_input_paths) -> dict[str, subprocess.CompletedProces
         return name, subprocess.run(TRAIN + argv, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
 
     with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(pool.map(one, [row for row in BAD_INPUTS if row[0] in IN_A_PROCESS]))
+        return dict(pool.map(one, PROCESS_ROWS))
 
 
-@pytest.mark.parametrize("name,flags,fragment", [row for row in BAD_INPUTS if row[0] in IN_A_PROCESS],
-                         ids=list(IN_A_PROCESS))
+@pytest.mark.slow  # ten interpreter start-ups (~10 s on two idle cores); the in-process table covers every row
+@pytest.mark.parametrize("name,flags,fragment", PROCESS_ROWS, ids=[row[0] for row in PROCESS_ROWS])
 def test_bad_input_in_a_real_process(name, flags, fragment, bad_input_paths, bad_input_processes):
     proc = bad_input_processes[name]
     out = Path(bad_input_paths["ROOT"]) / (name + "_process")
