@@ -21,7 +21,7 @@ from rollouts.collect import CollectConfig, collect
 from worldmodel import metrics
 from worldmodel.config import preset
 from worldmodel.evaluate import EvalConfig, run
-from worldmodel.report import EVAL_VERSION, ReportConfig, report
+from worldmodel.report import EVAL_VERSION, ReportConfig, report, results_table
 from worldmodel.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,6 +162,7 @@ def test_cli_writes_eval_json_strip_and_lag_into_a_folder_named_after_the_data(s
     assert not (out / ".gtmm.lock").exists()  # the folder lock is released
     assert "5 windows of 12 frames (256 asked; the data has 5 episodes" in proc.stdout
     assert "open_loop_revisit_over_baseline" in proc.stdout and "| model |" in proc.stdout
+    assert "| intro (introspective/pose) [T 12 > trained 8] |" in proc.stdout  # longer windows than trained: said
     result = json.loads((out / "eval.json").read_text())
     assert result["format"] == "gtmm-eval" and result["version"] == EVAL_VERSION
     assert result["seq_len"] == 12 and result["data"]["windows"] == 5 and result["data"]["name"] == "heldout"
@@ -221,6 +222,10 @@ def test_report_builds_a_table_and_plots_from_two_eval_files(setup, tmp_path, ca
     import imageio.v3 as iio
 
     assert iio.imread(tmp_path / "r" / "lag.png").shape[0] > 100
+    # a baseline that is not `none` is named in the ratio column
+    result = json.loads((tmp_path / "a" / "eval.json").read_text())
+    next(m for m in result["models"].values() if m["role"] == "baseline")["memory"] = "lru"
+    assert "(vs lru)" in results_table([result]).splitlines()[2]
 
 
 # -- bad input: one line, exit 2, nothing overwritten ------------------------------------------------------------------

@@ -520,7 +520,8 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
                     against=labels["baseline"], against_memory=loaded["baseline"][0].cfg.memory,
                     metric="open-loop MSE on revisits of context places",
                     oracle="this model's posterior-mean reconstruction of the latest context view of the place")
-            models[labels[role]] = {"role": role, "checkpoint": str(paths[role]), "run": _run_name(paths[role]),
+            models[labels[role]] = {"role": role, "checkpoint": str(Path(paths[role]).resolve()),
+                                    "run": _run_name(paths[role]),
                                     "memory": m.cfg.memory, "address": m.cfg.address, "train_steps": step,
                                     "trained_seq_len": int(train_cfg.seq_len), **entry}
         e_oracle = steps["model"]["oracle"]["mse"]  # (N, S)
@@ -540,7 +541,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         result = report.finite_json({
             "format": report.EVAL_FORMAT, "version": report.EVAL_VERSION,
             "config": asdict(cfg), "seq_len": seq_len, "context": cfg.context, "env": windows.env_name,
-            "data": {"path": str(cfg.data), "name": Path(cfg.data).resolve().name, "env_id": env.get("id"),
+            "data": {"path": str(Path(cfg.data).resolve()), "name": Path(cfg.data).resolve().name, "env_id": env.get("id"),
                      "env_kwargs": env.get("kwargs"), "episodes": episodes, "episodes_long_enough": long_enough,
                      "windows_asked": cfg.windows, "windows": int(len(index)), "note": note},
             "bootstrap": {"unit": "window", "resamples": cfg.resamples, "level": boot.level, "seed": cfg.seed,
