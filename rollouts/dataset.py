@@ -29,8 +29,11 @@ from rollouts.storage import check_episode_record, episode_path, load_episode, r
 # the four arrays a window is sliced from, concatenated over the episodes of a split
 _CACHE_KEYS = ("obs", "prev_action", "revisit", "pose")
 
+VAL_FRACTION = 0.05  # share of episodes held out for validation: the one default of training, evaluation and loaders
 
-def split_episodes(manifest: dict[str, Any], split: str, val_fraction: float = 0.1, seed: int = 0) -> list[dict[str, Any]]:
+
+def split_episodes(manifest: dict[str, Any], split: str, val_fraction: float = VAL_FRACTION,
+                   seed: int = 0) -> list[dict[str, Any]]:
     """The manifest's episode records that belong to ``split`` ("train", "val" or "all"), in index order.
 
     Each episode gets a rank from a hash of (seed, file name); the lowest ``round(val_fraction * n)`` ranks (at
@@ -56,7 +59,7 @@ def split_episodes(manifest: dict[str, Any], split: str, val_fraction: float = 0
     return [r for r in records if (r["file"] in val_files) == (split == "val")]
 
 
-def iter_episodes(root: str | os.PathLike, split: str = "all", val_fraction: float = 0.1,
+def iter_episodes(root: str | os.PathLike, split: str = "all", val_fraction: float = VAL_FRACTION,
                   seed: int = 0) -> Iterator[tuple[dict[str, Any], dict[str, np.ndarray]]]:
     """Yield ``(manifest record, episode arrays)`` for whole episodes, checksums verified and each file checked
     against its manifest entry (``storage.check_episode_record``), for evaluation."""
@@ -89,7 +92,7 @@ class RolloutWindows(Dataset):
         cache: decode into memory-mapped ``.npy`` files once, reused by later runs and DataLoader workers.
     """
 
-    def __init__(self, root: str | os.PathLike, seq_len: int, split: str = "train", val_fraction: float = 0.1,
+    def __init__(self, root: str | os.PathLike, seq_len: int, split: str = "train", val_fraction: float = VAL_FRACTION,
                  seed: int = 0, stride: int = 1, cache_dir: str | os.PathLike | None = None, cache: bool = True):
         if seq_len < 1:
             raise UserError(f"seq_len {seq_len}: expected >= 1")

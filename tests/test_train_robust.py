@@ -382,3 +382,14 @@ def test_resume_refuses_data_that_changed_under_the_saved_path(tmp_path, data, c
     code, _, err = run_main(["--out", str(out), "--resume", "--steps", "3"], capsys)
     assert code == 2 and f"the run's data folder {folder} changed since the run started" in err, err
     assert checkpoint.load_raw(out)["step"] == 2
+
+
+def test_one_validation_fraction_for_training_and_every_dataset_reader():
+    import inspect as pyinspect
+
+    from rollouts import dataset
+    from worldmodel.config import TrainConfig
+
+    assert TrainConfig().val_fraction == dataset.VAL_FRACTION
+    for reader in (dataset.split_episodes, dataset.iter_episodes, dataset.RolloutWindows):
+        assert pyinspect.signature(reader).parameters["val_fraction"].default == dataset.VAL_FRACTION

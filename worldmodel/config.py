@@ -136,7 +136,7 @@ class TrainConfig:
     """sequence-length curriculum: start at this many frames (0 = off, always --seq-len)"""
     curriculum_steps: int = 1000
     """steps over which the curriculum grows linearly to --seq-len"""
-    val_fraction: float = 0.05
+    val_fraction: float = 0.05  # = rollouts.dataset.VAL_FRACTION (config stays import-light)
     """fraction of episodes held out by rollouts.dataset for validation (never trained on)"""
 
     # validation

@@ -545,6 +545,9 @@ def train(cfg: TrainConfig, explicit: Optional[set[str]] = None, stop: Optional[
     ckpt_path, best_path, val_log = out_dir / "ckpt.pt", out_dir / "best.pt", out_dir / "val.jsonl"
     created = not out_dir.exists()
     lock = FolderLock(out_dir, "train").acquire() if is_main else None
+    if lock is not None:  # ours alone now: temp files of a killed save (any version) are debris, never a checkpoint
+        for debris in out_dir.glob(".*.pt.*.tmp"):
+            debris.unlink()
     try:
         return _train_locked(cfg, explicit, stop, world, rank, local_rank, ckpt_path, best_path, val_log)
     except BaseException:
