@@ -672,13 +672,18 @@ def dream_video(cfg: DreamConfig) -> dict[str, Any]:
         raise UserError(f"--agent {cfg.agent!r}: expected recorded or one of {AGENTS}")
     if Path(cfg.out).suffix not in (".gif", ".mp4"):
         raise UserError(f"--out {cfg.out}: expected a .gif or .mp4 file")
+    for flag in ("episodes", "steps", "scale", "fps"):
+        cli.check_range(flag, getattr(cfg, flag), low=1)
+    cli.check_range("context", cfg.context, low=0)
+    cli.check_range("temperature", cfg.temperature, low=0.0)
+    if (cfg.data is None) == (cfg.env is None):  # the library says data=/env=; the command's user typed flags
+        raise UserError(f"give exactly one of --data (rollout folder) or --env (live env); got --data {cfg.data}, "
+                        f"--env {cfg.env}")
+    env_kwargs = parse_json_object(cfg.env_kwargs, "env_kwargs")
     if cfg.agent == "recorded" and cfg.data is None:
         raise UserError("--agent recorded replays the actions of recorded episodes: give --data")
-    if cfg.episodes < 1 or cfg.steps < 1 or cfg.scale < 1 or cfg.fps < 1:
-        raise UserError(f"--episodes, --steps, --scale, --fps must be >= 1, got {cfg.episodes}, {cfg.steps}, "
-                         f"{cfg.scale}, {cfg.fps}")
-    vec = DreamVectorEnv(cfg.checkpoint, cfg.episodes, data=cfg.data, env=cfg.env,
-                         env_kwargs=parse_json_object(cfg.env_kwargs, "env_kwargs"), context=cfg.context,
+    vec = DreamVectorEnv(cfg.checkpoint, cfg.episodes, data=cfg.data, env=cfg.env, env_kwargs=env_kwargs,
+                         context=cfg.context,
                          temperature=cfg.temperature, max_steps=cfg.steps,
                          shadow=cfg.shadow and cfg.agent != "recorded" and cfg.data is not None, device=cfg.device,
                          threads=cfg.threads)
