@@ -16,7 +16,26 @@ Contract shared by all our envs (what ``agents/``, ``rollouts/`` and ``worldmode
 - ``info["visit_count"]``: ``int``, how many earlier steps of this episode were at this place (0 on a first visit).
 - ``env.unwrapped.inverse_actions``: ``tuple[int, ...]``, ``inverse_actions[a]`` is the action that undoes ``a``
   (used by agents that retrace their path).
+- ``env.unwrapped.action_effects`` (optional; absent = unknown): what each action does to ``info["pose"]``, as a
+  JSON-ready dict ``{"kind": ..., "moves": [one entry per action id], "exact": bool}``:
+
+  | kind          | ``moves[a]``                         | pose units          | env                      |
+  |---------------|--------------------------------------|---------------------|--------------------------|
+  | ``translate`` | ``[d_row, d_col]`` added to the pose | pixels              | MNIST map (stay = [0, 0]) |
+  | ``se2``       | ``[turn, forward]``: turn by ``turn`` radians (left positive), then step ``forward`` metres along the heading | metres, radians | MiniWorld |
+
+  ``exact`` is False when a move can be blocked (a ``clip`` border, a wall), so the moves are what an action does
+  when it is not blocked. ``rollouts.collect`` records ``inverse_actions`` and ``action_effects`` in the manifest's
+  ``env`` entry, and ``worldmodel.train --address auto`` chooses the model's address from them (``translate``: an
+  additive path integrator tied by ``inverse_actions``; other or unknown effects: the GRU integrator).
 - Vector envs report the same keys as arrays with a leading ``num_envs`` axis.
+
+Time limits: ``MnistMap-v0`` and ``MiniWorldRevisit-v0`` truncate themselves after ``max_steps`` steps (so a native
+vector env agrees with the single env), and their registered specs carry the same default as ``max_episode_steps``
+(128 and 256), so ``gym.make``'s ``TimeLimit`` fires on the same step, never on another one, with the defaults.
+``make`` below passes ``max_episode_steps=max_steps`` whenever ``max_steps`` is given, so ``max_steps`` alone decides;
+with ``gym.make`` itself give both (the earlier of the two ends an episode). ``Dream-v0`` has no spec limit yet: its
+vector entry point would be handed ``max_episode_steps``, which ``DreamVectorEnv`` does not take.
 
 Short names used by every command line (``--env``): ``mnist_map``, ``mnist_map_test`` (held-out test digits),
 ``miniworld`` (our ``MiniWorldRevisit-v0``), ``miniworld:<AnyMiniWorldId>`` (a stock MiniWorld env wrapped to report
@@ -37,12 +56,14 @@ import gymnasium as gym
 from gtmm.cli import UserError
 
 _REGISTRATIONS: dict[str, dict[str, Any]] = {
+    # max_episode_steps = the env's default max_steps: the env truncates itself there (so the vector env agrees) and
+    # gym.make's TimeLimit on the same step (see "Time limits" above)
     "MnistMap-v0": dict(
         entry_point="envs.mnist_map:MnistMapEnv",
         vector_entry_point="envs.mnist_map:MnistMapVectorEnv",
-        max_episode_steps=None,  # the env truncates itself at `max_steps` so the vector env agrees
+        max_episode_steps=128,
     ),
-    "MiniWorldRevisit-v0": dict(entry_point="envs.miniworld:MiniWorldRevisitEnv"),
+    "MiniWorldRevisit-v0": dict(entry_point="envs.miniworld:MiniWorldRevisitEnv", max_episode_steps=256),
     "Dream-v0": dict(entry_point="worldmodel.dream:DreamEnv", vector_entry_point="worldmodel.dream:DreamVectorEnv"),
 }
 
@@ -115,10 +136,12 @@ def check_kwargs(name: str, kwargs: dict[str, Any], vector: bool = False, where:
         parameters = inspect.signature(creator).parameters
     except (TypeError, ValueError):
         return
-    skip = {"self", "num_envs"} if vector else {"self"}
+    skip = {"self", "num_envs", "max_episode_steps"} if vector else {"self"}
     params = {n: p for n, p in parameters.items() if n not in skip
               and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    accepted = set(params) | (set() if vector else set(_MAKE_KWARGS))
+    # gym's own time-limit and checker arguments are accepted but not advertised (a vector env may take the limit)
+    gym_own = set(_MAKE_KWARGS) if not vector else {"max_episode_steps"} & set(parameters)
+    accepted = set(params) | gym_own
     listed = ", ".join(sorted(params))  # gym.make's own extras are accepted but not advertised
     prefix = f"{where}: " if where else ""
     if not any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
@@ -133,8 +156,18 @@ def check_kwargs(name: str, kwargs: dict[str, Any], vector: bool = False, where:
                          f"{', '.join(repr(n) for n in missing)}; it accepts {listed}")
 
 
+def _time_limit(env_id: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` plus ``max_episode_steps=max_steps`` for a registered id with a spec time limit, when ``max_steps``
+    is given and ``max_episode_steps`` is not: the env's own limit then decides, not the spec's default."""
+    spec = gym.registry.get(env_id)
+    if spec is None or spec.max_episode_steps is None or "max_steps" not in kwargs or "max_episode_steps" in kwargs:
+        return kwargs
+    return {**kwargs, "max_episode_steps": kwargs["max_steps"]}
+
+
 def make(name: str, **kwargs: Any) -> gym.Env:
-    """Make a single env from a short name or id; ``kwargs`` override the short name's defaults."""
+    """Make a single env from a short name or id; ``kwargs`` override the short name's defaults. A given
+    ``max_steps`` also sets gym.make's ``max_episode_steps`` (see "Time limits" above)."""
     check_kwargs(name, kwargs)
     env_id, defaults = resolve(name)
     defaults.update(kwargs)
@@ -142,7 +175,7 @@ def make(name: str, **kwargs: Any) -> gym.Env:
         from envs.miniworld import make_stock
 
         return make_stock(**defaults)
-    return gym.make(env_id, **defaults)
+    return gym.make(env_id, **_time_limit(env_id, defaults))
 
 
 def make_vec(name: str, num_envs: int, **kwargs: Any) -> gym.vector.VectorEnv:
@@ -152,5 +185,6 @@ def make_vec(name: str, num_envs: int, **kwargs: Any) -> gym.vector.VectorEnv:
     check_kwargs(name, kwargs, vector=native)
     defaults.update(kwargs)
     if native:
-        return gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="vector_entry_point", **defaults)
+        return gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="vector_entry_point",
+                            **_time_limit(env_id, defaults))
     return gym.vector.SyncVectorEnv([lambda: make(name, **kwargs) for _ in range(num_envs)])

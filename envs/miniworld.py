@@ -17,7 +17,10 @@ under ``xvfb-run -a``). OpenGL does not survive ``fork``: run MiniWorld envs in 
 
 Actions (both envs): ``0`` turn left, ``1`` turn right, ``2`` move forward, ``3`` move back, by exactly ``turn_step``
 degrees / ``move_step`` metres: MiniWorld's domain-randomisation noise on steps is removed, so undoing an action
-(``inverse_actions = (1, 0, 3, 2)``) returns to exactly the same pose and the same frame.
+(``inverse_actions = (1, 0, 3, 2)``) returns to exactly the same pose and the same frame. ``action_effects`` says what
+each action does for programs (the contract in ``envs/__init__.py``): ``{"kind": "se2", "moves": [[turn, forward],
+...], "exact": False}``, a turn in radians (positive = left) and a step along the heading in metres per action; not
+exact because walls and objects block moves.
 """
 
 from __future__ import annotations
@@ -256,6 +259,15 @@ def _check_revisit(radius: Any, angle: Any) -> tuple[float | None, float | None]
     return radius, angle
 
 
+def action_effects(turn_step: float, move_step: float) -> dict[str, Any]:
+    """The contract's ``action_effects`` (``envs/__init__.py``) of our four actions: an SE(2) motion per action,
+    ``[turn in radians (left positive), step along the heading in metres]``. Not exact: a wall or an object blocks a
+    move (the pose stays), which no integrator over actions alone can know."""
+    turn = math.radians(turn_step)
+    moves = [[turn, 0.0], [-turn, 0.0], [0.0, float(move_step)], [0.0, -float(move_step)]]  # ACTION_NAMES order
+    return {"kind": "se2", "moves": moves, "exact": False}
+
+
 class _MiniWorldRevisitBase(gym.Env):
     """Actions, observations, ``info`` and rendering shared by our env and wrapped stock envs.
 
@@ -297,6 +309,7 @@ class _MiniWorldRevisitBase(gym.Env):
         params.set("turn_step", turn_step)
         sim.params = params
         self.turn_step, self.move_step = turn_step, move_step
+        self.action_effects: dict[str, Any] = action_effects(turn_step, move_step)
         # Default thresholds: half a turn and half a step. Headings only ever differ by whole multiples of turn_step,
         # so any angle below turn_step separates "same heading" from "one turn away", and half of it is the widest
         # margin. Positions are not on a lattice once the agent walks at angles, so the radius says how close counts
@@ -492,7 +505,9 @@ class MiniWorldRevisitEnv(_MiniWorldRevisitBase, EzPickle):
     | 2   | move forward | ``move_step`` metres ahead, unless a wall/object blocks it |
     | 3   | move back    | ``move_step`` metres back, unless blocked         |
 
-    ``env.unwrapped.inverse_actions == (1, 0, 3, 2)``.
+    ``env.unwrapped.inverse_actions == (1, 0, 3, 2)``; ``env.unwrapped.action_effects == {"kind": "se2", "moves":
+    [[t, 0], [-t, 0], [0, move_step], [0, -move_step]], "exact": False}`` with ``t = radians(turn_step)``: what
+    ``worldmodel.train --address auto`` reads from the rollout manifest (an action path integrator).
 
     ## Observation Space
 
@@ -515,7 +530,10 @@ class MiniWorldRevisitEnv(_MiniWorldRevisitBase, EzPickle):
 
     ## Episode End
 
-    No termination. Truncation after ``max_steps`` steps (256 by default: long enough to leave a room and come back).
+    No termination. Truncation after ``max_steps`` steps (256 by default: long enough to leave a room and come back),
+    counted by the simulator. The registered spec's ``max_episode_steps`` is 256 too, so ``gym.make``'s ``TimeLimit``
+    ends the episode on the same step; when the two differ the earlier one wins (``envs.make("miniworld",
+    max_steps=N)`` passes ``max_episode_steps=N`` along, so ``max_steps`` alone decides).
 
     ## Arguments
 

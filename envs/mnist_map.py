@@ -123,6 +123,16 @@ class MapGeometry:
                                 f"wrong way); expected step <= {side // 2}")
 
 
+def action_effects(step: int, n_actions: int, border: str) -> dict[str, Any]:
+    """What each action does to the pose, as the env contract's ``action_effects`` (``envs/__init__.py``):
+    ``{"kind": "translate", "moves": [[d_row, d_col], ...], "exact": border == "wrap"}``, one move per action in
+    pixels (the pose's unit), ``[0, 0]`` for stay. Under ``clip`` a move into the border is blocked, so the moves are
+    not exact there: a path integrator over actions alone drifts at the edges (``worldmodel`` reads this to choose
+    its address, ``--address auto``)."""
+    moves = (ACTION_DELTAS[:n_actions] * int(step)).tolist()  # (A, 2) lattice deltas times pixels per move
+    return {"kind": "translate", "moves": moves, "exact": border == "wrap"}
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The dynamics: pure numpy functions on batches, the only place where maps are drawn and windows move
 
@@ -382,6 +392,11 @@ class MnistMapEnv(gym.Env[np.ndarray, int]):
 
     With ``border="clip"`` a move that would leave the map is blocked; with ``border="wrap"`` the map is a torus.
     ``env.unwrapped.inverse_actions[a]`` undoes ``a`` (except a move blocked at a ``clip`` border).
+    ``env.unwrapped.action_effects`` says the same for programs (the contract in ``envs/__init__.py``):
+    ``{"kind": "translate", "moves": [[-step, 0], [step, 0], [0, -step], [0, step](, [0, 0])], "exact": border ==
+    "wrap"}``, each move a ``(d_row, d_col)`` change of the pose in pixels; ``exact`` is False under ``clip``, where a
+    move into the border is blocked. ``worldmodel.train --address auto`` reads it (recorded in the rollout manifest)
+    and gives models of these maps an additive path integrator over the actions.
 
     ## Observation Space
 
@@ -412,8 +427,12 @@ class MnistMapEnv(gym.Env[np.ndarray, int]):
 
     ## Episode End
 
-    Never terminates. Truncates after ``max_steps`` steps (the env counts them itself: no ``TimeLimit`` wrapper,
-    so the native vector env agrees with it).
+    Never terminates. Truncates after ``max_steps`` steps: the env counts them itself, so the native vector env (which
+    has no wrappers) agrees with it. The registered spec's ``max_episode_steps`` is 128, the default ``max_steps``, so
+    ``gym.make``'s ``TimeLimit`` truncates on the same step. When the two differ the earlier one ends the episode
+    (``gym.make("MnistMap-v0", max_steps=500)`` still stops at 128): give both, or use ``envs.make("mnist_map",
+    max_steps=500)``, which passes ``max_episode_steps=max_steps`` for you. The vector env takes
+    ``max_episode_steps`` (Gymnasium's ``make_vec`` passes it) and applies the same rule.
 
     ## Arguments
 
@@ -437,7 +456,7 @@ class MnistMapEnv(gym.Env[np.ndarray, int]):
 
     ## Version History
 
-    - v0: initial version.
+    - v0: initial version; ``action_effects`` and the spec's ``max_episode_steps=128`` added later (same dynamics).
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 4}
@@ -465,6 +484,7 @@ class MnistMapEnv(gym.Env[np.ndarray, int]):
         self.action_space = spaces.Discrete(n_actions)
         self.observation_space = spaces.Box(0, 255, (window, window, 1), dtype=np.uint8)
         self.inverse_actions: tuple[int, ...] = INVERSE_ACTIONS[:n_actions]
+        self.action_effects: dict[str, Any] = action_effects(step, n_actions, border)
         self.pose_dim = POSE_DIM
         self._path: list[np.ndarray] = []  # window top-lefts this episode, for render()
         self._has_reset = False
@@ -524,6 +544,10 @@ class MnistMapVectorEnv(VectorEnv):
     leading ``num_envs`` axis (``pose`` (N, 2), ``visit_count`` (N,), ``revisit`` (N,)) plus Gymnasium's ``_key``
     masks (always all True). ``reset(options={"reset_mask": mask})`` resets only the envs where ``mask`` is True.
 
+    ``max_episode_steps`` is Gymnasium's name for a time limit (``gym.make_vec`` passes the registered spec's 128):
+    an episode ends after ``min(max_steps, max_episode_steps)`` steps, where a single env under ``gym.make``'s
+    ``TimeLimit`` ends too, so both agree. ``inverse_actions`` and ``action_effects`` are the single env's.
+
     Memory: the maps (N x 84 x 84 bytes by default) plus, when it fits in ``WINDOW_CACHE_BYTES``, every window of
     every position (N x 25 x 28 x 28 bytes: 80 MB for N = 4096), which makes a step a copy of whole windows.
     """
@@ -542,14 +566,21 @@ class MnistMapVectorEnv(VectorEnv):
         split: str = "train",
         source: str = "mnist5k",
         render_mode: str | None = None,
+        max_episode_steps: int | None = None,
     ):
         _check_render_mode(render_mode, self.metadata["render_modes"])
         allow_stay = _check_allow_stay(allow_stay)
+        if max_episode_steps is not None:
+            if (isinstance(max_episode_steps, (bool, np.bool_)) or not isinstance(max_episode_steps, (int, np.integer))
+                    or max_episode_steps < 1):
+                raise UserError(f"MnistMap: max_episode_steps must be an int >= 1 or None, got {max_episode_steps!r}")
+            if isinstance(max_steps, (int, np.integer)) and not isinstance(max_steps, (bool, np.bool_)):
+                max_steps = min(int(max_steps), int(max_episode_steps))  # what a single env under TimeLimit does
         self.render_mode = render_mode
         self.core = MnistMapCore(num_envs, MapGeometry(grid, (0, 0), window, step, border), split, source, max_steps)
         self.geometry = self.core.geometry
         self.num_envs = self.core.num_envs
-        self.window, self.step_size, self.border, self.max_steps = window, step, border, max_steps
+        self.window, self.step_size, self.border, self.max_steps = window, step, border, self.core.max_steps
         self.allow_stay = bool(allow_stay)
         n_actions = 5 if self.allow_stay else 4
         self.single_action_space = spaces.Discrete(n_actions)
@@ -557,6 +588,7 @@ class MnistMapVectorEnv(VectorEnv):
         self.single_observation_space = spaces.Box(0, 255, (window, window, 1), dtype=np.uint8)
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
         self.inverse_actions: tuple[int, ...] = INVERSE_ACTIONS[:n_actions]
+        self.action_effects: dict[str, Any] = action_effects(step, n_actions, border)
         self.pose_dim = POSE_DIM
         self._rngs: list[np.random.Generator] | None = None
         self._needs_reset = np.zeros(self.num_envs, dtype=bool)  # (N,) episode ended last step -> reset on this one

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,13 +129,38 @@ def make_collector_env(name: str, env_id: str, kwargs: dict[str, Any], workers: 
     return gym.vector.AsyncVectorEnv([make_one] * workers, context="spawn")
 
 
-def inverse_actions_of(vec: gym.vector.VectorEnv) -> tuple[int, ...] | None:
-    if hasattr(vec, "inverse_actions"):
-        return tuple(vec.inverse_actions)
+def _env_attr(vec: gym.vector.VectorEnv, name: str) -> Any:
+    """Attribute ``name`` of the (first) env of ``vec``, or None when the env does not have it."""
+    if hasattr(vec, name):
+        return getattr(vec, name)
     try:
-        return tuple(vec.get_attr("inverse_actions")[0])
+        return vec.get_attr(name)[0]
     except AttributeError:
         return None
+
+
+def inverse_actions_of(vec: gym.vector.VectorEnv) -> tuple[int, ...] | None:
+    """The env's ``inverse_actions`` (the contract in ``envs/__init__.py``), or None when it has none."""
+    inverse = _env_attr(vec, "inverse_actions")
+    return None if inverse is None else tuple(int(a) for a in inverse)
+
+
+def action_facts(vec: gym.vector.VectorEnv, env_name: str) -> dict[str, Any]:
+    """What the manifest's ``env`` entry records about the actions: ``inverse_actions`` and ``action_effects`` (the
+    env contract), each only when the env declares it (a reader takes a missing one as unknown: older manifests
+    have neither). ``worldmodel.train --address auto`` chooses the model's address from them."""
+    facts: dict[str, Any] = {}
+    inverse = inverse_actions_of(vec)
+    if inverse is not None:
+        facts["inverse_actions"] = list(inverse)
+    effects = _env_attr(vec, "action_effects")
+    if effects is not None:
+        try:  # as the manifest will read back (lists, not tuples), so the episodes' stored identity matches it
+            facts["action_effects"] = json.loads(json.dumps(effects))
+        except (TypeError, ValueError) as error:
+            raise UserError(f"env {env_name!r}: action_effects is not JSON data ({error}); see the contract in "
+                            "envs/__init__.py") from error
+    return facts
 
 
 def _info_column(info: dict[str, Any], key: str, env_name: str) -> np.ndarray:
@@ -303,6 +329,8 @@ def _collect_locked(config: CollectConfig, out: Path, expected: dict[str, Any], 
         pose_dim = int(_info_column(info, "pose", config.env).reshape(config.workers, -1).shape[1])
         if manifest is None:
             manifest = dict(expected, obs_shape=list(obs_shape), num_actions=num_actions, pose_dim=pose_dim)
+            # only in a new folder: a resumed folder keeps its env entry, which its episodes store as their identity
+            manifest["env"] = {**expected["env"], **action_facts(vec, config.env)}
         else:
             _check_env_matches(manifest, obs_shape, num_actions, pose_dim, manifest_path)
             manifest["episodes_requested"] = max(manifest["episodes_requested"], config.episodes)

@@ -90,8 +90,9 @@ class TrainConfig:
     # model
     memory: str = "introspective"
     """external memory: none, introspective, ntm, lru, dnc"""
-    address: str = "hidden"
-    """slot address: hidden (paper), actions (learned path integrator over actions), pose (env pose, a ceiling)"""
+    address: str = "auto"
+    """slot address: auto (chosen from what the data's env declares, see config.auto_address), hidden (the paper's:
+    from the LSTM state), actions (learned path integrator over actions), pose (env pose, a ceiling)"""
     z_dim: int = 32
     """latent size Z"""
     h_dim: int = 128
@@ -113,7 +114,8 @@ class TrainConfig:
     memory_kwargs: str = "{}"
     """JSON object of extra memory arguments, e.g. '{"store_h": true}'"""
     address_kwargs: str = "{}"
-    """JSON object of extra address arguments, e.g. '{"integrator": "additive", "inverse_actions": [1, 0, 3, 2]}'"""
+    """JSON object of extra address arguments, e.g. '{"integrator": "additive", "inverse_actions": [1, 0, 3, 2]}'
+    (with --address auto: merged over the chosen ones, yours win)"""
 
     # optimisation
     steps: int = 3000
@@ -157,8 +159,23 @@ class TrainConfig:
     progress: bool = True
     """show a tqdm progress bar on a terminal (plain log lines otherwise)"""
 
-    def model_config(self, obs_shape: tuple[int, int, int], num_actions: int, pose_dim: int) -> ModelConfig:
+    def resolve_address(self, env: Optional[dict[str, Any]], num_actions: int) -> tuple["TrainConfig", str]:
+        """`(config, why)`: this config with `--address auto` replaced by what `auto_address` chooses from `env`
+        (the data manifest's `env` entry; None for a sequence task), the chosen kwargs merged under the user's own
+        `--address-kwargs`. An explicit address comes back unchanged (why = ''). What a run records (config.json,
+        checkpoints) is the resolved config, so resume and evaluate see concrete values."""
+        if self.address != AUTO:
+            return self, ""
+        address, chosen, why = auto_address(env, num_actions, self.memory)
+        given = parse_json_object(self.address_kwargs, "address_kwargs")
+        kwargs = {**chosen, **given} if address == "actions" else given  # yours win; hidden takes none of ours
+        return dataclasses.replace(self, address=address, address_kwargs=json.dumps(kwargs)), why
 
+    def model_config(self, obs_shape: tuple[int, int, int], num_actions: int, pose_dim: int) -> ModelConfig:
+        """The model of this run for data of these shapes (`--address auto` resolved as for data that declares no
+        action effects: the trainer resolves it from the data's manifest first)."""
+        if self.address == AUTO:
+            return self.resolve_address(None, num_actions)[0].model_config(obs_shape, num_actions, pose_dim)
         return ModelConfig(
             obs_shape=tuple(obs_shape), num_actions=num_actions, pose_dim=pose_dim, memory=self.memory,
             address=self.address, z_dim=self.z_dim, h_dim=self.h_dim, addr_dim=self.addr_dim,
@@ -178,6 +195,81 @@ class TrainConfig:
         if unknown:
             raise UserError(f"train config: unknown fields {sorted(unknown)}; expected a subset of {sorted(known)}")
         return cls(**d)
+
+
+# -- --address auto: the address chosen from what the data's env declares ---------------------------------------------
+
+AUTO = "auto"
+
+
+def _manifest_problem(field: str, value: Any, expected: str) -> UserError:
+    return UserError(f"the data's manifest: field 'env.{field}' is {value!r}, expected {expected}")
+
+
+def _inverse_of(env: dict[str, Any], num_actions: int) -> Optional[list[int]]:
+    """The manifest's `env.inverse_actions`, checked (an untrusted file); None when it is not recorded."""
+    inverse = env.get("inverse_actions")
+    if inverse is None:
+        return None
+    ok = (isinstance(inverse, list) and len(inverse) == num_actions
+          and all(isinstance(a, int) and not isinstance(a, bool) and 0 <= a < num_actions for a in inverse))
+    if not ok or any(inverse[a] != i for i, a in enumerate(inverse)):
+        raise _manifest_problem("inverse_actions", inverse, f"{num_actions} action ids forming an involution "
+                                "(inverse[inverse[a]] == a)")
+    return list(inverse)
+
+
+def _effects_of(env: dict[str, Any], num_actions: int) -> Optional[dict[str, Any]]:
+    """The manifest's `env.action_effects`, checked; None when it is not recorded (an older manifest: unknown)."""
+    effects = env.get("action_effects")
+    if effects is None:
+        return None
+    if not (isinstance(effects, dict) and isinstance(effects.get("kind"), str)):
+        raise _manifest_problem("action_effects", effects, 'an object {"kind": ..., "moves": [...]}')
+    moves = effects.get("moves")
+    ok = (isinstance(moves, list) and len(moves) == num_actions
+          and all(isinstance(m, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in m)
+                  for m in moves))
+    if not ok:
+        raise _manifest_problem("action_effects.moves", moves, f"{num_actions} lists of numbers (one per action)")
+    return effects
+
+
+def auto_address(env: Optional[dict[str, Any]], num_actions: int, memory: str) -> tuple[str, dict[str, Any], str]:
+    """What `--address auto` becomes: `(address, address_kwargs, why)`, from the `env` entry of the data's manifest
+    (None for a sequence task) and what the env declared there (the `action_effects` contract, envs/__init__.py):
+
+    - no actions (the paper's sequence tasks): `hidden`, the paper's address from the LSTM state;
+    - memory `none`: `hidden` (no memory reads an address; the cheapest one keeps the baseline the paper's);
+    - `translate` moves (MNIST map): `actions` with the additive integrator, tied by `inverse_actions` so that an
+      out-and-back path returns to its start address exactly (0.215x the `none` baseline's open-loop error on
+      revisits of context places in the README's results, level with the pose oracle);
+    - `se2` moves (MiniWorld), any other kind, or no declared effects (an older manifest): `actions` with the GRU
+      integrator, which can learn any dynamics. An SE(2) integrator (heading-rotated forward steps) would be exact
+      for MiniWorld's moves; it is another issue's work.
+
+    `why` is one line for the run's log."""
+    if num_actions == 0:
+        return "hidden", {}, "the data has no actions (a sequence task): the paper's hidden-state address"
+    if memory == "none":
+        return "hidden", {}, "memory none reads no address: hidden, the cheapest"
+    env = env or {}
+    effects = _effects_of(env, num_actions)
+    inverse = _inverse_of(env, num_actions)
+    if effects is not None and effects["kind"] == "translate":
+        kwargs: dict[str, Any] = {"integrator": "additive"}
+        if inverse is not None:
+            kwargs["inverse_actions"] = inverse
+        why = "the env's actions translate the view: an additive path integrator over the actions"
+        if effects.get("exact") is False:
+            why += (" (its moves can be blocked, e.g. at a clip border, where the integrator drifts: collect with "
+                    "border wrap, or use --address pose)")
+        return "actions", kwargs, why
+    if effects is None:
+        why = "the data's manifest declares no action effects (an older collect): the GRU path integrator"
+    else:
+        why = f"the env's actions are {effects['kind']!r} moves: the GRU path integrator (no exact integrator for them yet)"
+    return "actions", {"integrator": "gru"}, why
 
 
 # What `--resume` may change: how long and where the run goes, and how it reports. Everything else defines the run

@@ -33,7 +33,11 @@ What helped the memory get used (mnist_map, 3x3 maps, wrap border, 48-step rando
 `--address-kwargs '{"integrator": "additive", "inverse_actions": [1, 0, 3, 2]}'` matched the `pose` ceiling
 (open-loop error on revisits of context places 0.22x the `none` baseline's, within 1.04x of its own
 reconstruction); the default GRU integrator was still learning at 1,950 steps (0.69x). All runs used
-`--address-lr-scale 3`, `--kl-balance 0.8`, `--free-nats 1` (not ablated).
+`--address-lr-scale 3`, `--kl-balance 0.8`, `--free-nats 1` (not ablated). That choice is the default now:
+`--address auto` reads what the env declared in the data's manifest (`action_effects`, `inverse_actions`) and picks
+the additive integrator for translations, the GRU one otherwise, `hidden` for action-free tasks
+(`config.auto_address`); config.json and the checkpoints record the address it chose. `--address hidden` gives the
+paper's.
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ from gtmm import cli
 from gtmm.cli import UserError, parse_json_object
 from gtmm.fs import FolderLock, write_bytes_atomic
 from worldmodel import checkpoint
-from worldmodel.config import RESUME_MAY_CHANGE, TrainConfig, preset
+from worldmodel.config import AUTO, RESUME_MAY_CHANGE, TrainConfig, preset
 from worldmodel.model import GTMM, batch_to_torch, param_groups
 
 # the rng streams of the image-grid batch and of the task validation batch: apart from every rank's training stream
@@ -136,6 +140,20 @@ def make_source(cfg: TrainConfig):
     if cfg.data is not None:
         return RolloutSource(cfg.data, cfg.seq_len, cfg.val_fraction, cfg.seed)
     return TaskSource(cfg.task, cfg.seq_len)
+
+
+def resolve_auto_address(cfg: TrainConfig, source) -> tuple[TrainConfig, str]:
+    """`--address auto` made concrete from what the data's env declares (`config.auto_address`: the manifest's
+    `env.action_effects` and `env.inverse_actions`), checked like an explicit one; `(cfg, why)`."""
+    env = None
+    if cfg.data is not None:
+        from rollouts.storage import read_manifest
+
+        env = read_manifest(cfg.data)["env"]
+    resolved, why = cfg.resolve_address(env, source.num_actions)
+    if resolved is not cfg:
+        check_config(resolved)  # the chosen address with the user's --address-kwargs merged in
+    return resolved, why
 
 
 def batch_rng(seed: int, rank: int, step: int) -> np.random.Generator:
@@ -224,8 +242,8 @@ def check_config(cfg: TrainConfig) -> None:
 
     if cfg.memory not in MEMORIES:
         raise UserError(f"--memory {cfg.memory!r}: expected one of {MEMORIES}")
-    if cfg.address not in ADDRESSES:
-        raise UserError(f"--address {cfg.address!r}: expected one of {ADDRESSES}")
+    if cfg.address not in ADDRESSES and cfg.address != AUTO:
+        raise UserError(f"--address {cfg.address!r}: expected {AUTO} or one of {ADDRESSES}")
     for name in ("steps", "batch", "seq_len", "log_every", "image_every", "ckpt_every", "val_windows", "z_dim",
                  "h_dim", "addr_dim", "heads", "embed_dim", "channels", "hidden_dim", "open_loop_context",
                  "curriculum_steps"):
@@ -257,7 +275,7 @@ def check_config(cfg: TrainConfig) -> None:
     address_kwargs = parse_json_object(cfg.address_kwargs, "address_kwargs")
     if cfg.memory in memories:
         _check_kwargs("--memory-kwargs", f"memory {cfg.memory!r}", memories[cfg.memory], memory_kwargs, _MEMORY_TAKES)
-    if cfg.address in addresses:
+    if cfg.address in addresses:  # auto: checked once resolved from the data (resolve_auto_address)
         _check_kwargs("--address-kwargs", f"address {cfg.address!r}", addresses[cfg.address], address_kwargs,
                       _ADDRESS_TAKES)
 
@@ -314,6 +332,8 @@ def resume_config(given: TrainConfig, saved: TrainConfig, explicit: Optional[set
     if explicit is None:
         explicit = {*RESUME_MAY_CHANGE, *(["data"] if given.data is not None else [])}
     conflicts, changes = [], {}
+    if given.address == AUTO:  # the saved address is what auto chose from this run's data: nothing to compare
+        explicit = explicit - {"address", "address_kwargs"}
     for name in sorted(explicit - {"resume", "out"}):
         ours, theirs = getattr(given, name), getattr(saved, name)
         if _same(name, ours, theirs):
@@ -590,6 +610,7 @@ def _train_locked(cfg: TrainConfig, explicit: Optional[set[str]], stop: Optional
     source = make_source(cfg)
     if cfg.task is not None and cfg.seq_len != source.seq_len:
         cfg = dataclasses.replace(cfg, seq_len=source.seq_len)  # what the task could fit
+    cfg, auto_why = resolve_auto_address(cfg, source)  # recorded resolved: config.json and checkpoints
     if cfg.address == "pose" and source.pose_dim == 0:
         raise UserError(f"--address pose: the data ({source.name}) has no pose (pose_dim 0)")
     validation, val_note = Validation.make(cfg, source) if is_main else (None, None)
@@ -645,6 +666,8 @@ def _train_locked(cfg: TrainConfig, explicit: Optional[set[str]], stop: Optional
         print(f"[train] {source.name} obs {source.obs_shape} A={source.num_actions} D={source.pose_dim} | "
               f"memory={cfg.memory} address={cfg.address} | {n_params / 1e6:.2f}M params | {device} x{world} | "
               f"from step {step} to {cfg.steps} -> {out_dir}", flush=True)
+        if auto_why:
+            print(f"[train] --address auto -> {cfg.address} {cfg.address_kwargs}: {auto_why}", flush=True)
         if validation is not None:
             print(f"[train] validation every {cfg.val_every} steps on {validation.what}", flush=True)
         elif val_note is not None:

@@ -1,0 +1,190 @@
+"""A researcher's first hour (issue 16): the defaults that work, end to end at tiny sizes.
+
+- Envs declare what their actions do (``action_effects``, the contract in ``envs/__init__.py``), collect records it in
+  the manifest, and ``worldmodel.train --address auto`` (the default) chooses the address from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+import envs
+from gtmm.cli import UserError
+from rollouts import storage
+from rollouts.collect import CollectConfig, collect
+from worldmodel import checkpoint
+from worldmodel.config import ModelConfig, TrainConfig, auto_address, preset
+from worldmodel.train import train
+
+
+def tiny_folder(out: Path, **env_kwargs) -> Path:
+    """A real collected MNIST-map folder: 4 loop walks of 9 steps on 2x2 maps."""
+    collect(CollectConfig(env="mnist_map", agent="loop", episodes=4, steps=9, out=out, progress=False,
+                          env_kwargs=json.dumps({"grid": 2, **env_kwargs})))
+    return out
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return tiny_folder(tmp_path_factory.mktemp("data") / "wrap", border="wrap")
+
+
+def debug(out: Path, **kw) -> TrainConfig:
+    return dataclasses.replace(preset("debug"), out=str(out), progress=False, threads=1, val_every=0, **kw)
+
+
+# -- envs declare their action effects -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs", [{"border": "wrap"}, {"border": "clip", "allow_stay": True}])
+def test_mnist_map_action_effects_are_the_pose_changes(kwargs):
+    env = gym.make("MnistMap-v0", **kwargs)
+    effects = env.unwrapped.action_effects
+    n = env.action_space.n
+    assert effects["kind"] == "translate" and len(effects["moves"]) == n
+    assert effects["exact"] == (kwargs["border"] == "wrap")
+    assert effects == envs.make_vec("mnist_map", 2, **kwargs).action_effects  # the vector env declares the same
+    side = env.unwrapped.map.shape[0]
+    for action in range(n):
+        _, info = env.reset(seed=3)
+        before = info["pose"]
+        after = env.step(action)[4]["pose"]
+        change = after - before
+        if kwargs["border"] == "wrap":
+            change = (change + side // 2) % side - side // 2  # on the torus
+            np.testing.assert_array_equal(change, effects["moves"][action])
+        elif np.any(change):  # under clip a move into the border is blocked: otherwise it is exactly the move
+            np.testing.assert_array_equal(change, effects["moves"][action])
+    assert json.loads(json.dumps(effects)) == effects  # JSON-ready, as the manifest stores it
+
+
+def test_miniworld_action_effects_are_the_pose_changes():
+    env = envs.make("miniworld", obs_size=16, num_objects=0, turn_step=45.0, move_step=0.25)
+    try:
+        effects = env.unwrapped.action_effects
+        assert effects["kind"] == "se2" and effects["exact"] is False
+        _, info = env.reset(seed=0)
+        for action in (0, 1, 0, 2, 3):
+            pose = info["pose"]
+            _, _, _, _, info = env.step(action)
+            turn, forward = effects["moves"][action]
+            heading_change = (info["pose"][2] - pose[2] + math.pi) % (2 * math.pi) - math.pi
+            assert heading_change == pytest.approx(turn, abs=1e-5)
+            moved = info["pose"][:2] - pose[:2]
+            if np.any(moved):  # not blocked by a wall: a step of `forward` metres along the heading (MiniWorld's axes)
+                np.testing.assert_allclose(moved, forward * np.array([math.cos(pose[2]), -math.sin(pose[2])]),
+                                           atol=1e-5)
+    finally:
+        env.close()
+
+
+def test_registered_specs_have_a_time_limit_that_agrees_with_the_env():
+    assert gym.spec("MnistMap-v0").max_episode_steps == 128
+    assert gym.spec("MiniWorldRevisit-v0").max_episode_steps == 256
+    env = gym.make("MnistMap-v0")
+    env.reset(seed=0)
+    ends = [t for t in range(1, 129) if env.step(0)[3]]
+    assert ends == [128]  # the env and the TimeLimit truncate on the same step, once
+    longer = envs.make("mnist_map", max_steps=200)  # max_steps alone decides through envs.make
+    assert longer.spec.max_episode_steps == 200
+    vec = gym.make_vec("MnistMap-v0", 2, vectorization_mode="vector_entry_point", max_steps=40)
+    assert vec.unwrapped.max_steps == 40  # min(max_steps, the spec's 128), as a single env under TimeLimit
+
+
+# -- collect records them, --address auto reads them -------------------------------------------------------------------
+
+def test_collect_records_what_the_env_declares(folder):
+    env = storage.read_manifest(folder)["env"]
+    assert env["inverse_actions"] == [1, 0, 3, 2]
+    assert env["action_effects"] == {"kind": "translate", "moves": [[-14, 0], [14, 0], [0, -14], [0, 14]],
+                                     "exact": True}
+    assert storage.verify_folder(folder)["mismatches"] == []  # the episodes' stored identity includes them
+
+
+def test_auto_address_on_a_collected_mnist_map_folder_is_recorded_resolved(folder, tmp_path, capsys):
+    assert TrainConfig().address == "auto" and preset("mnist_cpu").address == "auto"
+    result = train(debug(tmp_path / "run", data=str(folder), steps=2))
+    expected = {"integrator": "additive", "inverse_actions": [1, 0, 3, 2]}
+    assert "--address auto -> actions" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["address"] == "actions" and json.loads(saved["address_kwargs"]) == expected
+    payload = checkpoint.load_raw(tmp_path / "run")
+    assert payload["config"]["address"] == "actions" and payload["model_config"]["address"] == "actions"
+    assert payload["model_config"]["address_kwargs"] == expected
+    model, config = checkpoint.load(tmp_path / "run")
+    assert model.cfg.address == "actions" and config.address == "actions"
+    # resume sees the concrete address; `--address auto` given again is the same run, `--address hidden` is not
+    resumed = train(dataclasses.replace(debug(tmp_path / "run", data=str(folder), steps=3), resume=True),
+                    explicit={"address", "steps"})
+    assert resumed["step"] == 3 and resumed["config"].address == "actions"
+    with pytest.raises(UserError, match="--address hidden conflicts with the run's saved address actions"):
+        train(dataclasses.replace(debug(tmp_path / "run", data=str(folder), steps=4, address="hidden"), resume=True),
+              explicit={"address", "steps"})
+    assert result["config"].address == "actions"
+
+
+def test_explicit_address_and_kwargs_win(folder, tmp_path):
+    hidden = train(debug(tmp_path / "hidden", data=str(folder), steps=1, address="hidden"))
+    assert hidden["config"].address == "hidden" and hidden["config"].address_kwargs == "{}"
+    merged = train(debug(tmp_path / "merged", data=str(folder), steps=1, address_kwargs='{"step_scale": 0.3}'))
+    assert json.loads(merged["config"].address_kwargs) == {"integrator": "additive", "inverse_actions": [1, 0, 3, 2],
+                                                           "step_scale": 0.3}
+    with pytest.raises(UserError, match=r"--address-kwargs: unknown argument\(s\) \['speed'\] for address 'actions'"):
+        train(debug(tmp_path / "bad", data=str(folder), steps=1, address_kwargs='{"speed": 2}'))
+    assert not (tmp_path / "bad").exists()  # refused before anything was written
+
+
+def test_auto_address_for_a_task_is_hidden(tmp_path):
+    result = train(debug(tmp_path / "task", task="perfect_recall", seq_len=6, steps=1))
+    assert result["config"].address == "hidden"
+    assert checkpoint.load_raw(tmp_path / "task")["model_config"]["address"] == "hidden"
+
+
+def _model_of(env_entry, num_actions: int = 4):
+    """The GTMM that auto builds for a manifest `env` entry (built for real: the kwargs must suit the class)."""
+    from worldmodel.model import GTMM
+
+    cfg, why = debug(Path("unused")).resolve_address(env_entry, num_actions)
+    return GTMM(cfg.model_config((28, 28, 1), num_actions, 3)), why
+
+
+def test_auto_address_on_a_miniworld_manifest_is_the_gru_integrator():
+    from envs.miniworld import INVERSE_ACTIONS, action_effects
+
+    env = {"name": "miniworld", "id": "MiniWorldRevisit-v0", "kwargs": {"max_steps": 64},
+           "inverse_actions": list(INVERSE_ACTIONS), "action_effects": action_effects(30.0, 0.4)}
+    model, why = _model_of(json.loads(json.dumps(env)))
+    assert model.cfg.address == "actions" and model.cfg.address_kwargs == {"integrator": "gru"}
+    assert "'se2'" in why
+
+
+def test_auto_address_on_an_old_manifest_without_effects_is_the_gru_integrator():
+    model, why = _model_of({"name": "mnist_map", "id": "MnistMap-v0", "kwargs": {"max_steps": 48}})
+    assert model.cfg.address == "actions" and model.cfg.address_kwargs == {"integrator": "gru"}
+    assert "declares no action effects" in why
+    assert auto_address(None, 4, "none")[0] == "hidden"  # no memory reads an address
+    assert auto_address(None, 0, "introspective")[0] == "hidden"  # no actions
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("inverse_actions", [1, 0, 3], "field 'env.inverse_actions' is [1, 0, 3], expected 4 action ids"),
+    ("inverse_actions", [1, 2, 3, 0], "forming an involution"),
+    ("action_effects", {"moves": []}, "field 'env.action_effects'"),
+    ("action_effects", {"kind": "translate", "moves": [[1, 0]]}, "field 'env.action_effects.moves'"),
+])
+def test_a_bad_manifest_entry_is_named(field, value, message):
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        auto_address({"name": "x", "id": "x", "kwargs": {}, field: value}, 4, "introspective")
+
+
+def test_model_config_resolves_auto_without_a_manifest():
+    cfg = ModelConfig()
+    assert cfg.address == "hidden"  # a ModelConfig is always concrete
+    assert TrainConfig().model_config((28, 28, 1), 4, 2).address == "actions"
+    assert TrainConfig().model_config((28, 28, 1), 0, 0).address == "hidden"
