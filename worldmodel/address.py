@@ -17,6 +17,11 @@ about 0 far away.
 
 ``prev_action`` is int64 (B,) with -1 meaning "no action" (episode start, action-free tasks): the action path then
 stays where it is. State is a ``dict[str, Tensor]``; ``step`` has no Python branching on tensor values.
+
+The fast path of the model (``GTMM.observe(..., diagnostics=False)``) uses two more entry points: the ``actions``
+and ``pose`` addresses do not read h_t, so ``sequence`` computes all T addresses before the step loop (a cumulative
+sum, one batched encoding, or the GRU alone); the ``hidden`` address's projection is one of the layers the model
+applies to h_t in one fused product (``h_linears``, read back with ``from_pre``).
 """
 
 from __future__ import annotations
@@ -45,16 +50,31 @@ class AddressPath(nn.Module):
     def init_state(self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> State:
         return {}
 
+    uses_h: bool = True  # addr_t reads h_t: computed inside the step loop (else ``sequence`` before it)
+
     def step(self, state: State, h: Tensor, prev_action: Tensor, pose: Tensor) -> tuple[Tensor, State]:
+        raise NotImplementedError
+
+    def h_linears(self) -> dict[str, nn.Linear]:
+        """The layers applied to h_t at every step, by name (fused with the memory's by the fast path)."""
+        return {}
+
+    def from_pre(self, pre: dict[str, Tensor]) -> Tensor:
+        """addr_t (B, addr_dim) from the outputs of ``h_linears`` (only for addresses with ``uses_h``)."""
+        raise NotImplementedError
+
+    def sequence(self, state: State, prev_action: Tensor, pose: Tensor) -> tuple[Tensor, State]:
+        """Every step's address at once (only without ``uses_h``): prev_action (B, T), pose (B, T, D) ->
+        (addr (B, T, addr_dim), the state after the last step), the same as T calls of ``step``."""
         raise NotImplementedError
 
 
 def fourier_features(positions: Tensor, frequencies: Tensor) -> Tensor:
     """[sin(s Omega), cos(s Omega)] / sqrt(K): unit norm, cosine between two of them = mean_k cos(omega_k . ds).
 
-    positions (B, P), frequencies (P, K) -> (B, 2K)
+    positions (..., P), frequencies (P, K) -> (..., 2K)
     """
-    phase = positions @ frequencies  # (B, K)
+    phase = positions @ frequencies  # (..., K)
     return torch.cat([phase.sin(), phase.cos()], dim=-1) / math.sqrt(frequencies.shape[1])
 
 
@@ -75,6 +95,12 @@ class HiddenAddress(AddressPath):
     def step(self, state: State, h: Tensor, prev_action: Tensor, pose: Tensor) -> tuple[Tensor, State]:
         return self.proj(h), state  # (B, addr_dim)
 
+    def h_linears(self) -> dict[str, nn.Linear]:
+        return {"address": self.proj}
+
+    def from_pre(self, pre: dict[str, Tensor]) -> Tensor:
+        return pre["address"]  # (B, addr_dim)
+
 
 class ActionAddress(AddressPath):
     """A path integrator over the previous actions only.
@@ -94,6 +120,8 @@ class ActionAddress(AddressPath):
     The trainer's ``--address-lr-scale`` multiplies this module's learning rate.
     No action (-1) leaves s unchanged.
     """
+
+    uses_h = False
 
     def __init__(self, *, num_actions: int, addr_dim: int, integrator: str = "gru", path_dim: int = 0,
                  layer_norm: bool = True, inverse_actions: Sequence[int] | None = None, step_scale: float = 0.1,
@@ -158,6 +186,26 @@ class ActionAddress(AddressPath):
             addr = fourier_features(path, self.frequencies)  # (B, addr_dim)
         return addr, {"path": path}
 
+    def sequence(self, state: State, prev_action: Tensor, pose: Tensor) -> tuple[Tensor, State]:
+        path = state["path"]  # (B, P)
+        action_ids = torch.arange(self.num_actions, device=prev_action.device)  # (A,)
+        onehot = (prev_action.unsqueeze(-1) == action_ids).to(path.dtype)  # (B, T, A), zeros for "no action"
+        if self.integrator == "additive":
+            # s_t = s_{-1} + sum_{t' <= t} E[a_{t'-1}]: one cumulative sum instead of T additions
+            paths = path.unsqueeze(1) + torch.cumsum(onehot @ self.displacements(), dim=1)  # (B, T, P)
+        else:
+            acted = (prev_action >= 0).to(path.dtype).unsqueeze(-1)  # (B, T, 1)
+            steps = []
+            for t in range(prev_action.shape[1]):  # the GRU alone; its read-out below is batched over time
+                path = acted[:, t] * self.cell(onehot[:, t], path) + (1.0 - acted[:, t]) * path  # (B, P)
+                steps.append(path)
+            paths = torch.stack(steps, dim=1)  # (B, T, P)
+        if self.integrator == "gru":
+            addr = self.proj(self.out(paths))  # (B, T, addr_dim)
+        else:
+            addr = fourier_features(paths, self.frequencies)  # (B, T, addr_dim)
+        return addr, {"path": paths[:, -1]}
+
 
 class PoseAddress(AddressPath):
     """addr_t = fourier(pose_t / pose_scale) with fixed random frequencies: same pose -> same address, exactly.
@@ -166,6 +214,8 @@ class PoseAddress(AddressPath):
     scale apart get nearly orthogonal addresses. MiniWorld poses are (x, z, heading) in metres and radians; the
     MNIST map's are (row, col) in pixels.
     """
+
+    uses_h = False
 
     def __init__(self, *, pose_dim: int, addr_dim: int, pose_scale: float | Sequence[float] = 1.0, seed: int = 0):
         super().__init__()
@@ -185,6 +235,9 @@ class PoseAddress(AddressPath):
     def step(self, state: State, h: Tensor, prev_action: Tensor, pose: Tensor) -> tuple[Tensor, State]:
         assert pose.shape == (h.shape[0], self.pose_dim), f"pose must be (B, {self.pose_dim}), got {tuple(pose.shape)}"
         return fourier_features(pose.to(self.frequencies.dtype), self.frequencies).to(h.dtype), state
+
+    def sequence(self, state: State, prev_action: Tensor, pose: Tensor) -> tuple[Tensor, State]:
+        return fourier_features(pose.to(self.frequencies.dtype), self.frequencies), state  # (B, T, addr_dim)
 
 
 def build_address(kind: str, *, h_dim: int, num_actions: int, pose_dim: int, addr_dim: int, **kw) -> AddressPath:

@@ -76,7 +76,18 @@ def batch_to_torch(batch: dict[str, Any], device: torch.device | str) -> dict[st
 
 
 class GTMMCell(nn.Module):
-    """One step of the GTMM, equations (1)-(7) of the module docstring."""
+    """One step of the GTMM, equations (1)-(7) of the module docstring.
+
+    Two ways to run it, the same math:
+      - `forward`: one step, layer by layer, with every diagnostic (the reference; dreams and diagnostics use it);
+      - the fast path, `scan_prepare` once per sequence, then `scan_step` per step (what training runs, and what
+        `GTMM.compile_step` compiles): everything that does not depend on the recurrence is computed for all T
+        steps up front (the action's share of the LSTM gates, the frame's share of the posterior, the addresses
+        when they do not read h_t, the FIFO's similarities; with frames, the prior, which then feeds nothing in
+        the loop), and the layers that read h_t alone (the address, the memory's gates and keys, the h_t columns
+        of the head that drives z_t) are ONE matrix product per step. A step is launch/dispatch-bound (a few dozen
+        small products), so op count is what costs.
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -90,6 +101,24 @@ class GTMMCell(nn.Module):
         self.lstm = nn.LSTMCell(cfg.z_dim + self.action_embed.dim + read_dim, cfg.h_dim)
         self.prior = GaussianHead(cfg.h_dim + read_dim, cfg.hidden_dim, cfg.z_dim)
         self.posterior = GaussianHead(cfg.embed_dim + cfg.h_dim + read_dim, cfg.hidden_dim, cfg.z_dim)
+        # the fast path's layout of its fused products
+        self._has_memory = self.memory.slots > 0  # with no memory the address feeds nothing: the fast path skips it
+        h_layers = self._h_layers()
+        # column blocks of the fused product on h_t: each layer's, then "heads" (the driving head's first layer)
+        self._h_names = (*h_layers, "heads")
+        self._h_widths = [layer.out_features for layer in h_layers.values()]
+        self._h_width = sum(self._h_widths)  # the columns before the heads
+        addr_layers = self.memory.addr_linears() if self._has_memory else {}
+        self._addr_names = tuple(addr_layers)
+        self._addr_widths = [layer.out_features for layer in addr_layers.values()]
+
+    def _h_layers(self) -> dict[str, nn.Linear]:
+        """The address's and the memory's layers on h_t (the fast path fuses them with the driving head's)."""
+        if not self._has_memory:
+            return {}
+        layers = {**self.address.h_linears(), **self.memory.h_linears()}
+        assert len(layers) == len(self.address.h_linears()) + len(self.memory.h_linears()), "duplicate layer names"
+        return layers
 
     def init_state(self, batch: int, device: torch.device | str, dtype: torch.dtype = torch.float32) -> ModelState:
         zeros = lambda n: torch.zeros(batch, n, device=device, dtype=dtype)  # noqa: E731
@@ -107,9 +136,11 @@ class GTMMCell(nn.Module):
         pose: torch.Tensor,
         embed: Optional[torch.Tensor] = None,
         sample: bool = True,
+        noise: Optional[torch.Tensor] = None,
     ) -> tuple[dict[str, torch.Tensor], ModelState]:
         """One step. prev_action (B,) int64 (-1 = none); pose (B, D); embed (B, E) = enc(x_t), or None to run open
-        loop from the prior. `sample=False` takes the mean of whichever distribution drives z_t.
+        loop from the prior. `sample=False` takes the mean of whichever distribution drives z_t; `noise` (B, Z) is
+        the standard normal draw of a sample (default: drawn here).
 
         `out` holds prior_mean/std (and post_mean/std with `embed`), z, h, addr, read, and the memory diagnostics
         that `worldmodel.retrieval` reads (tensors the step computed anyway): `read_weights` (B, R, N) the read
@@ -141,13 +172,154 @@ class GTMMCell(nn.Module):
             mean, std = prior_mean, prior_std
 
         # (6) the latent, reparameterised so gradients flow into mean and std
-        z = mean + std * torch.randn_like(std) if sample else mean  # (B, Z)
+        if sample:
+            z = mean + std * (torch.randn_like(std) if noise is None else noise.to(std.dtype))  # (B, Z)
+        else:
+            z = mean
 
-        # (7) write z_t under addr_t
-        memory = self.memory.write(state.memory, h, addr, z)
+        # (7) write z_t under addr_t (reusing the read's attention, which NTM/LRU/DNC writes need again)
+        memory = self.memory.write(state.memory, h, addr, z, attention=attention)
         out.update(z=z, h=h, addr=addr, read=read, read_weights=attention["weights"], read_gate=attention["gate"])
         out.update(self.memory.write_record(memory))  # write_weights, write_retain (soft memories), for attribution
         return out, ModelState(h=h, c=c, z=z, read=read, memory=memory, address=address_state)
+
+    # -- fast path ---------------------------------------------------------------------------------------------------
+
+    def scan_prepare(self, state: ModelState, prev_action: torch.Tensor, pose: torch.Tensor,
+                     embed: Optional[torch.Tensor], noise: Optional[torch.Tensor]
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The per-sequence work of the fast path: prev_action (B, T), pose (B, T, D), embed (B, T, E) or None
+        (open loop), noise (T, B, Z) or None (means).
+
+        Returns (constants, per-step tensors (T, B, ...), the address state after the last step). Constants are
+        the fused weights: `lstm.w` (4H, Z+R+H) on [z_{t-1}, r_{t-1}, h_{t-1}]; `h.w` (F, H) the layers on h_t;
+        `read.w` the r_t columns of the driving head's first layer; `addr.w` the key projections when addr_t is
+        only known inside the step. Under autocast they are cast once here, not at every step.
+        """
+        cfg = self.cfg
+        B, T = prev_action.shape
+        H, Z, E, A1 = cfg.h_dim, cfg.z_dim, cfg.embed_dim, self.action_embed.dim
+        dtype = _autocast_dtype(prev_action.device)
+        cast = (lambda x: x) if dtype is None else (lambda x: x.to(dtype))  # noqa: E731
+        const: dict[str, torch.Tensor] = {}
+        steps: dict[str, torch.Tensor] = {}
+
+        # (1) LSTM: the action's columns of W_ih are a lookup (a one-hot input), done for all steps at once
+        w_ih = self.lstm.weight_ih  # (4H, Z + A+1 + R)
+        const["lstm.w"] = cast(torch.cat([w_ih[:, :Z], w_ih[:, Z + A1:], self.lstm.weight_hh], dim=1))  # (4H, Z+R+H)
+        action_w = w_ih[:, Z:Z + A1].t()  # (A+1, 4H)
+        steps["lstm.x"] = cast(F.embedding(prev_action.t() + 1, action_w) + (self.lstm.bias_ih + self.lstm.bias_hh))
+
+        # (2)-(5) the layers on h_t, fused: [address and memory layers | the h_t columns of the head that drives z_t]:
+        # the posterior with frames (the prior feeds nothing in the loop then: `GTMM._scan` runs it on all steps
+        # at once afterwards), the prior in open loop
+        head = (self.posterior if embed is not None else self.prior).net[0]  # Linear([e,] h, r -> hidden)
+        h_cols = E if embed is not None else 0  # where the h_t columns start
+        layers = self._h_layers()
+        weights = [layer.weight for layer in layers.values()] + [head.weight[:, h_cols:h_cols + H]]
+        biases = [layer.bias if layer.bias is not None else layer.weight.new_zeros(layer.out_features)
+                  for layer in layers.values()] or [head.bias[:0]]  # none: an empty block
+        const["h.w"] = cast(torch.cat(weights, dim=0))  # (F, H)
+        if embed is not None:
+            # the frame's share of the posterior's first layer, all steps in one product
+            frame = F.linear(embed.transpose(0, 1), head.weight[:, :E], head.bias)  # (T, B, hidden)
+            steps["h.bias"] = cast(torch.cat([torch.cat(biases).expand(T, B, -1), frame], dim=-1))  # (T, B, F)
+        else:
+            const["h.b"] = cast(torch.cat(biases + [head.bias]))  # (F,)
+        if self.memory.read_dim > 0:
+            const["read.w"] = cast(head.weight[:, h_cols + H:])  # (hidden, R): the r_t columns
+
+        # (2) the address, and the memory's per-sequence work
+        address_state = state.address
+        if self._has_memory:
+            addr_layers = self.memory.addr_linears()
+            addr_w = torch.cat([layer.weight for layer in addr_layers.values()], dim=0)  # (Fa, A)
+            pre_addr: dict[str, torch.Tensor] = {}
+            addr_seq = None
+            if self.address.uses_h:
+                const["addr.w"] = cast(addr_w)
+            else:
+                addr, address_state = self.address.sequence(state.address, prev_action, pose)  # (B, T, A)
+                addr_seq = addr.transpose(0, 1)  # (T, B, A)
+                keys = F.linear(addr_seq, addr_w)  # (T, B, Fa), every step's key projections at once
+                pre_addr = dict(zip(self._addr_names, keys.split(self._addr_widths, dim=-1)))
+                steps["addr"] = addr_seq
+                steps.update(pre_addr)
+            memory_const, memory_steps = self.memory.scan_prepare(state.memory, addr_seq, pre_addr)
+            assert not (set(memory_const) & set(const)) and not (set(memory_steps) & set(steps)), "name clash"
+            const.update(memory_const)
+            steps.update(memory_steps)
+        if noise is not None:
+            steps["noise"] = noise
+        return const, steps, address_state
+
+    def scan_carry(self, state: ModelState, const: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """What the fast path's loop carries from step to step."""
+        memory = self.memory.scan_carry(state.memory, const) if self._has_memory else {}
+        return {"h": state.h, "c": state.c, "z": state.z, "read": state.read, "memory": memory}
+
+    def scan_step(self, const: dict[str, torch.Tensor], x: dict[str, torch.Tensor], carry: dict[str, Any]
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """One step of the fast path: (1)-(7) from the carry of step t-1 and step t's slices `x` of the per-step
+        tensors. A pure function of tensors (no asserts, no `.item()`, no branch on data): `torch.compile` captures
+        it whole. Returns `head` (B, 2Z), the raw output of the head that drove z_t (the posterior with frames, else
+        the prior), `z`, `h`, `read` (and `addr`)."""
+        # (1) controller: gates = [action share, precomputed] + W [z_{t-1}, r_{t-1}, h_{t-1}]
+        gates = torch.addmm(x["lstm.x"], torch.cat([carry["z"], carry["read"], carry["h"]], dim=-1),
+                            const["lstm.w"].t())  # (B, 4H)
+        i, f, g, o = gates.chunk(4, dim=-1)  # nn.LSTMCell's gate order
+        c = torch.sigmoid(f) * carry["c"].to(gates.dtype) + torch.sigmoid(i) * torch.tanh(g)  # (B, H)
+        h = torch.sigmoid(o) * torch.tanh(c)  # (B, H)
+
+        # every layer on h_t in one product: address/memory pre-activations, then the driving head's first layer
+        fused = torch.addmm(x["h.bias"] if "h.bias" in x else const["h.b"], h, const["h.w"].t())  # (B, F)
+        out: dict[str, torch.Tensor] = {}
+        read, memory = carry["read"], carry["memory"]
+        if self._has_memory:
+            # (2) address; (3) read M_{t-1}. One split (one backward node) rather than a slice per layer.
+            widths = [*self._h_widths, fused.shape[-1] - self._h_width]
+            pre = dict(zip(self._h_names, fused.split(widths, dim=-1)))
+            addr = x["addr"] if "addr" in x else self.address.from_pre(pre)  # (B, addr_dim)
+            if "addr.w" in const:
+                keys = addr @ const["addr.w"].t()  # (B, Fa)
+                pre.update(zip(self._addr_names, keys.split(self._addr_widths, dim=-1)))
+            else:
+                pre.update({name: x[name] for name in self._addr_names})
+            attention = self.memory.scan_read(memory, h, addr, pre, const, x)
+            read = attention["read"]  # (B, read_dim)
+            out["addr"] = addr
+            hidden = pre.pop("heads")  # (B, hidden)
+        else:
+            hidden = fused  # (B, hidden)
+
+        # (5) with frames, else (4): the head that drives z_t; first layer = its fused h_t columns + r_t columns
+        if "read.w" in const:
+            hidden = torch.addmm(hidden, read, const["read.w"].t())
+        head = self.posterior if "h.bias" in x else self.prior  # teacher forcing: the posterior
+        out["head"] = F.linear(F.gelu(hidden), head.net[2].weight, head.net[2].bias)  # (B, 2Z)
+        mean, std = head.split(out["head"])  # (B, Z) each
+
+        # (6) the latent; (7) the write
+        z = mean + std * x["noise"].to(std.dtype) if "noise" in x else mean  # (B, Z)
+        if self._has_memory:
+            memory = self.memory.scan_write(memory, h, addr, z, pre, attention, const, x)
+        out.update(z=z, h=h, read=read)
+        return out, {"h": h, "c": c, "z": z, "read": read, "memory": memory}
+
+    def scan_finish(self, carry: dict[str, Any], const: dict[str, torch.Tensor], state: ModelState,
+                    address_state: dict[str, torch.Tensor]) -> ModelState:
+        """The recurrent state after the loop (`state` is the one it started from). With no memory the address
+        path feeds nothing and the fast path does not run it: its state is returned as it came in."""
+        memory = self.memory.scan_finish(carry["memory"], const) if self._has_memory else state.memory
+        return ModelState(h=carry["h"], c=carry["c"], z=carry["z"], read=carry["read"], memory=memory,
+                          address=address_state)
+
+
+def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The lower-precision dtype of an active autocast region on `device`'s type, else None."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
 
 
 class GTMM(nn.Module):
@@ -157,9 +329,11 @@ class GTMM(nn.Module):
       - `init_state(batch, device)`                          -> ModelState
       - `observe(obs, prev_action, pose, state=None)`        -> dict of per-step nll, kl, z, ... and the final state
       - `imagine(state, prev_action, pose=None)`             -> open-loop frames from the prior, and the final state
+        (both with `diagnostics=False`: the fast path, without the memory diagnostics)
       - `step_prior(state, action, pose=None)`               -> one dreamed frame (for a Gymnasium env)
       - `decode_mean(z)`                                     -> frames in [0, 1], (..., H, W, C)
-      - `forward(batch, free_nats, kl_balance)`              -> training loss dict (what DDP wraps)
+      - `forward(batch, free_nats, kl_balance)`              -> training loss dict (what DDP wraps), fast path
+      - `compile_step(mode)`                                 -> compile the fast path's step (torch.compile)
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -168,6 +342,8 @@ class GTMM(nn.Module):
         self.encoder = Encoder(cfg.obs_shape, cfg.embed_dim, cfg.channels)
         self.cell = GTMMCell(cfg)
         self.decoder = Decoder(cfg.obs_shape, cfg.z_dim, cfg.channels)
+        self._compiled_step: Any = None  # `compile_step`: the compiled `cell.scan_step` (not a submodule: no weights)
+        self._compile_mode: Optional[str] = None
 
     @property
     def device(self) -> torch.device:
@@ -222,14 +398,18 @@ class GTMM(nn.Module):
         pose: torch.Tensor,
         state: Optional[ModelState] = None,
         sample: bool = True,
+        diagnostics: bool = True,
     ) -> dict[str, Any]:
         """Teacher forcing: run the posterior over real frames.
 
         obs uint8 (B, T, H, W, C); prev_action int64 (B, T); pose (B, T, D). Returns per-step `nll` and `kl` (B, T)
-        in nats, `z`, `prior_mean/std`, `post_mean/std` (B, T, Z), `logits` (B, T, C, H, W), the cell's memory
-        diagnostics stacked over time (`read_weights` (B, T, R, N), `read_gate` (B, T, R), `write_*` (B, T, N); see
-        `GTMMCell.forward`) and `state`, the recurrent state after the last frame (to continue with `imagine` or
-        `step_prior`).
+        in nats, `z`, `prior_mean/std`, `post_mean/std` (B, T, Z), `h` (B, T, H), `read` (B, T, read_dim), `logits`
+        (B, T, C, H, W) and `state`, the recurrent state after the last frame (to continue with `imagine` or
+        `step_prior`). With `diagnostics` (the default) the steps run one by one through `GTMMCell.forward` and the
+        output also holds `addr` and the cell's memory diagnostics stacked over time (`read_weights` (B, T, R, N),
+        `read_gate` (B, T, R), `write_*` (B, T, N)); `diagnostics=False` takes the fast path (what training runs,
+        see `GTMMCell`), the same figures within float rounding. Both draw the latent noise of all steps up front
+        (one (T, B, Z) normal draw), so a seed gives the same samples either way.
         """
         self._check_inputs(obs, prev_action, pose)
         B, T = prev_action.shape
@@ -238,13 +418,13 @@ class GTMM(nn.Module):
         # (5) encode every frame at once
         target = frames_to_float(obs)  # (B, T, C, H, W)
         embed = self.encoder(target.flatten(0, 1)).view(B, T, -1)  # (B, T, E)
+        noise = torch.randn(T, B, self.cfg.z_dim, device=embed.device) if sample else None  # (T, B, Z)
 
         # (1)-(7) step by step
-        steps = []
-        for t in range(T):
-            out, state = self.cell(state, prev_action[:, t], pose[:, t], embed[:, t], sample=sample)
-            steps.append(out)
-        seq = {k: torch.stack([s[k] for s in steps], dim=1) for k in steps[0]}  # each (B, T, ...)
+        if diagnostics:
+            seq, state = self._step_by_step(state, prev_action, pose, embed, noise)
+        else:
+            seq, state = self._scan(state, prev_action, pose, embed, noise)
 
         # (8) decode every latent at once; per-step ELBO terms
         logits = self.decode_logits(seq["z"])  # (B, T, C, H, W)
@@ -261,11 +441,13 @@ class GTMM(nn.Module):
         prev_action: torch.Tensor,
         pose: Optional[torch.Tensor] = None,
         sample: bool = False,
+        diagnostics: bool = True,
     ) -> dict[str, Any]:
         """Open loop: from `state`, take the actions prev_action (B, T) and predict frames from the prior alone.
 
         `pose` (B, T, D) is only read by the `pose` address; it may be None otherwise. Returns `z` (B, T, Z),
-        `frames` (B, T, H, W, C) mean decodes in [0, 1], `logits` and the final `state`.
+        `frames` (B, T, H, W, C) mean decodes in [0, 1], `logits` and the final `state`; `diagnostics` as in
+        `observe`.
         """
         B, T = prev_action.shape
         if pose is None:
@@ -273,15 +455,69 @@ class GTMM(nn.Module):
                 raise UserError("imagine: the 'pose' address needs the pose of every step; got pose=None")
             pose = torch.zeros(B, T, self.cfg.pose_dim, device=prev_action.device)
         self._check_inputs(None, prev_action, pose)
-        steps = []
-        for t in range(T):
-            out, state = self.cell(state, prev_action[:, t], pose[:, t], None, sample=sample)
-            steps.append(out)
-        seq = {k: torch.stack([s[k] for s in steps], dim=1) for k in steps[0]}
+        noise = torch.randn(T, B, self.cfg.z_dim, device=prev_action.device) if sample else None  # (T, B, Z)
+        if diagnostics:
+            seq, state = self._step_by_step(state, prev_action, pose, None, noise)
+        else:
+            seq, state = self._scan(state, prev_action, pose, None, noise)
         seq["logits"] = self.decode_logits(seq["z"])
         seq["frames"] = self.decode_mean(seq["z"])
         seq["state"] = state
         return seq
+
+    def _step_by_step(self, state: ModelState, prev_action: torch.Tensor, pose: torch.Tensor,
+                      embed: Optional[torch.Tensor], noise: Optional[torch.Tensor]
+                      ) -> tuple[dict[str, torch.Tensor], ModelState]:
+        """(1)-(7) through `GTMMCell.forward`, every output stacked over time (B, T, ...)."""
+        steps = []
+        embeds = [None] * prev_action.shape[1] if embed is None else embed.unbind(1)  # one backward node, not T
+        for t in range(prev_action.shape[1]):
+            out, state = self.cell(state, prev_action[:, t], pose[:, t], embeds[t], sample=noise is not None,
+                                   noise=None if noise is None else noise[t])
+            steps.append(out)
+        return {k: torch.stack([s[k] for s in steps], dim=1) for k in steps[0]}, state
+
+    def _scan(self, state: ModelState, prev_action: torch.Tensor, pose: torch.Tensor,
+              embed: Optional[torch.Tensor], noise: Optional[torch.Tensor]) -> tuple[dict[str, torch.Tensor], ModelState]:
+        """(1)-(7) on the fast path: `GTMMCell.scan_prepare` once, then `scan_step` (compiled by `compile_step`)
+        per step; returns z, h, read, prior_mean/std (and post_mean/std) stacked over time, and the final state."""
+        T = prev_action.shape[1]
+        const, steps, address_state = self.cell.scan_prepare(state, prev_action, pose, embed, noise)
+        carry = self.cell.scan_carry(state, const)
+        step = self.cell.scan_step if self._compiled_step is None else self._compiled_step
+        if self._compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # a new pass through the T captured steps
+        # unbind, not v[t]: one backward node per tensor that stacks the T gradients, where T selects would each
+        # scatter into a zero (T, B, ...) buffer (O(T^2) copies)
+        per_step = {k: v.unbind(0) for k, v in steps.items()}
+        outs = []
+        for t in range(T):
+            out, carry = step(const, {k: v[t] for k, v in per_step.items()}, carry)
+            outs.append(out)
+        seq = {k: torch.stack([o[k] for o in outs], dim=1) for k in outs[0]}  # each (B, T, ...)
+        if self._compile_mode == "reduce-overhead":
+            # the carry lives in the CUDA graphs' memory pool, which the next pass overwrites
+            carry = {k: ({n: v.clone() for n, v in x.items()} if isinstance(x, dict) else x.clone())
+                     for k, x in carry.items()}
+        if embed is not None:
+            seq["post_mean"], seq["post_std"] = self.cell.posterior.split(seq.pop("head"))
+            # (4) the prior fed nothing in the loop: all steps in one batched call
+            seq["prior_mean"], seq["prior_std"] = self.cell.prior(torch.cat([seq["h"], seq["read"]], dim=-1))
+        else:
+            seq["prior_mean"], seq["prior_std"] = self.cell.prior.split(seq.pop("head"))
+        return seq, self.cell.scan_finish(carry, const, state, address_state)
+
+    def compile_step(self, mode: Optional[str] = None, backend: str = "inductor") -> None:
+        """Compile the fast path's step with `torch.compile` (one graph, reused at every step; the first steps of
+        a run pay the compilation, tens of seconds). `mode="reduce-overhead"` also captures it as CUDA graphs
+        (CUDA only: one replay per step instead of a hundred kernel launches). The weights, their checkpoints and
+        the results are those of the eager step; `compile_step(None, backend=None)` goes back to eager."""
+        if backend is None:
+            self._compiled_step, self._compile_mode = None, None
+            return
+        self._compiled_step = torch.compile(self.cell.scan_step, mode=mode, backend=backend, fullgraph=True,
+                                            dynamic=False)
+        self._compile_mode = mode
 
     @torch.no_grad()
     def step_prior(
@@ -299,7 +535,7 @@ class GTMM(nn.Module):
     def warmup(self, obs: torch.Tensor, prev_action: torch.Tensor, pose: torch.Tensor) -> ModelState:
         """The recurrent state after teacher-forcing the context frames (posterior means), ready to dream."""
         with torch.no_grad():
-            return self.observe(obs, prev_action, pose, sample=False)["state"]
+            return self.observe(obs, prev_action, pose, sample=False, diagnostics=False)["state"]
 
     @torch.no_grad()
     def predict_open_loop(self, obs: torch.Tensor, prev_action: torch.Tensor, pose: torch.Tensor,
@@ -312,9 +548,11 @@ class GTMM(nn.Module):
         T = prev_action.shape[1]
         if not 0 < context < T:
             raise UserError(f"open-loop context {context}: expected 0 < context < T = {T}")
-        seen = self.observe(obs, prev_action, pose, sample=False)
-        ctx = self.observe(obs[:, :context], prev_action[:, :context], pose[:, :context], sample=False)
-        dream = self.imagine(ctx["state"], prev_action[:, context:], pose[:, context:], sample=False)
+        seen = self.observe(obs, prev_action, pose, sample=False, diagnostics=False)
+        ctx = self.observe(obs[:, :context], prev_action[:, :context], pose[:, :context], sample=False,
+                           diagnostics=False)
+        dream = self.imagine(ctx["state"], prev_action[:, context:], pose[:, context:], sample=False,
+                             diagnostics=False)
         return {"pred": dream["frames"], "recon": self.decode_mean(seen["z"]), "nll": seen["nll"], "kl": seen["kl"]}
 
     # -- training objective ------------------------------------------------------------------------------------------
@@ -327,7 +565,7 @@ class GTMM(nn.Module):
         read that feeds it) faster than it pulls the posterior towards the prior. Free bits (Kingma et al. 2016)
         stop pushing a step's KL below `free_nats`, so the posterior keeps information early in training.
         """
-        seq = self.observe(batch["obs"], batch["prev_action"], batch["pose"], sample=True)
+        seq = self.observe(batch["obs"], batch["prev_action"], batch["pose"], sample=True, diagnostics=False)
         sg = lambda x: x.detach().float()  # noqa: E731
         pm, ps = seq["prior_mean"].float(), seq["prior_std"].float()
         qm, qs = seq["post_mean"].float(), seq["post_std"].float()

@@ -38,6 +38,19 @@ most 1 per slot). To feed it, a memory's ``write`` keeps w_t and rho_t in the st
 ``write_weights`` (B, N) and ``write_retain`` (B, N) (both present from ``init_state`` on, so the state's
 structure never changes between steps), and ``write_record(state)`` returns them: views of tensors the write
 computed anyway, so the step stays pure and costs nothing extra.
+
+Fast path (``GTMM.observe(..., diagnostics=False)``, what training runs): a step is launch- and dispatch-bound, not
+math-bound (a few dozen (B, 128) x (128, k) products per step), so the model
+  - applies every linear layer that reads h_t alone (``h_linears``: sharpness, gates, location heads, erase ...)
+    as ONE matrix product per step, fused with the address and the prior/posterior, and hands the memory the
+    pre-activations as ``pre`` (a dict name -> (B, out)); the layers that read addr_t alone (``addr_linears``, the
+    key projections) likewise, once for the whole sequence when the address does not depend on h_t;
+  - passes the attention of the read to the write of the same step, which NTM/LRU/DNC would otherwise recompute;
+  - lets a memory precompute per sequence what does not depend on the recurrence (``scan_prepare``; the FIFO's
+    similarities to every slot address when the addresses are known up front) and carry less than its full state
+    through the loop (``scan_read``/``scan_write``/``scan_finish``).
+The public ``attend``/``write`` are the same math through the same code (``_attend``/``_write``) with ``pre``
+computed layer by layer: the straightforward reference the fast path is tested against.
 """
 
 from __future__ import annotations
@@ -57,8 +70,9 @@ State = dict[str, Tensor]
 class Memory(nn.Module):
     """Base class: an external memory read by address, returning content.
 
-    Subclasses implement ``init_state``, ``attend`` and ``write``. ``read`` is ``attend(...)["read"]``; ``attend``
-    also returns the diagnostics that plots and tests need:
+    Subclasses implement ``init_state``, ``_attend`` and ``_write`` (and list their per-step linear layers in
+    ``h_linears`` / ``addr_linears``). ``read`` is ``attend(...)["read"]``; ``attend`` also returns the diagnostics
+    that plots and tests need:
         read     (B, read_dim)  the gated read vector fed to the prior, posterior and next LSTM input
         weights  (B, R, N)      read attention over slots
         gate     (B, R)         the per-head gate in [0, 1] (0 = memory ignored)
@@ -70,8 +84,31 @@ class Memory(nn.Module):
     def init_state(self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> State:
         raise NotImplementedError
 
+    # -- the per-step linear layers, by name (the fast path fuses them; see the module docstring) --------------------
+
+    def h_linears(self) -> dict[str, nn.Linear]:
+        """The layers applied to h_t (B, H) at every step, by the name ``_attend``/``_write`` read in ``pre``."""
+        return {}
+
+    def addr_linears(self) -> dict[str, nn.Linear]:
+        """The layers applied to addr_t (B, A) at every step (key projections), by name."""
+        return {}
+
+    def pre_activations(self, h: Tensor, addr: Tensor) -> dict[str, Tensor]:
+        """``pre`` computed layer by layer: {name: layer(h) or layer(addr)} (the reference of the fused products)."""
+        pre = {name: layer(h) for name, layer in self.h_linears().items()}
+        pre.update({name: layer(addr) for name, layer in self.addr_linears().items()})
+        return pre
+
+    # -- the public step API -----------------------------------------------------------------------------------------
+
+    def check_inputs(self, h: Tensor, addr: Tensor, z: Tensor | None = None) -> None:
+        """Shape asserts of the public step API (the fast path, which the model drives, skips them)."""
+
     def attend(self, state: State, h: Tensor, addr: Tensor) -> dict[str, Tensor]:
-        raise NotImplementedError
+        """Read memory ``state`` (M_{t-1}) for controller ``h`` (B, H) at ``addr`` (B, A): read, weights, gate."""
+        self.check_inputs(h, addr)
+        return self._attend(state, h, addr, self.pre_activations(h, addr))
 
     def read(self, state: State, h: Tensor, addr: Tensor) -> Tensor:
         """The read vector (B, read_dim) of memory ``state`` (M_{t-1}) for controller ``h`` (B, H) at ``addr`` (B, A)."""
@@ -81,9 +118,48 @@ class Memory(nn.Module):
         """Read attention (B, R, N) over slots, for plots and tests."""
         return self.attend(state, h, addr)["weights"]
 
-    def write(self, state: State, h: Tensor, addr: Tensor, z: Tensor) -> State:
-        """The next memory state M_t after writing latent ``z`` (B, Z) at ``addr`` (B, A)."""
+    def write(self, state: State, h: Tensor, addr: Tensor, z: Tensor,
+              attention: dict[str, Tensor] | None = None) -> State:
+        """The next memory state M_t after writing latent ``z`` (B, Z) at ``addr`` (B, A). ``attention``: this step's
+        ``attend`` output, whose read weights the NTM/LRU/DNC writes reuse instead of recomputing them."""
+        self.check_inputs(h, addr, z)
+        return self._write(state, h, addr, z, self.pre_activations(h, addr), attention)
+
+    def _attend(self, state: State, h: Tensor, addr: Tensor, pre: dict[str, Tensor]) -> dict[str, Tensor]:
         raise NotImplementedError
+
+    def _write(self, state: State, h: Tensor, addr: Tensor, z: Tensor, pre: dict[str, Tensor],
+               attention: dict[str, Tensor] | None) -> State:
+        raise NotImplementedError
+
+    # -- the sequence loop of the fast path (defaults: the step API on the full state) -------------------------------
+
+    def scan_prepare(self, state: State, addr: Tensor | None, pre_addr: dict[str, Tensor]
+                     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Work done once per sequence before the step loop, from M_{-1} ``state`` and, when the address does not
+        depend on h_t, every step's address ``addr`` (T, B, A) and addr-linear outputs ``pre_addr`` (T, B, ...).
+        Returns (constants, per-step tensors with time first (T, B, ...)); the loop hands step t their [t] slices."""
+        return {}, {}
+
+    def scan_carry(self, state: State, const: dict[str, Tensor]) -> State:
+        """What the loop carries from step to step (default: the whole state)."""
+        return state
+
+    def scan_read(self, carry: State, h: Tensor, addr: Tensor, pre: dict[str, Tensor], const: dict[str, Tensor],
+                  step: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The read of one step (an ``attend``-like dict; its ``read`` (B, read_dim) feeds the model)."""
+        return self._attend(carry, h, addr, pre)
+
+    def scan_write(self, carry: State, h: Tensor, addr: Tensor, z: Tensor, pre: dict[str, Tensor],
+                   attention: dict[str, Tensor], const: dict[str, Tensor], step: dict[str, Tensor]) -> State:
+        """The write of one step: the next carry."""
+        return self._write(carry, h, addr, z, pre, attention)
+
+    def scan_finish(self, carry: State, const: dict[str, Tensor]) -> State:
+        """The memory state M_{T-1} after the loop, in ``init_state``'s layout."""
+        return carry
+
+    # -- write attribution -------------------------------------------------------------------------------------------
 
     def write_record(self, state: State) -> dict[str, Tensor]:
         """What the write that produced ``state`` did, for ``attribute``: ``write_weights`` w_t (B, N) and
@@ -112,7 +188,8 @@ def cosine_similarity(keys: Tensor, slots: Tensor, eps: float = 1e-6, slots_unit
     keys (B, R, A), slots (B, N, A) -> (B, R, N)
     """
     slots = slots if slots_unit else F.normalize(slots, dim=-1, eps=eps)
-    return torch.einsum("bra,bna->brn", F.normalize(keys, dim=-1, eps=eps), slots)
+    # bmm rather than einsum: the same product without einsum's per-call parsing (this runs every step)
+    return torch.bmm(F.normalize(keys, dim=-1, eps=eps), slots.transpose(1, 2))
 
 
 def content_weights(similarity: Tensor, beta: Tensor, valid: Tensor | None = None,
@@ -129,7 +206,7 @@ def content_weights(similarity: Tensor, beta: Tensor, valid: Tensor | None = Non
     """
     logits = beta.unsqueeze(-1) * similarity  # (B, R, N)
     if valid is not None:  # a branch on an argument's presence, not on data
-        logits = logits.masked_fill(~(valid > 0.5).unsqueeze(1), torch.finfo(logits.dtype).min)
+        logits = logits.masked_fill((valid < 0.5).unsqueeze(1), torch.finfo(logits.dtype).min)
     if occupancy is not None:
         logits = logits + occupancy.clamp_min(1e-6).log().unsqueeze(1)
     return torch.softmax(logits, dim=-1)
@@ -142,13 +219,17 @@ class ReadKeys(nn.Module):
     address (keys live in the address space: the address part of a slot is addr_t itself). U_r starts at zero and
     is only built with ``use_h``: letting h_t move the key helps the hidden-state address of the paper but would
     leak "what I see" into "where I am" for the action/pose addresses.
+    ``name`` prefixes the names of its layers' outputs in a memory's ``pre`` dict (``<name>.addr``, ``<name>.h``,
+    ``<name>.beta``).
     """
 
-    def __init__(self, *, addr_dim: int, h_dim: int, heads: int, use_h: bool = False, init_sharpness: float = 10.0):
+    def __init__(self, *, addr_dim: int, h_dim: int, heads: int, use_h: bool = False, init_sharpness: float = 10.0,
+                 name: str = "keys"):
         super().__init__()
         if init_sharpness <= 1.0:
             raise UserError(f"init_sharpness: expected > 1 (beta = 1 + softplus(.)), got {init_sharpness}")
         self.heads, self.addr_dim = heads, addr_dim
+        self.addr_name, self.h_name, self.beta_name = f"{name}.addr", f"{name}.h", f"{name}.beta"
         self.from_addr = nn.Linear(addr_dim, heads * addr_dim, bias=False)
         with torch.no_grad():  # identity per head plus a little noise so the heads can specialise
             eye = torch.eye(addr_dim).repeat(heads, 1)  # (R*A, A)
@@ -161,13 +242,27 @@ class ReadKeys(nn.Module):
             self.sharpness.weight.mul_(0.1)
             self.sharpness.bias.fill_(inverse_softplus(init_sharpness - 1.0))
 
-    def forward(self, h: Tensor, addr: Tensor) -> tuple[Tensor, Tensor]:
-        B = h.shape[0]
-        keys = self.from_addr(addr)  # (B, R*A)
+    def h_linears(self) -> dict[str, nn.Linear]:
+        layers = {self.beta_name: self.sharpness}
         if self.from_h is not None:
-            keys = keys + self.from_h(h)
-        beta = 1.0 + F.softplus(self.sharpness(h))  # (B, R), >= 1
-        return keys.view(B, self.heads, self.addr_dim), beta
+            layers[self.h_name] = self.from_h
+        return layers
+
+    def addr_linears(self) -> dict[str, nn.Linear]:
+        return {self.addr_name: self.from_addr}
+
+    def from_pre(self, pre: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """keys (B, R, A) and beta (B, R) from the layers' outputs in ``pre``."""
+        keys = pre[self.addr_name]  # (B, R*A)
+        if self.from_h is not None:
+            keys = keys + pre[self.h_name]
+        beta = 1.0 + F.softplus(pre[self.beta_name])  # (B, R), >= 1
+        return keys.view(keys.shape[0], self.heads, self.addr_dim), beta
+
+    def forward(self, h: Tensor, addr: Tensor) -> tuple[Tensor, Tensor]:
+        pre = {name: layer(h) for name, layer in self.h_linears().items()}
+        pre.update({name: layer(addr) for name, layer in self.addr_linears().items()})
+        return self.from_pre(pre)
 
 
 class ReadGate(nn.Module):
@@ -175,8 +270,11 @@ class ReadGate(nn.Module):
 
     ``match`` (B, R) is the attention-weighted cosine similarity (how well the key matched where it looked), so a
     head that finds nothing at this address can be switched off; ``written`` (B, R) is the attention mass on slots
-    that hold a write, so reading an empty memory gives exactly zero with no branch on data.
+    that hold a write, so reading an empty memory gives exactly zero with no branch on data. Its one layer's output
+    is ``pre["gate"]``.
     """
+
+    name = "gate"
 
     def __init__(self, *, h_dim: int, heads: int):
         super().__init__()
@@ -186,22 +284,28 @@ class ReadGate(nn.Module):
             self.from_h.weight.mul_(0.1)
             self.from_h.bias.zero_()
 
+    def h_linears(self) -> dict[str, nn.Linear]:
+        return {self.name: self.from_h}
+
+    def from_pre(self, pre: dict[str, Tensor], match: Tensor, written: Tensor) -> Tensor:
+        return torch.sigmoid(pre[self.name] + self.match_scale * match) * written  # (B, R)
+
     def forward(self, h: Tensor, match: Tensor, written: Tensor) -> Tensor:
-        return torch.sigmoid(self.from_h(h) + self.match_scale * match) * written  # (B, R)
+        return self.from_pre({self.name: self.from_h(h)}, match, written)
 
 
-def gated_read(gate: ReadGate, h: Tensor, weights: Tensor, similarity: Tensor, content: Tensor,
+def gated_read(gate: ReadGate, pre: dict[str, Tensor], weights: Tensor, similarity: Tensor, content: Tensor,
                occupied: Tensor, read_dim: int) -> dict[str, Tensor]:
     """r_t = concat_r g_r * sum_n w_rn content_n: the read every slot memory returns, and its diagnostics.
 
-    weights, similarity (B, R, N); content (B, N, C); occupied (B, N), 1 where a slot holds a write.
+    weights, similarity (B, R, N); content (B, N, C); occupied (B, N), 1 where a slot holds a write; ``pre`` holds
+    the gate layer's output.
     """
-    B = h.shape[0]
-    heads_read = torch.einsum("brn,bnc->brc", weights, content)  # (B, R, C)
+    heads_read = torch.bmm(weights, content)  # (B, R, C)
     match = (weights * similarity).sum(-1)  # (B, R) expected cosine of what was attended
     written = (weights * occupied.unsqueeze(1)).sum(-1)  # (B, R) 0 for an empty memory
-    g = gate(h, match, written)  # (B, R)
-    read = (g.unsqueeze(-1) * heads_read).reshape(B, read_dim)  # (B, R*C)
+    g = gate.from_pre(pre, match, written)  # (B, R)
+    read = (g.unsqueeze(-1) * heads_read).reshape(weights.shape[0], read_dim)  # (B, R*C)
     return {"read": read, "weights": weights, "gate": g}
 
 

@@ -30,6 +30,7 @@ content part.
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 from torch import Tensor
 
 from gtmm.cli import UserError
@@ -75,7 +76,8 @@ class DNCMemory(Memory):
         mode_bias[CONTENT] = 3.0  # softmax([0, 3, 0]) ~ (0.04, 0.91, 0.04): content reads at first
         self.read_modes = small_linear(h_dim, heads * 3, bias=mode_bias.repeat(heads))
         self.free_gates = small_linear(h_dim, heads, bias=-3.0)  # rarely free what was just read, at first
-        self.write_key = ReadKeys(addr_dim=addr_dim, h_dim=h_dim, heads=1, use_h=key_from_h, init_sharpness=init_sharpness)
+        self.write_key = ReadKeys(addr_dim=addr_dim, h_dim=h_dim, heads=1, use_h=key_from_h, init_sharpness=init_sharpness,
+                                  name="write_key")
         self.write_gate = small_linear(h_dim, 1, bias=4.0)  # g^w ~ 0.98: write every step
         self.allocation_gate = small_linear(h_dim, 1, bias=4.0)  # g^a ~ 0.98: to a free slot
         self.erase = small_linear(h_dim, width, bias=3.0)  # e ~ 0.95: a write mostly replaces the slot
@@ -96,48 +98,60 @@ class DNCMemory(Memory):
             "write_retain": torch.ones(batch, N, device=device, dtype=dtype),  # (B, N) rho_{t-1}, diagnostics
         }
 
-    def _read_weights(self, state: State, h: Tensor, addr: Tensor) -> tuple[Tensor, Tensor]:
-        B = h.shape[0]
-        keys, beta = self.keys(h, addr)  # (B, R, A), (B, R)
+    def check_inputs(self, h: Tensor, addr: Tensor, z: Tensor | None = None) -> None:
+        check_step_inputs("dnc", h, addr, self.h_dim, self.addr_dim, z, self.z_dim)
+
+    def h_linears(self) -> dict[str, nn.Linear]:
+        return {**self.keys.h_linears(), "read_modes": self.read_modes, "free_gates": self.free_gates,
+                **self.write_key.h_linears(), "write_gate": self.write_gate, "allocation_gate": self.allocation_gate,
+                "erase": self.erase, **self.gate.h_linears()}
+
+    def addr_linears(self) -> dict[str, nn.Linear]:
+        return {**self.keys.addr_linears(), **self.write_key.addr_linears()}
+
+    def _read_weights(self, state: State, pre: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        keys, beta = self.keys.from_pre(pre)  # (B, R, A), (B, R)
+        B = keys.shape[0]
         similarity = cosine_similarity(keys, state["addr"])  # (B, R, N)
         content = content_weights(similarity, beta, occupancy=state["written"])  # (B, R, N)
         previous = state["read_weights"]  # (B, R, N)
-        forward = torch.einsum("bij,brj->bri", state["link"], previous)  # (B, R, N)  f = L w
-        backward = torch.einsum("bij,bri->brj", state["link"], previous)  # (B, R, N)  b = L^T w
-        pi = torch.softmax(self.read_modes(h).view(B, self.heads, 3), dim=-1)  # (B, R, 3)
+        link = state["link"]  # (B, N, N)
+        forward = torch.bmm(previous, link.transpose(1, 2))  # (B, R, N)  f = L w
+        backward = torch.bmm(previous, link)  # (B, R, N)  b = L^T w
+        pi = torch.softmax(pre["read_modes"].view(B, self.heads, 3), dim=-1)  # (B, R, 3)
         weights = (pi[..., BACKWARD : BACKWARD + 1] * backward + pi[..., CONTENT : CONTENT + 1] * content
                    + pi[..., FORWARD : FORWARD + 1] * forward)  # (B, R, N)
         return weights, similarity
 
-    def attend(self, state: State, h: Tensor, addr: Tensor) -> dict[str, Tensor]:
-        check_step_inputs("dnc.read", h, addr, self.h_dim, self.addr_dim)
-        weights, similarity = self._read_weights(state, h, addr)  # (B, R, N)
-        return gated_read(self.gate, h, weights, similarity, state["content"], state["written"], self.read_dim)
+    def _attend(self, state: State, h: Tensor, addr: Tensor, pre: dict[str, Tensor]) -> dict[str, Tensor]:
+        weights, similarity = self._read_weights(state, pre)  # (B, R, N)
+        return gated_read(self.gate, pre, weights, similarity, state["content"], state["written"], self.read_dim)
 
-    def write(self, state: State, h: Tensor, addr: Tensor, z: Tensor) -> State:
-        check_step_inputs("dnc.write", h, addr, self.h_dim, self.addr_dim, z, self.z_dim)
-        read_weights, _ = self._read_weights(state, h, addr)  # (B, R, N) this step's reads
+    def _write(self, state: State, h: Tensor, addr: Tensor, z: Tensor, pre: dict[str, Tensor],
+               attention: dict[str, Tensor] | None) -> State:
+        # this step's reads (the attend of the same step computed them already)
+        read_weights = attention["weights"] if attention is not None else self._read_weights(state, pre)[0]  # (B, R, N)
 
         # Dynamic memory allocation: free what was just read (if the free gates say so), then allocate
-        free = torch.sigmoid(self.free_gates(h)).unsqueeze(-1)  # (B, R, 1)
+        free = torch.sigmoid(pre["free_gates"]).unsqueeze(-1)  # (B, R, 1)
         retention = torch.prod(1.0 - free * read_weights, dim=1)  # (B, N) psi
         previous_write = state["write_weights"]  # (B, N)
         usage = (state["usage"] + previous_write - state["usage"] * previous_write) * retention  # (B, N) u_t
         allocation = allocation_weights(usage)  # (B, N)
 
         # Write weighting: allocation or content lookup of the write key (update the slot of a known address)
-        key, beta = self.write_key(h, addr)  # (B, 1, A), (B, 1)
+        key, beta = self.write_key.from_pre(pre)  # (B, 1, A), (B, 1)
         write_similarity = cosine_similarity(key, state["addr"])  # (B, 1, N)
         write_content = content_weights(write_similarity, beta, occupancy=state["written"])[:, 0]  # (B, N)
-        g_write = torch.sigmoid(self.write_gate(h))  # (B, 1)
-        g_alloc = torch.sigmoid(self.allocation_gate(h))  # (B, 1)
+        g_write = torch.sigmoid(pre["write_gate"])  # (B, 1)
+        g_alloc = torch.sigmoid(pre["allocation_gate"])  # (B, 1)
         write_weights = g_write * (g_alloc * allocation + (1.0 - g_alloc) * write_content)  # (B, N)
 
         # Erase and write
         w = write_weights.unsqueeze(-1)  # (B, N, 1)
         content = torch.cat([z, h], dim=-1) if self.store_h else z  # (B, C)
         value = torch.cat([addr, content], dim=-1).unsqueeze(1)  # (B, 1, A+C)
-        erase = torch.sigmoid(self.erase(h)).unsqueeze(1)  # (B, 1, A+C)
+        erase = torch.sigmoid(pre["erase"]).unsqueeze(1)  # (B, 1, A+C)
         memory = torch.cat([state["addr"], state["content"]], dim=-1)  # (B, N, A+C)
         memory = memory * (1.0 - w * erase) + w * value  # (B, N, A+C)
         # attribution: the share of each slot's earlier content this write keeps (mean erase of the content part)

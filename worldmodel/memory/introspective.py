@@ -15,6 +15,12 @@ so the model "introspects" on latents it has already inferred. Each of R heads r
 The gate g_r lets the model ignore memory when nothing stored matches where it is now (a first visit), and the
 written-mass factor makes a read of an empty buffer exactly zero. The read vector is [r_1, ..., r_R] (B, R*C).
 
+Fast path (``Memory.scan_*``): when every step's address is known before the loop (the ``actions`` and ``pose``
+addresses, keys without h_t), every slot address the reads will ever see is known too, so the cosine similarities
+of all T steps' keys to their N-slot windows are computed in one batched product before the loop, and the loop
+carries only the content (a slot's address and fill flag never change once written: the window of step t over the
+time-major buffer [M_{-1} addresses, addr_0, ..., addr_{T-1}] is positions t .. t+N-1).
+
 Write attribution is exact: after the write of step t, slot n holds the write of step t - L + 1 + n (nothing while
 that is negative), so ``attribute`` shifts the coefficients one slot towards the oldest end and needs no record.
 """
@@ -22,6 +28,7 @@ that is negative), so ``attribute`` shifts the coefficients one slot towards the
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -54,26 +61,79 @@ class IntrospectiveMemory(Memory):
             "filled": torch.zeros(batch, N, device=device, dtype=dtype),  # (B, N), 1 = slot holds a write
         }
 
-    def attend(self, state: State, h: Tensor, addr: Tensor) -> dict[str, Tensor]:
-        check_step_inputs("introspective.read", h, addr, self.h_dim, self.addr_dim)
-        keys, beta = self.keys(h, addr)  # (B, R, A), (B, R)
+    def check_inputs(self, h: Tensor, addr: Tensor, z: Tensor | None = None) -> None:
+        check_step_inputs("introspective", h, addr, self.h_dim, self.addr_dim, z, self.z_dim)
+
+    def h_linears(self) -> dict[str, nn.Linear]:
+        return {**self.keys.h_linears(), **self.gate.h_linears()}
+
+    def addr_linears(self) -> dict[str, nn.Linear]:
+        return self.keys.addr_linears()
+
+    def _attend(self, state: State, h: Tensor, addr: Tensor, pre: dict[str, Tensor]) -> dict[str, Tensor]:
+        keys, beta = self.keys.from_pre(pre)  # (B, R, A), (B, R)
         similarity = cosine_similarity(keys, state["addr"], slots_unit=True)  # (B, R, N)
         weights = content_weights(similarity, beta, valid=state["filled"])  # (B, R, N)
-        return gated_read(self.gate, h, weights, similarity, state["content"], state["filled"], self.read_dim)
+        return gated_read(self.gate, pre, weights, similarity, state["content"], state["filled"], self.read_dim)
 
-    def write(self, state: State, h: Tensor, addr: Tensor, z: Tensor) -> State:
-        check_step_inputs("introspective.write", h, addr, self.h_dim, self.addr_dim, z, self.z_dim)
-        content = torch.cat([z, h], dim=-1) if self.store_h else z  # (B, C)
-        # FIFO push: drop the oldest slot, append the newest at the end. A concatenation (not an in-place
-        # roll + assignment) keeps the old state intact for autograd and costs O(N) per step, like a copy.
-        def push(buffer: Tensor, item: Tensor) -> Tensor:
-            return torch.cat([buffer[:, 1:], item.unsqueeze(1)], dim=1)
-
+    def _write(self, state: State, h: Tensor, addr: Tensor, z: Tensor, pre: dict[str, Tensor],
+               attention: dict[str, Tensor] | None) -> State:
         return {
             "addr": push(state["addr"], F.normalize(addr, dim=-1, eps=1e-6)),  # (B, N, A) normalised once, here
-            "content": push(state["content"], content),  # (B, N, C)
+            "content": push(state["content"], self._content(h, z)),  # (B, N, C)
             "filled": push(state["filled"], torch.ones_like(state["filled"][:, 0])),  # (B, N)
         }
+
+    def _content(self, h: Tensor, z: Tensor) -> Tensor:
+        return torch.cat([z, h], dim=-1) if self.store_h else z  # (B, C)
+
+    # -- fast path: similarities of the whole sequence up front (module docstring) ----------------------------------
+
+    def scan_prepare(self, state: State, addr: Tensor | None, pre_addr: dict[str, Tensor]
+                     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        if addr is None or self.keys.from_h is not None:
+            return {}, {}  # keys depend on h_t: the step-by-step read
+        T, B = addr.shape[:2]
+        N, R, A = self.slots, self.heads, self.addr_dim
+        unit = F.normalize(addr, dim=-1, eps=1e-6).transpose(0, 1)  # (B, T, A) as the writes store them
+        slot_addr = torch.cat([state["addr"], unit.to(state["addr"].dtype)], dim=1)  # (B, N+T, A) time-major buffer
+        filled = torch.cat([state["filled"], state["filled"].new_ones(B, T)], dim=1)  # (B, N+T)
+        keys = F.normalize(pre_addr[self.keys.addr_name].view(T, B, R, A), dim=-1, eps=1e-6)  # (T, B, R, A)
+        windows = slot_addr.unfold(1, N, 1)[:, :T]  # (B, T, A, N): step t reads positions t .. t+N-1
+        similarity = torch.matmul(keys.transpose(0, 1), windows.to(keys.dtype))  # (B, T, R, N)
+        window_filled = filled.unfold(1, N, 1)[:, :T]  # (B, T, N)
+        steps = {
+            "fifo.similarity": similarity.transpose(0, 1),  # (T, B, R, N)
+            "fifo.filled": window_filled.transpose(0, 1),  # (T, B, N)
+            "fifo.empty": (window_filled < 0.5).transpose(0, 1),  # (T, B, N)
+        }
+        # after the last write, slot n holds position T + n
+        return {"fifo.addr": slot_addr[:, T:], "fifo.final_filled": filled[:, T:]}, steps
+
+    def scan_carry(self, state: State, const: dict[str, Tensor]) -> State:
+        return {"content": state["content"]} if "fifo.addr" in const else state
+
+    def scan_read(self, carry: State, h: Tensor, addr: Tensor, pre: dict[str, Tensor], const: dict[str, Tensor],
+                  step: dict[str, Tensor]) -> dict[str, Tensor]:
+        if "fifo.addr" not in const:
+            return self._attend(carry, h, addr, pre)
+        similarity = step["fifo.similarity"]  # (B, R, N)
+        beta = 1.0 + F.softplus(pre[self.keys.beta_name])  # (B, R)
+        logits = (beta.unsqueeze(-1) * similarity).masked_fill(step["fifo.empty"].unsqueeze(1),
+                                                               torch.finfo(similarity.dtype).min)
+        weights = torch.softmax(logits, dim=-1)  # (B, R, N), as content_weights(..., valid=filled)
+        return gated_read(self.gate, pre, weights, similarity, carry["content"], step["fifo.filled"], self.read_dim)
+
+    def scan_write(self, carry: State, h: Tensor, addr: Tensor, z: Tensor, pre: dict[str, Tensor],
+                   attention: dict[str, Tensor], const: dict[str, Tensor], step: dict[str, Tensor]) -> State:
+        if "fifo.addr" not in const:
+            return self._write(carry, h, addr, z, pre, attention)
+        return {"content": push(carry["content"], self._content(h, z))}  # (B, N, C)
+
+    def scan_finish(self, carry: State, const: dict[str, Tensor]) -> State:
+        if "fifo.addr" not in const:
+            return carry
+        return {"addr": const["fifo.addr"], "content": carry["content"], "filled": const["fifo.final_filled"]}
 
     def write_record(self, state: State) -> dict[str, Tensor]:
         """The FIFO's attribution is fixed by its order: nothing to record."""
@@ -86,3 +146,10 @@ class IntrospectiveMemory(Memory):
         shifted = torch.cat([coefficients[..., 1:], coefficients.new_zeros(B, S, 1)], dim=-1)  # (B, S, N)
         newest = F.one_hot(torch.full((B, 1), N - 1, device=coefficients.device), N).to(coefficients.dtype)  # (B, 1, N)
         return torch.cat([shifted, newest], dim=1)  # (B, S+1, N)
+
+
+def push(buffer: Tensor, item: Tensor) -> Tensor:
+    """FIFO push: drop the oldest slot, append ``item`` (B, ...) as the newest. One concatenation (not an in-place
+    roll + assignment) keeps the old state intact for autograd; the O(N) copy is one kernel at these sizes.
+    (B, N, ...) -> (B, N, ...)"""
+    return torch.cat([buffer[:, 1:], item.unsqueeze(1)], dim=1)

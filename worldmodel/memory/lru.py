@@ -25,6 +25,7 @@ coefficients can sum above 1 on a slot that takes several soft writes (the memor
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 from torch import Tensor
 
 from gtmm.cli import UserError
@@ -65,24 +66,33 @@ class LRUMemory(Memory):
             "write_retain": torch.ones(batch, N, device=device, dtype=dtype),  # (B, N) rho_{t-1}, diagnostics
         }
 
-    def _read_weights(self, state: State, h: Tensor, addr: Tensor) -> tuple[Tensor, Tensor]:
-        keys, beta = self.keys(h, addr)  # (B, R, A), (B, R)
+    def check_inputs(self, h: Tensor, addr: Tensor, z: Tensor | None = None) -> None:
+        check_step_inputs("lru", h, addr, self.h_dim, self.addr_dim, z, self.z_dim)
+
+    def h_linears(self) -> dict[str, nn.Linear]:
+        return {**self.keys.h_linears(), "write_gate": self.write_gate, **self.gate.h_linears()}
+
+    def addr_linears(self) -> dict[str, nn.Linear]:
+        return self.keys.addr_linears()
+
+    def _read_weights(self, state: State, pre: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        keys, beta = self.keys.from_pre(pre)  # (B, R, A), (B, R)
         similarity = cosine_similarity(keys, state["addr"])  # (B, R, N)
         return content_weights(similarity, beta, occupancy=state["written"]), similarity
 
-    def attend(self, state: State, h: Tensor, addr: Tensor) -> dict[str, Tensor]:
-        check_step_inputs("lru.read", h, addr, self.h_dim, self.addr_dim)
-        weights, similarity = self._read_weights(state, h, addr)  # (B, R, N)
-        return gated_read(self.gate, h, weights, similarity, state["content"], state["written"], self.read_dim)
+    def _attend(self, state: State, h: Tensor, addr: Tensor, pre: dict[str, Tensor]) -> dict[str, Tensor]:
+        weights, similarity = self._read_weights(state, pre)  # (B, R, N)
+        return gated_read(self.gate, pre, weights, similarity, state["content"], state["written"], self.read_dim)
 
-    def write(self, state: State, h: Tensor, addr: Tensor, z: Tensor) -> State:
-        check_step_inputs("lru.write", h, addr, self.h_dim, self.addr_dim, z, self.z_dim)
-        read_weights, _ = self._read_weights(state, h, addr)  # (B, R, N) this step's read, before the write
+    def _write(self, state: State, h: Tensor, addr: Tensor, z: Tensor, pre: dict[str, Tensor],
+               attention: dict[str, Tensor] | None) -> State:
+        # this step's read, before the write (the attend of the same step computed it already)
+        read_weights = attention["weights"] if attention is not None else self._read_weights(state, pre)[0]  # (B, R, N)
         usage = state["usage"]  # (B, N)
         # argmin returns the first minimum: ties (e.g. all-empty slots) resolve to the lowest index, deterministically
         slot_ids = torch.arange(self.slots, device=usage.device)  # (N,)
         least_used = (usage.argmin(dim=-1, keepdim=True) == slot_ids).to(usage.dtype)  # (B, N) one-hot
-        alpha = torch.sigmoid(self.write_gate(h))  # (B, 1)
+        alpha = torch.sigmoid(pre["write_gate"])  # (B, 1)
         write_weights = alpha * read_weights.mean(1) + (1.0 - alpha) * least_used  # (B, N)
 
         content = torch.cat([z, h], dim=-1) if self.store_h else z  # (B, C)

@@ -22,12 +22,13 @@ class NoMemory(Memory):
     def init_state(self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> State:
         return {}
 
-    def attend(self, state: State, h: Tensor, addr: Tensor) -> dict[str, Tensor]:
+    def _attend(self, state: State, h: Tensor, addr: Tensor, pre: dict[str, Tensor]) -> dict[str, Tensor]:
         B = h.shape[0]
         empty = h.new_zeros(B, 0)
         return {"read": empty, "weights": h.new_zeros(B, 0, 0), "gate": empty}
 
-    def write(self, state: State, h: Tensor, addr: Tensor, z: Tensor) -> State:
+    def _write(self, state: State, h: Tensor, addr: Tensor, z: Tensor, pre: dict[str, Tensor],
+               attention: dict[str, Tensor] | None) -> State:
         return state
 
     def write_record(self, state: State) -> dict[str, Tensor]:

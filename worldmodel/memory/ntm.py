@@ -36,31 +36,44 @@ from worldmodel.memory.base import (
 
 
 class LocationHead(nn.Module):
-    """Per-head interpolation gate g in (0, 1), shift distribution s over -S..S, sharpening gamma >= 1, from h_t."""
+    """Per-head interpolation gate g in (0, 1), shift distribution s over -S..S, sharpening gamma >= 1, from h_t.
+    ``name`` prefixes its layers' outputs in the memory's ``pre`` dict (``<name>.g``, ``<name>.s``, ``<name>.gamma``)."""
 
-    def __init__(self, *, h_dim: int, heads: int, shift_range: int, interpolate: float, shift: int, gamma: float):
+    def __init__(self, *, h_dim: int, heads: int, shift_range: int, interpolate: float, shift: int, gamma: float,
+                 name: str):
         super().__init__()
         self.heads, self.shifts = heads, 2 * shift_range + 1
+        self.names = (f"{name}.g", f"{name}.s", f"{name}.gamma")
         self.interpolation = small_linear(h_dim, heads, bias=torch.logit(torch.tensor(interpolate)))
         shift_bias = torch.full((self.shifts,), -3.0)
         shift_bias[shift + shift_range] = 3.0  # most of the mass on the chosen initial shift
         self.shift = small_linear(h_dim, heads * self.shifts, bias=shift_bias.repeat(heads))
         self.sharpening = small_linear(h_dim, heads, bias=inverse_softplus(gamma - 1.0))
 
-    def forward(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        B = h.shape[0]
-        g = torch.sigmoid(self.interpolation(h))  # (B, R)
-        s = torch.softmax(self.shift(h).view(B, self.heads, self.shifts), dim=-1)  # (B, R, 2S+1)
-        gamma = 1.0 + F.softplus(self.sharpening(h))  # (B, R)
+    def h_linears(self) -> dict[str, nn.Linear]:
+        return dict(zip(self.names, (self.interpolation, self.shift, self.sharpening)))
+
+    def from_pre(self, pre: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        g_name, s_name, gamma_name = self.names
+        shift = pre[s_name]  # (B, R*(2S+1))
+        g = torch.sigmoid(pre[g_name])  # (B, R)
+        s = torch.softmax(shift.view(shift.shape[0], self.heads, self.shifts), dim=-1)  # (B, R, 2S+1)
+        gamma = 1.0 + F.softplus(pre[gamma_name])  # (B, R)
         return g, s, gamma
+
+    def forward(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.from_pre({name: layer(h) for name, layer in self.h_linears().items()})
 
 
 def ntm_weights(w_content: Tensor, w_prev: Tensor, g: Tensor, s: Tensor, gamma: Tensor) -> Tensor:
     """NTM eq. 7-9 from the content weights (B, R, N) and the head's previous weights (B, R, N)."""
     w_g = g.unsqueeze(-1) * w_content + (1.0 - g.unsqueeze(-1)) * w_prev  # (B, R, N)   eq. 7
     shift_range = (s.shape[-1] - 1) // 2
-    # eq. 8 as a sum of rolled copies: roll by +k moves weight from slot n to slot n+k (S is 1 or 2: cheap)
-    w_s = sum(s[..., k : k + 1] * torch.roll(w_g, shifts=k - shift_range, dims=-1) for k in range(s.shape[-1]))
+    # eq. 8, w~(n) = sum_k s(k) w^g(n - k + S), as one product of the circularly padded windows of w^g with the
+    # flipped shift distribution: window n of the padded weights holds w^g(n - S .. n + S)
+    padded = torch.cat([w_g[..., -shift_range:], w_g, w_g[..., :shift_range]], dim=-1)  # (B, R, N + 2S)
+    windows = padded.unfold(-1, s.shape[-1], 1)  # (B, R, N, 2S+1)
+    w_s = torch.matmul(windows, s.flip(-1).unsqueeze(-1)).squeeze(-1)  # (B, R, N)
     # eq. 9; the clamp keeps d/dgamma (w^gamma log w) finite where a weight underflowed to 0
     w_sharp = w_s.clamp_min(1e-12) ** gamma.unsqueeze(-1)  # (B, R, N)
     return w_sharp / w_sharp.sum(-1, keepdim=True)
@@ -82,10 +95,11 @@ class NTMMemory(Memory):
         width = addr_dim + self.content_dim
         self.keys = ReadKeys(addr_dim=addr_dim, h_dim=h_dim, heads=heads, use_h=key_from_h, init_sharpness=init_sharpness)
         self.read_location = LocationHead(h_dim=h_dim, heads=heads, shift_range=shift_range, interpolate=0.95,
-                                          shift=0, gamma=1.5)
-        self.write_key = ReadKeys(addr_dim=addr_dim, h_dim=h_dim, heads=1, use_h=key_from_h, init_sharpness=init_sharpness)
+                                          shift=0, gamma=1.5, name="read")
+        self.write_key = ReadKeys(addr_dim=addr_dim, h_dim=h_dim, heads=1, use_h=key_from_h, init_sharpness=init_sharpness,
+                                  name="write_key")
         self.write_location = LocationHead(h_dim=h_dim, heads=1, shift_range=shift_range, interpolate=0.05,
-                                           shift=1, gamma=3.0)
+                                           shift=1, gamma=3.0, name="write")
         self.erase = small_linear(h_dim, width, bias=3.0)  # e ~ 0.95: a write mostly replaces the slot
         self.gate = ReadGate(h_dim=h_dim, heads=heads)
 
@@ -102,25 +116,34 @@ class NTMMemory(Memory):
             "write_retain": torch.ones(batch, N, device=device, dtype=dtype),  # (B, N) rho_{t-1}, diagnostics
         }
 
-    def _read_weights(self, state: State, h: Tensor, addr: Tensor) -> tuple[Tensor, Tensor]:
-        keys, beta = self.keys(h, addr)  # (B, R, A), (B, R)
+    def check_inputs(self, h: Tensor, addr: Tensor, z: Tensor | None = None) -> None:
+        check_step_inputs("ntm", h, addr, self.h_dim, self.addr_dim, z, self.z_dim)
+
+    def h_linears(self) -> dict[str, nn.Linear]:
+        return {**self.keys.h_linears(), **self.read_location.h_linears(), **self.write_key.h_linears(),
+                **self.write_location.h_linears(), "erase": self.erase, **self.gate.h_linears()}
+
+    def addr_linears(self) -> dict[str, nn.Linear]:
+        return {**self.keys.addr_linears(), **self.write_key.addr_linears()}
+
+    def _read_weights(self, state: State, pre: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        keys, beta = self.keys.from_pre(pre)  # (B, R, A), (B, R)
         similarity = cosine_similarity(keys, state["addr"])  # (B, R, N)
-        g, s, gamma = self.read_location(h)
+        g, s, gamma = self.read_location.from_pre(pre)
         w_content = content_weights(similarity, beta, occupancy=state["written"])  # (B, R, N)
         weights = ntm_weights(w_content, state["read_weights"], g, s, gamma)  # (B, R, N)
         return weights, similarity
 
-    def attend(self, state: State, h: Tensor, addr: Tensor) -> dict[str, Tensor]:
-        check_step_inputs("ntm.read", h, addr, self.h_dim, self.addr_dim)
-        weights, similarity = self._read_weights(state, h, addr)  # (B, R, N)
-        return gated_read(self.gate, h, weights, similarity, state["content"], state["written"], self.read_dim)
+    def _attend(self, state: State, h: Tensor, addr: Tensor, pre: dict[str, Tensor]) -> dict[str, Tensor]:
+        weights, similarity = self._read_weights(state, pre)  # (B, R, N)
+        return gated_read(self.gate, pre, weights, similarity, state["content"], state["written"], self.read_dim)
 
-    def write(self, state: State, h: Tensor, addr: Tensor, z: Tensor) -> State:
-        check_step_inputs("ntm.write", h, addr, self.h_dim, self.addr_dim, z, self.z_dim)
+    def _write(self, state: State, h: Tensor, addr: Tensor, z: Tensor, pre: dict[str, Tensor],
+               attention: dict[str, Tensor] | None) -> State:
         # the read heads' weights of this step, kept as w^r_{t-1} for the next step's interpolation (eq. 7)
-        read_weights, _ = self._read_weights(state, h, addr)  # (B, R, N)
-        key, beta = self.write_key(h, addr)  # (B, 1, A), (B, 1)
-        g, s, gamma = self.write_location(h)
+        read_weights = attention["weights"] if attention is not None else self._read_weights(state, pre)[0]  # (B, R, N)
+        key, beta = self.write_key.from_pre(pre)  # (B, 1, A), (B, 1)
+        g, s, gamma = self.write_location.from_pre(pre)
         write_similarity = cosine_similarity(key, state["addr"])  # (B, 1, N)
         w_content = content_weights(write_similarity, beta, occupancy=state["written"])  # (B, 1, N)
         write_weights = ntm_weights(w_content, state["write_weights"], g, s, gamma)  # (B, 1, N)
@@ -128,7 +151,7 @@ class NTMMemory(Memory):
 
         content = torch.cat([z, h], dim=-1) if self.store_h else z  # (B, C)
         value = torch.cat([addr, content], dim=-1).unsqueeze(1)  # (B, 1, A+C)   v_t
-        erase = torch.sigmoid(self.erase(h)).unsqueeze(1)  # (B, 1, A+C)   e_t
+        erase = torch.sigmoid(pre["erase"]).unsqueeze(1)  # (B, 1, A+C)   e_t
         memory = torch.cat([state["addr"], state["content"]], dim=-1)  # (B, N, A+C)
         memory = memory * (1.0 - w * erase) + w * value  # eq. 3, 4
         # attribution: the share of each slot's earlier content this write keeps (mean erase of the content part)
