@@ -10,7 +10,10 @@ dataset lands in ``<out>/<dataset id>``; read it back with
 Lossless: Minari 0.5 JPEG-encodes image observations of 32x32 and larger by default, which would change the
 frames; we pass ``jpeg_encoding=False`` so observations are stored as raw uint8 arrays (uncompressed HDF5, so the
 export is larger than our compressed ``.npz`` files). ``pose``, ``revisit`` and ``visit_count`` go into the episode
-``infos`` (T+1 entries, like the observations); each episode keeps its env seed.
+``infos`` (T+1 entries, like the observations); each episode keeps its env seed. The dataset's ``env_spec`` and
+``eval_env_spec`` are the registered env with the recorded kwargs, so ``dataset.recover_environment()`` (and
+``recover_environment(eval_env=True)``) makes the env the episodes came from; a folder of an unregistered env (a
+stock MiniWorld env wrapped by ``miniworld:<Id>``) gets no spec.
 
 Safe: ``--out`` is locked while exporting (``gtmm.fs.FolderLock``), every episode is checked against the manifest
 first, and the dataset is built in a hidden staging folder of ``--out`` and renamed into place only when complete, so
@@ -67,7 +70,21 @@ def _env_spec(manifest: dict[str, Any]) -> gym.envs.registration.EnvSpec | None:
     env_id = manifest["env"]["id"]
     if env_id not in gym.registry:
         return None
-    return dataclasses.replace(gym.spec(env_id), kwargs=dict(manifest["env"]["kwargs"]))
+    spec, kwargs = gym.spec(env_id), dict(manifest["env"]["kwargs"])
+    limit = spec.max_episode_steps
+    if limit is not None and isinstance(kwargs.get("max_steps"), int):
+        limit = kwargs["max_steps"]  # the TimeLimit where the env's own limit is (what envs.make does)
+    return dataclasses.replace(spec, kwargs=kwargs, max_episode_steps=limit)
+
+
+class _SpecCarrier(gym.Env):
+    """What Minari reads off an env object (``spec``, the two spaces) without building the env: given a ``gym.Env``,
+    ``create_dataset_from_buffers`` records ``env.spec`` as the dataset's ``env_spec`` (what
+    ``dataset.recover_environment()`` makes) and uses the spaces we pass; given a spec or an id it would ``gym.make``
+    one just to read its spaces (a GL context for MiniWorld, a checkpoint and data folder for a dream). Never stepped."""
+
+    def __init__(self, spec: gym.envs.registration.EnvSpec, observation_space: gym.Space, action_space: gym.Space):
+        self.spec, self.observation_space, self.action_space = spec, observation_space, action_space
 
 
 def export_minari(data: Path, out: Path, dataset_id: str | None = None, overwrite: bool = False):
@@ -138,7 +155,8 @@ def _build(minari, EpisodeBuffer, manifest: dict[str, Any], data: Path, stage: P
             minari.create_dataset_from_buffers(
                 dataset_id=dataset_id,
                 buffer=buffers,
-                env=None,  # giving the env would make Minari build one just to read its spaces; the spec goes below
+                # env_spec (recover_environment) and eval_env_spec: the registered env with the recorded kwargs
+                env=_SpecCarrier(spec, observation_space, action_space) if spec is not None else None,
                 observation_space=observation_space,
                 action_space=action_space,
                 algorithm_name=f"gtmm-worlds {manifest['agent']['name']} agent",

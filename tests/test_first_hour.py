@@ -188,3 +188,61 @@ def test_model_config_resolves_auto_without_a_manifest():
     assert cfg.address == "hidden"  # a ModelConfig is always concrete
     assert TrainConfig().model_config((28, 28, 1), 4, 2).address == "actions"
     assert TrainConfig().model_config((28, 28, 1), 0, 0).address == "hidden"
+
+
+# -- pretrained models: export, the registry, `pretrained:NAME` ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_run(folder, tmp_path_factory) -> Path:
+    """A 3-step debug run on the collected folder, evaluated against itself (an eval.json to record)."""
+    from worldmodel.evaluate import EvalConfig, run
+
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    train(debug(out, data=str(folder), steps=3, seq_len=8))
+    run(EvalConfig(checkpoint=str(out), data=str(folder), context=3, windows=4, resamples=10, strip_windows=0,
+                   device="cpu"))
+    return out
+
+
+def test_export_writes_a_small_weights_only_checkpoint_with_how_it_was_made(tiny_run, tmp_path):
+    import torch
+
+    from worldmodel import pretrained
+
+    target = pretrained.export(pretrained.ExportConfig(run=str(tiny_run), name="tiny", out=str(tmp_path)))
+    raw = torch.load(target, weights_only=True)  # plain tensors and values: nothing to unpickle but those
+    assert "optimizer" not in raw and "rng" not in raw
+    full = checkpoint.load_raw(tiny_run)
+    assert target.stat().st_size < 0.6 * (tiny_run / "ckpt.pt").stat().st_size
+    model, _ = checkpoint.load(target)
+    reference, _ = checkpoint.load(tiny_run)
+    params = {n for n, _ in reference.named_parameters()}
+    for name, tensor in raw["model"].items():  # float16 parameters, buffers untouched (the Fourier frequencies)
+        original = full["model"][name]
+        if name in params and original.is_floating_point():
+            assert tensor.dtype == torch.float16
+            torch.testing.assert_close(model.state_dict()[name], original, atol=1e-3, rtol=1e-3)
+        else:
+            assert tensor.dtype == original.dtype and torch.equal(tensor, original), name
+    made_by = raw["made_by"]
+    assert made_by == json.loads(target.with_suffix(".json").read_text())
+    assert made_by["steps"] == 3 and made_by["weights_dtype"] == "float16" and made_by["address"] == "actions"
+    assert made_by["commands"][0].startswith("python -m rollouts.collect --env mnist_map --agent loop --episodes 4")
+    assert "--preset debug --steps 3" in made_by["commands"][1] and "--val-every 0" in made_by["commands"][1]
+    [figures] = made_by["eval"]
+    assert figures["role"] == "model" and figures["open_loop_mse_revisit_context"]["mean"] > 0
+    assert made_by["data"]["fingerprint"] == full["data_fingerprint"]
+    with pytest.raises(UserError, match="exists: pass --overwrite"):
+        pretrained.export(pretrained.ExportConfig(run=str(tiny_run), name="tiny", out=str(tmp_path)))
+    with pytest.raises(UserError, match="--name 'Tiny-1'"):
+        pretrained.export(pretrained.ExportConfig(run=str(tiny_run), name="Tiny-1", out=str(tmp_path)))
+
+
+def test_unknown_pretrained_name_lists_the_shipped_ones():
+    from worldmodel import pretrained
+
+    with pytest.raises(UserError, match=r"checkpoint pretrained:nope: no such pretrained model; shipped: "):
+        checkpoint.load("pretrained:nope")
+    with pytest.raises(UserError, match="no such pretrained model"):
+        checkpoint.resolve("pretrained:../../config")  # a name, never a path
+    assert all(checkpoint.resolve(f"pretrained:{n}") == pretrained.path(n) for n in pretrained.names())

@@ -1,5 +1,9 @@
 """Checkpoints: one `ckpt.pt` per run folder, written atomically, holding everything to resume or to rebuild the model.
 
+Anything that takes a checkpoint (`load`, `load_raw`, `resolve`, `sha256_of`, so `evaluate`, `dream`, the `dream`
+env) also takes `pretrained:NAME`, a model shipped in the package (`worldmodel.pretrained`: the same format without
+optimizer and RNG state, float16 weights that loading casts back into the float32 model, and a `made_by` record).
+
 Contents (a plain dict of tensors and plain values, see the trust model below):
     model          state_dict of the GTMM
     model_config   ModelConfig as a dict (rebuilds the model without the data)
@@ -45,13 +49,20 @@ from worldmodel.config import ModelConfig, TrainConfig
 # 2: RNG states as lists/tensors instead of numpy arrays and tuples, so the whole file loads with weights_only=True
 FORMAT_VERSION = 2
 NAME = "ckpt.pt"
+PRETRAINED = "pretrained:"  # `pretrained:NAME` names a model shipped in the package (worldmodel.pretrained)
 
-# what may appear in a checkpoint: exactly what torch's weights-only unpickler builds without help
-_PLAIN = (str, int, float, bool, type(None), torch.Tensor)
+# what may appear in a checkpoint: exactly what torch's weights-only unpickler builds without help. Scalars by exact
+# type: a subclass pickles as itself (torch.__version__ is a TorchVersion, a numpy float64 is a float) and is refused
+_PLAIN = (str, int, float, bool, type(None))
 
 
 def resolve(path: str | os.PathLike) -> Path:
-    """The checkpoint file of `path`: a ckpt.pt file itself, or `<run folder>/ckpt.pt`; UserError if there is none."""
+    """The checkpoint file of `path`: a ckpt.pt file itself, `<run folder>/ckpt.pt`, or for `pretrained:NAME` the
+    shipped model's file (`worldmodel.pretrained`); UserError if there is none."""
+    if isinstance(path, str) and path.startswith(PRETRAINED):
+        from worldmodel import pretrained  # the registry imports this module: import it only when asked
+
+        return pretrained.path(path)
     path = Path(path)
     file = path / NAME if path.is_dir() else path
     if not file.is_file():
@@ -114,17 +125,17 @@ def _check_rng(state: Any) -> str | None:
     return None
 
 
-def _check_plain(value: Any, where: str) -> None:
+def check_plain(value: Any, where: str) -> None:
     """Fail loudly at save time if the payload holds anything a weights-only load would refuse."""
     if isinstance(value, dict):
         for key, item in value.items():
-            if not isinstance(key, (str, int)):
+            if type(key) not in (str, int):
                 raise TypeError(f"checkpoint payload: key {key!r} at {where} is a {type(key).__name__}")
-            _check_plain(item, f"{where}.{key}")
+            check_plain(item, f"{where}.{key}")
     elif isinstance(value, (list, tuple)):
         for i, item in enumerate(value):
-            _check_plain(item, f"{where}[{i}]")
-    elif not isinstance(value, _PLAIN):
+            check_plain(item, f"{where}[{i}]")
+    elif type(value) not in _PLAIN and not isinstance(value, torch.Tensor):
         raise TypeError(f"checkpoint payload: {where} is a {type(value).__name__}; store tensors and plain values "
                         "only, or the checkpoint will not load with weights_only=True")
 
@@ -147,7 +158,7 @@ def save(path: str | os.PathLike, *, model: torch.nn.Module, optimizer: torch.op
         "rng": rng_state(),
         **(extra or {}),
     }
-    _check_plain(payload, "checkpoint")
+    check_plain(payload, "checkpoint")
     # serialise in memory, then one atomic write: torch.save straight to a file on a full disk raises an opaque
     # "[enforce fail at inline_container.cc] unexpected pos" and leaves its temp file behind
     buffer = io.BytesIO()
