@@ -9,13 +9,20 @@
 Train/val is split BY EPISODE (windows of one episode never land on both sides), deterministically from ``seed``.
 Each split is decoded once into an uncompressed cache (``<root>/.cache`` by default, ``.npy`` files, the frames
 memory-mapped), so ``__getitem__`` is a slice and DataLoader workers share the pages instead of copying them.
+
+Training draws whole batches: ``RolloutWindows.sample_batch(index)`` gathers B windows with one vectorised fancy
+index per array (no per-window Python, no stacking), and ``Prefetcher`` makes the batches of the next steps in a
+background thread (on CUDA into pinned memory, copied with ``non_blocking`` on a side stream) so that the training
+loop finds each batch ready instead of waiting for it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
+import queue
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -203,3 +210,104 @@ class RolloutWindows(Dataset):
         window = slice(start, start + self.seq_len)
         arrays = self._get_arrays()
         return {name: torch.from_numpy(np.array(arrays[name][window])) for name in _CACHE_KEYS}
+
+    def sample_batch(self, index: np.ndarray) -> dict[str, np.ndarray]:
+        """The windows ``index`` (B,) as one batch with the B axis: obs (B, T, H, W, C) uint8, prev_action (B, T)
+        int64, revisit (B, T) bool, pose (B, T, D) float32 -- the same arrays as stacking ``self[i]`` for each i,
+        gathered with one fancy index per array (frames rows start + [0, T)), several times faster."""
+        index = np.asarray(index)
+        if index.ndim != 1 or not np.issubdtype(index.dtype, np.integer):
+            raise UserError(f"sample_batch: expected a 1-D integer array of window indices, got {index.dtype} "
+                            f"{index.shape}")
+        if index.size and (index.min() < -len(self) or index.max() >= len(self)):
+            raise IndexError(f"sample_batch: window index out of range [0, {len(self)})")
+        rows = self.window_starts[index][:, None] + np.arange(self.seq_len)  # (B, T) frame rows
+        arrays = self._get_arrays()
+        return {name: np.asarray(arrays[name][rows]) for name in _CACHE_KEYS}  # fancy indexing copies: (B, T, ...)
+
+
+class Prefetcher:
+    """Makes the batches of steps ``start, start + 1, ...`` ahead of time in a background thread.
+
+    ``make(step)`` returns a batch as a dict of numpy arrays (deterministic in ``step``: e.g. windows drawn with a
+    generator seeded by the step, so that a resumed run prefetches the batches an uninterrupted one would use);
+    ``get(step)`` returns that step's batch as tensors on ``device``, cast to ``dtypes`` where given. On CUDA the
+    thread copies each batch into pinned memory and to the GPU with ``non_blocking=True`` on its own stream, and
+    ``get`` makes the caller's stream wait for that copy, so neither the gather nor the transfer stalls the GPU.
+    ``depth`` batches are kept ready. numpy's gather and torch's copies release the GIL, so the thread overlaps
+    with the training step. An error in ``make`` is raised by the ``get`` of its step. Use as a context manager
+    (or call ``close``) to stop the thread.
+    """
+
+    def __init__(self, make: Callable[[int], dict[str, np.ndarray]], device: torch.device | str, start: int = 0,
+                 depth: int = 2, dtypes: dict[str, torch.dtype] | None = None):
+        if depth < 1:
+            raise UserError(f"prefetch depth {depth}: expected >= 1")
+        self.make, self.device, self.dtypes = make, torch.device(device), dict(dtypes or {})
+        self.next_step = start
+        self._cuda = self.device.type == "cuda"
+        self._stream = torch.cuda.Stream(self.device) if self._cuda else None
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(start,), name="gtmm-prefetch", daemon=True)
+        self._thread.start()
+
+    def _to_device(self, arrays: dict[str, np.ndarray]) -> tuple[dict[str, torch.Tensor], Any]:
+        tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+        if not self._cuda:
+            return {k: t.to(dtype=self.dtypes.get(k, t.dtype)) for k, t in tensors.items()}, None
+        with torch.cuda.stream(self._stream):
+            out = {k: t.pin_memory().to(self.device, dtype=self.dtypes.get(k, t.dtype), non_blocking=True)
+                   for k, t in tensors.items()}
+            ready = torch.cuda.Event()
+            ready.record(self._stream)
+        return out, ready
+
+    def _run(self, step: int) -> None:
+        while not self._stop.is_set():
+            try:
+                item: Any = self._to_device(self.make(step))
+            except BaseException as error:  # handed to the consumer, which raises it in its own thread
+                item = error
+            while not self._stop.is_set():
+                try:
+                    self._queue.put((step, item), timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(item, BaseException):
+                return
+            step += 1
+
+    def get(self, step: int) -> dict[str, torch.Tensor]:
+        """The batch of ``step``, which must be the next one (steps are consumed in order, none skipped)."""
+        if step != self.next_step:
+            raise ValueError(f"Prefetcher.get({step}): the next prefetched step is {self.next_step}")
+        made, item = self._queue.get()
+        assert made == step, f"prefetcher out of order: made {made}, asked {step}"
+        self.next_step += 1
+        if isinstance(item, BaseException):
+            raise item
+        tensors, ready = item
+        if ready is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(ready)
+            for t in tensors.values():  # the side stream's memory is now used on this stream
+                t.record_stream(current)
+        return tensors
+
+    def close(self) -> None:
+        """Stop the thread (the batches it made are dropped)."""
+        self._stop.set()
+        while True:  # unblock a put in progress
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> "Prefetcher":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -244,3 +244,71 @@ def test_cpu_encoder_and_decoder_variants_compute_the_plain_layers(obs_shape):
         for a, b in zip(torch.autograd.grad(out.square().sum(), inputs),
                         torch.autograd.grad(expected.square().sum(), inputs)):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+# -- data pipeline: one gather per batch, batches made ahead ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def windows(tmp_path_factory):
+    """A rollout folder of 5 numpy-made episodes of different lengths, in the on-disk format, as 6-frame windows."""
+    import numpy as np
+
+    from rollouts import storage
+    from rollouts.dataset import RolloutWindows
+
+    root = tmp_path_factory.mktemp("rollouts")
+    rng = np.random.default_rng(0)
+    manifest = storage.new_manifest(env_name="synthetic", env_id="synthetic", env_kwargs={}, agent_name="random",
+                                    agent_kwargs={}, seed=0, steps_per_episode=12, obs_shape=(8, 8, 3),
+                                    num_actions=4, pose_dim=2, episodes_requested=5)
+    for index, steps in enumerate((12, 5, 9, 12, 7)):
+        episode = {"obs": rng.integers(0, 256, (steps + 1, 8, 8, 3), dtype=np.uint8),
+                   "action": rng.integers(0, 4, steps).astype(np.int64), "reward": np.zeros(steps, np.float32),
+                   "terminated": np.zeros(steps, bool), "truncated": np.zeros(steps, bool),
+                   "pose": rng.normal(size=(steps + 1, 2)).astype(np.float32), "revisit": rng.random(steps + 1) < 0.5,
+                   "visit_count": np.zeros(steps + 1, np.int32)}
+        file = storage.episode_filename(index)
+        sha = storage.save_episode(root / file, episode, storage.episode_identity(manifest, index, index, index))
+        manifest["episodes"].append(storage.episode_record(index, file, sha, (root / file).stat().st_size, episode,
+                                                           env_seed=index, agent_seed=index))
+    storage.write_manifest(root, manifest)
+    return RolloutWindows(root, seq_len=6, split="all", cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+def test_sample_batch_is_the_stack_of_the_windows(windows):
+    import numpy as np
+
+    index = np.array([0, len(windows) - 1, 3, 3, 17])  # repeats and the last window of the last episode
+    batch = windows.sample_batch(index)
+    for key, value in batch.items():
+        expected = np.stack([windows[int(i)][key].numpy() for i in index])
+        assert value.dtype == expected.dtype and value.shape == expected.shape, key
+        np.testing.assert_array_equal(value, expected, err_msg=key)
+    assert batch["obs"].shape == (5, 6, 8, 8, 3) and batch["prev_action"].dtype == np.int64
+    with pytest.raises(ValueError, match="1-D integer"):
+        windows.sample_batch(np.zeros((2, 2), dtype=np.int64))
+    with pytest.raises(IndexError, match="out of range"):
+        windows.sample_batch(np.array([len(windows)]))
+
+
+def test_prefetcher_hands_out_each_steps_batch_in_order_and_raises_make_errors(windows):
+    import numpy as np
+
+    from rollouts.dataset import Prefetcher
+
+    def make(step: int) -> dict:
+        if step == 6:
+            raise RuntimeError("bad step 6")
+        return windows.sample_batch(np.random.default_rng([0, step]).integers(len(windows), size=3))
+
+    with Prefetcher(make, "cpu", start=2, depth=2, dtypes={"pose": torch.float64}) as loader:
+        for step in range(2, 6):  # a resumed run starting at step 2 gets the batches of steps 2, 3, ...
+            batch = loader.get(step)
+            expected = make(step)
+            assert torch.equal(batch["obs"], torch.from_numpy(expected["obs"]))
+            assert batch["pose"].dtype == torch.float64
+        with pytest.raises(RuntimeError, match="bad step 6"):
+            loader.get(6)
+        with pytest.raises(ValueError, match="next prefetched step is 7"):
+            loader.get(9)
+    assert not loader._thread.is_alive()
