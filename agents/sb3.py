@@ -15,6 +15,10 @@ weights come from the file (``policy.pth``, read with ``torch.load(weights_only=
 error naming the file: a zip without ``gtmm_policy.json`` (e.g. saved by plain SB3: retrain it with
 ``python -m agents.train_sb3``), a class name outside ``SAFE_CLASSES``, a ``policy.pth`` whose pickle needs
 anything but tensors, and anything that is not such a zip. The ``:serialized:`` fields are never read.
+
+SB3 on our envs directly: ``PPO("CnnPolicy", gym.make("MnistMap-v0"), policy_kwargs=policy_kwargs_for())``.
+SB3's default CNN (NatureCNN) needs frames of at least 36x36 and fails on the 28x28 MNIST-map window; ``SmallCNN`` fits
+any size (MiniWorld's 64x64 frames work either way).
 """
 
 from __future__ import annotations
@@ -290,6 +294,16 @@ class SB3Agent(Agent):
         return np.array([rng.choice(self.num_actions, p=p) for rng, p in zip(self.rngs, probs)], dtype=np.int64)
 
 
-def policy_kwargs_for() -> dict[str, Any]:
-    """PPO policy kwargs for our image envs: the SmallCNN features (fits any image size)."""
-    return {"features_extractor_class": SmallCNN, "features_extractor_kwargs": {"features_dim": 128}}
+def policy_kwargs_for(features_dim: int = 128) -> dict[str, Any]:
+    """SB3 policy kwargs for our image envs: the ``SmallCNN`` features extractor, which fits any image size.
+
+    SB3's ``CnnPolicy`` uses NatureCNN, whose first 8x8 stride-4 kernel needs frames of at least 36x36:
+    ``PPO("CnnPolicy", gym.make("MnistMap-v0"))`` fails on the 28x28 window with "Kernel size can't be greater than
+    actual input size". Pass these kwargs instead (what ``python -m agents.train_sb3`` does)::
+
+        from stable_baselines3 import PPO
+        import gymnasium as gym, envs
+        from agents.sb3 import policy_kwargs_for
+        model = PPO("CnnPolicy", gym.make("MnistMap-v0"), policy_kwargs=policy_kwargs_for())
+    """
+    return {"features_extractor_class": SmallCNN, "features_extractor_kwargs": {"features_dim": int(features_dim)}}

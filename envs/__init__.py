@@ -19,10 +19,10 @@ Contract shared by all our envs (what ``agents/``, ``rollouts/`` and ``worldmode
 - ``env.unwrapped.action_effects`` (optional; absent = unknown): what each action does to ``info["pose"]``, as a
   JSON-ready dict ``{"kind": ..., "moves": [one entry per action id], "exact": bool}``:
 
-  | kind          | ``moves[a]``                         | pose units          | env                      |
-  |---------------|--------------------------------------|---------------------|--------------------------|
-  | ``translate`` | ``[d_row, d_col]`` added to the pose | pixels              | MNIST map (stay = [0, 0]) |
-  | ``se2``       | ``[turn, forward]``: turn by ``turn`` radians (left positive), then step ``forward`` metres along the heading | metres, radians | MiniWorld |
+  | kind          | ``moves[a]``                                                  | units           | env       |
+  |---------------|---------------------------------------------------------------|-----------------|-----------|
+  | ``translate`` | ``[d_row, d_col]`` added to the pose (stay = ``[0, 0]``)      | pixels          | MNIST map |
+  | ``se2``       | ``[turn, forward]``: turn (left positive), then step ahead    | radians, metres | MiniWorld |
 
   ``exact`` is False when a move can be blocked (a ``clip`` border, a wall), so the moves are what an action does
   when it is not blocked. ``rollouts.collect`` records ``inverse_actions`` and ``action_effects`` in the manifest's

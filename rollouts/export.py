@@ -81,7 +81,8 @@ class _SpecCarrier(gym.Env):
     """What Minari reads off an env object (``spec``, the two spaces) without building the env: given a ``gym.Env``,
     ``create_dataset_from_buffers`` records ``env.spec`` as the dataset's ``env_spec`` (what
     ``dataset.recover_environment()`` makes) and uses the spaces we pass; given a spec or an id it would ``gym.make``
-    one just to read its spaces (a GL context for MiniWorld, a checkpoint and data folder for a dream). Never stepped."""
+    one just to read its spaces (a GL context for MiniWorld, a checkpoint and data folder for a dream).
+    Never stepped."""
 
     def __init__(self, spec: gym.envs.registration.EnvSpec, observation_space: gym.Space, action_space: gym.Space):
         self.spec, self.observation_space, self.action_space = spec, observation_space, action_space

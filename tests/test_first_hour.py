@@ -40,7 +40,7 @@ def debug(out: Path, **kw) -> TrainConfig:
     return dataclasses.replace(preset("debug"), out=str(out), progress=False, threads=1, val_every=0, **kw)
 
 
-# -- envs declare their action effects -----------------------------------------------------------------------------------
+# -- envs declare their action effects ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs", [{"border": "wrap"}, {"border": "clip", "allow_stay": True}])
 def test_mnist_map_action_effects_are_the_pose_changes(kwargs):
@@ -190,7 +190,7 @@ def test_model_config_resolves_auto_without_a_manifest():
     assert TrainConfig().model_config((28, 28, 1), 0, 0).address == "hidden"
 
 
-# -- pretrained models: export, the registry, `pretrained:NAME` ------------------------------------------------------------
+# -- pretrained models: export, the registry, `pretrained:NAME` ---------------------------------------------------
 
 @pytest.fixture(scope="module")
 def tiny_run(folder, tmp_path_factory) -> Path:
@@ -246,3 +246,121 @@ def test_unknown_pretrained_name_lists_the_shipped_ones():
     with pytest.raises(UserError, match="no such pretrained model"):
         checkpoint.resolve("pretrained:../../config")  # a name, never a path
     assert all(checkpoint.resolve(f"pretrained:{n}") == pretrained.path(n) for n in pretrained.names())
+
+
+# -- the shipped models and the Python API ---------------------------------------------------------------------------
+
+def _shipped(name: str) -> str:
+    from worldmodel import pretrained
+
+    if name not in pretrained.names():
+        pytest.skip(f"pretrained:{name} is not shipped in {pretrained.ASSETS} (make it with python -m "
+                    "worldmodel.pretrained export)")
+    return f"pretrained:{name}"
+
+
+def test_the_python_api_snippet_runs_as_documented():
+    """The ```python block of worldmodel's docstring (the README's Python API section), run exactly as written."""
+    import re
+    import subprocess
+    import sys
+
+    import worldmodel
+
+    _shipped("mnist_map")
+    code = re.search(r"```python\n(.*?)```", worldmodel.__doc__, re.S).group(1)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    mse = float(proc.stdout.rsplit(":", 1)[1])
+    assert 0 <= mse < 0.05, proc.stdout  # the way back is recalled, not guessed (a 'none' model: ~0.1)
+
+
+def test_import_worldmodel_stays_light():
+    import subprocess
+    import sys
+
+    code = "import sys, worldmodel; print('torch' in sys.modules, callable(worldmodel.load))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "True"]
+
+
+def test_dream_from_recalls_better_with_memory_than_without():
+    """The shipped memory model and its `none` baseline on the same held-out walks out and back."""
+    import worldmodel
+
+    memory, baseline = (worldmodel.load(_shipped(n)) for n in ("mnist_map", "mnist_map_none"))
+    env = gym.make("MnistMap-v0", split="test", border="wrap")
+    errors = {"memory": [], "none": []}
+    for seed in range(8):
+        obs, _ = env.reset(seed=seed)
+        out = [int(a) for a in np.random.default_rng(seed).integers(0, 4, 7)]
+        frames = [obs] + [env.step(a)[0] for a in out]
+        back = [env.unwrapped.inverse_actions[a] for a in reversed(out)]
+        truth = np.stack([env.step(a)[0] for a in back]) / 255.0
+        for name, model in (("memory", memory), ("none", baseline)):
+            dreamed = worldmodel.dream_from(model, np.stack(frames), out, back)
+            assert dreamed.shape == truth.shape and dreamed.dtype == np.uint8
+            errors[name].append(np.mean((dreamed / 255.0 - truth) ** 2))
+    assert np.mean(errors["memory"]) < 0.5 * np.mean(errors["none"]), errors
+    with pytest.raises(ValueError, match="6 actions for 8 context frames: expected K - 1 = 7"):
+        worldmodel.dream_from(memory, np.stack(frames), out[:-1], back)
+
+
+# -- validators: every registered env with its default kwargs ---------------------------------------------------------
+
+def _registered(env_id: str) -> gym.Env:
+    if env_id == "Dream-v0":  # needs a model: the shipped one, dreaming beside a live map
+        return gym.make(env_id, checkpoint=_shipped("mnist_map"), env="mnist_map_test",
+                        env_kwargs={"border": "wrap"}, device="cpu")
+    return gym.make(env_id)
+
+
+@pytest.mark.parametrize("env_id", ["MnistMap-v0", "MiniWorldRevisit-v0", "Dream-v0"])
+def test_gymnasium_and_sb3_check_env(env_id):
+    import warnings
+
+    from gymnasium.utils.env_checker import check_env as gymnasium_check
+    from stable_baselines3.common.env_checker import check_env as sb3_check
+
+    env = _registered(env_id)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            gymnasium_check(env.unwrapped, skip_render_check=True)
+            sb3_check(env)
+        # the only warning allowed: SB3's NatureCNN minimum of 36x36 (agents.sb3.policy_kwargs_for is the way round)
+        others = [str(w.message) for w in caught if "minimal resolution for an image is 36x36" not in str(w.message)]
+        assert others == []
+    finally:
+        env.close()
+
+
+def test_sb3_cnn_policy_on_28x28_frames_with_our_features():
+    from stable_baselines3 import PPO
+
+    from agents.sb3 import policy_kwargs_for
+
+    with pytest.raises(RuntimeError, match="Kernel size can't be greater than actual input size"):
+        PPO("CnnPolicy", gym.make("MnistMap-v0"), device="cpu")  # SB3's NatureCNN: 36x36 at least
+    model = PPO("CnnPolicy", gym.make("MnistMap-v0"), policy_kwargs=policy_kwargs_for(), n_steps=32, batch_size=32,
+                n_epochs=1, device="cpu", seed=0)
+    model.learn(32)
+
+
+def test_minari_export_recovers_the_environment(folder, tmp_path, monkeypatch):
+    import minari
+
+    from rollouts.export import export_minari
+
+    dataset = export_minari(folder, tmp_path / "minari")
+    env = dataset.recover_environment()
+    assert env.spec.id == "MnistMap-v0" and env.spec.kwargs == storage.read_manifest(folder)["env"]["kwargs"]
+    assert env.spec.max_episode_steps == 9  # the recorded max_steps, not the spec's default 128
+    first = next(iter(dataset.iterate_episodes()))
+    [meta] = dataset.storage.get_episode_metadata([first.id])
+    obs, _ = env.reset(seed=int(meta["seed"]))  # the recovered env with the episode's seed: the same first frame
+    np.testing.assert_array_equal(obs, first.observations[0])
+    assert dataset.recover_environment(eval_env=True).spec.kwargs == env.spec.kwargs
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    assert minari.load_dataset(dataset.spec.dataset_id).total_episodes == 4

@@ -12,7 +12,7 @@ README runs in about two minutes on 2 CPU cores:
 |----------------------|------------------------------|------------------------------------------------------|
 | ``rollouts.collect`` | ``--episodes N``             | min(N, 8), added when absent (default 100)           |
 | ``rollouts.collect`` | ``--workers N``              | min(N, 2)                                            |
-| ``worldmodel.train`` | ``--steps N`` (updates)      | 2, added when absent (not to ``--resume``, which keeps the run's) |
+| ``worldmodel.train`` | ``--steps N`` (updates)      | 2, added when absent (not with ``--resume``)         |
 | ``worldmodel.evaluate`` | ``--windows N``           | min(N, 8), added when absent                         |
 | ``worldmodel.dream`` | ``--steps N`` / ``--episodes N`` | min(N, 12) / min(N, 2), added when absent        |
 | ``agents.train_sb3`` | ``--timesteps N``            | min(N, 512), added when absent (one PPO update)      |
@@ -160,7 +160,8 @@ def test_readme_blocks_run_in_order_in_one_folder(tmp_path):
     probe = subprocess.run(["python", "-c", "import worldmodel, rollouts, envs, agents"], cwd=tmp_path, env=env,
                            capture_output=True, text=True)
     if probe.returncode != 0:
-        pytest.skip(f"the package is not installed for {sys.executable} (pip install -e .): {_last_error(probe.stderr)}")
+        pytest.skip(f"the package is not installed for {sys.executable} (pip install -e .): "
+                    f"{_last_error(probe.stderr)}")
     found = blocks(README.read_text())
     assert found, f"{README}: no ```bash or ```python block"
     failures, ran, started = [], 0, time.perf_counter()

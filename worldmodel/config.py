@@ -268,7 +268,8 @@ def auto_address(env: Optional[dict[str, Any]], num_actions: int, memory: str) -
     if effects is None:
         why = "the data's manifest declares no action effects (an older collect): the GRU path integrator"
     else:
-        why = f"the env's actions are {effects['kind']!r} moves: the GRU path integrator (no exact integrator for them yet)"
+        why = (f"the env's actions are {effects['kind']!r} moves: the GRU path integrator (no exact integrator for "
+               "them yet)")
     return "actions", {"integrator": "gru"}, why
 
 

@@ -155,7 +155,8 @@ def _matches(entry: dict[str, Any], run_dir: Path, file: Path, eval_json: Path) 
         return False
     recorded = Path(entry["checkpoint"])
     # older eval.json files record the path as given: relative to wherever evaluate ran, some folder above the file
-    candidates = [recorded] if recorded.is_absolute() else [recorded, *(a / recorded for a in eval_json.resolve().parents)]
+    above = [folder / recorded for folder in eval_json.resolve().parents]
+    candidates = [recorded] if recorded.is_absolute() else [recorded, *above]
     targets = {run_dir.resolve(), file.resolve()}
     return any(c.resolve() in targets for c in candidates)
 
@@ -264,8 +265,9 @@ def export(cfg: ExportConfig) -> Path:
         "name": cfg.name,
         "commands": commands,
         "data": {
-            **({"env": manifest["env"]["name"], "env_id": manifest["env"]["id"], "env_kwargs": manifest["env"]["kwargs"],
-                "agent": manifest["agent"]["name"], "agent_kwargs": manifest["agent"]["kwargs"],
+            **({"env": manifest["env"]["name"], "env_id": manifest["env"]["id"],
+                "env_kwargs": manifest["env"]["kwargs"], "agent": manifest["agent"]["name"],
+                "agent_kwargs": manifest["agent"]["kwargs"],
                 "steps_per_episode": manifest["steps_per_episode"], "seed": manifest["seed"]}
                if manifest is not None else {}),
             "folder": config.get("data"), "task": config.get("task"),
@@ -307,8 +309,9 @@ def describe(name: str) -> str:
                      f"{json.dumps(data.get('env_kwargs', {}))}")
         for fig in made_by.get("eval", []):
             ol = fig["open_loop_mse_revisit_context"]
-            text = (f"  eval on {fig['data']['name']} ({fig['data']['windows']} windows, K {fig['context']}): open-loop "
-                    f"MSE on revisits of context places {ol['mean']:.4f} [{ol['ci'][0]:.4f}, {ol['ci'][1]:.4f}], "
+            text = (f"  eval on {fig['data']['name']} ({fig['data']['windows']} windows, K {fig['context']}): "
+                    f"open-loop MSE on revisits of context places {ol['mean']:.4f} "
+                    f"[{ol['ci'][0]:.4f}, {ol['ci'][1]:.4f}], "
                     f"own reconstruction {fig['own_reconstruction_mse_revisit_context']:.4f}")
             ratio = fig.get("ratios", {}).get("open_loop_revisit_context_over_baseline")
             if ratio is not None:
