@@ -450,6 +450,9 @@ class MnistMapEnv(gym.Env[np.ndarray, int]):
       IDX files (``envs.digits.load_digits``).
     - ``render_mode="rgb_array"``: the whole map, the path so far and the current window.
 
+    Stable-Baselines3: the 28x28 window is smaller than the 36x36 that SB3's default CNN (NatureCNN) needs, so use
+    ``PPO("CnnPolicy", env, policy_kwargs=agents.sb3.policy_kwargs_for())`` (a small CNN that fits any size).
+
     Every argument is checked (a ``UserError`` names it): ints must be ints (``True`` is not a grid size), the
     window must fit the map and leave it room to move, and ``step`` must move it: at most ``map - window`` under
     clip, at most half a map side under wrap (more would land where a shorter move the other way does).

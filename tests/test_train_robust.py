@@ -89,6 +89,12 @@ BAD_INPUTS = [
      "for memory 'none'; accepted: none (it takes no arguments)"),
     ("unknown_address_kwarg", D + ["--address", "actions", "--address-kwargs", '{"speed": 2}'],
      "--address-kwargs: unknown argument(s) ['speed'] for address 'actions'; accepted: "),
+    ("unknown_address", D + ["--address", "gps"], "--address 'gps': expected auto or one of"),
+    # --address auto (the default) resolves from the data first, then checks the merged kwargs the same way
+    ("unknown_auto_address_kwarg", D + ["--address-kwargs", '{"speed": 2}'],
+     "--address-kwargs: unknown argument(s) ['speed'] for address 'actions'; accepted: "),
+    ("auto_address_kwarg_for_hidden", ["--task", "perfect_recall", "--address-kwargs", '{"integrator": "gru"}'],
+     "--address-kwargs: unknown argument(s) ['integrator'] for address 'hidden'"),
     ("seq_len_too_long", D + ["--seq-len", "50"],
      "--seq-len 50: the longest training episode in DATA has 10 frames; pass --seq-len 10 or less"),
     ("device_name", D + ["--device", "tpu"], "--device 'tpu': expected auto, cpu, cuda or cuda:N"),
