@@ -2,89 +2,112 @@
 
     python benchmarks/dream_throughput.py
     python benchmarks/dream_throughput.py --checkpoint runs/intro_additive --data data/mnist_map --num-envs 1 16 256
+    python benchmarks/dream_throughput.py --device cuda --num-envs 1024 --preset gpu
 
 N dreams step in one forward call of the model (prior step + decoder), so frames/s should grow with N until the
 device is busy. Without --checkpoint, an untrained model of a preset's sizes (default `mnist_cpu`) is saved through
 the checkpoint API into a temp folder: speed does not depend on the weights. Without --data, 8 short MNIST-map
 episodes are collected into a temp folder for the context frames. Reset (the warm-up on K context frames) is
-excluded; the figure is steady-state stepping with a fixed action pattern.
+excluded; the figure is steady-state stepping with a fixed action pattern, split into the model's share
+(`GTMM.step_prior` and the frame's conversion, timed around the same calls on the same states) and the rest of
+the env's step (per-dream bookkeeping in Python). argparse, not tyro: the GPU machine has torch and numpy only
+(the repository's modules still need gymnasium and tyro there).
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
-import tyro
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from rollouts.collect import CollectConfig, collect  # noqa: E402
 from worldmodel import checkpoint  # noqa: E402
 from worldmodel.config import preset  # noqa: E402
 from worldmodel.dream import DreamVectorEnv  # noqa: E402
 from worldmodel.model import GTMM  # noqa: E402
 
 
-@dataclass
-class BenchConfig:
-    checkpoint: Optional[str] = None
-    """a trained run folder or ckpt.pt (default: an untrained model of --preset's sizes)"""
-    preset: str = "mnist_cpu"
-    """sizes of the untrained model when no --checkpoint is given"""
-    memory: str = "introspective"
-    """memory of the untrained model"""
-    data: Optional[str] = None
-    """rollout folder for the context frames (default: 8 MNIST-map episodes collected to a temp folder)"""
-    num_envs: list[int] = field(default_factory=lambda: [1, 8, 64])
-    """batch sizes to measure"""
-    steps: int = 50
-    """timed steps per batch size (after 3 warm-up steps)"""
-    device: str = "auto"
-    """auto (cuda if available), cpu, cuda"""
-    threads: int = 1
-    """torch CPU threads"""
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", default=None, help="a trained run folder or ckpt.pt (default: an untrained model)")
+    p.add_argument("--preset", default="mnist_cpu", help="sizes of the untrained model when no --checkpoint is given")
+    p.add_argument("--memory", default="introspective", help="memory of the untrained model")
+    p.add_argument("--data", default=None, help="rollout folder for the context frames (default: 8 collected episodes)")
+    p.add_argument("--num-envs", type=int, nargs="+", default=[1, 8, 64], help="batch sizes to measure")
+    p.add_argument("--steps", type=int, default=50, help="timed steps per batch size (after 3 warm-up steps)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    args = p.parse_args(argv)
+    if args.steps < 1 or min(args.num_envs) < 1:
+        p.error(f"--steps {args.steps} / --num-envs {args.num_envs}: expected >= 1")
+    return args
 
 
-def main(cfg: BenchConfig) -> None:
-    torch.set_num_threads(cfg.threads)
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        data = cfg.data
+        data = args.data
         if data is None:
+            from rollouts.collect import CollectConfig, collect  # the envs and their digits: only to make data
+
             data = str(Path(tmp) / "data")
             collect(CollectConfig(env="mnist_map", agent="loop", episodes=8, steps=31, out=Path(data), progress=False))
-        ckpt = cfg.checkpoint
+        ckpt = args.checkpoint
         if ckpt is None:
-            train_cfg = preset(cfg.preset)
-            train_cfg.memory = cfg.memory
+            train_cfg = preset(args.preset)
+            train_cfg.memory = args.memory
             model = GTMM(train_cfg.model_config((28, 28, 1), num_actions=4, pose_dim=2))
             ckpt = str(checkpoint.save(Path(tmp) / "run" / "ckpt.pt", model=model, optimizer=None, config=train_cfg,
                                        step=0))
-        print(f"checkpoint {cfg.checkpoint or f'untrained {cfg.preset} / {cfg.memory}'} | data {cfg.data or 'temp'} | "
-              f"threads {torch.get_num_threads()}")
-        for n in cfg.num_envs:
-            vec = DreamVectorEnv(ckpt, n, data=data, max_steps=10**9, device=cfg.device)
+        print(f"checkpoint {args.checkpoint or f'untrained {args.preset} / {args.memory}'} | data "
+              f"{args.data or 'temp'} | threads {torch.get_num_threads()} | torch {torch.__version__}")
+        for n in args.num_envs:
+            vec = DreamVectorEnv(ckpt, n, data=data, max_steps=10**9, device=args.device)
             vec.reset(seed=0)
             actions = np.arange(n) % vec.single_action_space.n
             for _ in range(3):
                 vec.step(actions)
-            sync = torch.cuda.synchronize if vec.dreams.device.type == "cuda" else (lambda: None)
+            device = vec.dreams.device
+            sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+            model_time = time_model_share(vec, actions)
             sync()
             start = time.perf_counter()
-            for t in range(cfg.steps):
+            for t in range(args.steps):
                 vec.step((actions + t) % vec.single_action_space.n)
             sync()
             elapsed = time.perf_counter() - start
-            print(f"num_envs {n:5d} on {vec.dreams.device}: {cfg.steps / elapsed:8.1f} batched steps/s, "
-                  f"{n * cfg.steps / elapsed:9.0f} dreamed frames/s, {1e3 * elapsed / cfg.steps:7.2f} ms/step")
+            card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+            print(f"num_envs {n:5d} on {card}: {args.steps / elapsed:8.1f} batched steps/s, "
+                  f"{n * args.steps / elapsed:9.0f} dreamed frames/s, {1e3 * elapsed / args.steps:7.2f} ms/step "
+                  f"(the model's step_prior: {1e3 * model_time:6.2f} ms)", flush=True)
             vec.close()
 
 
+def time_model_share(vec: DreamVectorEnv, actions: np.ndarray, repeats: int = 10) -> float:
+    """Seconds per call of the model's own step (`GTMM.step_prior` + uint8 frames to the host) on the dreams'
+    current states, without the env's per-dream bookkeeping (the states are not advanced)."""
+    dreams = vec.dreams
+    device = dreams.device
+    action = torch.as_tensor(actions, device=device)
+    pose = torch.zeros(len(actions), dreams.model.cfg.pose_dim, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with torch.no_grad():
+        dreams.model.step_prior(dreams.state, action, pose)
+        sync()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            frames, _ = dreams.model.step_prior(dreams.state, action, pose)
+            frames.mul(255).round().to(torch.uint8).cpu()
+        sync()
+    return (time.perf_counter() - start) / repeats
+
+
 if __name__ == "__main__":
-    main(tyro.cli(BenchConfig))
+    main()

@@ -166,13 +166,18 @@ def test_compiled_step_gives_the_eager_losses_and_gradients(memory):
     torch.manual_seed(1)
     eager = model(batch, free_nats=0.1, kl_balance=0.8)
     eager_grads = grads(model, eager["loss"])
-    model.compile_step(backend="aot_eager")
+    model.compile_step(backend="aot_eager", fullgraph=True)
     torch.manual_seed(1)
     compiled = model(batch, free_nats=0.1, kl_balance=0.8)
     torch.testing.assert_close(compiled["loss"], eager["loss"])
     assert_close_grads(model, eager_grads, grads(model, compiled["loss"]), rtol=1e-6)
     assert set(model.state_dict()) == set(GTMM(model.cfg).state_dict())  # no weights of its own
+    with torch.no_grad():  # evaluation runs the same step eagerly
+        pred = model.predict_open_loop(batch["obs"], batch["prev_action"], batch["pose"], context=3)
     model.compile_step(None, backend=None)
+    with torch.no_grad():
+        torch.testing.assert_close(pred["pred"], model.predict_open_loop(batch["obs"], batch["prev_action"],
+                                                                         batch["pose"], context=3)["pred"])
     assert model._compiled_step is None
 
 
@@ -186,7 +191,7 @@ def test_inductor_compiled_step_on_the_cpu():
     torch.manual_seed(1)
     eager = model(batch)
     eager_grads = grads(model, eager["loss"])
-    model.compile_step()
+    model.compile_step(fullgraph=True)
     torch.manual_seed(1)
     compiled = model(batch)
     torch.testing.assert_close(compiled["loss"], eager["loss"], rtol=1e-5, atol=1e-4)

@@ -484,8 +484,11 @@ class GTMM(nn.Module):
         T = prev_action.shape[1]
         const, steps, address_state = self.cell.scan_prepare(state, prev_action, pose, embed, noise)
         carry = self.cell.scan_carry(state, const)
-        step = self.cell.scan_step if self._compiled_step is None else self._compiled_step
-        if self._compile_mode == "reduce-overhead":
+        # the compiled step serves training (grad mode); evaluation's no-grad passes, other batch sizes and the open
+        # loop would each add graphs (and CUDA-graph pools) for little gain, so they run the same step eagerly
+        compiled = self._compiled_step is not None and torch.is_grad_enabled()
+        step = self._compiled_step if compiled else self.cell.scan_step
+        if compiled and self._compile_mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()  # a new pass through the T captured steps
         # unbind, not v[t]: one backward node per tensor that stacks the T gradients, where T selects would each
         # scatter into a zero (T, B, ...) buffer (O(T^2) copies)
@@ -495,7 +498,7 @@ class GTMM(nn.Module):
             out, carry = step(const, {k: v[t] for k, v in per_step.items()}, carry)
             outs.append(out)
         seq = {k: torch.stack([o[k] for o in outs], dim=1) for k in outs[0]}  # each (B, T, ...)
-        if self._compile_mode == "reduce-overhead":
+        if compiled and self._compile_mode == "reduce-overhead":
             # the carry lives in the CUDA graphs' memory pool, which the next pass overwrites
             carry = {k: ({n: v.clone() for n, v in x.items()} if isinstance(x, dict) else x.clone())
                      for k, x in carry.items()}
@@ -507,15 +510,19 @@ class GTMM(nn.Module):
             seq["prior_mean"], seq["prior_std"] = self.cell.prior.split(seq.pop("head"))
         return seq, self.cell.scan_finish(carry, const, state, address_state)
 
-    def compile_step(self, mode: Optional[str] = None, backend: str = "inductor") -> None:
-        """Compile the fast path's step with `torch.compile` (one graph, reused at every step; the first steps of
-        a run pay the compilation, tens of seconds). `mode="reduce-overhead"` also captures it as CUDA graphs
-        (CUDA only: one replay per step instead of a hundred kernel launches). The weights, their checkpoints and
-        the results are those of the eager step; `compile_step(None, backend=None)` goes back to eager."""
+    def compile_step(self, mode: Optional[str] = None, backend: Optional[str] = "inductor",
+                     fullgraph: bool = False) -> None:
+        """Compile the fast path's step with `torch.compile` for training (grad mode): one graph for the first
+        step of a window and one for the others, reused at every step; the first training steps pay the
+        compilation (tens of seconds, less from a warm cache). `mode="reduce-overhead"` also captures the step as
+        CUDA graphs (CUDA only: one replay per step instead of a hundred kernel launches). The weights, their
+        checkpoints and the results are those of the eager step. `fullgraph=True` fails on a graph break instead
+        of running the broken part eagerly (the tests use it: the step has none). `backend=None` goes back to
+        eager."""
         if backend is None:
             self._compiled_step, self._compile_mode = None, None
             return
-        self._compiled_step = torch.compile(self.cell.scan_step, mode=mode, backend=backend, fullgraph=True,
+        self._compiled_step = torch.compile(self.cell.scan_step, mode=mode, backend=backend, fullgraph=fullgraph,
                                             dynamic=False)
         self._compile_mode = mode
 

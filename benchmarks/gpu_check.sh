@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# The whole table of issue 12 (fast recurrent training) on one GPU, in under 10 minutes:
+#
+#   bash benchmarks/gpu_check.sh                 on the GPU machine: train throughput per memory, eager vs fast
+#                                                (compiled, CUDA graphs), --preset gpu B64 x T64 28x28; the miniworld
+#                                                preset 64x64x3; 1,024 dreams; the loader. Prints everything and
+#                                                writes it to $OUT/gpu_check.txt ($OUT, else build/gpu_check/).
+#   bash benchmarks/gpu_check.sh --dry-run       the same sections at tiny sizes on the CPU (a minute or two): checks
+#                                                that the script and the benchmarks run before a GPU is spent on them.
+#   bash benchmarks/gpu_check.sh --pack          run HERE (the CPU machine with the full venv) before the GPU run:
+#                                                copies the pure-Python packages the repository imports and a GPU
+#                                                machine lacks (tyro, docstring_parser, typeguard, typing_extensions,
+#                                                gymnasium, farama_notifications, cloudpickle) into
+#                                                build/gpu_check/pydeps, and collects the dream benchmark's context
+#                                                episodes into build/gpu_check/dream_data (no digits needed there).
+#                                                Carry build/gpu_check to the GPU machine (it is git-ignored).
+#
+# The GPU machine of /work/shared/README.md has python3 with torch and numpy but no tyro/gymnasium: the script
+# puts build/gpu_check/pydeps first on PYTHONPATH when it exists and says what is missing otherwise. PYTHON=...
+# picks the interpreter (default: python3). Each section has its own time limit, so one slow section cannot
+# eat the others' time; a section that runs out says so and the script goes on.
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PY="${PYTHON:-python3}"
+PACK="$ROOT/build/gpu_check"
+MODE="gpu"
+case "${1:-}" in
+  --dry-run) MODE="dry" ;;
+  --pack) MODE="pack" ;;
+  "") ;;
+  *) echo "usage: bash benchmarks/gpu_check.sh [--dry-run | --pack]" >&2; exit 2 ;;
+esac
+
+if [ "$MODE" = "pack" ]; then
+  mkdir -p "$PACK/pydeps"
+  "$PY" - "$PACK/pydeps" <<'EOF' || exit 1
+import importlib.util, shutil, sys
+from pathlib import Path
+dest = Path(sys.argv[1])
+for name in ("tyro", "docstring_parser", "typeguard", "typing_extensions", "gymnasium", "farama_notifications",
+             "cloudpickle"):
+    spec = importlib.util.find_spec(name)
+    if spec is None:
+        sys.exit(f"error: {name} is not installed in this Python ({sys.executable}): nothing to pack")
+    if spec.submodule_search_locations:  # a package: copy its folder, without caches
+        src = Path(list(spec.submodule_search_locations)[0])
+        shutil.rmtree(dest / src.name, ignore_errors=True)
+        shutil.copytree(src, dest / src.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    else:  # a single module file
+        shutil.copy2(spec.origin, dest / Path(spec.origin).name)
+    print(f"packed {name}")
+EOF
+  rm -rf "$PACK/dream_data"
+  "$PY" -m rollouts.collect --env mnist_map --agent loop --episodes 8 --steps 31 --out "$PACK/dream_data" \
+    --no-progress || exit 1
+  du -sh "$PACK"
+  echo "now carry build/gpu_check to the GPU machine and run: bash benchmarks/gpu_check.sh"
+  exit 0
+fi
+
+if [ -d "$PACK/pydeps" ]; then
+  export PYTHONPATH="$PACK/pydeps:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+else
+  export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+fi
+if ! "$PY" -c "import torch, numpy, tyro, gymnasium" 2>/dev/null; then
+  echo "error: $PY cannot import torch, numpy, tyro and gymnasium; run 'bash benchmarks/gpu_check.sh --pack' on a" \
+       "machine that has them (the repository's venv) and carry build/gpu_check here" >&2
+  exit 2
+fi
+
+OUTDIR="${OUT:-$PACK}"
+mkdir -p "$OUTDIR"
+LOG="$OUTDIR/gpu_check.txt"
+: > "$LOG"
+say() { echo "$@" | tee -a "$LOG"; }
+START=$(date +%s)
+
+# section <title> <seconds> <command...>: run one benchmark under its own time limit, output to screen and log
+section() {
+  local title="$1" limit="$2"
+  shift 2
+  say ""
+  say "== $title  (limit ${limit}s, at $(( $(date +%s) - START ))s)"
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then say "   (timed out after ${limit}s)"; elif [ "$rc" != 0 ]; then say "   (failed: exit $rc)"; fi
+}
+
+say "issue 12 check ($MODE) $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+"$PY" -c "import torch, sys; print('python', sys.version.split()[0], '| torch', torch.__version__, '|',
+  torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU', '|', __import__('os').cpu_count(), 'CPUs')" \
+  2>&1 | tee -a "$LOG"
+
+DREAM_DATA=()
+[ -d "$PACK/dream_data" ] && DREAM_DATA=(--data "$PACK/dream_data")
+
+if [ "$MODE" = "dry" ]; then
+  # tiny sizes on the CPU, compile traced with aot_eager (no C++ build): the plumbing, not the figures
+  section "train throughput (dry run)" 240 "$PY" benchmarks/train_throughput.py --device cpu --preset debug \
+    --memories none introspective ntm --steps 1 --warmup 0 --compile --compile-backend aot_eager --check
+  section "miniworld preset 64x64x3 (dry run)" 120 "$PY" benchmarks/train_throughput.py --device cpu --preset debug \
+    --frame 64 --memories none introspective --steps 1 --warmup 0 --paths fast --compile --compile-backend aot_eager
+  section "dreams (dry run)" 120 "$PY" benchmarks/dream_throughput.py --device cpu --num-envs 1 8 --steps 3 \
+    "${DREAM_DATA[@]}"
+  section "loader (dry run)" 120 "$PY" benchmarks/loader_throughput.py --device cpu --episodes 12 --batches 20 \
+    --step-ms 5
+else
+  if ! "$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+    echo "error: no CUDA device visible to $PY (use --dry-run on a CPU machine)" >&2
+    exit 2
+  fi
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
+  # 1. every memory, eager (step by step) vs fast (compiled step, CUDA graphs), bf16, B64 x T64, 28x28x1;
+  #    --check first compares the losses and gradients of both paths (and of the compiled one)
+  section "train throughput, --preset gpu, B64 x T64, 28x28x1 (bf16; eager vs fast = compiled reduce-overhead)" 330 \
+    "$PY" benchmarks/train_throughput.py --device cuda --preset gpu --steps 8 --warmup 2 --check
+  # 2. the MiniWorld-sized model on 64x64x3 frames, fast path only (eager figures are in the issue)
+  section "miniworld preset, B32 x T64, 64x64x3 (fast)" 130 "$PY" benchmarks/train_throughput.py --device cuda \
+    --preset miniworld --frame 64 --memories none introspective --paths fast --steps 8 --warmup 2
+  # 3. dreams: DreamVectorEnv with up to 1,024 dreams (target >= 300,000 dreamed frames/s)
+  section "dreams, untrained mnist_cpu-size introspective model" 75 "$PY" benchmarks/dream_throughput.py \
+    --device cuda --num-envs 1 64 1024 --steps 50 "${DREAM_DATA[@]}"
+  # 4. the loader: one gather per batch, and the prefetch thread's overlap with GPU work
+  section "loader, 28x28 windows (one core), prefetch to the GPU" 60 "$PY" benchmarks/loader_throughput.py \
+    --device cuda --batch 64 --seq-len 64 --episodes 200 --batches 200 --step-ms 40
+fi
+say ""
+say "done in $(( $(date +%s) - START ))s; log: $LOG"
