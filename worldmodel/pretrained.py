@@ -92,6 +92,8 @@ class ExportConfig:
     <run>/eval/*/eval.json)"""
     command: tuple[str, ...] = ()
     """the exact commands that made the run, in order (default: rebuilt from the run's config and data manifest)"""
+    note: tuple[str, ...] = ()
+    """free-text lines recorded in made_by (e.g. what was checked by hand)"""
     data: Optional[str] = None
     """the run's training data folder, if not at the path its config records (read for the collect command)"""
     dtype: Literal["float16", "float32"] = "float16"
@@ -195,6 +197,8 @@ def evaluate_command(config: dict[str, Any]) -> str:
     args = ["python -m worldmodel.evaluate"]
     for field in dataclasses.fields(EvalConfig):
         value = config.get(field.name, getattr(defaults, field.name))
+        if field.name in ("out", "device"):  # where it wrote and ran: not what it measured
+            continue
         if field.name in ("checkpoint", "data") or value != getattr(defaults, field.name):
             args.append(f"--{field.name.replace('_', '-')} {_quote(str(value))}")
     return " ".join(args)
@@ -278,6 +282,7 @@ def export(cfg: ExportConfig) -> Path:
         "parameters": int(sum(p.numel() for p in model.parameters())),
         "weights_dtype": cfg.dtype,
         "eval": figures,
+        "notes": list(cfg.note),
         "versions": {"torch": str(torch.__version__), "gtmm-worlds": _version("gtmm-worlds"),
                      "python": ".".join(map(str, sys.version_info[:3]))},
     }
@@ -318,6 +323,7 @@ def describe(name: str) -> str:
                 text += f", {ratio:.3f}x {fig['evaluated_beside'][0] if fig['evaluated_beside'] else 'baseline'}"
             lines.append(text)
         lines += [f"  $ {command}" for command in made_by.get("commands", [])]
+        lines += [f"  note: {note}" for note in made_by.get("notes", [])]
     return "\n".join(lines)
 
 
