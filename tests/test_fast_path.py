@@ -317,3 +317,4 @@ def test_prefetcher_hands_out_each_steps_batch_in_order_and_raises_make_errors(w
         with pytest.raises(ValueError, match="next prefetched step is 7"):
             loader.get(9)
     assert not loader._thread.is_alive()
+

@@ -64,11 +64,14 @@ def frames_to_float(obs: torch.Tensor) -> torch.Tensor:
     return obs.permute(0, 1, 4, 2, 3).float().div(255.0)
 
 
+# the batch contract of `worldmodel/__init__.py`: key -> dtype
+BATCH_DTYPES = {"obs": torch.uint8, "prev_action": torch.int64, "revisit": torch.bool, "pose": torch.float32}
+
+
 def batch_to_torch(batch: dict[str, Any], device: torch.device | str) -> dict[str, torch.Tensor]:
     """The batch contract's numpy arrays (or tensors) as tensors on `device`, dtypes checked."""
     out = {}
-    for key, dtype in (("obs", torch.uint8), ("prev_action", torch.int64), ("revisit", torch.bool),
-                       ("pose", torch.float32)):
+    for key, dtype in BATCH_DTYPES.items():
         if key not in batch:
             raise UserError(f"batch: missing key {key!r}; expected obs, prev_action, revisit, pose")
         out[key] = torch.as_tensor(batch[key]).to(device=device, dtype=dtype, non_blocking=True)

@@ -61,9 +61,10 @@ import torch
 from gtmm import cli
 from gtmm.cli import UserError, parse_json_object
 from gtmm.fs import FolderLock, write_bytes_atomic
+from rollouts.dataset import Prefetcher
 from worldmodel import checkpoint
 from worldmodel.config import AUTO, RESUME_MAY_CHANGE, TrainConfig, preset
-from worldmodel.model import GTMM, batch_to_torch, param_groups
+from worldmodel.model import BATCH_DTYPES, GTMM, batch_to_torch, param_groups
 
 # the rng streams of the image-grid batch and of the task validation batch: apart from every rank's training stream
 VIS_STREAM, VAL_STREAM = 10**6, 10**6 + 1
@@ -107,8 +108,7 @@ class RolloutSource:
 
     def sample(self, batch_size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         index = rng.integers(len(self.windows), size=batch_size)
-        items = [self.windows[int(i)] for i in index]
-        return {k: np.stack([item[k].numpy() for item in items]) for k in items[0]}
+        return self.windows.sample_batch(index)  # one gather per array: the same arrays as stacking the windows
 
 
 class TaskSource:
@@ -692,11 +692,15 @@ def _train_locked(cfg: TrainConfig, explicit: Optional[set[str]], stop: Optional
     losses: list[tuple[int, float]] = []
     skipped, stopped, saved_at = 0, None, step if payload is not None else None
     tick, tick_step = time.perf_counter(), step
+    # batches of the next steps are made in a background thread (on CUDA: pinned, copied ahead); each is a function
+    # of its step alone, so a resumed run gets the batches an uninterrupted one would have
+    prefetcher = Prefetcher(lambda s: source.sample(cfg.batch, batch_rng(cfg.seed, rank, s)), device, start=step,
+                            dtypes=BATCH_DTYPES)
     try:
         while step < cfg.steps:
             # -- batch -------------------------------------------------------------------------------------------------
             seq_len = curriculum_len(cfg, step, source.seq_len)
-            batch = batch_to_torch(source.sample(cfg.batch, batch_rng(cfg.seed, rank, step)), device)
+            batch = prefetcher.get(step)
             batch = {k: v[:, :seq_len] for k, v in batch.items()}  # (B, T', ...)
             torch.manual_seed(int(batch_rng(cfg.seed, rank, step).integers(2**62)) + 1)  # latent noise of this step
 
@@ -785,6 +789,7 @@ def _train_locked(cfg: TrainConfig, explicit: Optional[set[str]], stop: Optional
                     saved_at = step
                 break
     finally:
+        prefetcher.close()
         if bar is not None:
             bar.close()
         if writer is not None:
