@@ -109,28 +109,39 @@ class DNCMemory(Memory):
     def addr_linears(self) -> dict[str, nn.Linear]:
         return {**self.keys.addr_linears(), **self.write_key.addr_linears()}
 
-    def _read_weights(self, state: State, pre: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        keys, beta = self.keys.from_pre(pre)  # (B, R, A), (B, R)
-        B = keys.shape[0]
-        similarity = cosine_similarity(keys, state["addr"])  # (B, R, N)
-        content = content_weights(similarity, beta, occupancy=state["written"])  # (B, R, N)
+    def _address(self, state: State, pre: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The read weights of this step and the write key's content weights, whose lookups (one similarity
+        product and one softmax for R+1 keys against M_{t-1}) run together. -> weights, similarity (B, R, N) of the
+        reads, write_content (B, N)."""
+        R = self.heads
+        read_keys, read_beta = self.keys.from_pre(pre)  # (B, R, A), (B, R)
+        write_key, write_beta = self.write_key.from_pre(pre)  # (B, 1, A), (B, 1)
+        B = read_keys.shape[0]
+        similarity = cosine_similarity(torch.cat([read_keys, write_key], dim=1), state["addr"])  # (B, R+1, N)
+        lookup = content_weights(similarity, torch.cat([read_beta, write_beta], dim=1),
+                                 occupancy=state["written"])  # (B, R+1, N)
+        content = lookup[:, :R]  # (B, R, N)
         previous = state["read_weights"]  # (B, R, N)
         link = state["link"]  # (B, N, N)
         forward = torch.bmm(previous, link.transpose(1, 2))  # (B, R, N)  f = L w
         backward = torch.bmm(previous, link)  # (B, R, N)  b = L^T w
-        pi = torch.softmax(pre["read_modes"].view(B, self.heads, 3), dim=-1)  # (B, R, 3)
+        pi = torch.softmax(pre["read_modes"].view(B, R, 3), dim=-1)  # (B, R, 3)
         weights = (pi[..., BACKWARD : BACKWARD + 1] * backward + pi[..., CONTENT : CONTENT + 1] * content
                    + pi[..., FORWARD : FORWARD + 1] * forward)  # (B, R, N)
-        return weights, similarity
+        return {"weights": weights, "similarity": similarity[:, :R], "write_content": lookup[:, R]}
 
     def _attend(self, state: State, h: Tensor, addr: Tensor, pre: dict[str, Tensor]) -> dict[str, Tensor]:
-        weights, similarity = self._read_weights(state, pre)  # (B, R, N)
-        return gated_read(self.gate, pre, weights, similarity, state["content"], state["written"], self.read_dim)
+        heads = self._address(state, pre)
+        out = gated_read(self.gate, pre, heads["weights"], heads["similarity"], state["content"], state["written"],
+                         self.read_dim)
+        out["write_content"] = heads["write_content"]  # for this step's write
+        return out
 
     def _write(self, state: State, h: Tensor, addr: Tensor, z: Tensor, pre: dict[str, Tensor],
                attention: dict[str, Tensor] | None) -> State:
-        # this step's reads (the attend of the same step computed them already)
-        read_weights = attention["weights"] if attention is not None else self._read_weights(state, pre)[0]  # (B, R, N)
+        # this step's reads and write-key lookup (the attend of the same step computed them)
+        heads = attention if attention is not None else self._address(state, pre)
+        read_weights = heads["weights"]  # (B, R, N)
 
         # Dynamic memory allocation: free what was just read (if the free gates say so), then allocate
         free = torch.sigmoid(pre["free_gates"]).unsqueeze(-1)  # (B, R, 1)
@@ -140,9 +151,7 @@ class DNCMemory(Memory):
         allocation = allocation_weights(usage)  # (B, N)
 
         # Write weighting: allocation or content lookup of the write key (update the slot of a known address)
-        key, beta = self.write_key.from_pre(pre)  # (B, 1, A), (B, 1)
-        write_similarity = cosine_similarity(key, state["addr"])  # (B, 1, N)
-        write_content = content_weights(write_similarity, beta, occupancy=state["written"])[:, 0]  # (B, N)
+        write_content = heads["write_content"]  # (B, N)
         g_write = torch.sigmoid(pre["write_gate"])  # (B, 1)
         g_alloc = torch.sigmoid(pre["allocation_gate"])  # (B, 1)
         write_weights = g_write * (g_alloc * allocation + (1.0 - g_alloc) * write_content)  # (B, N)

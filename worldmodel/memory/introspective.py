@@ -99,8 +99,13 @@ class IntrospectiveMemory(Memory):
         slot_addr = torch.cat([state["addr"], unit.to(state["addr"].dtype)], dim=1)  # (B, N+T, A) time-major buffer
         filled = torch.cat([state["filled"], state["filled"].new_ones(B, T)], dim=1)  # (B, N+T)
         keys = F.normalize(pre_addr[self.keys.addr_name].view(T, B, R, A), dim=-1, eps=1e-6)  # (T, B, R, A)
-        windows = slot_addr.unfold(1, N, 1)[:, :T]  # (B, T, A, N): step t reads positions t .. t+N-1
-        similarity = torch.matmul(keys.transpose(0, 1), windows.to(keys.dtype))  # (B, T, R, N)
+        # every key against every position in one product, then the band each step reads (positions t .. t+N-1)
+        # as a strided view: [b, t, r, n] -> all[b, t*R + r, t + n]. (Materialising the T windows first and
+        # multiplying them one by one costs more than the T*(N+T) products computed here.)
+        all_pairs = torch.bmm(keys.transpose(0, 1).reshape(B, T * R, A),
+                              slot_addr.transpose(1, 2).to(keys.dtype)).contiguous()  # (B, T*R, N+T)
+        P = N + T
+        similarity = all_pairs.as_strided((B, T, R, N), (T * R * P, R * P + 1, P, 1))  # (B, T, R, N)
         window_filled = filled.unfold(1, N, 1)[:, :T]  # (B, T, N)
         steps = {
             "fifo.similarity": similarity.transpose(0, 1),  # (T, B, R, N)

@@ -126,27 +126,37 @@ class NTMMemory(Memory):
     def addr_linears(self) -> dict[str, nn.Linear]:
         return {**self.keys.addr_linears(), **self.write_key.addr_linears()}
 
-    def _read_weights(self, state: State, pre: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        keys, beta = self.keys.from_pre(pre)  # (B, R, A), (B, R)
-        similarity = cosine_similarity(keys, state["addr"])  # (B, R, N)
-        g, s, gamma = self.read_location.from_pre(pre)
-        w_content = content_weights(similarity, beta, occupancy=state["written"])  # (B, R, N)
-        weights = ntm_weights(w_content, state["read_weights"], g, s, gamma)  # (B, R, N)
-        return weights, similarity
+    def _address(self, state: State, pre: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The R read heads' and the write head's weights of this step (NTM eq. 5-9), as R+1 heads in one chain:
+        both depend on M_{t-1}, h_t and addr_t only (z_t enters the write as its value), so one similarity
+        product, one softmax and one shift/sharpen serve both. -> weights (B, R, N), similarity (B, R, N) of the
+        reads, write_weights (B, 1, N)."""
+        R = self.heads
+        read_keys, read_beta = self.keys.from_pre(pre)  # (B, R, A), (B, R)
+        write_key, write_beta = self.write_key.from_pre(pre)  # (B, 1, A), (B, 1)
+        read_g, read_s, read_gamma = self.read_location.from_pre(pre)
+        write_g, write_s, write_gamma = self.write_location.from_pre(pre)
+        similarity = cosine_similarity(torch.cat([read_keys, write_key], dim=1), state["addr"])  # (B, R+1, N)
+        w_content = content_weights(similarity, torch.cat([read_beta, write_beta], dim=1),
+                                    occupancy=state["written"])  # (B, R+1, N)
+        weights = ntm_weights(w_content, torch.cat([state["read_weights"], state["write_weights"]], dim=1),
+                              torch.cat([read_g, write_g], dim=1), torch.cat([read_s, write_s], dim=1),
+                              torch.cat([read_gamma, write_gamma], dim=1))  # (B, R+1, N)
+        return {"weights": weights[:, :R], "similarity": similarity[:, :R], "write_weights": weights[:, R:]}
 
     def _attend(self, state: State, h: Tensor, addr: Tensor, pre: dict[str, Tensor]) -> dict[str, Tensor]:
-        weights, similarity = self._read_weights(state, pre)  # (B, R, N)
-        return gated_read(self.gate, pre, weights, similarity, state["content"], state["written"], self.read_dim)
+        heads = self._address(state, pre)
+        out = gated_read(self.gate, pre, heads["weights"], heads["similarity"], state["content"], state["written"],
+                         self.read_dim)
+        out["write_weights"] = heads["write_weights"]  # for this step's write
+        return out
 
     def _write(self, state: State, h: Tensor, addr: Tensor, z: Tensor, pre: dict[str, Tensor],
                attention: dict[str, Tensor] | None) -> State:
-        # the read heads' weights of this step, kept as w^r_{t-1} for the next step's interpolation (eq. 7)
-        read_weights = attention["weights"] if attention is not None else self._read_weights(state, pre)[0]  # (B, R, N)
-        key, beta = self.write_key.from_pre(pre)  # (B, 1, A), (B, 1)
-        g, s, gamma = self.write_location.from_pre(pre)
-        write_similarity = cosine_similarity(key, state["addr"])  # (B, 1, N)
-        w_content = content_weights(write_similarity, beta, occupancy=state["written"])  # (B, 1, N)
-        write_weights = ntm_weights(w_content, state["write_weights"], g, s, gamma)  # (B, 1, N)
+        # the weights of this step's heads (the attend of the same step computed them); the read heads' are kept
+        # as w^r_{t-1} for the next step's interpolation (eq. 7)
+        heads = attention if attention is not None else self._address(state, pre)
+        read_weights, write_weights = heads["weights"], heads["write_weights"]  # (B, R, N), (B, 1, N)
         w = write_weights[:, 0].unsqueeze(-1)  # (B, N, 1)
 
         content = torch.cat([z, h], dim=-1) if self.store_h else z  # (B, C)
