@@ -115,13 +115,13 @@ else
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
   # 1. every memory, eager (step by step) vs fast (compiled step, CUDA graphs), bf16, B64 x T64, 28x28x1;
   #    --check first compares the losses and gradients of both paths (and of the compiled one)
-  section "train throughput, --preset gpu, B64 x T64, 28x28x1 (bf16; eager vs fast = compiled reduce-overhead)" 330 \
-    "$PY" benchmarks/train_throughput.py --device cuda --preset gpu --steps 8 --warmup 2 --check
+  section "train throughput, --preset gpu, B64 x T64, 28x28x1 (bf16; eager vs fast = compiled reduce-overhead)" 300 \
+    "$PY" benchmarks/train_throughput.py --device cuda --preset gpu --steps 6 --warmup 1 --check
   # 2. the MiniWorld-sized model on 64x64x3 frames, fast path only (eager figures are in the issue)
-  section "miniworld preset, B32 x T64, 64x64x3 (fast)" 130 "$PY" benchmarks/train_throughput.py --device cuda \
-    --preset miniworld --frame 64 --memories none introspective --paths fast --steps 8 --warmup 2
+  section "miniworld preset, B32 x T64, 64x64x3 (fast)" 120 "$PY" benchmarks/train_throughput.py --device cuda \
+    --preset miniworld --frame 64 --memories none introspective --paths fast --steps 6 --warmup 1
   # 3. dreams: DreamVectorEnv with up to 1,024 dreams (target >= 300,000 dreamed frames/s)
-  section "dreams, untrained mnist_cpu-size introspective model" 75 "$PY" benchmarks/dream_throughput.py \
+  section "dreams, untrained mnist_cpu-size introspective model" 70 "$PY" benchmarks/dream_throughput.py \
     --device cuda --num-envs 1 64 1024 --steps 50 "${DREAM_DATA[@]}"
   # 4. the loader: one gather per batch, and the prefetch thread's overlap with GPU work
   section "loader, 28x28 windows (one core), prefetch to the GPU" 60 "$PY" benchmarks/loader_throughput.py \

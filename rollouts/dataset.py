@@ -256,7 +256,8 @@ class Prefetcher:
         tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
         if not self._cuda:
             return {k: t.to(dtype=self.dtypes.get(k, t.dtype)) for k, t in tensors.items()}, None
-        with torch.cuda.stream(self._stream):
+        # this thread's current device is cuda:0 unless set: events and streams must be those of self.device
+        with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
             out = {k: t.pin_memory().to(self.device, dtype=self.dtypes.get(k, t.dtype), non_blocking=True)
                    for k, t in tensors.items()}
             ready = torch.cuda.Event()
