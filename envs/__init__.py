@@ -160,9 +160,12 @@ def _time_limit(env_id: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     """``kwargs`` plus ``max_episode_steps=max_steps`` for a registered id with a spec time limit, when ``max_steps``
     is given and ``max_episode_steps`` is not: the env's own limit then decides, not the spec's default."""
     spec = gym.registry.get(env_id)
-    if spec is None or spec.max_episode_steps is None or "max_steps" not in kwargs or "max_episode_steps" in kwargs:
+    if spec is None or spec.max_episode_steps is None or "max_episode_steps" in kwargs:
         return kwargs
-    return {**kwargs, "max_episode_steps": kwargs["max_steps"]}
+    steps = kwargs.get("max_steps")
+    if type(steps) is not int or steps < 1:  # absent, or wrong: the env's own check names max_steps
+        return kwargs
+    return {**kwargs, "max_episode_steps": steps}
 
 
 def make(name: str, **kwargs: Any) -> gym.Env:
