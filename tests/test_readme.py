@@ -52,17 +52,19 @@ def blocks(text: str) -> list[tuple[str, str, int]]:
     return [(m.group(1), m.group(2), text.count("\n", 0, m.start()) + 1) for m in BLOCK.finditer(text)]
 
 
-def bash_lines(code: str) -> list[str]:
-    """The command lines of a bash block: continuation lines joined, blanks and whole-line comments dropped."""
-    lines, current = [], ""
-    for raw in code.splitlines():
+def bash_lines(code: str, first: int = 1) -> list[tuple[int, str]]:
+    """(line number, command line) of a bash block whose first line is line `first`: continuation lines joined
+    (numbered by their first line), blanks and whole-line comments dropped."""
+    lines, current, start = [], "", None
+    for number, raw in enumerate(code.splitlines(), first):
+        start = number if start is None else start
         if raw.rstrip().endswith("\\"):
             current += raw.rstrip()[:-1] + " "
             continue
         line = (current + raw).strip()
-        current = ""
         if line and not line.startswith("#"):
-            lines.append(line)
+            lines.append((start, line))
+        current, start = "", None
     return lines
 
 
@@ -167,14 +169,11 @@ def test_readme_blocks_run_in_order_in_one_folder(tmp_path):
     failures, ran, started = [], 0, time.perf_counter()
     for language, code, line_no in found:
         if language == "python":
-            runs = [(["python", "-c", code], f"```python block at README.md:{line_no}")]
+            runs = [(["python", "-c", code], line_no)]
         else:
-            runs = []
-            for line in bash_lines(code):
-                for command in commands(line):
-                    runs.append((command, line))
-        for command, line in runs:
-            where = f"README.md:{line_no}"
+            runs = [(command, number) for number, line in bash_lines(code, line_no + 1) for command in commands(line)]
+        for command, number in runs:
+            where = f"README.md:{number}"
             reason = skip_reason(command) if language == "bash" else None
             if reason is not None:
                 print(f"[readme] skip ({where}) {shlex.join(command)}: {reason}")
@@ -191,3 +190,24 @@ def test_readme_blocks_run_in_order_in_one_folder(tmp_path):
     print(f"[readme] {ran} commands in {time.perf_counter() - started:.0f} s, {len(failures)} failed "
           f"({'smoke sizes' if SMOKE else 'as written'})")
     assert not failures, "README commands that fail when run in order in one folder:\n" + "\n".join(failures)
+
+
+def test_smoke_rewrites_sizes_only_and_names_each_skip():
+    """The shrinking and skipping rules themselves (fast: no command runs)."""
+    split = shlex.split
+    collect = "python -m rollouts.collect --env mnist_map --episodes {} --steps 128 --out d --workers {}"
+    assert shrink(split(collect.format(1000, 64))) == split(collect.format(8, 2))  # not --steps: the episode length
+    assert shrink(split("python -m rollouts.collect --env dream --out d")) == split(
+        "python -m rollouts.collect --env dream --out d --episodes 8")
+    assert shrink(split("python -m worldmodel.train --data d --preset gpu --out r")) == split(
+        "python -m worldmodel.train --data d --preset gpu --out r --steps 2")  # the preset stays: it decides seq_len
+    for same in ("python -m worldmodel.train --out r --resume", "python -m rollouts.inspect d --gif e.gif"):
+        assert shrink(split(same)) == split(same)
+    assert shrink(split("python -m agents.train_sb3 --timesteps=20000")) == split("python -m agents.train_sb3 --timesteps=512")
+    chain = "python3 -m venv .venv && . .venv/bin/activate && pip install -e '.[dev]'  # set-up"
+    assert [c[0] for c in commands(chain)] == ["python3", ".", "pip"]
+    for line, fragment in (("pip install torch==2.13.0", "set-up"), ("python -m pytest -q", "the test suite itself"),
+                           ("torchrun --nproc_per_node 4 -m worldmodel.train", "several processes"),
+                           ("tensorboard --logdir runs", "a server")):
+        assert fragment in skip_reason(split(line))
+    assert skip_reason(split("python -m rollouts.collect --env mnist_map")) is None
