@@ -203,7 +203,8 @@ def test_smoke_rewrites_sizes_only_and_names_each_skip():
         "python -m worldmodel.train --data d --preset gpu --out r --steps 2")  # the preset stays: it decides seq_len
     for same in ("python -m worldmodel.train --out r --resume", "python -m rollouts.inspect d --gif e.gif"):
         assert shrink(split(same)) == split(same)
-    assert shrink(split("python -m agents.train_sb3 --timesteps=20000")) == split("python -m agents.train_sb3 --timesteps=512")
+    sb3 = "python -m agents.train_sb3 --timesteps={}"
+    assert shrink(split(sb3.format(20000))) == split(sb3.format(512))
     chain = "python3 -m venv .venv && . .venv/bin/activate && pip install -e '.[dev]'  # set-up"
     assert [c[0] for c in commands(chain)] == ["python3", ".", "pip"]
     for line, fragment in (("pip install torch==2.13.0", "set-up"), ("python -m pytest -q", "the test suite itself"),
