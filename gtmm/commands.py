@@ -51,3 +51,8 @@ def dream() -> NoReturn:
 def train_sb3() -> NoReturn:
     """``gtmm-train-sb3`` = ``python -m agents.train_sb3``."""
     _run("agents.train_sb3")
+
+
+def pretrained() -> NoReturn:
+    """``gtmm-pretrained`` = ``python -m worldmodel.pretrained``."""
+    _run("worldmodel.pretrained")

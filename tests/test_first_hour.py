@@ -364,3 +364,25 @@ def test_minari_export_recovers_the_environment(folder, tmp_path, monkeypatch):
     assert dataset.recover_environment(eval_env=True).spec.kwargs == env.spec.kwargs
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
     assert minari.load_dataset(dataset.spec.dataset_id).total_episodes == 4
+
+
+def test_evaluate_a_shipped_model_names_it_and_writes_under_runs(tmp_path, monkeypatch):
+    """`--checkpoint pretrained:NAME` is labelled by that name, its file is recorded, and the default output goes to
+    runs/pretrained_NAME/eval/<data> in the working folder, never into the installed package."""
+    import json
+
+    from gtmm import cli
+    from rollouts.collect import CollectConfig, collect
+    from worldmodel import checkpoint, evaluate
+
+    monkeypatch.chdir(tmp_path)
+    collect(CollectConfig(env="mnist_map_test", agent="loop", episodes=4, steps=47, out=tmp_path / "held_out",
+                          env_kwargs='{"border": "wrap"}', progress=False))
+    with pytest.raises(SystemExit) as exit_:
+        cli.run(evaluate.main, ["--checkpoint", "pretrained:mnist_map", "--baseline", "pretrained:mnist_map_none",
+                                "--data", "held_out", "--windows", "4", "--resamples", "50", "--device", "cpu"])
+    assert exit_.value.code == 0
+    report = json.loads((tmp_path / "runs" / "pretrained_mnist_map" / "eval" / "held_out" / "eval.json").read_text())
+    rows = {m["run"]: m for m in report["models"].values()}
+    assert set(rows) == {"pretrained:mnist_map", "pretrained:mnist_map_none"}
+    assert rows["pretrained:mnist_map"]["checkpoint"] == str(checkpoint.resolve("pretrained:mnist_map").resolve())

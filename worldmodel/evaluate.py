@@ -432,8 +432,7 @@ def output_folder(cfg: EvalConfig) -> Path:
     if cfg.out:
         out = Path(cfg.out)
     else:
-        run_dir = Path(cfg.checkpoint) if Path(cfg.checkpoint).is_dir() else Path(cfg.checkpoint).parent
-        out = run_dir / "eval" / Path(cfg.data).resolve().name
+        out = _run_dir(cfg.checkpoint) / "eval" / Path(cfg.data).resolve().name
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: is a file, expected a folder (choose another --out)")
     return out
@@ -520,7 +519,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
                     against=labels["baseline"], against_memory=loaded["baseline"][0].cfg.memory,
                     metric="open-loop MSE on revisits of context places",
                     oracle="this model's posterior-mean reconstruction of the latest context view of the place")
-            models[labels[role]] = {"role": role, "checkpoint": str(Path(paths[role]).resolve()),
+            models[labels[role]] = {"role": role, "checkpoint": str(checkpoint.resolve(paths[role]).resolve()),
                                     "run": _run_name(paths[role]),
                                     "memory": m.cfg.memory, "address": m.cfg.address, "train_steps": step,
                                     "trained_seq_len": int(train_cfg.seq_len), **entry}
@@ -584,9 +583,20 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     return result
 
 
-def _run_name(path: str) -> str:
+def _run_dir(path: str) -> Path:
+    """The run folder of a checkpoint: itself, the folder of a ckpt.pt, or for a shipped `pretrained:NAME` model
+    `runs/pretrained_NAME` (never the installed package's folder)."""
+    if path.startswith(checkpoint.PRETRAINED):
+        return Path("runs") / f"pretrained_{path[len(checkpoint.PRETRAINED):]}"
     p = Path(path)
-    return (p if p.is_dir() else p.parent).resolve().name
+    return p if p.is_dir() else p.parent
+
+
+def _run_name(path: str) -> str:
+    """How tables name a checkpoint: its run folder's name, or `pretrained:NAME`."""
+    if path.startswith(checkpoint.PRETRAINED):
+        return path
+    return _run_dir(path).resolve().name
 
 
 def main(argv: list[str] | None = None) -> None:
