@@ -14,7 +14,11 @@ One step of the model (the cell, `GTMMCell`), with x_t the frame and a_{t-1} the
     ELBO = sum_t E_q[log p(x_t | z_t)] - KL(q(z_t) || p(z_t))             (paper eq. 1; we report both terms per step)
 
 The sequence wrapper (`GTMM`) encodes (5) and decodes (8) all time steps in one batched call; only (1)-(7), the
-recurrence and the memory, run step by step. Axis legend: see `worldmodel/__init__.py`.
+recurrence and the memory, run step by step: either through `GTMMCell.forward`, layer by layer with every memory
+diagnostic (the reference, `diagnostics=True`), or on the fast path that training runs (`GTMMCell.scan_*`: what
+does not depend on the recurrence hoisted out of the loop, the per-step layers fused, optionally compiled by
+`GTMM.compile_step`), the same numbers within float rounding (tests/test_fast_path.py).
+Axis legend: see `worldmodel/__init__.py`.
 """
 
 from __future__ import annotations
