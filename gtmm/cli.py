@@ -26,8 +26,6 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TypeVar
 
-import tyro
-
 T = TypeVar("T")
 
 EXIT_USAGE = 2  # argparse's and tyro's exit status for bad input: one for every kind of user error
@@ -66,6 +64,8 @@ def parse(config_cls: type[T], argv: Sequence[str] | None = None, *, prog: str, 
           description: str | None = None) -> T:
     """``tyro.cli(config_cls)`` with the usage line ``python -m <prog>`` and tyro's boxed parse errors turned into
     the one-line ``error: ...`` of every other bad input (exit 2). ``--help`` prints tyro's help unchanged."""
+    import tyro  # here: library code that imports gtmm.cli (UserError) needs no CLI packages
+
     argv = list(sys.argv[1:] if argv is None else argv)
     captured = io.StringIO()
     try:

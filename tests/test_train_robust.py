@@ -399,3 +399,16 @@ def test_one_validation_fraction_for_training_and_every_dataset_reader():
     assert TrainConfig().val_fraction == dataset.VAL_FRACTION
     for reader in (dataset.split_episodes, dataset.iter_episodes, dataset.RolloutWindows):
         assert pyinspect.signature(reader).parameters["val_fraction"].default == dataset.VAL_FRACTION
+
+
+@pytest.mark.slow
+def test_compiled_step_trains_and_the_switch_may_change_on_resume(data, tmp_path, capsys):
+    """`--compile on` on the CPU (inductor) trains; `--compile off` is a safe change on resume."""
+    out = tmp_path / "compiled"
+    code, stdout, _ = run_main(["--preset", "debug", "--data", str(data["train"]), "--steps", "3", "--out", str(out),
+                                "--compile", "on", "--no-progress", "--val-every", "0", "--threads", "1"], capsys)
+    assert code == 0 and "compiling the recurrent step" in stdout
+    assert checkpoint.load_raw(out)["step"] == 3 and json.loads((out / "config.json").read_text())["compile"] == "on"
+    code, _, _ = run_main(["--out", str(out), "--resume", "--steps", "4", "--compile", "off", "--no-progress"], capsys)
+    assert code == 0 and checkpoint.load_raw(out)["step"] == 4
+    assert json.loads((out / "config.json").read_text())["compile"] == "off"

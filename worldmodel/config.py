@@ -86,6 +86,9 @@ class TrainConfig:
     """seed of the model init, the data order and the latent samples"""
     threads: int = 0
     """torch CPU threads (0 = leave torch's default)"""
+    compile: Literal["auto", "on", "off"] = "auto"
+    """compile the recurrent step with torch.compile (CUDA: as CUDA graphs); auto = on for CUDA, off for CPU, where
+    it only pays for the slot memories (ntm/dnc ~1.3-1.8x) and costs 20-60 s of compilation"""
 
     # model
     memory: str = "introspective"
@@ -276,7 +279,7 @@ def auto_address(env: Optional[dict[str, Any]], num_actions: int, memory: str) -
 # What `--resume` may change: how long and where the run goes, and how it reports. Everything else defines the run
 # (model, data, optimisation): a resumed run that changed it would no longer be the run its checkpoint describes.
 # `--data` is special: it may name a moved copy of the same dataset (checked by the episodes' checksums).
-RESUME_MAY_CHANGE = ("steps", "threads", "device", "progress", "log_every", "image_every", "ckpt_every", "val_every")
+RESUME_MAY_CHANGE = ("steps", "threads", "device", "compile", "progress", "log_every", "image_every", "ckpt_every", "val_every")
 
 
 PRESETS: dict[str, TrainConfig] = {

@@ -648,6 +648,12 @@ def _train_locked(cfg: TrainConfig, explicit: Optional[set[str]], stop: Optional
             find_unused_parameters=cfg.memory == "none")
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else torch.autocast("cpu", enabled=False))
+    if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"):
+        # on a GPU the step is launch-bound: CUDA graphs replay it as one launch (issue 12)
+        model.compile_step("reduce-overhead" if device.type == "cuda" else None)
+        if is_main:
+            print("[train] compiling the recurrent step (torch.compile): the first steps are slow while it compiles "
+                  "(tens of seconds; less from a warm cache); --compile off turns it off", flush=True)
 
     def save(path: Path, extra: Optional[dict[str, Any]] = None) -> None:
         checkpoint.save(path, model=model, optimizer=optimizer, config=cfg, step=step,
