@@ -32,12 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONTEXT = 3  # the debug preset's open_loop_context, the default context of a dream
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: more threads than free cores only slow them down
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
