@@ -7,8 +7,12 @@
     pose         float32 (T, D)         the env's pose for x_t
 
 Train/val is split BY EPISODE (windows of one episode never land on both sides), deterministically from ``seed``.
-Each split is decoded once into an uncompressed cache (``<root>/.cache`` by default, ``.npy`` files, the frames
-memory-mapped), so ``__getitem__`` is a slice and DataLoader workers share the pages instead of copying them.
+Each split is decoded once into an uncompressed cache (``.npy`` files, the frames memory-mapped), so ``__getitem__``
+is a slice and DataLoader workers share the pages instead of copying them. The cache is derived data ten times the
+size of the dataset, so by default it lives in the per-user cache folder (``$GTMM_CACHE``, else
+``$XDG_CACHE_HOME/gtmm``, else ``~/.cache/gtmm``), under ``windows/<hash of the dataset's absolute path and
+manifest>``: two datasets never share a cache, an edited manifest gets a fresh one, and the data folder stays as
+collected. ``cache_dir=`` puts it elsewhere (e.g. inside the dataset folder). Deleting the cache is always safe.
 
 Training draws whole batches: ``RolloutWindows.sample_batch(index)`` gathers B windows with one vectorised fancy
 index per array (no per-window Python, no stacking), and ``Prefetcher`` makes the batches of the next steps in a
@@ -19,6 +23,7 @@ loop finds each batch ready instead of waiting for it.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import queue
 import threading
@@ -35,6 +40,8 @@ from rollouts.storage import check_episode_record, episode_path, load_episode, r
 
 # the four arrays a window is sliced from, concatenated over the episodes of a split
 _CACHE_KEYS = ("obs", "prev_action", "revisit", "pose")
+
+CACHE_ENV = "GTMM_CACHE"  # overrides the per-user cache folder (the tests point it at a temporary folder)
 
 VAL_FRACTION = 0.05  # share of episodes held out for validation: the one default of training, evaluation and loaders
 
@@ -79,6 +86,24 @@ def iter_episodes(root: str | os.PathLike, split: str = "all", val_fraction: flo
         yield record, episode
 
 
+def user_cache_root() -> Path:
+    """The per-user folder of gtmm's derived files: ``$GTMM_CACHE``, else ``$XDG_CACHE_HOME/gtmm``, else
+    ``~/.cache/gtmm`` (the XDG base directory convention)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    # the XDG spec says a relative $XDG_CACHE_HOME is invalid and must be ignored
+    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
+    return base / "gtmm"
+
+
+def default_cache_dir(root: str | os.PathLike, manifest: dict[str, Any]) -> Path:
+    """``<user cache>/windows/<key>``: the key hashes the dataset's absolute path and its manifest's content, so two
+    datasets (even copies of one) never share a folder and an edited manifest never reads a stale cache."""
+    identity = json.dumps({"root": str(Path(root).resolve()), "manifest": manifest}, sort_keys=True, default=str)
+    return user_cache_root() / "windows" / hashlib.sha256(identity.encode()).hexdigest()[:24]
+
+
 def episode_prev_action(action: np.ndarray) -> np.ndarray:
     """(T,) actions -> (T+1,) previous actions: -1 before the first frame, then action[t-1] for frame t."""
     return np.concatenate([np.full(1, -1, dtype=np.int64), action.astype(np.int64)])
@@ -94,8 +119,8 @@ class RolloutWindows(Dataset):
         val_fraction: share of episodes held out for "val".
         seed: seed of the train/val assignment.
         stride: distance between window starts inside an episode (1 = every start).
-        cache_dir: where the decoded split is cached (default ``<root>/.cache``); ``None`` keeps it in memory only
-            when ``cache`` is False.
+        cache_dir: where the decoded split is cached (default ``default_cache_dir``: in the per-user cache folder,
+            keyed by the dataset's absolute path and manifest; pass e.g. ``<root>/.cache`` to keep it beside the data).
         cache: decode into memory-mapped ``.npy`` files once, reused by later runs and DataLoader workers.
     """
 
@@ -130,7 +155,7 @@ class RolloutWindows(Dataset):
         self._cache_paths: dict[str, Path] | None = None
         self._arrays: dict[str, np.ndarray] | None = None
         if cache:
-            cache_dir = Path(cache_dir) if cache_dir is not None else self.root / ".cache"
+            cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(self.root, self.manifest)
             self._cache_paths = self._build_cache(cache_dir)
         else:
             self._arrays = self._decode()
@@ -168,7 +193,7 @@ class RolloutWindows(Dataset):
         """Decode the split once into ``.npy`` files named by a hash of its episodes' checksums."""
         key = hashlib.sha256("".join(f"{e['file']}:{e['sha256']};" for e in self.episodes).encode()).hexdigest()[:16]
         paths = {name: cache_dir / f"{self.split}-{key}-{name}.npy" for name in _CACHE_KEYS}
-        if all(p.is_file() for p in paths.values()):
+        if all(p.is_file() for p in paths.values()) and self._cache_fits(paths):
             return paths
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = {name: p.with_name(f".{p.name}.{os.getpid()}.tmp") for name, p in paths.items()}
@@ -186,6 +211,19 @@ class RolloutWindows(Dataset):
                 if p.exists():
                     p.unlink()
         return paths
+
+    def _cache_fits(self, paths: dict[str, Path]) -> bool:
+        """Whether the cached files hold arrays of this split's shapes and dtypes (a truncated or foreign file in a
+        shared cache folder is rebuilt instead of read). Reads only the ``.npy`` headers; never unpickles."""
+        expected = self._empty_arrays(lambda name, shape, dtype: (tuple(shape), np.dtype(dtype)))
+        try:
+            for name, p in paths.items():
+                array = np.load(p, mmap_mode="r", allow_pickle=False)
+                if (array.shape, array.dtype) != expected[name]:
+                    return False
+        except (ValueError, OSError):  # a damaged header, or a file shorter than its header says
+            return False
+        return True
 
     def _get_arrays(self) -> dict[str, np.ndarray]:
         # opened lazily so each DataLoader worker maps the files itself instead of unpickling a copy

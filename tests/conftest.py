@@ -2,8 +2,42 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
+
+
+_CACHE_BEFORE: str | None = None
+
+
+def pytest_configure(config):
+    """Point ``$GTMM_CACHE`` at a fresh temporary folder for the whole run, so the tests' derived files
+    (``RolloutWindows`` caches) never land in the real ``~/.cache``. Set here rather than in a fixture because test
+    modules build their subprocess environments (``ENV = {**os.environ, ...}``) at import, before any fixture runs."""
+    global _CACHE_BEFORE
+    _CACHE_BEFORE = os.environ.get("GTMM_CACHE")
+    os.environ["GTMM_CACHE"] = tempfile.mkdtemp(prefix="gtmm-test-cache-")
+
+
+def pytest_unconfigure(config):
+    """Remove the run's cache folder and restore ``$GTMM_CACHE``."""
+    shutil.rmtree(os.environ.get("GTMM_CACHE", ""), ignore_errors=True)
+    if _CACHE_BEFORE is None:
+        os.environ.pop("GTMM_CACHE", None)
+    else:
+        os.environ["GTMM_CACHE"] = _CACHE_BEFORE
+
+
+@pytest.fixture(scope="session", autouse=True)
+def user_cache() -> Path:
+    """The run's ``$GTMM_CACHE`` folder (see ``pytest_configure``); autouse so no test can run without it."""
+    folder = Path(os.environ["GTMM_CACHE"])
+    assert folder.name.startswith("gtmm-test-cache-"), folder
+    return folder
 
 
 @pytest.fixture(scope="module")
