@@ -83,6 +83,7 @@ class RandomAgent(Agent):
         self.left: list[int] = []
 
     def reset(self, num_envs: int, seed: int | None = None) -> None:
+        """Start ``num_envs`` episodes: no action held yet, then reseed the per-env generators."""
         self.current, self.left = [0] * num_envs, [0] * num_envs
         super().reset(num_envs, seed)
 
@@ -175,6 +176,7 @@ class LoopAgent(_RetraceAgent):
         self.left: list[int] = []
 
     def reset(self, num_envs: int, seed: int | None = None) -> None:
+        """Start ``num_envs`` episodes with no action held yet, then reseed the per-env generators."""
         self.current, self.left = [0] * num_envs, [0] * num_envs
         super().reset(num_envs, seed)
 
@@ -208,6 +210,7 @@ class ExploreAgent(_RetraceAgent):
         self.current: list[int | None] = []
 
     def reset(self, num_envs: int, seed: int | None = None) -> None:
+        """Start ``num_envs`` episodes with no novelty-walk action chosen yet, then reseed the generators."""
         self.current = [None] * num_envs
         super().reset(num_envs, seed)
 

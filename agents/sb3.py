@@ -73,6 +73,7 @@ class SmallCNN(BaseFeaturesExtractor):
         self.linear = nn.Sequential(nn.Linear(num_flat, features_dim), nn.ReLU())
 
     def forward(self, observations: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) in [0, 1] -> (B, features_dim)
+        """Features of a batch of channels-first images: (B, C, H, W) in [0, 1] -> (B, features_dim)."""
         return self.linear(self.cnn(observations))
 
 
@@ -82,6 +83,7 @@ class NoveltyReward(gym.Wrapper):
     map, which makes it a useful collector (and a different one from the hand-written agents)."""
 
     def step(self, action):
+        """Step the env and replace its reward with 1.0 on a first visit of a place, else 0.0."""
         obs, _, terminated, truncated, info = self.env.step(action)
         return obs, float(int(info["visit_count"]) == 0), terminated, truncated, info
 
@@ -283,6 +285,7 @@ class SB3Agent(Agent):
         pass  # the policies are feed-forward: nothing to forget between episodes
 
     def act(self, obs: np.ndarray, info: dict[str, np.ndarray]) -> np.ndarray:
+        """Actions (N,) for the observations (N, H, W, C): sampled with the per-env generators, or the argmax."""
         policy = self.model
         if self.deterministic or not hasattr(policy, "get_distribution"):  # DQN has no distribution
             actions, _ = self.model.predict(obs, deterministic=True)

@@ -47,6 +47,7 @@ from agents.sb3 import NoveltyReward, policy_kwargs_for, save_policy
 
 @dataclass
 class TrainSB3Config:
+    """Train a Stable-Baselines3 PPO collector policy on one of our envs; the zip loads without unpickling."""
     env: str = "mnist_map"
     """env short name or Gymnasium id (as for rollouts.collect)"""
     out: Path = Path("policy.zip")

@@ -213,6 +213,7 @@ class RevisitTracker:
         self._count = 0
 
     def reset(self) -> None:
+        """Forget the poses of the previous episode."""
         self._count = 0
 
     def visit(self, x: float, z: float, heading: float) -> tuple[bool, int]:

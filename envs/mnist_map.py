@@ -54,6 +54,7 @@ class MapGeometry:
 
     @property
     def map_shape(self) -> tuple[int, int]:
+        """(height, width) of the whole map in pixels: ``grid`` digits along each side."""
         return self.grid * self.digit_shape[0], self.grid * self.digit_shape[1]
 
     @property
@@ -77,6 +78,7 @@ class MapGeometry:
 
     @property
     def n_positions(self) -> int:
+        """Number of places the window can stand at (the lattice's rows times columns)."""
         return self.lattice_shape[0] * self.lattice_shape[1]
 
     def validate(self, n_digits: int) -> None:
@@ -510,6 +512,7 @@ class MnistMapEnv(gym.Env[np.ndarray, int]):
         }
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+        """Start an episode on a fresh random map and start; returns the first window and its info."""
         super().reset(seed=seed)
         self.core.reset(np.zeros(1, dtype=np.int64), [self.np_random])
         self._has_reset = True
@@ -519,6 +522,7 @@ class MnistMapEnv(gym.Env[np.ndarray, int]):
 
     def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         # Space.contains costs ~10 us (it builds np.iinfo); a plain in-range int needs no such check.
+        """Move the window by ``action``; reward is always 0, the episode truncates after ``max_steps``."""
         if not (type(action) is int and 0 <= action < self.action_space.n):
             assert self.action_space.contains(action), f"{action!r} ({type(action)}) is not in {self.action_space}"
         assert self._has_reset, "Call reset before using step."
@@ -529,6 +533,7 @@ class MnistMapEnv(gym.Env[np.ndarray, int]):
         return self.core.observe()[0], 0.0, False, truncated, self._info(visit_count)
 
     def render(self) -> np.ndarray | None:
+        """The map with this episode's path drawn on it (RGB), or None without a ``render_mode``."""
         if self.render_mode is None:
             gym.logger.warn("MnistMap: render() called without a render_mode; use gym.make(..., render_mode='rgb_array')")
             return None
@@ -617,6 +622,7 @@ class MnistMapVectorEnv(VectorEnv):
     def reset(
         self, *, seed: int | Sequence[int | None] | None = None, options: dict[str, Any] | None = None
     ) -> tuple[np.ndarray, dict[str, Any]]:
+        """Reset every env, or those in ``options["reset_mask"]``; returns windows (N, H, W, C) and infos."""
         N = self.num_envs
         mask = np.ones(N, dtype=bool)
         if options is not None and "reset_mask" in options:
@@ -647,6 +653,7 @@ class MnistMapVectorEnv(VectorEnv):
         return self.core.observe(), self._infos(np.zeros(N, dtype=np.int64))
 
     def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        """Step all envs with ``actions`` (N,); envs whose episode ended last step restart (NEXT_STEP)."""
         assert self._rngs is not None, "Call reset before using step."
         actions = np.asarray(actions)
         assert self.action_space.contains(actions), f"{actions!r} ({type(actions)}) is not in {self.action_space}"

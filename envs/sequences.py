@@ -212,9 +212,11 @@ class PerfectRecall(_Task):
         _check_positive("perfect_recall", k=self.k)
 
     def length(self) -> int:
+        """Frames per sequence: k to remember, then the k repeats."""
         return 2 * self.k
 
     def frames(self, pool: DigitPool, batch_size: int, rng: np.random.Generator) -> Frames:
+        """A batch of sequences: k random images, then the same k in the same order (the recalls)."""
         k = self.k
         index, revisit, recall_of = _empty(batch_size, self.length())
         index[:, :k] = pool.random((batch_size, k), rng)  # (B, k) the images to remember
@@ -239,10 +241,12 @@ class ParityRecall(_Task):
             raise UserError(f"task 'parity_recall': exemplar={self.exemplar!r}, expected 'fixed' or 'random'")
 
     def length(self) -> int:
+        """Frames per sequence: k digits, then the parity image."""
         return self.k + 1
 
     @staticmethod
     def check_pool(pool: DigitPool) -> None:
+        """UserError unless the pool has images of classes 0 and 1 (the parity answers)."""
         if not pool.has((0, 1)):
             raise UserError(f"task 'parity_recall': the image set has no class 0 or 1 to show the parity, classes {pool.classes.tolist()}")
 
@@ -252,6 +256,7 @@ class ParityRecall(_Task):
         return pool.images[pool.first_exemplar(np.array([0, 1]))]
 
     def frames(self, pool: DigitPool, batch_size: int, rng: np.random.Generator) -> Frames:
+        """A batch of sequences: k random digits, then an image of the parity of their label sum."""
         self.check_pool(pool)
         k = self.k
         index, revisit, recall_of = _empty(batch_size, self.length())
@@ -279,15 +284,18 @@ class OneShotRecall(_Task):
         object.__setattr__(self, "held_out_classes", tuple(int(c) for c in self.held_out_classes))
 
     def length(self) -> int:
+        """Frames per sequence: k to remember, then the k in a random order."""
         return 2 * self.k
 
     def split_classes(self, split: str, classes: np.ndarray) -> np.ndarray:
+        """The held-out classes in ``val``/``test``, the others in ``train`` (all when none held out)."""
         if not self.held_out_classes:
             return classes
         held_out = np.isin(classes, self.held_out_classes)
         return classes[~held_out] if split == "train" else classes[held_out]
 
     def frames(self, pool: DigitPool, batch_size: int, rng: np.random.Generator) -> Frames:
+        """A batch of sequences: k random images, then the same k in a random order per sequence."""
         k = self.k
         index, revisit, recall_of = _empty(batch_size, self.length())
         index[:, :k] = pool.random((batch_size, k), rng)  # (B, k)
@@ -318,9 +326,11 @@ class DynamicDependencies(_Task):
             )
 
     def length(self) -> int:
+        """Frames per sequence: k images, then ``n_queries`` pairs of cue and answer."""
         return self.k + 2 * self.n_queries
 
     def frames(self, pool: DigitPool, batch_size: int, rng: np.random.Generator) -> Frames:
+        """A batch of sequences: k images, then queries whose cue digit d asks for the frame d back."""
         if not pool.has(range(1, self.max_back + 1)):
             raise UserError(f"task 'dynamic_dependencies': cues need classes 1..{self.max_back}, the image set has {pool.classes.tolist()}")
         index, revisit, recall_of = _empty(batch_size, self.length())
@@ -349,9 +359,11 @@ class SimilarityCuedRecall(_Task):
         _check_positive("similarity_cued_recall", k=self.k, n_queries=self.n_queries)
 
     def length(self) -> int:
+        """Frames per sequence: k images, then ``n_queries`` pairs of cue and answer."""
         return self.k + 2 * self.n_queries
 
     def frames(self, pool: DigitPool, batch_size: int, rng: np.random.Generator) -> Frames:
+        """A batch of sequences: k images of distinct classes; a new exemplar of one cues that one."""
         usable = pool.classes[pool.count[pool.classes] >= 2]  # a cue needs a second exemplar of the class
         if self.k > len(usable):
             raise UserError(

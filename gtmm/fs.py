@@ -71,6 +71,7 @@ class FolderLock:
         self._fd: int | None = None
 
     def acquire(self) -> "FolderLock":
+        """Take the lock without waiting and record this process as holder; UserError if another holds it."""
         import fcntl
 
         if self.folder.exists() and not self.folder.is_dir():
@@ -110,6 +111,7 @@ class FolderLock:
             return "holder unknown"
 
     def release(self) -> None:
+        """Delete the lock file and drop the lock (nothing happens if it is not held)."""
         if self._fd is None:
             return
         import fcntl

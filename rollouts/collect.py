@@ -44,6 +44,7 @@ from rollouts import storage
 
 @dataclass
 class CollectConfig:
+    """Record episodes of an agent in an env: one lossless .npz per episode plus manifest.json (re-run to resume)."""
     env: str = "mnist_map"
     """env: a short name (mnist_map, mnist_map_test, miniworld, miniworld:<MiniWorld id>) or a registered Gymnasium id"""
     out: Path = Path("data/mnist_map")
@@ -177,6 +178,7 @@ class Recorder:
         self.buffers: list[dict[str, list]] = [dict() for _ in range(num_envs)]
 
     def start(self, obs: np.ndarray, info: dict[str, Any]) -> None:
+        """Clear every env's buffer and record the first frame of its episode (obs and info columns)."""
         pose, revisit, count = (_info_column(info, k, self.env_name) for k in ("pose", "revisit", "visit_count"))
         for i, buffer in enumerate(self.buffers):
             buffer.clear()
@@ -184,6 +186,7 @@ class Recorder:
                           action=[], reward=[], terminated=[], truncated=[])
 
     def add(self, live: np.ndarray, action, obs, reward, terminated, truncated, info) -> None:
+        """Append one step (action, reward, flags, next frame and info) to the buffers of the ``live`` envs."""
         pose, revisit, count = (_info_column(info, k, self.env_name) for k in ("pose", "revisit", "visit_count"))
         for i in np.flatnonzero(live):
             b = self.buffers[i]

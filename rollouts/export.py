@@ -48,6 +48,7 @@ _DATASET_ID = re.compile(r"^(?:[-_\w][-_\w/]*[-_\w]+/)?[-_\w]+-v\d+$")
 
 @dataclass
 class ExportConfig:
+    """Export a rollout folder to other formats; for now a Minari dataset (HDF5)."""
     data: Path
     """rollout folder to export (written by python -m rollouts.collect)"""
     out: Path
@@ -61,6 +62,7 @@ class ExportConfig:
 
 
 def default_dataset_id(manifest: dict[str, Any]) -> str:
+    """The Minari id of a rollout folder, ``gtmm/<env>-<agent>-v0``, from its manifest."""
     env = re.sub(r"[^A-Za-z0-9_-]+", "_", manifest["env"]["name"])
     return f"gtmm/{env}-{manifest['agent']['name']}-v0"
 

@@ -33,6 +33,7 @@ GREY = np.array([90, 90, 90], dtype=np.uint8)
 
 @dataclass
 class InspectConfig:
+    """Print what a rollout folder holds, check every file against the manifest, and draw an episode as a GIF."""
     root: Annotated[Path, tyro.conf.Positional]
     """rollout folder (written by python -m rollouts.collect)"""
     episode: int | None = None

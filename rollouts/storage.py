@@ -119,6 +119,7 @@ def episode_path(root: str | os.PathLike, record_or_file: dict[str, Any] | str) 
 
 
 def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks (the checksum recorded in manifests)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
