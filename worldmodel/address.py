@@ -48,11 +48,13 @@ class AddressPath(nn.Module):
     addr_dim: int
 
     def init_state(self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> State:
+        """The path's state at an episode's start for ``batch`` sequences (empty: no state by default)."""
         return {}
 
     uses_h: bool = True  # addr_t reads h_t: computed inside the step loop (else ``sequence`` before it)
 
     def step(self, state: State, h: Tensor, prev_action: Tensor, pose: Tensor) -> tuple[Tensor, State]:
+        """One step: addr_t (B, addr_dim) from h_t (B, H), a_{t-1} (B,) and pose (B, D), and the next state."""
         raise NotImplementedError
 
     def h_linears(self) -> dict[str, nn.Linear]:
@@ -93,12 +95,15 @@ class HiddenAddress(AddressPath):
         self.proj = nn.Linear(h_dim, addr_dim)
 
     def step(self, state: State, h: Tensor, prev_action: Tensor, pose: Tensor) -> tuple[Tensor, State]:
+        """addr_t = a linear projection of h_t (the paper's address); the state stays empty."""
         return self.proj(h), state  # (B, addr_dim)
 
     def h_linears(self) -> dict[str, nn.Linear]:
+        """The projection of h_t, named ``address`` (fused with the memory's layers by the fast path)."""
         return {"address": self.proj}
 
     def from_pre(self, pre: dict[str, Tensor]) -> Tensor:
+        """addr_t (B, addr_dim): the projection's output in ``pre``."""
         return pre["address"]  # (B, addr_dim)
 
 
@@ -160,6 +165,7 @@ class ActionAddress(AddressPath):
 
     def init_state(self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> State:
         # Every episode starts at the origin of its own path: addresses are relative to the start.
+        """Every sequence at the origin of its own path: the learned start (gru) or zeros (additive)."""
         if self.integrator == "gru":
             return {"path": self.start.to(device=device, dtype=dtype).expand(batch, self.path_dim)}  # (B, P)
         return {"path": torch.zeros(batch, self.path_dim, device=device, dtype=dtype)}  # (B, P)
@@ -171,6 +177,7 @@ class ActionAddress(AddressPath):
         return 0.5 * (self.displacement - self.displacement[self.inverse])
 
     def step(self, state: State, h: Tensor, prev_action: Tensor, pose: Tensor) -> tuple[Tensor, State]:
+        """Integrate a_{t-1} (B,) into the path (B, P); -1 (no action) leaves it; addr_t is its encoding."""
         assert prev_action.shape == (h.shape[0],), f"prev_action must be (B,), got {tuple(prev_action.shape)}"
         path = state["path"]  # (B, P)
         acted = (prev_action >= 0).to(path.dtype).unsqueeze(-1)  # (B, 1), 0 for "no action"
@@ -187,6 +194,7 @@ class ActionAddress(AddressPath):
         return addr, {"path": path}
 
     def sequence(self, state: State, prev_action: Tensor, pose: Tensor) -> tuple[Tensor, State]:
+        """All T addresses from prev_action (B, T) at once: a cumulative sum (additive) or the GRU alone."""
         path = state["path"]  # (B, P)
         action_ids = torch.arange(self.num_actions, device=prev_action.device)  # (A,)
         onehot = (prev_action.unsqueeze(-1) == action_ids).to(path.dtype)  # (B, T, A), zeros for "no action"
@@ -233,10 +241,12 @@ class PoseAddress(AddressPath):
         self.register_buffer("frequencies", _random_frequencies(pose_dim, addr_dim, seed) / scale.unsqueeze(-1))
 
     def step(self, state: State, h: Tensor, prev_action: Tensor, pose: Tensor) -> tuple[Tensor, State]:
+        """addr_t = Fourier features of the env's pose (B, D); the state stays empty."""
         assert pose.shape == (h.shape[0], self.pose_dim), f"pose must be (B, {self.pose_dim}), got {tuple(pose.shape)}"
         return fourier_features(pose.to(self.frequencies.dtype), self.frequencies).to(h.dtype), state
 
     def sequence(self, state: State, prev_action: Tensor, pose: Tensor) -> tuple[Tensor, State]:
+        """All T addresses (B, T, addr_dim): Fourier features of pose (B, T, D) in one batched call."""
         return fourier_features(pose.to(self.frequencies.dtype), self.frequencies), state  # (B, T, addr_dim)
 
 

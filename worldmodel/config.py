@@ -55,6 +55,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        """The config of a saved dict (e.g. a checkpoint's); UserError naming any unknown field."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -189,10 +190,12 @@ class TrainConfig:
         )
 
     def to_json(self) -> str:
+        """The config as indented JSON with sorted keys (the run folder's config.json)."""
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        """The config of a saved dict (config.json); UserError naming any unknown field."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:

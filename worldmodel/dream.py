@@ -239,6 +239,7 @@ class DreamBatch:
         return None if inv is None else tuple(int(a) for a in inv)
 
     def close(self) -> None:
+        """Close the real envs kept beside the dreams (idempotent)."""
         for i, real in enumerate(self._shadows):
             if real is not None:
                 real.close()
@@ -461,12 +462,14 @@ class DreamEnv(gym.Env):
         self._ready = False
 
     def reset(self, *, seed: Optional[int] = None, options: Optional[dict[str, Any]] = None):
+        """Start a dream with a generator drawn from the env's ``np_random``; returns its first frame and info."""
         super().reset(seed=seed)
         obs, infos = self.dreams.reset(np.array([0]), [np.random.default_rng(self.np_random.integers(2**63))])
         self._ready = True
         return obs[0], infos[0]
 
     def step(self, action):
+        """Dream one frame for ``action``; reward is always 0, the dream truncates after ``max_steps``."""
         if not self._ready:
             raise RuntimeError("DreamEnv.step called before reset")
         _check_action(self.action_space, action)
@@ -475,12 +478,14 @@ class DreamEnv(gym.Env):
         return obs[0], 0.0, False, truncated, infos[0]
 
     def render(self):
+        """The last dreamed frame as RGB (grey frames repeated to 3 channels), or None without rgb_array."""
         if self.render_mode == "rgb_array":
             frame = self.dreams.last_obs[0]
             return np.repeat(frame, 3, axis=-1) if frame.shape[-1] == 1 else frame.copy()
         return None
 
     def close(self) -> None:
+        """Release the dream batch and any real env it keeps."""
         self.dreams.close()
 
 
@@ -521,6 +526,7 @@ class DreamVectorEnv(VectorEnv):
             infos[i] = new_infos[j]
 
     def reset(self, *, seed: int | list[int] | None = None, options: Optional[dict[str, Any]] = None):
+        """Start every dream: an int ``seed`` s gives dream i the seed s + i, a list one seed per dream."""
         if seed is None:
             seeds = [None] * self.num_envs
         elif isinstance(seed, (int, np.integer)):
@@ -540,6 +546,7 @@ class DreamVectorEnv(VectorEnv):
         return obs, _stack_infos(infos)
 
     def step(self, actions):
+        """Dream one frame per env for ``actions`` (N,); ended dreams restart (NEXT_STEP autoreset)."""
         if self._rngs is None:
             raise RuntimeError("DreamVectorEnv.step called before reset")
         actions = np.asarray(actions, dtype=np.int64).reshape(self.num_envs)
@@ -560,6 +567,7 @@ class DreamVectorEnv(VectorEnv):
         return obs, rewards, terminated, truncated, _stack_infos(infos)
 
     def close_extras(self, **kwargs: Any) -> None:
+        """Release the dream batch and any real envs it keeps (called by ``VectorEnv.close``)."""
         self.dreams.close()
 
 

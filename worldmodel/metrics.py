@@ -130,11 +130,13 @@ class Bootstrap:
 
     @classmethod
     def make(cls, windows: int, resamples: int = 1000, seed: int = 0, level: float = 0.95) -> "Bootstrap":
+        """``resamples`` seeded draws of ``windows`` window indices with replacement."""
         rng = np.random.default_rng(seed)
         return cls(idx=rng.integers(0, windows, size=(resamples, windows)), level=level)
 
     @property
     def resamples(self) -> int:
+        """Number of bootstrap resamples (R)."""
         return int(self.idx.shape[0])
 
     def ratio(self, num: np.ndarray, den: np.ndarray) -> dict[str, Any]:

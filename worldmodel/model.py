@@ -53,9 +53,11 @@ class ModelState:
 
     @property
     def batch_size(self) -> int:
+        """Number of sequences (B)."""
         return self.h.shape[0]
 
     def detach(self) -> "ModelState":
+        """The same state with every tensor detached from the autograd graph."""
         return ModelState(
             h=self.h.detach(), c=self.c.detach(), z=self.z.detach(), read=self.read.detach(),
             memory={k: v.detach() for k, v in self.memory.items()},
@@ -128,6 +130,7 @@ class GTMMCell(nn.Module):
         return layers
 
     def init_state(self, batch: int, device: torch.device | str, dtype: torch.dtype = torch.float32) -> ModelState:
+        """The state before the first frame: zero h, c, z and read, and empty memory and address path."""
         zeros = lambda n: torch.zeros(batch, n, device=device, dtype=dtype)  # noqa: E731
         return ModelState(
             h=zeros(self.cfg.h_dim), c=zeros(self.cfg.h_dim), z=zeros(self.cfg.z_dim),
@@ -354,9 +357,11 @@ class GTMM(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """The device of the model's parameters."""
         return next(self.parameters()).device
 
     def init_state(self, batch: int, device: torch.device | str | None = None) -> ModelState:
+        """The state before the first frame for ``batch`` sequences, on the model's device by default."""
         return self.cell.init_state(batch, device if device is not None else self.device)
 
     # -- observation model (8) ---------------------------------------------------------------------------------------

@@ -71,6 +71,7 @@ class DigitClassifier(nn.Module):
         self.header: dict[str, Any] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits (B, 10) of frames (B, 1, 28, 28)."""
         B = x.shape[0]
         assert x.shape[1:] == (1, 28, 28), f"DigitClassifier expects (B, 1, 28, 28) frames, got {tuple(x.shape)}"
         return self.head(self.features(x).reshape(B, -1))  # (B, 10)

@@ -107,6 +107,7 @@ class RolloutSource:
         self.fingerprint = dataset_fingerprint(root)
 
     def sample(self, batch_size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """``batch_size`` windows drawn uniformly with ``rng``, as one batch of arrays (B, T, ...)."""
         index = rng.integers(len(self.windows), size=batch_size)
         return self.windows.sample_batch(index)  # one gather per array: the same arrays as stacking the windows
 
@@ -130,6 +131,7 @@ class TaskSource:
         self.fingerprint = None
 
     def sample(self, batch_size: int, rng: np.random.Generator, split: str = "train") -> dict[str, np.ndarray]:
+        """A fresh batch of the task from ``rng`` on the images of ``split``, as arrays (B, T, ...)."""
         return self._sample(self.task, batch_size, rng, split=split, **self.task_kwargs)
 
 
@@ -395,6 +397,7 @@ class Validation:
 
     @classmethod
     def make(cls, cfg: TrainConfig, source) -> tuple[Optional["Validation"], Optional[str]]:
+        """The fixed held-out batches of this run, or (None, why validation is off)."""
         if cfg.val_every == 0:
             return None, None
         if isinstance(source, TaskSource):
@@ -520,6 +523,7 @@ class StopSignal:
 
     @property
     def name(self) -> str:
+        """The received signal's name (e.g. SIGTERM), or "" when none came."""
         return signal.Signals(self.signum).name if self.signum is not None else ""
 
     def __enter__(self) -> "StopSignal":

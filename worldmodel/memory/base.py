@@ -82,6 +82,7 @@ class Memory(nn.Module):
     slots: int = 0  # N, the number of slots (0: no memory)
 
     def init_state(self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> State:
+        """The empty memory M_{-1} for ``batch`` sequences, every tensor (B, ...) on ``device``/``dtype``."""
         raise NotImplementedError
 
     # -- the per-step linear layers, by name (the fast path fuses them; see the module docstring) --------------------
@@ -243,12 +244,14 @@ class ReadKeys(nn.Module):
             self.sharpness.bias.fill_(inverse_softplus(init_sharpness - 1.0))
 
     def h_linears(self) -> dict[str, nn.Linear]:
+        """The layers on h_t by name: the sharpness beta, and the key's h part when keys read h."""
         layers = {self.beta_name: self.sharpness}
         if self.from_h is not None:
             layers[self.h_name] = self.from_h
         return layers
 
     def addr_linears(self) -> dict[str, nn.Linear]:
+        """The key projection of addr_t, by name."""
         return {self.addr_name: self.from_addr}
 
     def from_pre(self, pre: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -260,6 +263,7 @@ class ReadKeys(nn.Module):
         return keys.view(keys.shape[0], self.heads, self.addr_dim), beta
 
     def forward(self, h: Tensor, addr: Tensor) -> tuple[Tensor, Tensor]:
+        """keys (B, R, A) and beta (B, R) from h (B, H) and addr (B, A), layer by layer."""
         pre = {name: layer(h) for name, layer in self.h_linears().items()}
         pre.update({name: layer(addr) for name, layer in self.addr_linears().items()})
         return self.from_pre(pre)
@@ -285,12 +289,15 @@ class ReadGate(nn.Module):
             self.from_h.bias.zero_()
 
     def h_linears(self) -> dict[str, nn.Linear]:
+        """The gate's one layer on h_t, by name."""
         return {self.name: self.from_h}
 
     def from_pre(self, pre: dict[str, Tensor], match: Tensor, written: Tensor) -> Tensor:
+        """The gate (B, R) in [0, 1]: sigmoid(layer output + scale * match), zero where nothing is written."""
         return torch.sigmoid(pre[self.name] + self.match_scale * match) * written  # (B, R)
 
     def forward(self, h: Tensor, match: Tensor, written: Tensor) -> Tensor:
+        """The gate (B, R) from h (B, H), ``match`` (B, R) and ``written`` (B, R)."""
         return self.from_pre({self.name: self.from_h(h)}, match, written)
 
 

@@ -84,6 +84,7 @@ class DNCMemory(Memory):
         self.gate = ReadGate(h_dim=h_dim, heads=heads)
 
     def init_state(self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> State:
+        """Empty slots, zero usage, precedence, links and weights (retain 1) for ``batch`` sequences."""
         N, R = self.slots, self.heads
         zeros = lambda *shape: torch.zeros(*shape, device=device, dtype=dtype)  # noqa: E731
         return {
@@ -99,14 +100,17 @@ class DNCMemory(Memory):
         }
 
     def check_inputs(self, h: Tensor, addr: Tensor, z: Tensor | None = None) -> None:
+        """Shape asserts of h (B, H), addr (B, A) and z (B, Z) for the DNC's step API."""
         check_step_inputs("dnc", h, addr, self.h_dim, self.addr_dim, z, self.z_dim)
 
     def h_linears(self) -> dict[str, nn.Linear]:
+        """Every layer on h_t by name: keys, read modes, free gates, write key and gates, erase, gate."""
         return {**self.keys.h_linears(), "read_modes": self.read_modes, "free_gates": self.free_gates,
                 **self.write_key.h_linears(), "write_gate": self.write_gate, "allocation_gate": self.allocation_gate,
                 "erase": self.erase, **self.gate.h_linears()}
 
     def addr_linears(self) -> dict[str, nn.Linear]:
+        """The read and write key projections of addr_t, by name."""
         return {**self.keys.addr_linears(), **self.write_key.addr_linears()}
 
     def _address(self, state: State, pre: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -54,6 +54,7 @@ class IntrospectiveMemory(Memory):
         self.gate = ReadGate(h_dim=h_dim, heads=heads)
 
     def init_state(self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> State:
+        """Empty FIFO slots (addresses, contents, filled flags) for ``batch`` sequences."""
         N = self.slots
         return {
             "addr": torch.zeros(batch, N, self.addr_dim, device=device, dtype=dtype),  # (B, N, A) unit, oldest first
@@ -62,12 +63,15 @@ class IntrospectiveMemory(Memory):
         }
 
     def check_inputs(self, h: Tensor, addr: Tensor, z: Tensor | None = None) -> None:
+        """Shape asserts of h (B, H), addr (B, A) and z (B, Z) for the FIFO's step API."""
         check_step_inputs("introspective", h, addr, self.h_dim, self.addr_dim, z, self.z_dim)
 
     def h_linears(self) -> dict[str, nn.Linear]:
+        """The layers on h_t by name: the read keys' and the read gate's."""
         return {**self.keys.h_linears(), **self.gate.h_linears()}
 
     def addr_linears(self) -> dict[str, nn.Linear]:
+        """The read keys' projection of addr_t, by name."""
         return self.keys.addr_linears()
 
     def _attend(self, state: State, h: Tensor, addr: Tensor, pre: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -91,6 +95,7 @@ class IntrospectiveMemory(Memory):
 
     def scan_prepare(self, state: State, addr: Tensor | None, pre_addr: dict[str, Tensor]
                      ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """With h-free keys: all slot addresses and every step's key similarities before the loop; else nothing."""
         if addr is None or self.keys.from_h is not None:
             return {}, {}  # keys depend on h_t: the step-by-step read
         T, B = addr.shape[:2]
@@ -116,10 +121,12 @@ class IntrospectiveMemory(Memory):
         return {"fifo.addr": slot_addr[:, T:], "fifo.final_filled": filled[:, T:]}, steps
 
     def scan_carry(self, state: State, const: dict[str, Tensor]) -> State:
+        """Only the contents when the addresses were precomputed, else the whole state."""
         return {"content": state["content"]} if "fifo.addr" in const else state
 
     def scan_read(self, carry: State, h: Tensor, addr: Tensor, pre: dict[str, Tensor], const: dict[str, Tensor],
                   step: dict[str, Tensor]) -> dict[str, Tensor]:
+        """One step's read, from the precomputed similarities when there are any."""
         if "fifo.addr" not in const:
             return self._attend(carry, h, addr, pre)
         similarity = step["fifo.similarity"]  # (B, R, N)
@@ -131,11 +138,13 @@ class IntrospectiveMemory(Memory):
 
     def scan_write(self, carry: State, h: Tensor, addr: Tensor, z: Tensor, pre: dict[str, Tensor],
                    attention: dict[str, Tensor], const: dict[str, Tensor], step: dict[str, Tensor]) -> State:
+        """One step's write: push the new content (addresses were precomputed), else ``_write``."""
         if "fifo.addr" not in const:
             return self._write(carry, h, addr, z, pre, attention)
         return {"content": push(carry["content"], self._content(h, z))}  # (B, N, C)
 
     def scan_finish(self, carry: State, const: dict[str, Tensor]) -> State:
+        """The state after the loop: the precomputed addresses and fill, with the carried contents."""
         if "fifo.addr" not in const:
             return carry
         return {"addr": const["fifo.addr"], "content": carry["content"], "filled": const["fifo.final_filled"]}

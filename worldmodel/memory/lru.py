@@ -55,6 +55,7 @@ class LRUMemory(Memory):
         self.gate = ReadGate(h_dim=h_dim, heads=heads)
 
     def init_state(self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> State:
+        """Empty slots, zero usage, occupancy and weights (retain 1) for ``batch`` sequences."""
         N = self.slots
         return {
             "addr": torch.zeros(batch, N, self.addr_dim, device=device, dtype=dtype),  # (B, N, A)
@@ -67,12 +68,15 @@ class LRUMemory(Memory):
         }
 
     def check_inputs(self, h: Tensor, addr: Tensor, z: Tensor | None = None) -> None:
+        """Shape asserts of h (B, H), addr (B, A) and z (B, Z) for the LRU's step API."""
         check_step_inputs("lru", h, addr, self.h_dim, self.addr_dim, z, self.z_dim)
 
     def h_linears(self) -> dict[str, nn.Linear]:
+        """The layers on h_t by name: the read keys', the write gate and the read gate."""
         return {**self.keys.h_linears(), "write_gate": self.write_gate, **self.gate.h_linears()}
 
     def addr_linears(self) -> dict[str, nn.Linear]:
+        """The read keys' projection of addr_t, by name."""
         return self.keys.addr_linears()
 
     def _read_weights(self, state: State, pre: dict[str, Tensor]) -> tuple[Tensor, Tensor]:

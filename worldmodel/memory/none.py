@@ -14,12 +14,14 @@ from worldmodel.memory.base import Memory, State
 
 
 class NoMemory(Memory):
+    """No memory: reads are (B, 0), writes keep the empty state; the controller alone carries the past."""
     read_dim = 0
 
     def __init__(self, **_: object):
         super().__init__()
 
     def init_state(self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> State:
+        """No state: an empty dict."""
         return {}
 
     def _attend(self, state: State, h: Tensor, addr: Tensor, pre: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -32,6 +34,7 @@ class NoMemory(Memory):
         return state
 
     def write_record(self, state: State) -> dict[str, Tensor]:
+        """Nothing to attribute: an empty dict."""
         return {}
 
     def attribute(self, coefficients: Tensor, record: dict[str, Tensor]) -> Tensor:

@@ -51,9 +51,11 @@ class LocationHead(nn.Module):
         self.sharpening = small_linear(h_dim, heads, bias=inverse_softplus(gamma - 1.0))
 
     def h_linears(self) -> dict[str, nn.Linear]:
+        """Its three layers on h_t by name: interpolation g, shift s and sharpening gamma."""
         return dict(zip(self.names, (self.interpolation, self.shift, self.sharpening)))
 
     def from_pre(self, pre: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """g (B, R) in (0, 1), s (B, R, 2S+1) summing to 1 and gamma (B, R) >= 1 from ``pre``."""
         g_name, s_name, gamma_name = self.names
         shift = pre[s_name]  # (B, R*(2S+1))
         g = torch.sigmoid(pre[g_name])  # (B, R)
@@ -62,6 +64,7 @@ class LocationHead(nn.Module):
         return g, s, gamma
 
     def forward(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """g, s and gamma from h (B, H), layer by layer."""
         return self.from_pre({name: layer(h) for name, layer in self.h_linears().items()})
 
 
@@ -104,6 +107,7 @@ class NTMMemory(Memory):
         self.gate = ReadGate(h_dim=h_dim, heads=heads)
 
     def init_state(self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> State:
+        """Empty slots and every head on slot 0, for ``batch`` sequences."""
         N, R = self.slots, self.heads
         first_slot = torch.zeros(batch, 1, N, device=device, dtype=dtype)
         first_slot[..., 0] = 1.0  # heads start on slot 0 (the write head's first shift then moves it to slot 1)
@@ -117,13 +121,16 @@ class NTMMemory(Memory):
         }
 
     def check_inputs(self, h: Tensor, addr: Tensor, z: Tensor | None = None) -> None:
+        """Shape asserts of h (B, H), addr (B, A) and z (B, Z) for the NTM's step API."""
         check_step_inputs("ntm", h, addr, self.h_dim, self.addr_dim, z, self.z_dim)
 
     def h_linears(self) -> dict[str, nn.Linear]:
+        """Every layer on h_t by name: read keys, read and write location heads, write key, erase, gate."""
         return {**self.keys.h_linears(), **self.read_location.h_linears(), **self.write_key.h_linears(),
                 **self.write_location.h_linears(), "erase": self.erase, **self.gate.h_linears()}
 
     def addr_linears(self) -> dict[str, nn.Linear]:
+        """The read and write key projections of addr_t, by name."""
         return {**self.keys.addr_linears(), **self.write_key.addr_linears()}
 
     def _address(self, state: State, pre: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -176,4 +183,5 @@ class NTMMemory(Memory):
         }
 
     def write_record(self, state: State) -> dict[str, Tensor]:
+        """The write weights (B, N) of the single write head and the retain factors (B, N)."""
         return {"write_weights": state["write_weights"][:, 0], "write_retain": state["write_retain"]}  # (B, N) each
