@@ -1,6 +1,6 @@
 """Record episodes of an agent in an env, one lossless ``.npz`` per episode plus ``manifest.json``.
 
-    python -m rollouts.collect --env mnist_map --agent loop --episodes 1000 --steps 128 --out data/mnist_map
+    python -m rollouts.collect --env mnist_map --agent loop --episodes 1000 --episode-steps 128 --out data/mnist_map
     python -m rollouts.collect --env miniworld --agent explore --episodes 100 --workers 2 --out data/miniworld
     python -m rollouts.collect --env mnist_map --env-kwargs '{"grid": 6}' --agent sb3 --policy policy.zip --out ...
 
@@ -28,10 +28,11 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import gymnasium as gym
 import numpy as np
+import tyro
 from tqdm import tqdm
 
 from gtmm import cli
@@ -53,8 +54,9 @@ class CollectConfig:
     """collector agent: random, loop, explore or sb3"""
     episodes: int = 100
     """number of episodes in the folder when done"""
-    steps: int = 128
-    """steps per episode (the env's own time limit may end episodes earlier)"""
+    steps: Annotated[int, tyro.conf.arg(name="episode-steps", aliases=("--steps",))] = 128
+    """steps per episode (the env's own time limit may end episodes earlier); --steps is its old name, kept as an
+    alias (in train, --steps counts updates)"""
     seed: int = 0
     """base seed: episode k's env and agent seeds derive from (seed, k)"""
     workers: int = 1
@@ -78,7 +80,7 @@ def episode_seeds(base_seed: int, index: int) -> tuple[int, int]:
 
 
 def _accepts_max_steps(env_id: str) -> bool:
-    """Whether the env's constructor takes ``max_steps`` (then --steps sets it, so the env truncates where we stop)."""
+    """Whether the env's constructor takes ``max_steps`` (then --episode-steps sets it, so the env truncates where we stop)."""
     if env_id not in gym.registry:
         return False
     entry_point = gym.registry[env_id].entry_point
@@ -196,7 +198,7 @@ class Recorder:
             b["revisit"].append(revisit[i]), b["visit_count"].append(count[i])
 
     def episode(self, i: int, cut: bool) -> dict[str, np.ndarray]:
-        """Env ``i``'s episode as storage arrays; ``cut`` marks the last step truncated (we stopped it at --steps)."""
+        """Env ``i``'s episode as storage arrays; ``cut`` marks the last step truncated (we stopped it at --episode-steps)."""
         b = self.buffers[i]
         episode = {key: np.asarray(b[key], dtype=dtype) for key, (dtype, _) in storage.EPISODE_KEYS.items()}
         episode["pose"] = episode["pose"].reshape(len(episode["pose"]), -1)
@@ -238,8 +240,9 @@ def _check_env_matches(manifest: dict[str, Any], obs_shape, num_actions: int, po
 
 def check_flags(config: CollectConfig) -> None:
     """UserError naming the flag for every bad flag that needs no env or file (before anything is made or locked)."""
-    for flag in ("episodes", "steps", "workers", "threads"):
-        check_range(flag, getattr(config, flag), 1)
+    for flag, field in (("episodes", "episodes"), ("episode_steps", "steps"), ("workers", "workers"),
+                        ("threads", "threads")):
+        check_range(flag, getattr(config, field), 1)
     check_range("seed", config.seed, 0)  # np.random.SeedSequence takes no negative entropy
     if config.agent not in AGENTS:
         raise UserError(f"--agent {config.agent!r}: expected one of {AGENTS}")

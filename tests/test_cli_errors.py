@@ -52,7 +52,8 @@ CASES = [
     ("worldmodel.dream", ["--checkpoint", "{run}", "--data", "{base}/nope"], "nope"),
     ("worldmodel.dream", ["--checkpoint", "{run}", "--data", "{data}", "--env", "mnist_map"], "--data"),
     ("worldmodel.dream", ["--checkpoint", "{run}", "--data", "{data}", "--episodes", "0"], "--episodes"),
-    ("worldmodel.dream", ["--checkpoint", "{run}", "--data", "{data}", "--steps", "0"], "--steps"),
+    ("worldmodel.dream", ["--checkpoint", "{run}", "--data", "{data}", "--steps", "0"], "--episode-steps"),  # alias
+    ("worldmodel.dream", ["--checkpoint", "{run}", "--data", "{data}", "--episode-steps", "0"], "--episode-steps"),
     ("worldmodel.dream", ["--checkpoint", "{run}", "--data", "{data}", "--temperature", "-1"], "--temperature"),
     ("worldmodel.dream", ["--checkpoint", "{run}", "--data", "{data}", "--agent", "nope"], "nope"),
     ("worldmodel.dream", ["--checkpoint", "{run}", "--data", "{data}", "--agent", "sb3"], "--policy"),

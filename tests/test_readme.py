@@ -14,7 +14,7 @@ README runs in about two minutes on 2 CPU cores:
 | ``rollouts.collect`` | ``--workers N``              | min(N, 2)                                            |
 | ``worldmodel.train`` | ``--steps N`` (updates)      | 2, added when absent (not with ``--resume``)         |
 | ``worldmodel.evaluate`` | ``--windows N``           | min(N, 8), added when absent                         |
-| ``worldmodel.dream`` | ``--steps N`` / ``--episodes N`` | min(N, 12) / min(N, 2), added when absent        |
+| ``worldmodel.dream`` | ``--episode-steps N`` / ``--episodes N`` | min(N, 12) / min(N, 2), added when absent        |
 | ``agents.train_sb3`` | ``--timesteps N``            | min(N, 512), added when absent (one PPO update)      |
 
 Presets and episode lengths stay as written even when smoke runs: they decide what data a run needs (a preset's
@@ -133,7 +133,9 @@ def shrink(command: list[str]) -> list[str]:
     elif module == "worldmodel.evaluate":
         command = _cap(command, "--windows", 8)
     elif module == "worldmodel.dream":
-        command = _cap(_cap(command, "--steps", 12), "--episodes", 2)
+        # the dream length: --episode-steps, or its old name --steps (an alias)
+        flag = "--steps" if "--steps" in command else "--episode-steps"
+        command = _cap(_cap(command, flag, 12), "--episodes", 2)
     elif module == "agents.train_sb3":
         command = _cap(command, "--timesteps", 512)
     return command

@@ -111,7 +111,9 @@ TINY = ["--episodes", "2", "--steps", "4", "--no-progress"]
 BAD_INPUTS = [
     ("collect-seed-negative", COLLECT, ["--out", "{new}/c", "--seed", "-1", *TINY], ["--seed -1", ">= 0"]),
     ("collect-episodes-0", COLLECT, ["--out", "{new}/c", "--steps", "4", "--episodes", "0"], ["--episodes 0"]),
-    ("collect-steps-0", COLLECT, ["--out", "{new}/c", "--episodes", "2", "--steps", "0"], ["--steps 0"]),
+    ("collect-steps-0", COLLECT, ["--out", "{new}/c", "--episodes", "2", "--steps", "0"], ["--episode-steps 0"]),
+    ("collect-episode-steps-0", COLLECT, ["--out", "{new}/c", "--episodes", "2", "--episode-steps", "0"],
+     ["--episode-steps 0"]),
     ("collect-workers-0", COLLECT, ["--out", "{new}/c", "--workers", "0", *TINY], ["--workers 0"]),
     ("collect-threads-0", COLLECT, ["--out", "{new}/c", "--threads", "0", *TINY], ["--threads 0"]),
     ("collect-episodes-not-int", COLLECT, ["--out", "{new}/c", "--episodes", "abc"], ["--episodes"]),

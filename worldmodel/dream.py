@@ -2,10 +2,10 @@
 
     gymnasium.make("Dream-v0", checkpoint="runs/intro_pose", data="data/mnist_map")
     python -m worldmodel.dream --checkpoint runs/intro_pose --data data/mnist_map_test --out dream.gif
-    python -m worldmodel.dream --checkpoint runs/intro_pose --data data/mnist_map_test --agent loop --steps 200 \
+    python -m worldmodel.dream --checkpoint runs/intro_pose --data data/mnist_map_test --agent loop --episode-steps 200 \
         --out dream_loop.gif
     python -m rollouts.collect --env dream --env-kwargs '{"checkpoint": "runs/intro_pose", "data": "data/mnist_map",
-        "threads": 1}' --agent loop --episodes 10 --steps 64 --out data/dreamed
+        "threads": 1}' --agent loop --episodes 10 --episode-steps 64 --out data/dreamed
     python -m agents.train_sb3 --env dream --env-kwargs '{"checkpoint": "runs/intro_pose", "data": "data/mnist_map"}'
 
 A dream is the model's open loop (the `imagine` path of `worldmodel.model`): `reset` teacher-forces the posterior
@@ -37,10 +37,11 @@ import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 import gymnasium as gym
 import numpy as np
+import tyro
 import torch
 from gymnasium import spaces
 from gymnasium.vector import AutoresetMode, VectorEnv
@@ -593,8 +594,9 @@ class DreamConfig:
     """with --agent other than recorded: step a real env beside each dream for real frames/revisits (--no-shadow: none)"""
     episodes: int = 4
     """dreams side by side (columns of the video), stepped in one batch"""
-    steps: int = 200
-    """dreamed steps (--agent recorded stops where the shortest recorded episode ends)"""
+    steps: Annotated[int, tyro.conf.arg(name="episode-steps", aliases=("--steps",))] = 200
+    """dreamed steps of each dream (--agent recorded stops where the shortest recorded episode ends); --steps is its
+    old name, kept as an alias (in train, --steps counts updates)"""
     context: int = 0
     """K real context frames (0 = the checkpoint's open_loop_context)"""
     temperature: float = 1.0
@@ -680,8 +682,8 @@ def dream_video(cfg: DreamConfig) -> dict[str, Any]:
         raise UserError(f"--agent {cfg.agent!r}: expected recorded or one of {AGENTS}")
     if Path(cfg.out).suffix not in (".gif", ".mp4"):
         raise UserError(f"--out {cfg.out}: expected a .gif or .mp4 file")
-    for flag in ("episodes", "steps", "scale", "fps"):
-        cli.check_range(flag, getattr(cfg, flag), low=1)
+    for flag, field in (("episodes", "episodes"), ("episode_steps", "steps"), ("scale", "scale"), ("fps", "fps")):
+        cli.check_range(flag, getattr(cfg, field), low=1)
     cli.check_range("context", cfg.context, low=0)
     cli.check_range("temperature", cfg.temperature, low=0.0)
     if (cfg.data is None) == (cfg.env is None):  # the library says data=/env=; the command's user typed flags
