@@ -70,7 +70,7 @@ class CollectConfig:
     progress: bool = True
     """show a progress bar"""
     threads: int = 1
-    """torch CPU threads (the sb3 agent's policy); more threads than free cores slow small policies a lot"""
+    """torch CPU threads (0 = torch's default, all cores); 1 by default in every command: small recurrent steps gain little from more, and more threads than free cores slow them a lot (only the sb3 agent's policy uses torch)"""
 
 
 def episode_seeds(base_seed: int, index: int) -> tuple[int, int]:
@@ -240,9 +240,9 @@ def _check_env_matches(manifest: dict[str, Any], obs_shape, num_actions: int, po
 
 def check_flags(config: CollectConfig) -> None:
     """UserError naming the flag for every bad flag that needs no env or file (before anything is made or locked)."""
-    for flag, field in (("episodes", "episodes"), ("episode_steps", "steps"), ("workers", "workers"),
-                        ("threads", "threads")):
+    for flag, field in (("episodes", "episodes"), ("episode_steps", "steps"), ("workers", "workers")):
         check_range(flag, getattr(config, field), 1)
+    check_range("threads", config.threads, 0)
     check_range("seed", config.seed, 0)  # np.random.SeedSequence takes no negative entropy
     if config.agent not in AGENTS:
         raise UserError(f"--agent {config.agent!r}: expected one of {AGENTS}")
@@ -263,7 +263,8 @@ def collect(config: CollectConfig) -> dict[str, Any]:
     if config.agent == "sb3":  # the only agent that runs torch (importing it costs seconds: not for the others)
         import torch
 
-        torch.set_num_threads(config.threads)
+        if config.threads > 0:
+            torch.set_num_threads(config.threads)
     env_kwargs_user = parse_json_object(config.env_kwargs, "env_kwargs")
     agent_kwargs = parse_json_object(config.agent_kwargs, "agent_kwargs")
     if config.agent == "sb3":

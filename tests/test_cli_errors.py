@@ -69,6 +69,7 @@ CASES = [
     ("agents.train_sb3", ["--out", "{base}/policy.txt"], "--out"),
     ("agents.train_sb3", ["--reward", "nope", "--out", "{base}/p.zip"], "--reward"),
     ("agents.train_sb3", ["--num-envs", "0", "--out", "{base}/p.zip"], "--num-envs"),
+    ("agents.train_sb3", ["--threads=-1", "--out", "{base}/p.zip"], "--threads"),
     ("worldmodel.report", ["{base}/nope", "--out", "{base}/report"], "nope"),
     ("worldmodel.report", ["{base}/empty", "--out", "{base}/report"], "empty"),
     ("worldmodel.report", ["{base}/future", "--out", "{base}/report"], "version"),

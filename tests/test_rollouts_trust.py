@@ -115,7 +115,7 @@ BAD_INPUTS = [
     ("collect-episode-steps-0", COLLECT, ["--out", "{new}/c", "--episodes", "2", "--episode-steps", "0"],
      ["--episode-steps 0"]),
     ("collect-workers-0", COLLECT, ["--out", "{new}/c", "--workers", "0", *TINY], ["--workers 0"]),
-    ("collect-threads-0", COLLECT, ["--out", "{new}/c", "--threads", "0", *TINY], ["--threads 0"]),
+    ("collect-threads-negative", COLLECT, ["--out", "{new}/c", "--threads=-1", *TINY], ["--threads -1"]),
     ("collect-episodes-not-int", COLLECT, ["--out", "{new}/c", "--episodes", "abc"], ["--episodes"]),
     ("collect-unknown-flag", COLLECT, ["--out", "{new}/c", "--epsiodes", "3"], ["--epsiodes"]),
     ("collect-out-is-file", COLLECT, ["--out", "{file}", *TINY], ["--out", "a_file.txt", "is a file"]),

@@ -412,3 +412,14 @@ def test_compiled_step_trains_and_the_switch_may_change_on_resume(data, tmp_path
     code, _, _ = run_main(["--out", str(out), "--resume", "--steps", "4", "--compile", "off", "--no-progress"], capsys)
     assert code == 0 and checkpoint.load_raw(out)["step"] == 4
     assert json.loads((out / "config.json").read_text())["compile"] == "off"
+
+
+def test_threads_mean_the_same_in_every_command():
+    """`--threads`: torch CPU threads, 0 = torch's default, 1 by default, in every command that has it."""
+    from agents.train_sb3 import TrainSB3Config
+    from rollouts.collect import CollectConfig
+    from worldmodel.config import TrainConfig
+    from worldmodel.dream import DreamConfig
+
+    for config in (TrainConfig(), CollectConfig(), TrainSB3Config(), DreamConfig(checkpoint="c")):
+        assert config.threads == 1, type(config).__name__

@@ -85,8 +85,8 @@ class TrainConfig:
     """auto (cuda if available), cpu, cuda, cuda:N"""
     seed: int = 0
     """seed of the model init, the data order and the latent samples"""
-    threads: int = 0
-    """torch CPU threads (0 = leave torch's default)"""
+    threads: int = 1
+    """torch CPU threads (0 = torch's default, all cores); 1 by default in every command: small recurrent steps gain little from more, and more threads than free cores slow them a lot"""
     compile: Literal["auto", "on", "off"] = "auto"
     """compile the recurrent step with torch.compile (CUDA: as CUDA graphs); auto = on for CUDA, off for CPU, where
     it only pays for the slot memories (ntm/dnc ~1.3-1.8x) and costs 20-60 s of compilation"""
