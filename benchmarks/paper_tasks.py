@@ -13,8 +13,9 @@ classes for one-shot recall) and prints a markdown table:
 - a verdict. The paper's claim is that memory models drive the KL at recall positions towards zero where the LSTM
   baseline (`none`) cannot. We compare the recall KL with what the same model pays where it cannot know the frame:
   the KL at the other positions (without memory, a copied frame is as new as any other), except for parity recall,
-  whose answer is one of two fixed images: there the reference is the KL the model pays when the sequence ends with
-  the image of the *wrong* parity (equal on average to the right one's for a model that does not know the parity).
+  whose answer is one of two fixed images (the same pair in train and test): there the reference is the KL the model
+  pays when the sequence ends with the image of the *wrong* parity (equal on average to the right one's for a model
+  that does not know the parity).
   `recalls` if the recall KL is at most 25% of the reference, `partly` at most 75%, `fails` above; `untrained` if
   the reference is under 1 nat (the model hardly encodes its frames); a run that crashed or diverged says so.
 
@@ -139,7 +140,7 @@ def evaluate(run_dir: str | Path, task: str, sequences: int, seed: int, device: 
                 # knows the parity pays much less KL for the right image than for the wrong one; one that does not
                 # pays the same for both (on average).
                 wrong = sample["obs"].copy()  # (B, T, H, W, 1)
-                wrong[:, -1, :, :, 0] = parity_images("test")[1 - sample["label"][:, -1]]
+                wrong[:, -1, :, :, 0] = parity_images()[1 - sample["label"][:, -1]]  # the same pair in every split
                 seq = model.observe(torch.as_tensor(wrong, device=dev), batch["prev_action"], batch["pose"])
                 kl_wrong.append(seq["kl"][:, -1].float().cpu().numpy())  # (B,)
     kl, nll, recall = (np.concatenate(x) for x in (kl_steps, nll_steps, recall))

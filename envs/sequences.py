@@ -25,8 +25,10 @@ Tasks (``k`` = number of images to remember; every image is drawn uniformly from
   recall positions ``k..2k-1``.
 - ``parity_recall`` (5.2): ``k`` random digits, then one image showing the parity of the sum of their labels
   (an image of class 0 or 1). ``T = k + 1``; recall position ``k``. The parity frame is a *fixed* exemplar of its
-  class by default (the first of that class in the split), so a perfect model can predict it exactly; pass
-  ``exemplar="random"`` to draw a random exemplar of the class instead (then only its class is predictable).
+  class by default: the first 0 or 1 of the *train* split, the same two images in every split (the answer is a
+  symbol the model learns, not data to generalise to), so a perfect model can predict it exactly on test sequences
+  too; pass ``exemplar="random"`` to draw a random exemplar of the class from the split instead (then only its
+  class is predictable).
 - ``one_shot_recall`` (5.3): ``k`` images, then the same ``k`` in a random order. The images come from classes and
   exemplars the model never trains on: ``split="train"`` draws training exemplars of every class *except*
   ``held_out_classes``; ``split="test"`` draws test exemplars of the held-out classes only (of all classes when
@@ -233,7 +235,7 @@ class ParityRecall(_Task):
     k: int = 10
     """number of digits whose label parity is shown at the end"""
     exemplar: str = "fixed"
-    """which image shows the parity: 'fixed' (the split's first 0 or 1: exactly predictable) or 'random'"""
+    """which image shows the parity: 'fixed' (the train split's first 0 or 1 in every split: exactly predictable) or 'random'"""
 
     def __post_init__(self) -> None:
         _check_positive("parity_recall", k=self.k)
@@ -251,19 +253,22 @@ class ParityRecall(_Task):
             raise UserError(f"task 'parity_recall': the image set has no class 0 or 1 to show the parity, classes {pool.classes.tolist()}")
 
     def answer_images(self, pool: DigitPool) -> np.ndarray:
-        """The images that show parity 0 and 1 with ``exemplar='fixed'``: (2, H, W)."""
+        """The images that show parity 0 and 1 with ``exemplar='fixed'``, given the *train* pool: (2, H, W)."""
         self.check_pool(pool)
         return pool.images[pool.first_exemplar(np.array([0, 1]))]
 
     def frames(self, pool: DigitPool, batch_size: int, rng: np.random.Generator) -> Frames:
-        """A batch of sequences: k random digits, then an image of the parity of their label sum."""
+        """A batch of sequences: k random digits, then an image of the parity of their label sum.
+
+        With ``exemplar='fixed'`` the last index is the split's own first 0 or 1; ``sample_batch`` shows the train
+        split's instead (``answer_images``), so that the answer is the same image in every split."""
         self.check_pool(pool)
         k = self.k
         index, revisit, recall_of = _empty(batch_size, self.length())
         index[:, :k] = pool.random((batch_size, k), rng)  # (B, k)
         parity = pool.labels[index[:, :k]].sum(axis=1) % 2  # (B,) 0 or 1
         if self.exemplar == "fixed":
-            index[:, k] = pool.first_exemplar(parity)
+            index[:, k] = pool.first_exemplar(parity)  # replaced by the train split's answer image in sample_batch
         else:
             index[:, k] = pool.exemplars(parity, rng)
         revisit[:, k] = True  # a function of remembered frames, not a copy: recall_of stays -1
@@ -435,12 +440,12 @@ def kwargs_for_length(task: str, seq_len: int) -> dict[str, Any]:
     return {"k": k, "n_queries": (seq_len - k) // 2}
 
 
-def parity_images(split: str = "train", source: str | Path | DigitPool = "mnist5k") -> np.ndarray:
+def parity_images(source: str | Path | DigitPool = "mnist5k") -> np.ndarray:
     """uint8 (2, 28, 28): the fixed images that end a ``parity_recall`` sequence of even (0) and odd (1) parity.
 
-    For counterfactual checks: swap the last frame for the other one, and a model that knows the parity should be
-    surprised."""
-    return ParityRecall().answer_images(get_pool(source, split))
+    The same two images in every split (the train split's first 0 and 1). For counterfactual checks: swap the last
+    frame for the other one, and a model that knows the parity should be surprised."""
+    return ParityRecall().answer_images(get_pool(source, "train"))
 
 
 def task_fields(task: str) -> dict[str, Any]:
@@ -479,6 +484,11 @@ def sample_batch(
     frames = spec.frames(pool, int(batch_size), rng)
     B, T = frames.index.shape
     obs = pool.images[frames.index][..., None]  # (B, T, H, W, 1)
+    if isinstance(spec, ParityRecall) and spec.exemplar == "fixed":
+        # The answer is a symbol learnt in training: the train split's images in every split. With each split's own
+        # first 0 and 1, a test sequence ended in an image never seen at the answer, so the better a model had learnt
+        # the answer, the more KL it paid there (memory models 1.5-6x the LSTM's), whatever it knew of the parity.
+        obs[:, -1, :, :, 0] = spec.answer_images(get_pool(source, "train"))[pool.labels[frames.index[:, -1]]]
     return {
         "obs": obs,
         "prev_action": np.full((B, T), -1, dtype=np.int64),
