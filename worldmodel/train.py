@@ -83,7 +83,11 @@ def dataset_fingerprint(root: str | os.PathLike) -> dict[str, Any]:
 
 
 class RolloutSource:
-    """Random windows of recorded rollouts (`rollouts.dataset.RolloutWindows`), drawn with a given numpy rng."""
+    """Random windows of recorded rollouts (`rollouts.dataset.RolloutWindows`), drawn with a given numpy rng.
+
+    Under `torchrun` each rank draws only from its own share of the training episodes: rank r of W takes the
+    episodes at positions p of the train split (in index order) with p % W == r, so the ranks see disjoint episodes
+    and together all of them. With W = 1 the share is every window and the draws are those of an unsharded run."""
 
     def __init__(self, root: str, seq_len: int, val_fraction: float, seed: int) -> None:
         from rollouts.dataset import RolloutWindows, split_episodes
@@ -105,10 +109,33 @@ class RolloutSource:
         self.name = f"rollouts:{self.windows.env_name}"
         self.seq_len = seq_len
         self.fingerprint = dataset_fingerprint(root)
+        # the train-split position of each window's episode: (N,)
+        self.window_episode = np.searchsorted(self.windows.episode_offsets, self.windows.window_starts,
+                                              side="right") - 1
+        self._shares: dict[tuple[int, int], np.ndarray] = {}
 
-    def sample(self, batch_size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """``batch_size`` windows drawn uniformly with ``rng``, as one batch of arrays (B, T, ...)."""
-        index = rng.integers(len(self.windows), size=batch_size)
+    def share(self, rank: int, world: int) -> np.ndarray:
+        """The window indices (ascending) that rank ``rank`` of ``world`` draws from: those of the training episodes
+        at split positions p with p % world == rank. UserError when that share has no window."""
+        if not (world >= 1 and 0 <= rank < world):
+            raise ValueError(f"rank {rank} of world {world}: expected 0 <= rank < world")
+        key = (rank, world)
+        if key not in self._shares:
+            windows = np.flatnonzero(self.window_episode % world == rank)
+            if len(windows) == 0:
+                raise UserError(f"--data {self.windows.root}: {len(self.windows.episodes)} training episode(s) for "
+                                f"{world} ranks: rank {rank} gets no episode with a {self.seq_len}-frame window "
+                                "(each rank samples only its own episodes); collect more episodes or use fewer ranks")
+            self._shares[key] = windows
+        return self._shares[key]
+
+    def sample(self, batch_size: int, rng: np.random.Generator, rank: int = 0, world: int = 1
+               ) -> dict[str, np.ndarray]:
+        """``batch_size`` windows drawn uniformly with ``rng`` from the share of rank ``rank`` of ``world``, as one
+        batch of arrays (B, T, ...)."""
+        share = self.share(rank, world)
+        # share[i] == i when world == 1: exactly the draws of the unsharded sampler (runs and checkpoints resume)
+        index = share[rng.integers(len(share), size=batch_size)]
         return self.windows.sample_batch(index)  # one gather per array: the same arrays as stacking the windows
 
 
@@ -617,6 +644,8 @@ def _train_locked(cfg: TrainConfig, explicit: Optional[set[str]], stop: Optional
     cfg, auto_why = resolve_auto_address(cfg, source)  # recorded resolved: config.json and checkpoints
     if cfg.address == "pose" and source.pose_dim == 0:
         raise UserError(f"--address pose: the data ({source.name}) has no pose (pose_dim 0)")
+    if isinstance(source, RolloutSource):
+        source.share(rank, world)  # a rank without episodes fails here, before any rank waits on another
     validation, val_note = Validation.make(cfg, source) if is_main else (None, None)
 
     # -- processes (after every input check: a bad flag fails before any rank waits on another) ------------------------
@@ -704,8 +733,14 @@ def _train_locked(cfg: TrainConfig, explicit: Optional[set[str]], stop: Optional
     tick, tick_step = time.perf_counter(), step
     # batches of the next steps are made in a background thread (on CUDA: pinned, copied ahead); each is a function
     # of its step alone, so a resumed run gets the batches an uninterrupted one would have
-    prefetcher = Prefetcher(lambda s: source.sample(cfg.batch, batch_rng(cfg.seed, rank, s)), device, start=step,
-                            dtypes=BATCH_DTYPES)
+    # (under torchrun each rank draws from its own episodes: RolloutSource.share)
+    if isinstance(source, RolloutSource):
+        def make_batch(s: int) -> dict[str, np.ndarray]:
+            return source.sample(cfg.batch, batch_rng(cfg.seed, rank, s), rank=rank, world=world)
+    else:
+        def make_batch(s: int) -> dict[str, np.ndarray]:
+            return source.sample(cfg.batch, batch_rng(cfg.seed, rank, s))
+    prefetcher = Prefetcher(make_batch, device, start=step, dtypes=BATCH_DTYPES)
     try:
         while step < cfg.steps:
             # -- batch -------------------------------------------------------------------------------------------------
