@@ -729,6 +729,15 @@ def _train_locked(cfg: TrainConfig, explicit: Optional[set[str]], stop: Optional
             print(line, flush=True)
 
     losses: list[tuple[int, float]] = []
+    pending_losses: list[tuple[int, torch.Tensor]] = []  # this run's losses not yet read back: (step, 0-d tensor)
+
+    def flush_losses() -> None:
+        """Read the pending losses back to the host in one transfer (not one sync per step)."""
+        if pending_losses:
+            values = torch.stack([v for _, v in pending_losses]).tolist()
+            losses.extend(zip([s for s, _ in pending_losses], values))
+            pending_losses.clear()
+
     skipped, stopped, saved_at = 0, None, step if payload is not None else None
     tick, tick_step = time.perf_counter(), step
     # batches of the next steps are made in a background thread (on CUDA: pinned, copied ahead); each is a function
@@ -762,7 +771,9 @@ def _train_locked(cfg: TrainConfig, explicit: Optional[set[str]], stop: Optional
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             step += 1
-            if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+            # one host read per step (the skip must be decided before optimizer.step: Adam's step count and moments
+            # live partly on the host, so a device-side mask could not skip it exactly)
+            if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
                 skipped += 1
                 optimizer.zero_grad(set_to_none=True)
                 if is_main:
@@ -771,8 +782,11 @@ def _train_locked(cfg: TrainConfig, explicit: Optional[set[str]], stop: Optional
                     writer.add_scalar("perf/skipped_steps", skipped, step)
             else:
                 optimizer.step()
-            losses.append((step, loss.item()))
+            # the loss stays on the device (a copy: the next step's buffers may be reused) until a log step or the end
+            pending_losses.append((step, loss.detach().float().clone()))
             last = step == cfg.steps
+            if step % cfg.log_every == 0 or last:
+                flush_losses()
 
             # -- validate (rank 0; the others go on to the next step's all-reduce and wait there) ----------------------
             val, improved = None, False
@@ -841,6 +855,7 @@ def _train_locked(cfg: TrainConfig, explicit: Optional[set[str]], stop: Optional
             writer.close()
         if world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+    flush_losses()  # a stop between log steps
     return {"losses": losses, "skipped": skipped, "step": step, "config": cfg, "stopped": stopped,
             "ckpt": str(ckpt_path) if saved_at is not None else None}
 
