@@ -367,11 +367,12 @@ class DreamBatch:
                 "pose_known": False, "on_record": False}
 
     @torch.no_grad()
-    def step(self, actions: np.ndarray, noise_seed: int) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    def step(self, actions: np.ndarray, rngs: list[np.random.Generator]) -> tuple[np.ndarray, list[dict[str, Any]]]:
         """Dream one step of all N dreams in one forward call: actions (N,) -> frames (N, H, W, C) uint8, infos.
 
-        The prior noise comes from torch seeded with `noise_seed` inside a forked RNG (reproducible, and the global
-        torch RNG is left as it was)."""
+        Dream i's prior noise is drawn from its own generator `rngs[i]` (its env's, seeded from its reset seed), so
+        what it samples depends on its seed and actions only, never on the batch size or its neighbours -- as a real
+        env's randomness does; the global torch RNG is not touched."""
         assert self.state is not None, "DreamBatch.step before reset"
         infos = [self._advance(i, int(a)) for i, a in enumerate(actions)]
         pose = np.stack([info["pose"] for info in infos])  # (N, D)
@@ -381,10 +382,16 @@ class DreamBatch:
                              "stepped beside the dream) or with a model of another address")
         action_t = torch.as_tensor(np.asarray(actions, dtype=np.int64), device=self.device)  # (N,)
         pose_t = torch.as_tensor(np.nan_to_num(pose), device=self.device)  # (N, D); read only by the pose address
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), prior_temperature(self.model, self.temperature):
-            torch.manual_seed(noise_seed)
-            frames, self.state = self.model.step_prior(self.state, action_t, pose_t, sample=self.temperature > 0)
+        sample = self.temperature > 0
+        noise = None
+        if sample:  # one standard normal draw per dream from its own generator, stacked: (N, Z); drawn with numpy
+            z_dim = self.model.cfg.z_dim  # on the host, so a seed gives the same noise on any device
+            noise = torch.as_tensor(np.stack([rng.standard_normal(z_dim, dtype=np.float32) for rng in rngs]),
+                                    device=self.device)
+        with prior_temperature(self.model, self.temperature):
+            # `GTMM.step_prior` with the noise given: the model's batched cell step, then the mean decode (8)
+            out, self.state = self.model.cell(self.state, action_t, pose_t, None, sample=sample, noise=noise)
+            frames = self.model.decode_mean(out["z"])  # (N, H, W, C) in [0, 1]
         obs = to_uint8(frames)  # (N, H, W, C)
         self.last_obs[:] = obs
         return obs, infos
@@ -474,7 +481,7 @@ class DreamEnv(gym.Env):
         if not self._ready:
             raise RuntimeError("DreamEnv.step called before reset")
         _check_action(self.action_space, action)
-        obs, infos = self.dreams.step(np.array([int(action)]), int(self.np_random.integers(2**63)))
+        obs, infos = self.dreams.step(np.array([int(action)]), [self.np_random])
         truncated = self.dreams.tracks[0].steps >= self.dreams.max_steps
         return obs[0], 0.0, False, truncated, infos[0]
 
@@ -494,8 +501,10 @@ class DreamVectorEnv(VectorEnv):
     """`num_envs` dreams stepped in one forward call of the model (on a GPU when there is one).
 
     Same dynamics and info as `DreamEnv` (both run `DreamBatch`). `reset(seed=s)` gives dream i the generator of
-    seed `s + i`, so dream i starts from the episode a `DreamEnv` reset with `s + i` starts from; the prior noise
-    is drawn for the whole batch at once, so the dreamed frames themselves depend on the batch. Autoreset is
+    seed `s + i`, so dream i dreams what a `DreamEnv` reset with `s + i` dreams (the same episode and, from its own
+    noise generator, the same prior samples), whatever the batch size and the other dreams -- up to float rounding:
+    the batched float32 matmuls of a row round differently for different batch sizes (MKL on CPU; measured ~1e-6 in
+    the state), so a decoded pixel can come out one grey level apart. Autoreset is
     Gymnasium 1.x `NEXT_STEP`: the step after an episode ends returns that dream's reset frame and info, reward 0,
     not done, and ignores its action. Infos are arrays with a leading `num_envs` axis.
     """
@@ -516,7 +525,6 @@ class DreamVectorEnv(VectorEnv):
         self.inverse_actions = self.dreams.inverse_actions
         self.pose_dim = self.dreams.pose_dim
         self._rngs: Optional[list[np.random.Generator]] = None
-        self._noise_rng = np.random.default_rng()
         self._needs_reset = np.zeros(num_envs, dtype=bool)
 
     def _reset_rows(self, indices: np.ndarray, obs: np.ndarray, infos: list[dict[str, Any]]) -> None:
@@ -538,8 +546,6 @@ class DreamVectorEnv(VectorEnv):
             seeds = [None if s is None else int(s) for s in seed]
         # dream i's generator is the one a DreamEnv reset with seed s_i builds (gymnasium's np_random of s_i)
         self._rngs = [gym.utils.seeding.np_random(s)[0] for s in seeds]
-        # the batch's prior noise: reproducible when every dream is seeded, fresh entropy otherwise
-        self._noise_rng = np.random.default_rng(seeds if None not in seeds else None)
         obs = np.zeros((self.num_envs, *self.dreams.obs_shape), dtype=np.uint8)
         infos: list[dict[str, Any]] = [{}] * self.num_envs
         self._reset_rows(np.arange(self.num_envs), obs, infos)
@@ -556,7 +562,7 @@ class DreamVectorEnv(VectorEnv):
         actions[resetting] = 0  # ignored (NEXT_STEP autoreset): any valid action keeps the batch call uniform
         for a in actions:
             _check_action(self.single_action_space, a)
-        obs, infos = self.dreams.step(actions, int(self._noise_rng.integers(2**63)))
+        obs, infos = self.dreams.step(actions, self._rngs)
         obs = obs.copy()
         rewards = np.zeros(self.num_envs, dtype=np.float32)
         terminated = np.zeros(self.num_envs, dtype=bool)
