@@ -123,10 +123,16 @@ def dream_checkpoint_sha256(env_id: str, env_kwargs: dict[str, Any]) -> str | No
 
 
 def make_collector_env(name: str, env_id: str, kwargs: dict[str, Any], workers: int) -> gym.vector.VectorEnv:
-    """``workers`` envs: the native vector env where one exists, else one process per env (own GL context)."""
+    """``workers`` envs: the native vector env where one exists, else one process per env (own GL context).
+
+    Dreams are the exception: a batched model step rounds a row differently for different batch sizes (CPU GEMM
+    kernels), so a dream stepped beside others can land a pixel one grey level away from the same dream alone. To
+    keep episode k a function of (seed, k) only, whatever ``--workers`` is, each dream runs as its own 1-dream env."""
+    make_one = functools.partial(envs.make, name, **kwargs)  # picklable: each worker process builds its own env
+    if env_id == "Dream-v0":
+        return gym.vector.SyncVectorEnv([make_one] * workers)
     if _has_vector_env(env_id):
         return envs.make_vec(name, workers, **kwargs)
-    make_one = functools.partial(envs.make, name, **kwargs)  # picklable: each worker process builds its own env
     if workers == 1:
         return gym.vector.SyncVectorEnv([make_one])
     return gym.vector.AsyncVectorEnv([make_one] * workers, context="spawn")
