@@ -1,6 +1,6 @@
 """Reproducible dreams (issue #15 item 4): dream i's randomness depends on its own seed only, not on the batch.
 
-`DreamBatch` seeds every dream's context choice and its prior noise (its own torch generator) from that dream's
+`DreamBatch` seeds every dream's context choice and its prior noise (its own numpy generator) from that dream's
 reset seed. What is NOT bit-exact is the batched float32 arithmetic itself: CPU GEMM kernels (MKL here) round a row
 differently for different batch sizes (measured: a state differs by ~1e-6 between batch 1 and 2 from the first
 context step on, so a decoded pixel can land one grey level apart). So these tests require everything random to be
