@@ -25,7 +25,6 @@ anything from the file (the trust model is in ``agents.sb3``).
 from __future__ import annotations
 
 import json
-import re
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -84,19 +83,6 @@ class TrainSB3Config:
     """episodes per evaluation"""
 
 
-def resolve_device(name: str) -> torch.device:
-    """``--device`` as a torch device: auto = CUDA if available, else the CPU; a UserError for anything else."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name != "cpu" and not re.fullmatch(r"cuda(:\d+)?", name):
-        raise UserError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine (use cpu or auto)")
-    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
-        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return torch.device(name)
-
-
 def eval_dir_for(out: Path) -> Path:
     """Where ``EvalCallback`` writes ``evaluations.npz`` for the policy saved at ``out``: ``<out stem>_eval/``."""
     return out.parent / f"{out.stem}_eval"
@@ -122,7 +108,7 @@ def train(config: TrainSB3Config) -> Path:
     if config.out.suffix != ".zip":
         raise UserError(f"--out {config.out}: expected a path ending in .zip (SB3 appends it otherwise)")
     env_kwargs = parse_json_object(config.env_kwargs, "env_kwargs")
-    device = resolve_device(config.device)
+    device = cli.resolve_device(config.device)
     cli.check_range("threads", config.threads, 0)
     if config.threads > 0:
         torch.set_num_threads(config.threads)

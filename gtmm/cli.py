@@ -57,6 +57,24 @@ def check_range(flag: str, value: float, low: float | None = None, high: float |
         raise UserError(f"--{flag.replace('_', '-')} {value}: expected {want}")
 
 
+def resolve_device(name: str, local_rank: int = 0):
+    """``--device`` as a ``torch.device``: auto = this rank's GPU if CUDA is available, else the CPU; ``cuda`` = this
+    rank's GPU; a UserError for a malformed name, for CUDA on a machine without it, or for a GPU it does not have."""
+    import torch  # here: the CLI plumbing itself stays torch-free
+
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if name != "cpu" and not re.fullmatch(r"cuda(:\d+)?", name):
+        raise UserError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine (use cpu or auto)")
+    if name == "cuda":
+        return torch.device(f"cuda:{local_rank}")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device(name)
+
+
 _BOX = re.compile(r"[│╭╮╰╯─┌┐└┘├┤━┃]")
 
 

@@ -249,6 +249,14 @@ class RolloutWindows(Dataset):
         arrays = self._get_arrays()
         return {name: torch.from_numpy(np.array(arrays[name][window])) for name in _CACHE_KEYS}
 
+    def episode_starts(self, count: int | None = None) -> np.ndarray:
+        """Indices of the windows that start at an episode's first frame (so "revisit" means "seen earlier in this
+        window"); with ``count``, at most that many of them, evenly spread over the episodes."""
+        first = np.flatnonzero(np.isin(self.window_starts, self.episode_offsets))
+        if count is None or len(first) == 0:
+            return first
+        return first[np.unique(np.linspace(0, len(first) - 1, min(count, len(first))).round().astype(int))]
+
     def sample_batch(self, index: np.ndarray) -> dict[str, np.ndarray]:
         """The windows ``index`` (B,) as one batch with the B axis: obs (B, T, H, W, C) uint8, prev_action (B, T)
         int64, revisit (B, T) bool, pose (B, T, D) float32 -- the same arrays as stacking ``self[i]`` for each i,

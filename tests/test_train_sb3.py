@@ -69,8 +69,7 @@ def test_bad_flags_are_one_error_line_and_write_nothing(tmp_path, args, names):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_cuda_without_cuda_is_a_user_error():
-    from agents.train_sb3 import resolve_device
-    from gtmm.cli import UserError
+    from gtmm.cli import UserError, resolve_device
 
     with pytest.raises(UserError, match="--device cuda: CUDA is not available"):
         resolve_device("cuda")

@@ -29,7 +29,6 @@ fsynced and renamed over `ckpt.pt`, so a crash or a full disk leaves the previou
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import os
 import pickle
@@ -72,11 +71,9 @@ def resolve(path: str | os.PathLike) -> Path:
 
 def sha256_of(path: str | os.PathLike) -> str:
     """Hex sha256 of the checkpoint file of `path` (a ckpt.pt or a run folder): which model a dataset was dreamed by."""
-    digest = hashlib.sha256()
-    with open(resolve(path), "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    from rollouts.storage import sha256_file  # the project's one file hash (rollouts needs no torch)
+
+    return sha256_file(resolve(path))
 
 
 # -- RNG states as plain values ------------------------------------------------------------------------------------------
@@ -140,6 +137,19 @@ def check_plain(value: Any, where: str) -> None:
                         "only, or the checkpoint will not load with weights_only=True")
 
 
+def write_plain(path: str | os.PathLike, payload: dict[str, Any], what: str = "checkpoint") -> int:
+    """Check that `payload` loads weights-only (`check_plain`), serialise it in memory and write it to `path` in one
+    atomic write; returns its size in bytes. torch.save straight to a file on a full disk raises an opaque
+    "[enforce fail at inline_container.cc] unexpected pos" and leaves its temp file behind; this raises
+    `UserError("no space left on device while writing <path> ...")` and leaves the old file and no temp."""
+    check_plain(payload, what)
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(path, buffer.getbuffer())
+    return buffer.getbuffer().nbytes
+
+
 # -- save and load ---------------------------------------------------------------------------------------------------------
 
 def save(path: str | os.PathLike, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
@@ -158,12 +168,7 @@ def save(path: str | os.PathLike, *, model: torch.nn.Module, optimizer: torch.op
         "rng": rng_state(),
         **(extra or {}),
     }
-    check_plain(payload, "checkpoint")
-    # serialise in memory, then one atomic write: torch.save straight to a file on a full disk raises an opaque
-    # "[enforce fail at inline_container.cc] unexpected pos" and leaves its temp file behind
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    write_bytes_atomic(path, buffer.getbuffer())
+    write_plain(path, payload, "checkpoint")
     return path
 
 

@@ -87,10 +87,9 @@ def episode_start_windows(root: str, seq_len: int, count: int):
     from rollouts.dataset import RolloutWindows
 
     windows = RolloutWindows(root, seq_len=seq_len, split="all")
-    first = np.flatnonzero(np.isin(windows.window_starts, windows.episode_offsets))
-    if len(first) == 0:
+    pick = windows.episode_starts(count)
+    if len(pick) == 0:
         raise UserError(f"{root}: no episode has {seq_len} frames; collect longer episodes or pass --seq-len")
-    pick = first[np.unique(np.linspace(0, len(first) - 1, min(count, len(first))).round().astype(int))]
     return windows, pick
 
 
@@ -123,15 +122,13 @@ def _masked(x: np.ndarray, mask: np.ndarray) -> float:
 def _batches(windows, index: np.ndarray, batch: int, device: torch.device):
     """Yield the batch dicts of tensors on `device` of consecutive chunks of `batch` windows."""
     for start in range(0, len(index), batch):
-        items = [windows[int(i)] for i in index[start:start + batch]]
-        b = batch_to_torch({k: np.stack([it[k].numpy() for it in items]) for k in items[0]}, device)
-        yield b
+        yield batch_to_torch(windows.sample_batch(index[start:start + batch]), device)
 
 
 def window_arrays(windows, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """revisit (N, T) bool and pose (N, T, D) of the chosen windows."""
-    items = [windows[int(i)] for i in index]
-    return (np.stack([it["revisit"].numpy() for it in items]), np.stack([it["pose"].numpy() for it in items]))
+    arrays = windows.sample_batch(index)
+    return arrays["revisit"], arrays["pose"]
 
 
 def diverged(path: str) -> UserError:
@@ -480,7 +477,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     windows, index = episode_start_windows(cfg.data, seq_len, cfg.windows)
     check_data_matches(cfg, windows, loaded)
     episodes = len(windows.episodes)
-    long_enough = int(np.isin(windows.window_starts, windows.episode_offsets).sum())
+    long_enough = len(windows.episode_starts())
     note = (f"{len(index)} windows of {seq_len} frames" +
             (f" ({cfg.windows} asked; the data has {long_enough} episodes of >= {seq_len} frames"
              f"{'' if long_enough == episodes else f', of {episodes}'})" if len(index) < cfg.windows else ""))

@@ -24,7 +24,7 @@ Axis legend: see `worldmodel/__init__.py`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
-import io
 import json
 import re
 import shlex
@@ -290,11 +289,7 @@ def export(cfg: ExportConfig) -> Path:
                "config": config, "step": int(payload["step"]), "made_by": made_by}
     if payload.get("data_fingerprint") is not None:
         shipped["data_fingerprint"] = payload["data_fingerprint"]
-    checkpoint.check_plain(shipped, "pretrained")  # loadable with weights_only=True, or fail here
-    buffer = io.BytesIO()
-    torch.save(shipped, buffer)
-    out.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(target, buffer.getbuffer())
+    checkpoint.write_plain(target, shipped, "pretrained")  # loadable with weights_only=True, or fail here
     write_bytes_atomic(record, (json.dumps(made_by, indent=1) + "\n").encode())
     return target
 

@@ -23,7 +23,6 @@ predicted frames are often a little off-centre, blurred or faint, and we want to
 from __future__ import annotations
 
 import inspect
-import io
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -37,7 +36,6 @@ import torch.nn.functional as F
 
 from gtmm import cli
 from gtmm.cli import UserError
-from gtmm.fs import write_bytes_atomic
 
 FORMAT = "gtmm-digit-classifier"
 FORMAT_VERSION = 1
@@ -235,12 +233,9 @@ def train_classifier(cfg: SemanticConfig, log: bool = False) -> tuple[DigitClass
 
 def save_classifier(path: str | Path, model: DigitClassifier, header: dict[str, Any]) -> int:
     """Write ``{"header": ..., "state_dict": ...}`` atomically to ``path``; returns its size in bytes."""
-    buffer = io.BytesIO()
-    torch.save({"header": header, "state_dict": model.state_dict()}, buffer)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(path, buffer.getvalue())
-    return len(buffer.getvalue())
+    from worldmodel import checkpoint  # the one weights-only writer of the project
+
+    return checkpoint.write_plain(path, {"header": header, "state_dict": model.state_dict()}, "digit classifier")
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ import numpy as np
 import torch
 
 from gtmm import cli
-from gtmm.cli import UserError, parse_json_object
+from gtmm.cli import UserError, parse_json_object, resolve_device  # evaluate, dream import resolve_device from here
 from gtmm.fs import FolderLock, write_bytes_atomic
 from rollouts.dataset import Prefetcher
 from worldmodel import checkpoint
@@ -199,19 +199,6 @@ def curriculum_len(cfg: TrainConfig, step: int, full_len: int) -> int:
 
 
 # -- helpers ----------------------------------------------------------------------------------------------------------
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """`--device` as a torch device: auto = this rank's GPU if CUDA is available, else the CPU."""
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine (use cpu or auto)")
-    if name == "cuda":
-        return torch.device(f"cuda:{local_rank}")
-    if name != "cpu" and not name.startswith("cuda:"):
-        raise UserError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
-    return torch.device(name)
-
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
     """Mean of x over the True entries of mask (nan when there are none)."""
@@ -443,12 +430,8 @@ class Validation:
                                          seed=cfg.seed)
             except UserError as error:  # too few episodes for a split, or none long enough
                 return None, f"validation off: {error}"
-            # windows that start at an episode's first frame, so "revisit" means "seen earlier in this window"
-            first = np.flatnonzero(np.isin(windows.window_starts, windows.episode_offsets))
-            spread = np.linspace(0, len(first) - 1, min(cfg.val_windows, len(first))).round().astype(int)
-            pick = first[np.unique(spread)]  # evenly over the held-out episodes
-            items = [windows[int(i)] for i in pick]
-            arrays = {k: np.stack([item[k].numpy() for item in items]) for k in items[0]}
+            pick = windows.episode_starts(cfg.val_windows)  # episode-start windows, evenly over the episodes
+            arrays = windows.sample_batch(pick)
             what = f"{len(pick)} windows of {len(windows.episodes)} held-out episodes"
         batches = [{k: v[i:i + cfg.batch] for k, v in arrays.items()} for i in range(0, len(arrays["obs"]), cfg.batch)]
         return cls(batches, cfg, what), None
