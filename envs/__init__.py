@@ -8,6 +8,16 @@ Importing this package registers:
 | ``MiniWorldRevisit-v0`` | ``envs.miniworld:MiniWorldRevisitEnv`` | a 3D room re-coloured every episode (5.7)     |
 | ``Dream-v0``            | ``worldmodel.dream:DreamEnv``       | a trained world model standing in for an env     |
 
+Their kwargs (each env's docstring, ``## Arguments``, says more):
+
+- ``MnistMap-v0``: ``grid``, ``window``, ``step``, ``border`` (``clip``/``wrap``), ``allow_stay``, ``max_steps``,
+  ``split``, ``source``, ``render_mode``, ``task`` (None, ``coverage``, ``find_digit``).
+- ``MiniWorldRevisit-v0``: ``obs_size``, ``num_rows``, ``num_cols``, ``room_size``, ``num_objects``, ``turn_step``,
+  ``move_step``, ``max_steps``, ``revisit_radius``, ``revisit_angle``, ``render_mode``, ``render_size``, ``task``
+  (None, ``coverage``); ``miniworld:<Id>`` takes the same wrapper kwargs plus the stock env's own.
+- ``Dream-v0``: ``checkpoint``, ``data`` or ``env``, ``env_kwargs``, ``context``, ``temperature``, ``max_steps``,
+  ``shadow``, ``integrate_pose``, ``context_agent``, ``device``, ``threads``, ``render_mode``.
+
 Contract shared by all our envs (what ``agents/``, ``rollouts/`` and ``worldmodel/`` rely on):
 
 - ``info["pose"]``: ``np.ndarray`` float32 of shape ``(pose_dim,)``, at ``reset`` and every ``step``:
@@ -29,6 +39,19 @@ Contract shared by all our envs (what ``agents/``, ``rollouts/`` and ``worldmode
   ``env`` entry, and ``worldmodel.train --address auto`` chooses the model's address from them (``translate``: an
   additive path integrator tied by ``inverse_actions``; other or unknown effects: the GRU integrator).
 - Vector envs report the same keys as arrays with a leading ``num_envs`` axis.
+- Dead reckoning (``odometry`` below): for envs of ours that declare ``action_effects``, a pose-and-revisit tracker
+  that needs no simulator (``envs.mnist_map.LatticeOdometry``, ``envs.miniworld.SE2Odometry``): it integrates poses
+  from actions and counts visits by the env's own revisit rule. ``Dream-v0`` uses it once a dream's actions leave
+  the recorded episode.
+
+Rewards (``envs/rewards.py``): every env is reward-free by default (a stock MiniWorld env keeps its stock task's
+reward). The kwarg ``task`` turns on a reward task, recorded with the other kwargs in a rollout manifest:
+
+| ``task``         | envs                                                 | reward per step, episode end                      |
+|------------------|------------------------------------------------------|---------------------------------------------------|
+| ``None``         | all (default)                                        | 0; never terminates                               |
+| ``"coverage"``   | ``MnistMap-v0``, ``MiniWorldRevisit-v0``, ``miniworld:<Id>`` | 1.0 on entering a place not visited earlier this episode (``visit_count == 0``); the env's own end |
+| ``"find_digit"`` | ``MnistMap-v0``                                      | 1.0 and ``terminated`` when the window is centred on a cell of the class ``info["target"]`` |
 
 Time limits: ``MnistMap-v0`` and ``MiniWorldRevisit-v0`` truncate themselves after ``max_steps`` steps (so a native
 vector env agrees with the single env), and their registered specs carry the same default as ``max_episode_steps``
@@ -166,6 +189,26 @@ def _time_limit(env_id: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     if type(steps) is not int or steps < 1:  # absent, or wrong: the env's own check names max_steps
         return kwargs
     return {**kwargs, "max_episode_steps": steps}
+
+
+def odometry(env_id: str, env_kwargs: dict[str, Any], action_effects: dict[str, Any] | None,
+             num_envs: int) -> Any:
+    """Dead reckoning for ``num_envs`` walks of the env a rollout manifest names (its ``id``, ``kwargs`` and
+    ``action_effects``): an object with ``integrate(pose (N, D), actions (N,)) -> pose (N, D)``, ``reset(rows)`` and
+    ``visit(pose (M, D), rows (M,)) -> visit_count (M,)`` (the env's own revisit rule). None when the env declares no
+    action effects, or is not one of ours (then its bounds and revisit rule are unknown here)."""
+    if not action_effects:
+        return None
+    kind = action_effects.get("kind")
+    if env_id == "MnistMap-v0" and kind == "translate":
+        from envs.mnist_map import LatticeOdometry, map_geometry
+
+        return LatticeOdometry(num_envs, map_geometry(env_kwargs), action_effects)
+    if env_id in ("MiniWorldRevisit-v0", "envs.miniworld:make_stock") and kind == "se2":
+        from envs.miniworld import SE2Odometry  # no OpenGL: only making an env touches it
+
+        return SE2Odometry(num_envs, action_effects, env_kwargs.get("revisit_radius"), env_kwargs.get("revisit_angle"))
+    return None
 
 
 def make(name: str, **kwargs: Any) -> gym.Env:

@@ -21,6 +21,11 @@ degrees / ``move_step`` metres: MiniWorld's domain-randomisation noise on steps 
 each action does for programs (the contract in ``envs/__init__.py``): ``{"kind": "se2", "moves": [[turn, forward],
 ...], "exact": False}``, a turn in radians (positive = left) and a step along the heading in metres per action; not
 exact because walls and objects block moves.
+
+Rewards: none by default (our env; a stock env keeps its stock task's reward). ``task="coverage"`` replaces it by 1.0
+for every step that reaches a place not visited earlier this episode (``visit_count == 0``: a pose outside the revisit
+thresholds of every earlier one, so facing a new direction counts), see ``envs/rewards.py``. ``SE2Odometry`` is this
+env's dead reckoning for dreams (poses from ``action_effects``, revisits by the same ``RevisitTracker``).
 """
 
 from __future__ import annotations
@@ -40,11 +45,13 @@ from gymnasium import spaces
 from gymnasium.utils import EzPickle
 
 from gtmm.cli import UserError
+from envs.rewards import check_task, coverage_reward
 
 ACTION_NAMES = ("turn_left", "turn_right", "move_forward", "move_back")
 # inverse_actions[a] undoes a: left <-> right, forward <-> back (exact, since steps carry no noise).
 INVERSE_ACTIONS = (1, 0, 3, 2)
 POSE_DIM = 3  # (x, z, heading)
+TASKS = ("coverage",)  # reward tasks of these envs (envs/rewards.py); None = the env's own reward
 
 # Debian/Ubuntu packages that give pyglet an EGL + software GL to render into without a display.
 GL_PACKAGES = "libegl1 libegl-mesa0 libgl1-mesa-dri libgles2"
@@ -192,11 +199,25 @@ def wrap_angle(angle: float) -> float:
     return (angle + math.pi) % (2.0 * math.pi) - math.pi
 
 
-class RevisitTracker:
-    """The poses of this episode, and the test "is the current pose within ``radius`` metres and ``angle`` degrees of
-    an earlier one?", vectorised over all earlier poses (a handful of numpy calls per step, no Python loop)."""
+def revisit_thresholds(turn_step: float, move_step: float, radius: float | None,
+                       angle: float | None) -> tuple[float, float]:
+    """(revisit radius in metres, revisit angle in degrees): the given ones, else half a step and half a turn.
 
-    def __init__(self, radius: float, angle: float, capacity: int = 256):
+    Headings only ever differ by whole multiples of turn_step, so any angle below turn_step separates "same heading"
+    from "one turn away", and half of it is the widest margin. Positions are not on a lattice once the agent walks at
+    angles, so the radius says how close counts as the same view: at half a (default 0.4 m) step, the wall 2 m ahead
+    shifts by at most ~atan(0.2/2) = 6 degrees, ~6 px of the 64 px, 60-degree-wide frame, while one full step or turn
+    away changes it clearly. The env and dreams of it (``SE2Odometry``) both take their thresholds from here."""
+    return (0.5 * move_step if radius is None else radius), (0.5 * turn_step if angle is None else angle)
+
+
+class RevisitTracker:
+    """The poses of this episode of ``num_envs`` walks, and the test "is the current pose within ``radius`` metres
+    and ``angle`` degrees of an earlier one of its walk?", vectorised over the walks and all their earlier poses (a
+    handful of numpy calls per step, no Python loop). The env is walk 0 of a tracker of one (``visit``); dreams of the
+    env track all their walks in one (``visit_rows``, ``SE2Odometry``), by the same test."""
+
+    def __init__(self, radius: float, angle: float, capacity: int = 256, num_envs: int = 1):
         if not radius >= 0.0:
             raise UserError(f"revisit_radius: expected metres >= 0, got {radius!r}")
         if not 0.0 <= angle <= 180.0:
@@ -208,28 +229,73 @@ class RevisitTracker:
         # Earlier poses as complex numbers: position x + iz and heading e^(i heading). Then the distance is one
         # abs() and the cosine of the heading difference is Re(u1 * conj(u2)), with no angle wrapping: half the numpy
         # calls of working on x, z, cos and sin separately, which is most of the cost at these sizes.
-        self._positions = np.empty(capacity, dtype=np.complex128)
-        self._headings = np.empty(capacity, dtype=np.complex128)
-        self._count = 0
+        self._positions = np.empty((num_envs, capacity), dtype=np.complex128)  # (N, capacity)
+        self._headings = np.empty((num_envs, capacity), dtype=np.complex128)  # (N, capacity)
+        self._counts = np.zeros(num_envs, dtype=np.int64)  # (N,) poses recorded this episode
 
-    def reset(self) -> None:
-        """Forget the poses of the previous episode."""
-        self._count = 0
+    def reset(self, rows: np.ndarray | None = None) -> None:
+        """Forget the poses of the previous episode (of walks ``rows``; all by default)."""
+        self._counts[slice(None) if rows is None else rows] = 0
 
     def visit(self, x: float, z: float, heading: float) -> tuple[bool, int]:
-        """Record a pose; return (revisit, how many earlier poses of this episode it matches)."""
-        n = self._count
-        position, direction = complex(x, z), complex(math.cos(heading), math.sin(heading))
-        near = np.abs(self._positions[:n] - position) <= self.radius  # (N,)
-        facing = (self._headings[:n] * direction.conjugate()).real >= self.cos_angle  # (N,)
-        visit_count = int(np.count_nonzero(near & facing))
-        if n == len(self._positions):  # stock envs run up to 1500+ steps: grow by doubling
-            self._positions = np.concatenate([self._positions, np.empty_like(self._positions)])
-            self._headings = np.concatenate([self._headings, np.empty_like(self._headings)])
-        self._positions[n] = position
-        self._headings[n] = direction
-        self._count = n + 1
+        """Record a pose of walk 0; return (revisit, how many earlier poses of this episode it matches)."""
+        visit_count = int(self.visit_rows(np.zeros(1, dtype=np.int64), np.array([x]), np.array([z]),
+                                          np.array([heading]))[0])
         return visit_count > 0, visit_count
+
+    def visit_rows(self, rows: np.ndarray, x: np.ndarray, z: np.ndarray, heading: np.ndarray) -> np.ndarray:
+        """Record one pose for each walk ``rows`` (M,) (distinct), at ``x``, ``z``, ``heading`` (M,) each; return
+        how many earlier poses of its episode each matches (M,) int64."""
+        n = self._counts[rows]  # (M,)
+        width = int(n.max()) if len(n) else 0  # only the columns some walk has filled
+        position = np.asarray(x, dtype=np.float64) + 1j * np.asarray(z, dtype=np.float64)  # (M,)
+        direction = np.cos(heading) + 1j * np.sin(heading)  # (M,)
+        near = np.abs(self._positions[rows, :width] - position[:, None]) <= self.radius  # (M, width)
+        facing = (self._headings[rows, :width] * direction.conj()[:, None]).real >= self.cos_angle  # (M, width)
+        filled = np.arange(width) < n[:, None]  # (M, width) a walk's own poses only
+        visit_count = np.count_nonzero(near & facing & filled, axis=1).astype(np.int64)  # (M,)
+        if width == self._positions.shape[1]:  # stock envs run up to 1500+ steps: grow by doubling
+            self._positions = np.concatenate([self._positions, np.empty_like(self._positions)], axis=1)
+            self._headings = np.concatenate([self._headings, np.empty_like(self._headings)], axis=1)
+        self._positions[rows, n] = position
+        self._headings[rows, n] = direction
+        self._counts[rows] = n + 1
+        return visit_count
+
+
+class SE2Odometry:
+    """Dead reckoning for ``num_envs`` walks from the declared ``action_effects`` (kind ``se2``), without a simulator:
+    what a dream of a MiniWorld env (``worldmodel/dream.py``) uses to know where it is once its actions leave the
+    recorded episode. Revisits are the env's own rule (``RevisitTracker``, thresholds from ``revisit_thresholds``).
+
+    An action turns the heading by ``turn`` (left positive, wrapped to [-pi, pi)), then moves ``forward`` metres along
+    it: x += forward cos(heading), z -= forward sin(heading), MiniWorld's convention (its ``dir_vec`` is (cos, 0,
+    -sin)). Walls and objects are unknown here: a blocked move is integrated as if it had happened.
+    """
+
+    def __init__(self, num_envs: int, action_effects: dict[str, Any], revisit_radius: float | None = None,
+                 revisit_angle: float | None = None):
+        moves = np.asarray(action_effects["moves"], dtype=np.float64)  # (A, 2) [turn radians, forward metres]
+        if action_effects.get("kind") != "se2" or moves.ndim != 2 or moves.shape[1] != 2:
+            raise ValueError(f"SE2Odometry: expected se2 action effects with [turn, forward] moves, got {action_effects}")
+        self.turn, self.forward = moves[:, 0], moves[:, 1]  # (A,), (A,)
+        turn_step, move_step = math.degrees(float(np.abs(self.turn).max())), float(np.abs(self.forward).max())
+        radius, angle = revisit_thresholds(turn_step, move_step, revisit_radius, revisit_angle)
+        self.tracker = RevisitTracker(radius, angle, num_envs=num_envs)
+
+    def integrate(self, pose: np.ndarray, actions: np.ndarray) -> np.ndarray:
+        """Poses (N, 3) (x, z, heading) after ``actions`` (N,), in float64."""
+        heading = (pose[:, 2] + self.turn[actions] + math.pi) % (2.0 * math.pi) - math.pi  # (N,) as wrap_angle
+        forward = self.forward[actions]  # (N,)
+        return np.stack([pose[:, 0] + forward * np.cos(heading), pose[:, 1] - forward * np.sin(heading), heading], 1)
+
+    def reset(self, rows: np.ndarray) -> None:
+        """Forget the walks ``rows``' earlier poses (a new episode)."""
+        self.tracker.reset(rows)
+
+    def visit(self, pose: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Record poses (M, 3) of walks ``rows`` (M,); their visit counts (M,) int64 (earlier matching poses)."""
+        return self.tracker.visit_rows(rows, pose[:, 0], pose[:, 1], pose[:, 2])
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -293,7 +359,7 @@ class _MiniWorldRevisitBase(gym.Env):
                         render_mode=render_mode)
 
     def _setup(self, sim: Any, turn_step: float, move_step: float, revisit_radius: float | None,
-               revisit_angle: float | None, render_mode: str | None) -> None:
+               revisit_angle: float | None, render_mode: str | None, task: str | None = None) -> None:
         if not isinstance(sim.observation_space, spaces.Box):
             sim.shadow_window.close()
             raise UserError(
@@ -311,14 +377,10 @@ class _MiniWorldRevisitBase(gym.Env):
         sim.params = params
         self.turn_step, self.move_step = turn_step, move_step
         self.action_effects: dict[str, Any] = action_effects(turn_step, move_step)
-        # Default thresholds: half a turn and half a step. Headings only ever differ by whole multiples of turn_step,
-        # so any angle below turn_step separates "same heading" from "one turn away", and half of it is the widest
-        # margin. Positions are not on a lattice once the agent walks at angles, so the radius says how close counts
-        # as the same view: at half a (default 0.4 m) step, the wall 2 m ahead shifts by at most ~atan(0.2/2) = 6
-        # degrees, ~6 px of the 64 px, 60-degree-wide frame, while one full step or turn away changes it clearly.
-        self.revisit_radius = 0.5 * move_step if revisit_radius is None else revisit_radius
-        self.revisit_angle = 0.5 * turn_step if revisit_angle is None else revisit_angle
+        # Default thresholds: half a turn and half a step (see revisit_thresholds for why).
+        self.revisit_radius, self.revisit_angle = revisit_thresholds(turn_step, move_step, revisit_radius, revisit_angle)
         self._tracker = RevisitTracker(self.revisit_radius, self.revisit_angle)
+        self.task = task
         self._needs_reset = True
         self.render_mode = render_mode
         self.action_space = spaces.Discrete(len(ACTION_NAMES))
@@ -344,7 +406,10 @@ class _MiniWorldRevisitBase(gym.Env):
         # Our action ids are MiniWorld's own (turn_left=0, turn_right=1, move_forward=2, move_back=3).
         obs, reward, terminated, truncated, _ = self.sim.step(int(action))
         self._needs_reset = terminated or truncated
-        return obs, float(reward), terminated, truncated, self._info()
+        info = self._info()
+        if self.task == "coverage":  # replaces the simulator's reward (0 for ours, the stock task's for stock envs)
+            reward = coverage_reward(info["visit_count"])
+        return obs, float(reward), terminated, truncated, info
 
     def render(self) -> np.ndarray | None:
         """The first-person view at ``render_size`` x ``render_size`` (for videos); see ``render_top_view`` for plots."""
@@ -388,16 +453,18 @@ class _MiniWorldRevisitBase(gym.Env):
 class StockRevisitEnv(_MiniWorldRevisitBase, EzPickle):
     """A stock MiniWorld env (``MiniWorld-<Name>-v0``) with our 4 actions, square observations and revisit ``info``.
 
-    Reward, termination and truncation are the stock task's (e.g. Hallway: reach the red box, 250 steps). Prefer
-    ``make_stock``, which also accepts a short ``<Name>``.
+    Reward, termination and truncation are the stock task's (e.g. Hallway: reach the red box, 250 steps); with
+    ``task="coverage"`` the reward is coverage's instead (``envs/rewards.py``), termination stays the stock task's.
+    Prefer ``make_stock``, which also accepts a short ``<Name>``.
     """
 
     def __init__(self, env_id: str, obs_size: int = 64, turn_step: float | None = None,
                  move_step: float | None = None, revisit_radius: float | None = None,
                  revisit_angle: float | None = None, render_mode: str | None = None, render_size: int = 256,
-                 **env_kwargs: Any):
+                 task: str | None = None, **env_kwargs: Any):
         EzPickle.__init__(self, env_id, obs_size, turn_step, move_step, revisit_radius, revisit_angle, render_mode,
-                          render_size, **env_kwargs)
+                          render_size, task, **env_kwargs)
+        task = check_task(task, TASKS)
         obs_size = _check_int("obs_size", obs_size, 8)
         render_size = _check_int("render_size", render_size, 8)
         if turn_step is not None:
@@ -420,7 +487,7 @@ class StockRevisitEnv(_MiniWorldRevisitBase, EzPickle):
         # Keep the stock env's own step sizes unless asked (15 degrees / 0.15 m for most; 45 / 0.7 for *Fast).
         turn_step = float(sim.params.params["turn_step"].default) if turn_step is None else turn_step
         move_step = float(sim.params.params["forward_step"].default) if move_step is None else move_step
-        self._setup(sim, turn_step, move_step, revisit_radius, revisit_angle, render_mode)
+        self._setup(sim, turn_step, move_step, revisit_radius, revisit_angle, render_mode, task)
 
 
 def _stock_id(env_id: str) -> str:
@@ -463,7 +530,7 @@ def _check_stock_kwargs(env_id: str, env_kwargs: dict[str, Any]) -> None:
         return  # every constructor passes **kwargs on: nothing to check against
     unknown = sorted(set(env_kwargs) - accepted)
     if unknown:
-        ours = "obs_size, turn_step, move_step, revisit_radius, revisit_angle, render_mode, render_size"
+        ours = "obs_size, turn_step, move_step, revisit_radius, revisit_angle, render_mode, render_size, task"
         raise UserError(f"{env_id}: no argument {', '.join(repr(n) for n in unknown)}; it accepts "
                         f"{', '.join(sorted(accepted - {'obs_width', 'obs_height', 'window_width', 'window_height'}))} "
                         f"(and this wrapper's {ours})")
@@ -473,7 +540,8 @@ def make_stock(env_id: str, **kwargs: Any) -> StockRevisitEnv:
     """Any stock MiniWorld env with our action space, observation size and ``info`` contract.
 
     ``kwargs``: ``obs_size`` (64), ``turn_step``/``move_step`` (default: the stock env's own, without noise),
-    ``revisit_radius``/``revisit_angle`` (default: half a step / half a turn), ``render_mode``, ``render_size``;
+    ``revisit_radius``/``revisit_angle`` (default: half a step / half a turn), ``render_mode``, ``render_size``,
+    ``task`` (None: the stock reward; ``"coverage"``);
     anything else goes to the stock env's constructor (e.g. ``length=`` for Hallway).
     """
     return StockRevisitEnv(env_id, **kwargs)
@@ -523,7 +591,10 @@ class MiniWorldRevisitEnv(_MiniWorldRevisitBase, EzPickle):
 
     ## Rewards
 
-    Always 0: the env is for collecting trajectories to train world models, not a task.
+    By default (``task=None``) always 0: the env is for collecting trajectories to train world models, not a task.
+    ``task="coverage"``: 1.0 for a step that reaches a place not visited earlier this episode (``visit_count == 0``,
+    a pose beyond ``revisit_radius`` / ``revisit_angle`` of every earlier one: turning to face a new direction counts),
+    else 0; the reset frame is not rewarded (``envs/rewards.py``).
 
     ## Starting State
 
@@ -542,7 +613,7 @@ class MiniWorldRevisitEnv(_MiniWorldRevisitBase, EzPickle):
     import envs, gymnasium as gym
     env = gym.make("MiniWorldRevisit-v0", obs_size=64, num_rows=2, num_cols=2, room_size=4.0, num_objects=6,
                    turn_step=30.0, move_step=0.4, max_steps=256, revisit_radius=None, revisit_angle=None,
-                   render_mode=None, render_size=256)
+                   render_mode=None, render_size=256, task=None)
     ```
 
     - ``obs_size``: side of the square observation, in pixels.
@@ -554,18 +625,20 @@ class MiniWorldRevisitEnv(_MiniWorldRevisitBase, EzPickle):
       a turn (see ``_MiniWorldRevisitBase._setup`` for why).
     - ``render_mode``: ``None`` or ``"rgb_array"`` (``render()`` gives the first-person view at ``render_size``);
       ``render_top_view()`` gives the map from above in any mode.
+    - ``task``: ``None`` (no reward) or ``"coverage"`` (see Rewards); recorded with the other kwargs in a manifest.
 
     ## Version History
 
-    - v0: initial version.
+    - v0: initial version; the opt-in ``task`` added later (without it, the same episodes).
     """
 
     def __init__(self, obs_size: int = 64, num_rows: int = 2, num_cols: int = 2, room_size: float = 4.0,
                  num_objects: int = 6, turn_step: float = 30.0, move_step: float = 0.4, max_steps: int = 256,
                  revisit_radius: float | None = None, revisit_angle: float | None = None,
-                 render_mode: str | None = None, render_size: int = 256):
+                 render_mode: str | None = None, render_size: int = 256, task: str | None = None):
         EzPickle.__init__(self, obs_size, num_rows, num_cols, room_size, num_objects, turn_step, move_step, max_steps,
-                          revisit_radius, revisit_angle, render_mode, render_size)
+                          revisit_radius, revisit_angle, render_mode, render_size, task)
+        task = check_task(task, TASKS)
         obs_size = _check_int("obs_size", obs_size, 8)
         render_size = _check_int("render_size", render_size, 8)
         layout = dict(
@@ -586,7 +659,7 @@ class MiniWorldRevisitEnv(_MiniWorldRevisitBase, EzPickle):
         sim = self._make_sim(lambda **sizes: world_cls(max_episode_steps=max_steps, **layout, **sizes),
                              obs_size, render_size, render_mode)
         self.max_steps = max_steps
-        self._setup(sim, turn_step, move_step, revisit_radius, revisit_angle, render_mode)
+        self._setup(sim, turn_step, move_step, revisit_radius, revisit_angle, render_mode, task)
 
 
 _REVISIT_WORLD: type | None = None

@@ -14,6 +14,7 @@ per axis, where
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -28,6 +29,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from gtmm.cli import UserError
 from envs.digits import SPLITS, load_digits
+from envs.rewards import FindDigitTask, check_task, coverage_reward, goal_cells
 
 ACTION_NAMES = ("up", "down", "left", "right", "stay")
 # (d_row, d_col) in lattice moves for each action, indexed by the action id.
@@ -36,6 +38,7 @@ INVERSE_ACTIONS = (1, 0, 3, 2, 4)  # up<->down, left<->right, stay->stay
 STAY = 4
 BORDERS = ("clip", "wrap")
 POSE_DIM = 2
+TASKS = ("coverage", "find_digit")  # reward tasks of this env (envs/rewards.py); None = reward-free
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -202,6 +205,15 @@ def move(lattice: np.ndarray, actions: np.ndarray, geometry: MapGeometry) -> np.
     return target % n
 
 
+def count_visits(visits: np.ndarray, rows: np.ndarray, position: np.ndarray) -> np.ndarray:
+    """The revisit rule of the map: a place is a lattice position. Record walks ``rows`` (M,) at position ids
+    ``position`` (M,) in the visit table ``visits`` (N, P) (in place) and return how many earlier steps of their
+    episodes stood there (M,): 0 on a first visit. Used by the env and by dreams (``LatticeOdometry``)."""
+    visit_count = visits[rows, position]  # (M,) a copy: the count *before* this step
+    visits[rows, position] = visit_count + 1
+    return visit_count
+
+
 def transition_table(geometry: MapGeometry) -> np.ndarray:
     """``move`` tabulated once: next position id (P, A) for every position id and action, so that a batched step is
     a single gather. Position id = row_index * n_cols + col_index."""
@@ -240,7 +252,9 @@ class MnistMapCore:
     the caller passes to ``reset`` (one per env), so batching never changes what a given seed does.
     """
 
-    def __init__(self, num_envs: int, geometry: MapGeometry, split: str, source: str, max_steps: int):
+    def __init__(self, num_envs: int, geometry: MapGeometry, split: str, source: str, max_steps: int,
+                 task: str | None = None):
+        self.task = check_task(task, TASKS)
         if not isinstance(split, str) or split not in SPLITS:
             raise UserError(f"MnistMap: unknown split {split!r}: expected one of {SPLITS}")
         if not isinstance(source, str):
@@ -265,6 +279,10 @@ class MnistMapCore:
         # Only worth it when an episode is long enough to look at a position more than once on average.
         self.use_window_cache = N * P * w * w <= WINDOW_CACHE_BYTES and P <= max_steps
         self._build_windows()
+        self.goal: FindDigitTask | None = None
+        if self.task == "find_digit":
+            cells = goal_cells(self.position_pixels, w, self.geometry.digit_shape, self.geometry.grid, self.geometry.border)
+            self.goal = FindDigitTask(N, cells)
 
     def _build_windows(self) -> None:
         """The derived arrays windows are read from: the padded maps, their sliding view, the window cache."""
@@ -313,20 +331,88 @@ class MnistMapCore:
         self.steps[env_ids] = 0
         self.visits[env_ids] = 0
         self.visits[env_ids, start] = 1  # the first observation is a visit: coming back to it is a revisit
+        if self.goal is not None:  # after the map's draws: the default task-free env draws exactly what it always did
+            self.goal.reset(env_ids, rngs, self.labels[digit_ids], start)
 
     def step(self, actions: np.ndarray) -> np.ndarray:
         """Move every window by ``actions`` (N,); returns each new position's earlier visits this episode (N,)."""
         self.position = self.next_position[self.position, actions]  # (N,)
-        visit_count = self.visits[self._arange, self.position]  # (N,) a copy: the count *before* this step
-        self.visits[self._arange, self.position] = visit_count + 1
+        visit_count = count_visits(self.visits, self._arange, self.position)
         self.steps += 1
         return visit_count
+
+    def rewards(self, visit_count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Reward (N,) float32 and terminated (N,) bool of the step that just led to ``visit_count`` (N,), by the
+        task (``envs/rewards.py``): zeros and never terminated without one."""
+        if self.task == "coverage":
+            return coverage_reward(visit_count), np.zeros(self.num_envs, dtype=bool)
+        if self.goal is not None:
+            return self.goal.step(self.position)
+        return np.zeros(self.num_envs, dtype=np.float32), np.zeros(self.num_envs, dtype=bool)
 
     def observe(self) -> np.ndarray:
         """(N, w, w, 1) uint8: the window under each agent."""
         if self.window_cache is not None:
             return self.window_cache[self._arange, self.position][..., None]  # whole contiguous windows
         return crop(self.windows, self._arange, self.pixel)[..., None]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Dead reckoning: where a walk is from its actions alone (for dreams of this env, worldmodel/dream.py)
+
+
+def map_geometry(env_kwargs: dict[str, Any]) -> MapGeometry:
+    """The geometry of the maps an env made with ``env_kwargs`` walks on (absent kwargs take the env's defaults),
+    without drawing a map: the digits of the built-in sources (``mnist5k``, ``fashion``) are 28x28 by their format, so
+    no digit file is read for them (a GPU machine that dreams from a rollout folder need not have them); a folder's
+    digits are read for their size."""
+    defaults = {name: p.default for name, p in inspect.signature(MnistMapEnv.__init__).parameters.items()
+                if p.default is not p.empty}
+    kw = {**defaults, **env_kwargs}
+    source = str(kw["source"])
+    digit_shape = (28, 28) if source in ("mnist5k", "fashion") else tuple(load_digits(kw["split"], source)[0].shape[1:])
+    geometry = MapGeometry(kw["grid"], digit_shape, kw["window"], kw["step"], kw["border"])  # type: ignore[arg-type]
+    geometry.validate(geometry.grid**2)
+    return geometry
+
+
+class LatticeOdometry:
+    """Dead reckoning on the map for ``num_envs`` walks, with no map and no frame: poses from the declared
+    ``action_effects`` (kind ``translate``), visits by the env's own rule (``count_visits`` on lattice positions).
+    What a dream of this env uses to know where it is once its actions leave the recorded episode.
+
+    A move adds its ``[d_row, d_col]`` (pixels) to the pose; under ``clip`` the pose is clamped to the lattice's
+    last position, which is exactly the env's blocked move (every move is one lattice step), and under ``wrap`` it is
+    taken modulo the map size (the torus). So on the MNIST map the integrated pose is the real one, in both modes.
+    """
+
+    def __init__(self, num_envs: int, geometry: MapGeometry, action_effects: dict[str, Any]):
+        moves = np.asarray(action_effects["moves"], dtype=np.float64)  # (A, 2) pixels
+        if action_effects.get("kind") != "translate" or moves.ndim != 2 or moves.shape[1] != POSE_DIM:
+            raise ValueError(f"LatticeOdometry: expected translate action effects with [d_row, d_col] moves, "
+                             f"got {action_effects}")
+        self.geometry, self.moves = geometry, moves
+        self.unit = geometry.unit.astype(np.float64)  # (2,) pixels per lattice index
+        self.n_cols = geometry.lattice_shape[1]
+        self.high = (np.asarray(geometry.lattice_shape) - 1) * self.unit  # (2,) the last position's pixels (clip)
+        self.period = np.asarray(geometry.map_shape, dtype=np.float64)  # (2,) the torus (wrap)
+        self.visits = np.zeros((num_envs, geometry.n_positions), dtype=np.int32)  # (N, P) visits this episode
+
+    def integrate(self, pose: np.ndarray, actions: np.ndarray) -> np.ndarray:
+        """Poses (N, 2) (top-left row, col in pixels) after ``actions`` (N,), float64."""
+        target = pose + self.moves[actions]  # (N, 2)
+        if self.geometry.border == "clip":
+            return np.clip(target, 0.0, self.high)
+        return target % self.period
+
+    def reset(self, rows: np.ndarray) -> None:
+        """Forget the walks ``rows``' visits (a new episode)."""
+        self.visits[rows] = 0
+
+    def visit(self, pose: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Record poses (M, 2) of walks ``rows`` (M,); their visit counts (M,) int64 (earlier steps at that place)."""
+        lattice = np.rint(pose / self.unit).astype(np.int64)  # (M, 2) exact: poses are lattice pixels
+        return count_visits(self.visits, rows, lattice[:, 0] * self.n_cols + lattice[:, 1]).astype(np.int64)
 
 
 def _check_render_mode(render_mode: str | None, allowed: Sequence[str]) -> None:
@@ -415,13 +501,27 @@ class MnistMapEnv(gym.Env[np.ndarray, int]):
     | ``pose``        | float32 (2,) | (row, col) of the window's top-left pixel in the map              |
     | ``visit_count`` | int          | earlier steps of this episode at this position (0 = first visit)  |
     | ``revisit``     | bool         | ``visit_count > 0``                                               |
+    | ``target``      | int          | only with ``task="find_digit"``: the digit class to find          |
 
     Positions lie on a lattice (multiples of ``step`` under clip, of ``gcd(step, map size)`` under wrap). Under clip,
     if ``map - window`` is not a multiple of ``step``, the last few rows/columns of the map are never shown.
 
     ## Rewards
 
-    Always 0: this is a world-model task, the signal to learn is the observation stream, not a return.
+    By default (``task=None``) always 0: this is a world-model task, the signal to learn is the observation stream,
+    not a return. A reward task is opt-in (``envs/rewards.py``); it draws nothing from the generator unless chosen, so
+    task-free episodes stay exactly as they were:
+
+    | ``task``         | reward of a step                                                                  |
+    |------------------|-----------------------------------------------------------------------------------|
+    | ``"coverage"``   | 1.0 if the window reaches a lattice position not visited earlier this episode (``visit_count == 0``), else 0 |
+    | ``"find_digit"`` | 1.0 if the window is now centred on a cell holding the class ``info["target"]``, else 0 (no step cost) |
+
+    "Centred on a cell" (``envs.rewards.goal_cells``): the window's centre is less than a quarter of a digit from the
+    cell's centre along both axes (around the torus under wrap). With the defaults these are the 9 positions where the
+    window shows exactly one digit. The target is drawn at reset, after the map, from the env's generator: the class
+    of a uniformly chosen cell that some position is centred on, among those of another class than the start's cell,
+    so the reset frame never shows the goal. The reset frame is never rewarded.
 
     ## Starting State
 
@@ -429,7 +529,7 @@ class MnistMapEnv(gym.Env[np.ndarray, int]):
 
     ## Episode End
 
-    Never terminates. Truncates after ``max_steps`` steps: the env counts them itself, so the native vector env (which
+    Terminates only with ``task="find_digit"``, on the step that finds the target. Truncates after ``max_steps`` steps: the env counts them itself, so the native vector env (which
     has no wrappers) agrees with it. The registered spec's ``max_episode_steps`` is 128, the default ``max_steps``, so
     ``gym.make``'s ``TimeLimit`` truncates on the same step. When the two differ the earlier one ends the episode
     (``gym.make("MnistMap-v0", max_steps=500)`` still stops at 128): give both, or use ``envs.make("mnist_map",
@@ -441,7 +541,7 @@ class MnistMapEnv(gym.Env[np.ndarray, int]):
     ```python
     import gymnasium as gym, envs
     env = gym.make("MnistMap-v0", grid=3, window=28, step=14, border="clip", allow_stay=False,
-                   max_steps=128, split="train", source="mnist5k", render_mode=None)
+                   max_steps=128, split="train", source="mnist5k", render_mode=None, task=None)
     venv = gym.make_vec("MnistMap-v0", num_envs=1024, vectorization_mode="vector_entry_point")
     ```
 
@@ -451,6 +551,8 @@ class MnistMapEnv(gym.Env[np.ndarray, int]):
     - ``split``: ``"train"`` or ``"test"`` digits. ``source``: ``"mnist5k"`` (embedded), ``"fashion"`` or a folder of
       IDX files (``envs.digits.load_digits``).
     - ``render_mode="rgb_array"``: the whole map, the path so far and the current window.
+    - ``task``: ``None`` (reward-free, the default), ``"coverage"`` or ``"find_digit"`` (see Rewards); recorded with
+      the other kwargs in a rollout manifest, so a dataset says which task it was.
 
     Stable-Baselines3: the 28x28 window is smaller than the 36x36 that SB3's default CNN (NatureCNN) needs, so use
     ``PPO("CnnPolicy", env, policy_kwargs=agents.sb3.policy_kwargs_for())`` (a small CNN that fits any size).
@@ -461,7 +563,8 @@ class MnistMapEnv(gym.Env[np.ndarray, int]):
 
     ## Version History
 
-    - v0: initial version; ``action_effects`` and the spec's ``max_episode_steps=128`` added later (same dynamics).
+    - v0: initial version; ``action_effects``, the spec's ``max_episode_steps=128`` and the opt-in ``task`` added
+      later (same dynamics; without a task, the same episodes).
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 4}
@@ -477,11 +580,13 @@ class MnistMapEnv(gym.Env[np.ndarray, int]):
         split: str = "train",
         source: str = "mnist5k",
         render_mode: str | None = None,
+        task: str | None = None,
     ):
         _check_render_mode(render_mode, self.metadata["render_modes"])
         allow_stay = _check_allow_stay(allow_stay)
         self.render_mode = render_mode
-        self.core = MnistMapCore(1, MapGeometry(grid, (0, 0), window, step, border), split, source, max_steps)
+        self.core = MnistMapCore(1, MapGeometry(grid, (0, 0), window, step, border), split, source, max_steps, task)
+        self.task = self.core.task
         self.geometry = self.core.geometry
         self.window, self.step_size, self.border, self.max_steps = window, step, border, max_steps
         self.allow_stay = bool(allow_stay)
@@ -505,11 +610,14 @@ class MnistMapEnv(gym.Env[np.ndarray, int]):
         return self.core.labels[self.core.digit_ids[0]].reshape(self.geometry.grid, self.geometry.grid)
 
     def _info(self, visit_count: int) -> dict[str, Any]:
-        return {
+        info = {
             "pose": self.core.pixel[0].astype(np.float32),
             "visit_count": int(visit_count),
             "revisit": bool(visit_count > 0),
         }
+        if self.core.goal is not None:
+            info["target"] = int(self.core.goal.targets[0])
+        return info
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
         """Start an episode on a fresh random map and start; returns the first window and its info."""
@@ -521,16 +629,21 @@ class MnistMapEnv(gym.Env[np.ndarray, int]):
         return self.core.observe()[0], self._info(0)
 
     def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        """Move the window by ``action``; the reward is the task's (0 without one), the episode truncates after
+        ``max_steps`` (and, with ``task="find_digit"``, terminates when the target is found)."""
         # Space.contains costs ~10 us (it builds np.iinfo); a plain in-range int needs no such check.
-        """Move the window by ``action``; reward is always 0, the episode truncates after ``max_steps``."""
         if not (type(action) is int and 0 <= action < self.action_space.n):
             assert self.action_space.contains(action), f"{action!r} ({type(action)}) is not in {self.action_space}"
         assert self._has_reset, "Call reset before using step."
-        visit_count = self.core.step(np.array([action], dtype=np.int64))[0]
+        visits = self.core.step(np.array([action], dtype=np.int64))  # (1,)
+        reward, terminated = 0.0, False
+        if self.task is not None:
+            rewards, ends = self.core.rewards(visits)
+            reward, terminated = float(rewards[0]), bool(ends[0])
         if self.render_mode is not None:
             self._path.append(self.core.pixel[0])
         truncated = bool(self.core.steps[0] >= self.max_steps)
-        return self.core.observe()[0], 0.0, False, truncated, self._info(visit_count)
+        return self.core.observe()[0], reward, terminated, truncated, self._info(visits[0])
 
     def render(self) -> np.ndarray | None:
         """The map with this episode's path drawn on it (RGB), or None without a ``render_mode``."""
@@ -549,8 +662,10 @@ class MnistMapVectorEnv(VectorEnv):
 
     Autoreset is Gymnasium 1.x ``NEXT_STEP``: the step after an episode ends returns that env's reset observation
     and reset info, reward 0, ``terminated = truncated = False``, and ignores its action. Infos are arrays with a
-    leading ``num_envs`` axis (``pose`` (N, 2), ``visit_count`` (N,), ``revisit`` (N,)) plus Gymnasium's ``_key``
-    masks (always all True). ``reset(options={"reset_mask": mask})`` resets only the envs where ``mask`` is True.
+    leading ``num_envs`` axis (``pose`` (N, 2), ``visit_count`` (N,), ``revisit`` (N,), ``target`` (N,) with
+    ``task="find_digit"``) plus Gymnasium's ``_key`` masks (always all True). Rewards and terminations are the
+    task's (``MnistMapEnv``'s Rewards), computed for all maps at once; a terminated map restarts on the next step as a
+    truncated one does. ``reset(options={"reset_mask": mask})`` resets only the envs where ``mask`` is True.
 
     ``max_episode_steps`` is Gymnasium's name for a time limit (``gym.make_vec`` passes the registered spec's 128):
     an episode ends after ``min(max_steps, max_episode_steps)`` steps, where a single env under ``gym.make``'s
@@ -574,6 +689,7 @@ class MnistMapVectorEnv(VectorEnv):
         split: str = "train",
         source: str = "mnist5k",
         render_mode: str | None = None,
+        task: str | None = None,
         max_episode_steps: int | None = None,
     ):
         _check_render_mode(render_mode, self.metadata["render_modes"])
@@ -585,7 +701,9 @@ class MnistMapVectorEnv(VectorEnv):
             if isinstance(max_steps, (int, np.integer)) and not isinstance(max_steps, (bool, np.bool_)):
                 max_steps = min(int(max_steps), int(max_episode_steps))  # what a single env under TimeLimit does
         self.render_mode = render_mode
-        self.core = MnistMapCore(num_envs, MapGeometry(grid, (0, 0), window, step, border), split, source, max_steps)
+        self.core = MnistMapCore(num_envs, MapGeometry(grid, (0, 0), window, step, border), split, source, max_steps,
+                                 task)
+        self.task = self.core.task
         self.geometry = self.core.geometry
         self.num_envs = self.core.num_envs
         self.window, self.step_size, self.border, self.max_steps = window, step, border, self.core.max_steps
@@ -600,8 +718,6 @@ class MnistMapVectorEnv(VectorEnv):
         self.pose_dim = POSE_DIM
         self._rngs: list[np.random.Generator] | None = None
         self._needs_reset = np.zeros(self.num_envs, dtype=bool)  # (N,) episode ended last step -> reset on this one
-        self._rewards = np.zeros(self.num_envs, dtype=np.float32)
-        self._terminated = np.zeros(self.num_envs, dtype=bool)
 
     @property
     def maps(self) -> np.ndarray:
@@ -610,7 +726,7 @@ class MnistMapVectorEnv(VectorEnv):
 
     def _infos(self, visit_count: np.ndarray) -> dict[str, Any]:
         N = self.num_envs
-        return {
+        infos = {
             "pose": self.core.pixel.astype(np.float32),  # (N, 2)
             "visit_count": visit_count.astype(np.int64),  # (N,)
             "revisit": visit_count > 0,  # (N,)
@@ -618,6 +734,10 @@ class MnistMapVectorEnv(VectorEnv):
             "_visit_count": np.ones(N, dtype=bool),
             "_revisit": np.ones(N, dtype=bool),
         }
+        if self.core.goal is not None:
+            infos["target"] = self.core.goal.targets.copy()  # (N,)
+            infos["_target"] = np.ones(N, dtype=bool)
+        return infos
 
     def reset(
         self, *, seed: int | Sequence[int | None] | None = None, options: dict[str, Any] | None = None
@@ -665,9 +785,11 @@ class MnistMapVectorEnv(VectorEnv):
             env_ids = np.flatnonzero(restarting)
             self.core.reset(env_ids, [self._rngs[i] for i in env_ids])
             visit_count[env_ids] = 0
+        rewards, terminated = self.core.rewards(visit_count)  # (N,), (N,) zeros without a task
+        rewards[restarting], terminated[restarting] = 0.0, False  # a reset step has no reward and does not end
         truncated = self.core.steps >= self.max_steps  # (N,) restarted envs have steps == 0
-        self._needs_reset = truncated.copy()
-        return self.core.observe(), self._rewards.copy(), self._terminated.copy(), truncated, self._infos(visit_count)
+        self._needs_reset = truncated | terminated
+        return self.core.observe(), rewards, terminated, truncated, self._infos(visit_count)
 
     def render(self) -> tuple[np.ndarray, ...] | None:
         """One RGB frame per env: its map with the current window outlined (the path is drawn by the single env only)."""
