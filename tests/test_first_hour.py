@@ -154,14 +154,31 @@ def _model_of(env_entry, num_actions: int = 4):
     return GTMM(cfg.model_config((28, 28, 1), num_actions, 3)), why
 
 
-def test_auto_address_on_a_miniworld_manifest_is_the_gru_integrator():
+def test_auto_address_on_a_miniworld_manifest_is_the_gated_se2_integrator():
     from envs.miniworld import INVERSE_ACTIONS, action_effects
 
+    effects = action_effects(30.0, 0.4)
     env = {"name": "miniworld", "id": "MiniWorldRevisit-v0", "kwargs": {"max_steps": 64},
-           "inverse_actions": list(INVERSE_ACTIONS), "action_effects": action_effects(30.0, 0.4)}
+           "inverse_actions": list(INVERSE_ACTIONS), "action_effects": effects}
     model, why = _model_of(json.loads(json.dumps(env)))
-    assert model.cfg.address == "actions" and model.cfg.address_kwargs == {"integrator": "gru"}
-    assert "'se2'" in why
+    assert model.cfg.address == "actions" and model.cfg.address_kwargs == {
+        "integrator": "se2", "moves": effects["moves"], "inverse_actions": [1, 0, 3, 2], "gate": True}
+    assert model.cell.gate is not None and "SE(2)" in why and "blocked" in why
+    # --address pose on the same data: the pose's heading is encoded periodically (se2), scales from the moves
+    cfg, _ = dataclasses.replace(debug(Path("unused")), address="pose").resolve_address(env, 4)
+    assert json.loads(cfg.address_kwargs) == {"se2": True, "pose_scale": 0.2, "heading_scale": effects["moves"][0][0] / 2}
+
+
+def test_auto_address_on_a_clip_border_mnist_map_has_the_gate():
+    from envs.mnist_map import action_effects
+
+    env = {"name": "mnist_map", "id": "MnistMap-v0", "kwargs": {}, "inverse_actions": [1, 0, 3, 2],
+           "action_effects": action_effects(14, 4, "clip")}
+    model, why = _model_of(env)
+    assert model.cfg.address_kwargs == {"integrator": "additive", "inverse_actions": [1, 0, 3, 2], "gate": True}
+    # yours win: '{"gate": false}' is the plain integrator that assumes every move happens
+    cfg, _ = dataclasses.replace(debug(Path("unused")), address_kwargs='{"gate": false}').resolve_address(env, 4)
+    assert json.loads(cfg.address_kwargs)["gate"] is False
 
 
 def test_auto_address_on_an_old_manifest_without_effects_is_the_gru_integrator():

@@ -6,7 +6,8 @@ step, from one of three sources:
     hidden   addr_t = W h_t                                   the paper's reading: the controller state is the key
     actions  s_t = f(s_{t-1}, a_{t-1}), addr_t = g(s_t)       a path integrator over actions alone (idea of GTM-SM,
                                                              Fraccaro et al. 2018): it sees no frames, so it can only
-                                                             learn "where", never "what"
+                                                             learn "where", never "what"; three integrators: additive
+                                                             (translations), se2 (turn, then step ahead), gru (any)
     pose     addr_t = fourier(pose_t / scale)                 the env's odometry: an oracle address, a ceiling
 
 Reads match keys to addresses by cosine similarity, which compares directions. A raw position vector is a poor
@@ -17,6 +18,10 @@ about 0 far away.
 
 ``prev_action`` is int64 (B,) with -1 meaning "no action" (episode start, action-free tasks): the action path then
 stays where it is. State is a ``dict[str, Tensor]``; ``step`` has no Python branching on tensor values.
+
+Blocked moves: ``step``/``sequence`` take ``moved`` in [0, 1] per step (default 1), the probability that a_{t-1}
+took effect, and scale the integration step by it. ``ActionAddress(gate=True)`` owns the learned gate that says so
+(``worldmodel.gate.MoveGate``, from the frames); the model feeds its output in.
 
 The fast path of the model (``GTMM.observe(..., diagnostics=False)``) uses two more entry points: the ``actions``
 and ``pose`` addresses do not read h_t, so ``sequence`` computes all T addresses before the step loop (a cumulative
@@ -36,7 +41,7 @@ from torch import Tensor
 from gtmm.cli import UserError
 
 ADDRESSES = ("hidden", "actions", "pose")
-INTEGRATORS = ("gru", "additive")
+INTEGRATORS = ("gru", "additive", "se2")
 
 State = dict[str, Tensor]
 
@@ -52,8 +57,10 @@ class AddressPath(nn.Module):
 
     uses_h: bool = True  # addr_t reads h_t: computed inside the step loop (else ``sequence`` before it)
 
-    def step(self, state: State, h: Tensor, prev_action: Tensor, pose: Tensor) -> tuple[Tensor, State]:
-        """One step: addr_t (B, addr_dim) from h_t (B, H), a_{t-1} (B,) and pose (B, D), and the next state."""
+    def step(self, state: State, h: Tensor, prev_action: Tensor, pose: Tensor,
+             moved: Tensor | None = None) -> tuple[Tensor, State]:
+        """One step: addr_t (B, addr_dim) from h_t (B, H), a_{t-1} (B,), pose (B, D) and, for action paths, the
+        probability (B,) that a_{t-1} took effect (None = it did), and the next state."""
         raise NotImplementedError
 
     def h_linears(self) -> dict[str, nn.Linear]:
@@ -64,9 +71,10 @@ class AddressPath(nn.Module):
         """addr_t (B, addr_dim) from the outputs of ``h_linears`` (only for addresses with ``uses_h``)."""
         raise NotImplementedError
 
-    def sequence(self, state: State, prev_action: Tensor, pose: Tensor) -> tuple[Tensor, State]:
-        """Every step's address at once (only without ``uses_h``): prev_action (B, T), pose (B, T, D) ->
-        (addr (B, T, addr_dim), the state after the last step), the same as T calls of ``step``."""
+    def sequence(self, state: State, prev_action: Tensor, pose: Tensor,
+                 moved: Tensor | None = None) -> tuple[Tensor, State]:
+        """Every step's address at once (only without ``uses_h``): prev_action (B, T), pose (B, T, D), moved (B, T)
+        or None -> (addr (B, T, addr_dim), the state after the last step), the same as T calls of ``step``."""
         raise NotImplementedError
 
 
@@ -77,6 +85,20 @@ def fourier_features(positions: Tensor, frequencies: Tensor) -> Tensor:
     """
     phase = positions @ frequencies  # (..., K)
     return torch.cat([phase.sin(), phase.cos()], dim=-1) / math.sqrt(frequencies.shape[1])
+
+
+def se2_features(position: Tensor, heading: Tensor, frequencies: Tensor, length_scale: float,
+                 heading_scale: float) -> Tensor:
+    """An address of a pose in the plane, comparable by cosine: position (..., 2), heading (...,) in radians ->
+    fourier([position / length_scale, cos(heading) / heading_scale, sin(heading) / heading_scale]), (..., 2K).
+
+    A frame depends on where the agent stands AND where it looks, so both enter one kernel: the heading as a point
+    on a circle (periodic: -pi and pi are the same heading, which a raw angle would break), whose chord between two
+    headings ~ their difference for small turns. Poses one length_scale apart, or heading_scale radians apart,
+    are about exp(-1/2) similar; a few scales apart nearly orthogonal. frequencies (4, K).
+    """
+    circle = torch.stack([heading.cos(), heading.sin()], dim=-1) / heading_scale  # (..., 2)
+    return fourier_features(torch.cat([position / length_scale, circle], dim=-1), frequencies)
 
 
 def _random_frequencies(in_dim: int, addr_dim: int, seed: int) -> Tensor:
@@ -93,7 +115,8 @@ class HiddenAddress(AddressPath):
         self.addr_dim = addr_dim
         self.proj = nn.Linear(h_dim, addr_dim)
 
-    def step(self, state: State, h: Tensor, prev_action: Tensor, pose: Tensor) -> tuple[Tensor, State]:
+    def step(self, state: State, h: Tensor, prev_action: Tensor, pose: Tensor,
+             moved: Tensor | None = None) -> tuple[Tensor, State]:
         """addr_t = a linear projection of h_t (the paper's address); the state stays empty."""
         return self.proj(h), state  # (B, addr_dim)
 
@@ -113,6 +136,10 @@ class ActionAddress(AddressPath):
                             e.g. MiniWorld where a step forward depends on the heading)
     integrator="additive":  s_t = s_{t-1} + E[a_{t-1}],  addr_t = fourier(s_t)                 (exact for
                             translations, e.g. the MNIST map: it only has to learn one vector per action)
+    integrator="se2":       theta_t = theta_{t-1} + turn[a],  p_t = p_{t-1} + fwd[a] (cos, sin)(theta_{t-1} + turn[a]/2),
+                            addr_t = se2_features(p_t, theta_t)                                 (exact for an agent
+                            that turns and steps ahead, e.g. MiniWorld; ``moves`` = the env's declared
+                            [turn, forward] per action fixes them, else they are learned)
 
     Knobs for fast convergence: ``layer_norm`` keeps the GRU address at a fixed scale whatever the gates do;
     ``inverse_actions`` (the env's ``inverse_actions`` table) ties E[inv(a)] = -E[a] so an out-and-back path returns
@@ -122,14 +149,18 @@ class ActionAddress(AddressPath):
     move starts out orthogonal and the loss gives E little to follow. (Recall of z by place on a 4x4 random walk,
     introspective memory, 200 Adam steps: revisit MSE 0.013 with 0.1, 0.024 with 0.3, 0.42 with 1.0; the GRU 0.21.)
     The trainer's ``--address-lr-scale`` multiplies this module's learning rate.
-    No action (-1) leaves s unchanged.
+    No action (-1) leaves s unchanged. ``gate=True`` adds the blocked-move gate (``worldmodel.gate``; needs
+    ``embed_dim`` and ``z_dim``, which the model passes): each step of s is scaled by the gate's ``moved``.
+    se2 knobs: ``length_scale`` (pose units; default half the longest declared step, else 1) and ``heading_scale``
+    (radians; default half the largest declared turn, else 0.25) set the kernel of ``se2_features``.
     """
 
     uses_h = False
 
     def __init__(self, *, num_actions: int, addr_dim: int, integrator: str = "gru", path_dim: int = 0,
                  layer_norm: bool = True, inverse_actions: Sequence[int] | None = None, step_scale: float = 0.1,
-                 seed: int = 0):
+                 seed: int = 0, moves: Sequence[Sequence[float]] | None = None, length_scale: float = 0.0,
+                 heading_scale: float = 0.0, gate: bool = False, embed_dim: int = 0, z_dim: int = 0):
         super().__init__()
         if num_actions < 1:
             raise UserError(f"address 'actions': needs num_actions >= 1, got {num_actions} (action-free task?)")
@@ -144,27 +175,64 @@ class ActionAddress(AddressPath):
             # a learned start state: a zero state would give the start place the all-zero address, which cosine
             # similarity can never match (the episode's first slot would be unreadable)
             self.start = nn.Parameter(0.5 * torch.randn(self.path_dim))
-        else:
+        elif integrator == "additive":
             if addr_dim % 2:
                 raise UserError(f"address 'actions' (additive): addr_dim must be even (sin and cos halves), got {addr_dim}")
             self.path_dim = path_dim or 8
             self.displacement = nn.Parameter(step_scale * torch.randn(num_actions, self.path_dim))  # E (A, P)
             self.register_buffer("frequencies", _random_frequencies(self.path_dim, addr_dim, seed))  # (P, addr_dim/2)
+        else:
+            self._init_se2(num_actions, addr_dim, moves, length_scale, heading_scale, step_scale, seed)
+        if moves is not None and integrator != "se2":
+            raise UserError("address 'actions': moves (declared [turn, forward] per action) are for integrator se2")
         if inverse_actions is not None:
             inverse = torch.as_tensor(list(inverse_actions), dtype=torch.long)
             if inverse.shape != (num_actions,) or bool(((inverse < 0) | (inverse >= num_actions)).any()):
                 raise UserError(f"inverse_actions: expected {num_actions} action ids in [0, {num_actions}), got {list(inverse_actions)}")
             if not torch.equal(inverse[inverse], torch.arange(num_actions)):
                 raise UserError(f"inverse_actions: must be an involution (inv(inv(a)) = a), got {list(inverse_actions)}")
-            if integrator != "additive":
-                raise UserError("inverse_actions: only the additive integrator can tie inverse actions")
+            if integrator == "gru":
+                raise UserError("inverse_actions: only the additive and se2 integrators can tie inverse actions")
             self.register_buffer("inverse", inverse)
         else:
             self.inverse = None
+        if gate and (embed_dim < 1 or z_dim < 1):
+            raise UserError(f"address 'actions': the blocked-move gate needs embed_dim and z_dim >= 1, got {embed_dim}, {z_dim}")
+        if gate:
+            from worldmodel.gate import MoveGate  # here, not at the top: gate imports nothing of ours, kept light
+
+            self.gate = MoveGate(embed_dim=embed_dim, z_dim=z_dim, num_actions=num_actions)
+        else:
+            self.gate = None
+
+    def _init_se2(self, num_actions: int, addr_dim: int, moves: Sequence[Sequence[float]] | None,
+                  length_scale: float, heading_scale: float, step_scale: float, seed: int) -> None:
+        """The se2 integrator's (turn, forward) per action: the declared ``moves`` (fixed buffers), else learned
+        parameters that start small (coarse to fine, as the additive E does), and its kernel scales."""
+        if addr_dim % 2:
+            raise UserError(f"address 'actions' (se2): addr_dim must be even (sin and cos halves), got {addr_dim}")
+        self.path_dim = 3  # (x, y, heading)
+        if moves is not None:
+            table = torch.as_tensor([list(m) for m in moves], dtype=torch.float32)
+            if table.shape != (num_actions, 2) or not bool(torch.isfinite(table).all()):
+                raise UserError(f"address 'actions' (se2): moves needs {num_actions} finite [turn, forward] pairs, "
+                                f"got {[list(m) for m in moves]}")
+            self.register_buffer("se2_moves", table)  # (A, 2), exact: not learned
+            length_scale = length_scale or 0.5 * float(table[:, 1].abs().max()) or 1.0
+            heading_scale = heading_scale or 0.5 * float(table[:, 0].abs().max()) or 0.25
+        else:
+            self.se2_moves_learned = nn.Parameter(step_scale * torch.randn(num_actions, 2))  # (A, 2) turn, forward
+            length_scale, heading_scale = length_scale or 1.0, heading_scale or 0.25
+        if length_scale <= 0 or heading_scale <= 0:
+            raise UserError(f"address 'actions' (se2): length_scale and heading_scale must be > 0, got "
+                            f"{length_scale}, {heading_scale}")
+        self.length_scale, self.heading_scale = float(length_scale), float(heading_scale)
+        self.register_buffer("frequencies", _random_frequencies(4, addr_dim, seed))  # (4, addr_dim/2)
 
     def init_state(self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> State:
         # Every episode starts at the origin of its own path: addresses are relative to the start.
-        """Every sequence at the origin of its own path: the learned start (gru) or zeros (additive)."""
+        """Every sequence at the origin of its own path: the learned start (gru) or zeros (additive, se2: x, y and
+        heading 0)."""
         if self.integrator == "gru":
             return {"path": self.start.to(device=device, dtype=dtype).expand(batch, self.path_dim)}  # (B, P)
         return {"path": torch.zeros(batch, self.path_dim, device=device, dtype=dtype)}  # (B, P)
@@ -175,33 +243,78 @@ class ActionAddress(AddressPath):
             return self.displacement
         return 0.5 * (self.displacement - self.displacement[self.inverse])
 
-    def step(self, state: State, h: Tensor, prev_action: Tensor, pose: Tensor) -> tuple[Tensor, State]:
-        """Integrate a_{t-1} (B,) into the path (B, P); -1 (no action) leaves it; addr_t is its encoding."""
+    def se2_table(self) -> Tensor:
+        """(turn, forward) per action (A, 2): the declared moves, or the learned ones (antisymmetric under the
+        inverse table when one is given, so an out-and-back path comes home exactly)."""
+        if hasattr(self, "se2_moves"):
+            return self.se2_moves
+        if self.inverse is None:
+            return self.se2_moves_learned
+        return 0.5 * (self.se2_moves_learned - self.se2_moves_learned[self.inverse])
+
+    def _se2_encode(self, path: Tensor) -> Tensor:
+        """path (..., 3) = (x, y, heading) -> addr (..., addr_dim)."""
+        return se2_features(path[..., :2], path[..., 2], self.frequencies, self.length_scale, self.heading_scale)
+
+    @staticmethod
+    def _scaled(onehot: Tensor, moved: Tensor | None) -> Tensor:
+        """onehot (..., A) times the probability (...,) that the move happened (None: it did)."""
+        return onehot if moved is None else onehot * moved.unsqueeze(-1).to(onehot.dtype)
+
+    def step(self, state: State, h: Tensor, prev_action: Tensor, pose: Tensor,
+             moved: Tensor | None = None) -> tuple[Tensor, State]:
+        """Integrate a_{t-1} (B,) into the path (B, P), scaled by ``moved`` (B,) (None = 1); -1 (no action)
+        leaves it; addr_t is its encoding."""
         assert prev_action.shape == (h.shape[0],), f"prev_action must be (B,), got {tuple(prev_action.shape)}"
         path = state["path"]  # (B, P)
         acted = (prev_action >= 0).to(path.dtype).unsqueeze(-1)  # (B, 1), 0 for "no action"
+        if moved is not None:
+            acted = acted * moved.to(path.dtype).unsqueeze(-1)  # (B, 1)
         # one-hot by comparison rather than F.one_hot: -1 matches no action id, giving zeros, with no value check
         action_ids = torch.arange(self.num_actions, device=prev_action.device)  # (A,)
         onehot = (prev_action.unsqueeze(-1) == action_ids).to(path.dtype)  # (B, A)
         if self.integrator == "gru":
-            # no action -> keep s: a GRU fed zeros would still drift through its biases
+            # no action (or a blocked one) -> keep s: a GRU fed zeros would still drift through its biases
             path = acted * self.cell(onehot, path) + (1.0 - acted) * path  # (B, P)
             addr = self.proj(self.out(path))  # (B, addr_dim)
+        elif self.integrator == "se2":
+            turn, forward = (self._scaled(onehot, moved) @ self.se2_table()).unbind(-1)  # (B,) each; 0: no action
+            # half the turn, the step, the other half: for a pure turn or a pure step (MiniWorld's, the contract's
+            # "turn, then step ahead") the same; for a learned mix, (-turn, -forward) then undoes it exactly
+            mid = path[:, 2] + 0.5 * turn  # (B,)
+            heading = path[:, 2] + turn  # (B,)
+            position = path[:, :2] + forward.unsqueeze(-1) * torch.stack([mid.cos(), mid.sin()], dim=-1)
+            path = torch.cat([position, heading.unsqueeze(-1)], dim=-1)  # (B, 3)
+            addr = self._se2_encode(path)  # (B, addr_dim)
         else:
-            path = path + onehot @ self.displacements()  # (B, P), s_t = s_{t-1} + E[a_{t-1}]
+            path = path + self._scaled(onehot, moved) @ self.displacements()  # (B, P), s_t = s_{t-1} + m_t E[a_{t-1}]
             addr = fourier_features(path, self.frequencies)  # (B, addr_dim)
         return addr, {"path": path}
 
-    def sequence(self, state: State, prev_action: Tensor, pose: Tensor) -> tuple[Tensor, State]:
-        """All T addresses from prev_action (B, T) at once: a cumulative sum (additive) or the GRU alone."""
+    def sequence(self, state: State, prev_action: Tensor, pose: Tensor,
+                 moved: Tensor | None = None) -> tuple[Tensor, State]:
+        """All T addresses from prev_action (B, T) (and moved (B, T) or None) at once: cumulative sums (additive,
+        se2) or the GRU alone."""
         path = state["path"]  # (B, P)
         action_ids = torch.arange(self.num_actions, device=prev_action.device)  # (A,)
         onehot = (prev_action.unsqueeze(-1) == action_ids).to(path.dtype)  # (B, T, A), zeros for "no action"
+        if self.integrator != "gru":
+            onehot = self._scaled(onehot, moved)  # the GRU reads the action itself and blends by moved below
         if self.integrator == "additive":
-            # s_t = s_{-1} + sum_{t' <= t} E[a_{t'-1}]: one cumulative sum instead of T additions
+            # s_t = s_{-1} + sum_{t' <= t} m_t' E[a_{t'-1}]: one cumulative sum instead of T additions
             paths = path.unsqueeze(1) + torch.cumsum(onehot @ self.displacements(), dim=1)  # (B, T, P)
+        elif self.integrator == "se2":
+            # the heading is a cumulative sum of turns; then each step ahead along its heading, a second one
+            turn, forward = (onehot @ self.se2_table()).unbind(-1)  # (B, T) each
+            heading = path[:, 2:3] + torch.cumsum(turn, dim=1)  # (B, T)
+            mid = heading - 0.5 * turn  # (B, T) the heading halfway through each step's turn (see `step`)
+            steps = forward.unsqueeze(-1) * torch.stack([mid.cos(), mid.sin()], dim=-1)  # (B, T, 2)
+            position = path[:, None, :2] + torch.cumsum(steps, dim=1)  # (B, T, 2)
+            paths = torch.cat([position, heading.unsqueeze(-1)], dim=-1)  # (B, T, 3)
         else:
             acted = (prev_action >= 0).to(path.dtype).unsqueeze(-1)  # (B, T, 1)
+            if moved is not None:
+                acted = acted * moved.to(path.dtype).unsqueeze(-1)
             steps = []
             for t in range(prev_action.shape[1]):  # the GRU alone; its read-out below is batched over time
                 path = acted[:, t] * self.cell(onehot[:, t], path) + (1.0 - acted[:, t]) * path  # (B, P)
@@ -209,6 +322,8 @@ class ActionAddress(AddressPath):
             paths = torch.stack(steps, dim=1)  # (B, T, P)
         if self.integrator == "gru":
             addr = self.proj(self.out(paths))  # (B, T, addr_dim)
+        elif self.integrator == "se2":
+            addr = self._se2_encode(paths)  # (B, T, addr_dim)
         else:
             addr = fourier_features(paths, self.frequencies)  # (B, T, addr_dim)
         return addr, {"path": paths[:, -1]}
@@ -219,12 +334,15 @@ class PoseAddress(AddressPath):
 
     ``pose_scale`` (a float, or one per pose dimension) is the kernel's length scale in pose units: poses about one
     scale apart get nearly orthogonal addresses. MiniWorld poses are (x, z, heading) in metres and radians; the
-    MNIST map's are (row, col) in pixels.
+    MNIST map's are (row, col) in pixels. ``se2=True`` reads the pose as (x, y, heading) and encodes it with
+    ``se2_features`` (the heading periodic, as the se2 integrator does): ``pose_scale`` is then the position's
+    length scale and ``heading_scale`` the heading's (radians).
     """
 
     uses_h = False
 
-    def __init__(self, *, pose_dim: int, addr_dim: int, pose_scale: float | Sequence[float] = 1.0, seed: int = 0):
+    def __init__(self, *, pose_dim: int, addr_dim: int, pose_scale: float | Sequence[float] = 1.0, seed: int = 0,
+                 se2: bool = False, heading_scale: float = 0.25):
         super().__init__()
         if pose_dim < 1:
             raise UserError(f"address 'pose': the data has no pose (pose_dim={pose_dim}); use 'hidden' or 'actions'")
@@ -236,27 +354,48 @@ class PoseAddress(AddressPath):
         scale = scale.expand(pose_dim).clone()
         if bool((scale <= 0).any()):
             raise UserError(f"address 'pose': pose_scale must be > 0, got {pose_scale}")
-        self.addr_dim, self.pose_dim = addr_dim, pose_dim
-        self.register_buffer("frequencies", _random_frequencies(pose_dim, addr_dim, seed) / scale.unsqueeze(-1))
+        self.addr_dim, self.pose_dim, self.se2 = addr_dim, pose_dim, bool(se2)
+        if self.se2:
+            if pose_dim != 3 or scale.unique().numel() != 1 or heading_scale <= 0:
+                raise UserError(f"address 'pose' (se2): needs a (x, y, heading) pose, one pose_scale and heading_scale "
+                                f"> 0; got pose_dim={pose_dim}, pose_scale={pose_scale}, heading_scale={heading_scale}")
+            self.heading_scale = float(heading_scale)
+            # se2_features divides positions by its length scale 1.0: fold pose_scale into the position rows
+            freq = _random_frequencies(4, addr_dim, seed)
+            freq[:2] /= scale[0]
+            self.register_buffer("frequencies", freq)
+        else:
+            self.register_buffer("frequencies", _random_frequencies(pose_dim, addr_dim, seed) / scale.unsqueeze(-1))
 
-    def step(self, state: State, h: Tensor, prev_action: Tensor, pose: Tensor) -> tuple[Tensor, State]:
+    def _encode(self, pose: Tensor) -> Tensor:
+        """pose (..., D) -> addr (..., addr_dim)."""
+        pose = pose.to(self.frequencies.dtype)
+        if self.se2:
+            return se2_features(pose[..., :2], pose[..., 2], self.frequencies, 1.0, self.heading_scale)
+        return fourier_features(pose, self.frequencies)
+
+    def step(self, state: State, h: Tensor, prev_action: Tensor, pose: Tensor,
+             moved: Tensor | None = None) -> tuple[Tensor, State]:
         """addr_t = Fourier features of the env's pose (B, D); the state stays empty."""
         assert pose.shape == (h.shape[0], self.pose_dim), f"pose must be (B, {self.pose_dim}), got {tuple(pose.shape)}"
-        return fourier_features(pose.to(self.frequencies.dtype), self.frequencies).to(h.dtype), state
+        return self._encode(pose).to(h.dtype), state
 
-    def sequence(self, state: State, prev_action: Tensor, pose: Tensor) -> tuple[Tensor, State]:
+    def sequence(self, state: State, prev_action: Tensor, pose: Tensor,
+                 moved: Tensor | None = None) -> tuple[Tensor, State]:
         """All T addresses (B, T, addr_dim): Fourier features of pose (B, T, D) in one batched call."""
-        return fourier_features(pose.to(self.frequencies.dtype), self.frequencies), state  # (B, T, addr_dim)
+        return self._encode(pose), state  # (B, T, addr_dim)
 
 
-def build_address(kind: str, *, h_dim: int, num_actions: int, pose_dim: int, addr_dim: int, **kw) -> AddressPath:
-    """The address pathway named ``kind`` (one of ``ADDRESSES``); ``kw`` go to its class (e.g. integrator=)."""
+def build_address(kind: str, *, h_dim: int, num_actions: int, pose_dim: int, addr_dim: int, embed_dim: int = 0,
+                  z_dim: int = 0, **kw) -> AddressPath:
+    """The address pathway named ``kind`` (one of ``ADDRESSES``); ``kw`` go to its class (e.g. integrator=).
+    ``embed_dim`` and ``z_dim`` (the model's) reach the action path's blocked-move gate."""
     if addr_dim < 1:
         raise UserError(f"addr_dim: expected >= 1, got {addr_dim}")
     if kind == "hidden":
         return HiddenAddress(h_dim=h_dim, addr_dim=addr_dim, **kw)
     if kind == "actions":
-        return ActionAddress(num_actions=num_actions, addr_dim=addr_dim, **kw)
+        return ActionAddress(num_actions=num_actions, addr_dim=addr_dim, embed_dim=embed_dim, z_dim=z_dim, **kw)
     if kind == "pose":
         return PoseAddress(pose_dim=pose_dim, addr_dim=addr_dim, **kw)
     raise UserError(f"unknown address {kind!r}: expected one of {ADDRESSES}")

@@ -138,6 +138,9 @@ class TrainConfig:
     """free bits: the KL of a step counts only above this many nats (0 = off)"""
     kl_balance: float = 0.5
     """KL balancing (DreamerV3): weight of the prior-training term; 0.5 = the plain ELBO gradient"""
+    gate_aux: float = 1.0
+    """weight of the blocked-move gate's auxiliary loss (an action address with '{"gate": true}': predict from the
+    frames whether each move happened, labelled by the recorded pose; 0 = learn it from the ELBO alone)"""
     curriculum_start: int = 0
     """sequence-length curriculum: start at this many frames (0 = off, always --seq-len)"""
     curriculum_steps: int = 1000
@@ -168,12 +171,27 @@ class TrainConfig:
         (the data manifest's `env` entry; None for a sequence task), the chosen kwargs merged under the user's own
         `--address-kwargs`. An explicit address comes back unchanged (why = ''). What a run records (config.json,
         checkpoints) is the resolved config, so resume and evaluate see concrete values."""
+        if self.address == "pose" and env:
+            return self._resolve_pose(env, num_actions)
         if self.address != AUTO:
             return self, ""
         address, chosen, why = auto_address(env, num_actions, self.memory)
         given = parse_json_object(self.address_kwargs, "address_kwargs")
         kwargs = {**chosen, **given} if address == "actions" else given  # yours win; hidden takes none of ours
         return dataclasses.replace(self, address=address, address_kwargs=json.dumps(kwargs)), why
+
+    def _resolve_pose(self, env: dict[str, Any], num_actions: int) -> tuple["TrainConfig", str]:
+        """`--address pose` on data whose actions are `se2` (a pose (x, z, heading)): the periodic SE(2) encoding of
+        the pose with the integrator's kernel scales (half a step, half a turn), unless `--address-kwargs` says."""
+        effects = _effects_of(env, num_actions)
+        given = parse_json_object(self.address_kwargs, "address_kwargs")
+        if effects is None or effects["kind"] != "se2" or "se2" in given:
+            return self, ""
+        moves = effects["moves"]
+        chosen = {"se2": True, "pose_scale": 0.5 * max(abs(float(m[1])) for m in moves) or 1.0,
+                  "heading_scale": 0.5 * max(abs(float(m[0])) for m in moves) or 0.25}
+        why = "the pose is (x, z, heading): encoded with a periodic heading (se2), kernel scales half a step and turn"
+        return dataclasses.replace(self, address_kwargs=json.dumps({**chosen, **given})), why
 
     def model_config(self, obs_shape: tuple[int, int, int], num_actions: int, pose_dim: int) -> ModelConfig:
         """The model of this run for data of these shapes (`--address auto` resolved as for data that declares no
@@ -250,9 +268,12 @@ def auto_address(env: Optional[dict[str, Any]], num_actions: int, memory: str) -
     - `translate` moves (MNIST map): `actions` with the additive integrator, tied by `inverse_actions` so that an
       out-and-back path returns to its start address exactly (0.215x the `none` baseline's open-loop error on
       revisits of context places in the README's results, level with the pose oracle);
-    - `se2` moves (MiniWorld), any other kind, or no declared effects (an older manifest): `actions` with the GRU
-      integrator, which can learn any dynamics. An SE(2) integrator (heading-rotated forward steps) would be exact
-      for MiniWorld's moves; it is another issue's work.
+    - `se2` moves (MiniWorld): `actions` with the SE(2) integrator (turn, then step along the heading) driven by
+      the declared moves, tied by `inverse_actions`;
+    - any other kind, or no declared effects (an older manifest): `actions` with the GRU integrator, which can
+      learn any dynamics;
+    - moves that can be blocked (`exact` False: a `clip` border, walls): the blocked-move gate too (`gate`: the
+      model learns from the frames whether each move happened, `worldmodel.gate`).
 
     `why` is one line for the run's log."""
     if num_actions == 0:
@@ -262,21 +283,27 @@ def auto_address(env: Optional[dict[str, Any]], num_actions: int, memory: str) -
     env = env or {}
     effects = _effects_of(env, num_actions)
     inverse = _inverse_of(env, num_actions)
-    if effects is not None and effects["kind"] == "translate":
+    blocked = effects is not None and effects.get("exact") is False
+    gate_why = " and a gate that sees in the frames whether each move happened (they can be blocked)" if blocked else ""
+    if effects is not None and effects["kind"] in ("translate", "se2"):
         kwargs: dict[str, Any] = {"integrator": "additive"}
+        why = "the env's actions translate the view: an additive path integrator over the actions"
+        if effects["kind"] == "se2":
+            moves = [[float(x) for x in m] for m in effects["moves"]]
+            if any(len(m) != 2 for m in moves):
+                raise _manifest_problem("action_effects.moves", effects["moves"], "[turn, forward] per action (se2)")
+            kwargs = {"integrator": "se2", "moves": moves}
+            why = "the env's actions turn and step ahead: the SE(2) path integrator over its declared moves"
         if inverse is not None:
             kwargs["inverse_actions"] = inverse
-        why = "the env's actions translate the view: an additive path integrator over the actions"
-        if effects.get("exact") is False:
-            why += (" (its moves can be blocked, e.g. at a clip border, where the integrator drifts: collect with "
-                    "border wrap, or use --address pose)")
-        return "actions", kwargs, why
+        if blocked:
+            kwargs["gate"] = True
+        return "actions", kwargs, why + gate_why
     if effects is None:
         why = "the data's manifest declares no action effects (an older collect): the GRU path integrator"
     else:
-        why = (f"the env's actions are {effects['kind']!r} moves: the GRU path integrator (no exact integrator for "
-               "them yet)")
-    return "actions", {"integrator": "gru"}, why
+        why = f"the env's actions are {effects['kind']!r} moves: the GRU path integrator (no exact integrator for them)"
+    return "actions", {"integrator": "gru", **({"gate": True} if blocked else {})}, why + gate_why
 
 
 # What `--resume` may change: how long and where the run goes, and how it reports. Everything else defines the run
@@ -295,6 +322,13 @@ PRESETS: dict[str, TrainConfig] = {
     # 3x3-digit MNIST maps, 28px window, 48-step walks, on one or two CPU cores (~0.5 s/step).
     "mnist_cpu": TrainConfig(
         preset="mnist_cpu", z_dim=32, h_dim=128, addr_dim=32, heads=2, embed_dim=128, channels=16, hidden_dim=128,
+        steps=3000, batch=16, seq_len=48, lr=1e-3, address_lr_scale=3.0, free_nats=1.0, kl_balance=0.8,
+        log_every=25, image_every=250, ckpt_every=250, val_every=250,
+    ),
+    # MiniWorld on one or two CPU cores: 32x32x3 frames (collect with --env-kwargs '{"obs_size": 32}'), 48-step
+    # windows of 96-step loop walks; the mnist_cpu sizes (~0.3 s/step on one free core, 3000 steps in ~15-25 min).
+    "miniworld_cpu": TrainConfig(
+        preset="miniworld_cpu", z_dim=32, h_dim=128, addr_dim=32, heads=2, embed_dim=128, channels=16, hidden_dim=128,
         steps=3000, batch=16, seq_len=48, lr=1e-3, address_lr_scale=3.0, free_nats=1.0, kl_balance=0.8,
         log_every=25, image_every=250, ckpt_every=250, val_every=250,
     ),

@@ -13,6 +13,11 @@ One step of the model (the cell, `GTMMCell`), with x_t the frame and a_{t-1} the
 
     ELBO = sum_t E_q[log p(x_t | z_t)] - KL(q(z_t) || p(z_t))             (paper eq. 1; we report both terms per step)
 
+An action address with the blocked-move gate (`worldmodel.gate`) scales step (2)'s integration by m_t, the
+probability that a_{t-1} took effect: from the frames (x_{t-1}, x_t) when they are observed (computed for all steps
+up front), from z_{t-1} and a_{t-1} in open loop and dreams (inside the step). Training adds the gate's auxiliary
+loss (`forward`'s `gate_aux`).
+
 The sequence wrapper (`GTMM`) encodes (5) and decodes (8) all time steps in one batched call; only (1)-(7), the
 recurrence and the memory, run step by step: either through `GTMMCell.forward`, layer by layer with every memory
 diagnostic (the reference, `diagnostics=True`), or on the fast path that training runs (`GTMMCell.scan_*`: what
@@ -34,6 +39,7 @@ import torch.nn.functional as F
 from gtmm.cli import UserError
 from worldmodel.address import build_address
 from worldmodel.config import ModelConfig
+from worldmodel.gate import loss as gate_loss_fn
 from worldmodel.memory import build_memory
 from worldmodel.nets import ActionEmbedding, Decoder, Encoder, GaussianHead, gaussian_kl
 
@@ -105,7 +111,9 @@ class GTMMCell(nn.Module):
         self.memory = build_memory(cfg.memory, z_dim=cfg.z_dim, h_dim=cfg.h_dim, addr_dim=cfg.addr_dim,
                                    slots=cfg.slots, heads=cfg.heads, **cfg.memory_kwargs)
         self.address = build_address(cfg.address, h_dim=cfg.h_dim, num_actions=cfg.num_actions,
-                                     pose_dim=cfg.pose_dim, addr_dim=cfg.addr_dim, **cfg.address_kwargs)
+                                     pose_dim=cfg.pose_dim, addr_dim=cfg.addr_dim, embed_dim=cfg.embed_dim,
+                                     z_dim=cfg.z_dim, **cfg.address_kwargs)
+        self.gate = getattr(self.address, "gate", None)  # the blocked-move gate of an action address, or None
         read_dim = self.memory.read_dim
         self.lstm = nn.LSTMCell(cfg.z_dim + self.action_embed.dim + read_dim, cfg.h_dim)
         self.prior = GaussianHead(cfg.h_dim + read_dim, cfg.hidden_dim, cfg.z_dim)
@@ -147,10 +155,12 @@ class GTMMCell(nn.Module):
         embed: Optional[torch.Tensor] = None,
         sample: bool = True,
         noise: Optional[torch.Tensor] = None,
+        moved: Optional[torch.Tensor] = None,
     ) -> tuple[dict[str, torch.Tensor], ModelState]:
         """One step. prev_action (B,) int64 (-1 = none); pose (B, D); embed (B, E) = enc(x_t), or None to run open
         loop from the prior. `sample=False` takes the mean of whichever distribution drives z_t; `noise` (B, Z) is
-        the standard normal draw of a sample (default: drawn here).
+        the standard normal draw of a sample (default: drawn here). `moved` (B,): the blocked-move gate's m_t
+        from the frames (`GTMM.observe` computes it); None with a gate = its open-loop guess from z_{t-1}.
 
         `out` holds prior_mean/std (and post_mean/std with `embed`), z, h, addr, read, and the memory diagnostics
         that `worldmodel.retrieval` reads (tensors the step computed anyway): `read_weights` (B, R, N) the read
@@ -165,8 +175,10 @@ class GTMMCell(nn.Module):
         action = self.action_embed(prev_action).to(state.z.dtype)  # (B, A+1)
         h, c = self.lstm(torch.cat([state.z, action, state.read], dim=-1), (state.h, state.c))  # (B, H) each
 
-        # (2) address of this step; (3) read the memory written at earlier steps
-        addr, address_state = self.address.step(state.address, h, prev_action, pose)  # (B, addr_dim)
+        # (2) address of this step (gated: did a_{t-1} move us?); (3) read the memory written at earlier steps
+        if self.gate is not None and moved is None:
+            moved = torch.sigmoid(self.gate.predicted_logits(state.z, prev_action))  # (B,) (G2): open loop
+        addr, address_state = self.address.step(state.address, h, prev_action, pose, moved)  # (B, addr_dim)
         attention = self.memory.attend(state.memory, h, addr)  # one attend: the read and its diagnostics
         read = attention["read"]  # (B, read_dim)
 
@@ -196,10 +208,10 @@ class GTMMCell(nn.Module):
     # -- fast path ---------------------------------------------------------------------------------------------------
 
     def scan_prepare(self, state: ModelState, prev_action: torch.Tensor, pose: torch.Tensor,
-                     embed: Optional[torch.Tensor], noise: Optional[torch.Tensor]
+                     embed: Optional[torch.Tensor], noise: Optional[torch.Tensor], moved: Optional[torch.Tensor] = None
                      ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """The per-sequence work of the fast path: prev_action (B, T), pose (B, T, D), embed (B, T, E) or None
-        (open loop), noise (T, B, Z) or None (means).
+        (open loop), noise (T, B, Z) or None (means), moved (B, T) the gate's m_t from the frames (or None).
 
         Returns (constants, per-step tensors (T, B, ...), the address state after the last step). Constants are
         the fused weights: `lstm.w` (4H, Z+R+H) on [z_{t-1}, r_{t-1}, h_{t-1}]; `h.w` (F, H) the layers on h_t;
@@ -249,7 +261,7 @@ class GTMMCell(nn.Module):
             if self.address.uses_h:
                 const["addr.w"] = cast(addr_w)
             else:
-                addr, address_state = self.address.sequence(state.address, prev_action, pose)  # (B, T, A)
+                addr, address_state = self.address.sequence(state.address, prev_action, pose, moved)  # (B, T, A)
                 addr_seq = addr.transpose(0, 1)  # (T, B, A)
                 keys = F.linear(addr_seq, addr_w)  # (T, B, Fa), every step's key projections at once
                 pre_addr = dict(zip(self._addr_names, keys.split(self._addr_widths, dim=-1)))
@@ -431,12 +443,17 @@ class GTMM(nn.Module):
         target = frames_to_float(obs)  # (B, T, C, H, W)
         embed = self.encoder(target.flatten(0, 1)).view(B, T, -1)  # (B, T, E)
         noise = torch.randn(T, B, self.cfg.z_dim, device=embed.device) if sample else None  # (T, B, Z)
+        # the blocked-move gate sees the frames: did each a_{t-1} change the view? (G1), all steps at once
+        gate_logits = None if self.cell.gate is None else self.cell.gate.observed_logits(target, embed, prev_action)
+        moved = None if gate_logits is None else torch.sigmoid(gate_logits)  # (B, T)
 
         # (1)-(7) step by step
         if diagnostics:
-            seq, state = self._step_by_step(state, prev_action, pose, embed, noise)
+            seq, state = self._step_by_step(state, prev_action, pose, embed, noise, moved)
         else:
-            seq, state = self._scan(state, prev_action, pose, embed, noise)
+            seq, state = self._scan(state, prev_action, pose, embed, noise, moved)
+        if gate_logits is not None:
+            seq["gate_logits"] = gate_logits  # (B, T)
 
         # (8) decode every latent at once; per-step ELBO terms
         logits = self.decode_logits(seq["z"])  # (B, T, C, H, W)
@@ -459,7 +476,8 @@ class GTMM(nn.Module):
 
         `pose` (B, T, D) is only read by the `pose` address; it may be None otherwise. Returns `z` (B, T, Z),
         `frames` (B, T, H, W, C) mean decodes in [0, 1], `logits` and the final `state`; `diagnostics` as in
-        `observe`.
+        `observe`, except that a gated action address always runs step by step (its gate reads z_{t-1}, known
+        only inside the loop).
         """
         B, T = prev_action.shape
         if pose is None:
@@ -468,7 +486,7 @@ class GTMM(nn.Module):
             pose = torch.zeros(B, T, self.cfg.pose_dim, device=prev_action.device)
         self._check_inputs(None, prev_action, pose)
         noise = torch.randn(T, B, self.cfg.z_dim, device=prev_action.device) if sample else None  # (T, B, Z)
-        if diagnostics:
+        if diagnostics or self.cell.gate is not None:
             seq, state = self._step_by_step(state, prev_action, pose, None, noise)
         else:
             seq, state = self._scan(state, prev_action, pose, None, noise)
@@ -478,23 +496,26 @@ class GTMM(nn.Module):
         return seq
 
     def _step_by_step(self, state: ModelState, prev_action: torch.Tensor, pose: torch.Tensor,
-                      embed: Optional[torch.Tensor], noise: Optional[torch.Tensor]
-                      ) -> tuple[dict[str, torch.Tensor], ModelState]:
+                      embed: Optional[torch.Tensor], noise: Optional[torch.Tensor],
+                      moved: Optional[torch.Tensor] = None) -> tuple[dict[str, torch.Tensor], ModelState]:
         """(1)-(7) through `GTMMCell.forward`, every output stacked over time (B, T, ...)."""
         steps = []
-        embeds = [None] * prev_action.shape[1] if embed is None else embed.unbind(1)  # one backward node, not T
-        for t in range(prev_action.shape[1]):
+        T = prev_action.shape[1]
+        embeds = [None] * T if embed is None else embed.unbind(1)  # one backward node, not T
+        moves = [None] * T if moved is None else moved.unbind(1)
+        for t in range(T):
             out, state = self.cell(state, prev_action[:, t], pose[:, t], embeds[t], sample=noise is not None,
-                                   noise=None if noise is None else noise[t])
+                                   noise=None if noise is None else noise[t], moved=moves[t])
             steps.append(out)
         return {k: torch.stack([s[k] for s in steps], dim=1) for k in steps[0]}, state
 
     def _scan(self, state: ModelState, prev_action: torch.Tensor, pose: torch.Tensor,
-              embed: Optional[torch.Tensor], noise: Optional[torch.Tensor]) -> tuple[dict[str, torch.Tensor], ModelState]:
+              embed: Optional[torch.Tensor], noise: Optional[torch.Tensor],
+              moved: Optional[torch.Tensor] = None) -> tuple[dict[str, torch.Tensor], ModelState]:
         """(1)-(7) on the fast path: `GTMMCell.scan_prepare` once, then `scan_step` (compiled by `compile_step`)
         per step; returns z, h, read, prior_mean/std (and post_mean/std) stacked over time, and the final state."""
         T = prev_action.shape[1]
-        const, steps, address_state = self.cell.scan_prepare(state, prev_action, pose, embed, noise)
+        const, steps, address_state = self.cell.scan_prepare(state, prev_action, pose, embed, noise, moved)
         carry = self.cell.scan_carry(state, const)
         # the compiled step serves training (grad mode); evaluation's no-grad passes, other batch sizes and the open
         # loop would each add graphs (and CUDA-graph pools) for little gain, so they run the same step eagerly
@@ -576,8 +597,10 @@ class GTMM(nn.Module):
 
     # -- training objective ------------------------------------------------------------------------------------------
 
-    def forward(self, batch: dict[str, torch.Tensor], free_nats: float = 0.0, kl_balance: float = 0.5) -> dict[str, Any]:
-        """Negative ELBO per step, averaged over batch and time, with optional free bits and KL balancing.
+    def forward(self, batch: dict[str, torch.Tensor], free_nats: float = 0.0, kl_balance: float = 0.5,
+                gate_aux: float = 1.0) -> dict[str, Any]:
+        """Negative ELBO per step, averaged over batch and time, with optional free bits and KL balancing, plus
+        `gate_aux` times the blocked-move gate's auxiliary loss when the address has a gate (`worldmodel.gate`).
 
         KL balancing (Hafner et al. 2021, DreamerV2 sec. 2): alpha * KL(sg(q) || p) + (1 - alpha) * KL(q || sg(p));
         at alpha = 0.5 it has the plain KL's value and gradient. alpha > 0.5 trains the prior (and with it the memory
@@ -594,6 +617,13 @@ class GTMM(nn.Module):
             kl_prior, kl_post = kl_prior.clamp(min=free_nats), kl_post.clamp(min=free_nats)
         kl_loss = kl_balance * kl_prior + (1.0 - kl_balance) * kl_post  # (B, T)
         loss = (seq["nll"] + kl_loss).mean()
+        if self.cell.gate is not None:
+            # (G2) on every step, from the z_{t-1} the loop produced (z_{-1} = the start state's zeros)
+            z_prev = torch.cat([torch.zeros_like(seq["z"][:, :1]), seq["z"][:, :-1]], dim=1)  # (B, T, Z)
+            predicted = self.cell.gate.predicted_logits(z_prev, batch["prev_action"])  # (B, T)
+            seq.update(gate_loss_fn(seq["gate_logits"], predicted, batch["pose"], batch["prev_action"],
+                                    has_pose=self.cfg.pose_dim > 0))
+            loss = loss + gate_aux * seq["gate_loss"]
         seq["loss"] = loss
         seq["elbo_per_step"] = -(seq["nll"] + seq["kl"]).detach()  # (B, T)
         return seq

@@ -221,7 +221,7 @@ def frame_grid(rows: list[np.ndarray], gap: int = 2) -> np.ndarray:
 
 # the arguments the model passes to a memory / address class itself: not for --memory-kwargs / --address-kwargs
 _MEMORY_TAKES = {"z_dim", "h_dim", "addr_dim", "slots", "heads"}
-_ADDRESS_TAKES = {"h_dim", "num_actions", "pose_dim", "addr_dim"}
+_ADDRESS_TAKES = {"h_dim", "num_actions", "pose_dim", "addr_dim", "embed_dim", "z_dim"}
 
 
 def _component_classes() -> tuple[dict[str, Optional[type]], dict[str, type]]:
@@ -274,6 +274,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise UserError(f"--free-nats {cfg.free_nats}: expected a number >= 0")
     if not 0.0 <= cfg.kl_balance <= 1.0:
         raise UserError(f"--kl-balance {cfg.kl_balance}: expected in [0, 1]")
+    if not (0.0 <= cfg.gate_aux < math.inf):
+        raise UserError(f"--gate-aux {cfg.gate_aux}: expected a number >= 0")
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise UserError(f"--val-fraction {cfg.val_fraction}: expected in [0, 1)")
     if cfg.task is not None and cfg.data is not None:
@@ -744,7 +746,7 @@ def _train_locked(cfg: TrainConfig, explicit: Optional[set[str]], stop: Optional
             # -- forward and loss --------------------------------------------------------------------------------------
             model.train()
             with autocast:
-                out = train_model(batch, free_nats=cfg.free_nats, kl_balance=cfg.kl_balance)
+                out = train_model(batch, free_nats=cfg.free_nats, kl_balance=cfg.kl_balance, gate_aux=cfg.gate_aux)
             loss = out["loss"]
 
             # -- update, with a NaN/inf guard --------------------------------------------------------------------------
@@ -801,6 +803,9 @@ def _train_locked(cfg: TrainConfig, explicit: Optional[set[str]], stop: Optional
                     "perf/steps_per_s": steps_per_s, "perf/frames_per_s": frames_per_s,
                     "perf/grad_norm": float(grad_norm), "perf/seq_len": seq_len, "perf/skipped_steps": skipped,
                 }
+                for name in ("gate_loss", "gate_acc_observed", "gate_acc_predicted"):  # a gated action address
+                    if name in out:
+                        scalars[f"gate/{name.removeprefix('gate_')}"] = float(out[name].detach())
                 for name, value in scalars.items():
                     if not math.isnan(value):
                         writer.add_scalar(name, value, step)
@@ -809,8 +814,9 @@ def _train_locked(cfg: TrainConfig, explicit: Optional[set[str]], stop: Optional
                                     steps_s=f"{steps_per_s:.2f}", frames_s=f"{frames_per_s:.0f}",
                                     **({"val": f"{val['loss']:.1f}"} if val is not None else {}))
                 else:
+                    gate = f" gate acc {scalars['gate/acc_observed']:.3f}" if "gate/acc_observed" in scalars else ""
                     say(f"[train] step {step}/{cfg.steps} | loss {loss.item():.2f} nll {scalars['loss/nll']:.2f} "
-                        f"kl {scalars['loss/kl']:.3f} | {frames_per_s:.0f} frames/s{val_text(val, improved)}")
+                        f"kl {scalars['loss/kl']:.3f}{gate} | {frames_per_s:.0f} frames/s{val_text(val, improved)}")
             elif val is not None:
                 say(f"[train] step {step}/{cfg.steps}{val_text(val, improved)}")
             if is_main and (step % cfg.image_every == 0 or last):

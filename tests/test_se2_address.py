@@ -1,0 +1,187 @@
+"""The SE(2) path integrator and the blocked-move gate (issue 13): the geometry exactly, the gate learned for real.
+
+The geometry tests use MiniWorld's declared moves (30-degree turns, 0.4 m steps) and 90-degree turns; the gate tests
+collect a few tiny MiniWorld episodes, train a `debug` model on them, and walk the agent into a wall.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from envs.miniworld import INVERSE_ACTIONS, action_effects
+from gtmm.cli import UserError
+from worldmodel.address import build_address, se2_features
+from worldmodel.gate import targets
+
+TURN_LEFT, TURN_RIGHT, FORWARD, BACK = 0, 1, 2, 3
+MOVES_90 = [[math.pi / 2, 0.0], [-math.pi / 2, 0.0], [0.0, 0.4], [0.0, -0.4]]
+
+
+def se2_address(moves=MOVES_90, **kw):
+    return build_address("actions", h_dim=4, num_actions=4, pose_dim=3, addr_dim=64, integrator="se2", moves=moves,
+                         inverse_actions=list(INVERSE_ACTIONS), **kw)
+
+
+def walk(address, actions, moved=None):
+    """Addresses (T+1, addr_dim) along `actions` from the start (step 0: no action), and the final path state."""
+    state = address.init_state(1)
+    prev = torch.tensor([[-1] + list(actions)])
+    m = None if moved is None else torch.tensor([[1.0] + list(moved)])
+    out = []
+    for t in range(prev.shape[1]):
+        addr, state = address.step(state, torch.zeros(1, 4), prev[:, t], None, None if m is None else m[:, t])
+        out.append(addr[0])
+    return torch.stack(out), state["path"][0]
+
+
+def cos(a, b):
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=-1))
+
+
+def test_out_and_back_and_four_quarter_turns_return_to_the_start_address():
+    address = se2_address()
+    out = [FORWARD, FORWARD, TURN_LEFT, FORWARD, TURN_RIGHT, FORWARD]
+    back = [INVERSE_ACTIONS[a] for a in reversed(out)]
+    addrs, path = walk(address, out + back)
+    assert torch.allclose(path, torch.zeros(3), atol=1e-6)
+    assert cos(addrs[0], addrs[-1]) == pytest.approx(1.0, abs=1e-6)
+    addrs, path = walk(address, [TURN_LEFT] * 4)  # heading 2 pi: the same heading, so the same address
+    assert path[2] == pytest.approx(2 * math.pi, abs=1e-6)
+    assert cos(addrs[0], addrs[-1]) == pytest.approx(1.0, abs=1e-6)
+    # a square walked with left turns closes too
+    addrs, path = walk(address, [FORWARD, TURN_LEFT] * 4)
+    assert torch.allclose(path[:2], torch.zeros(2), atol=1e-6)
+    assert cos(addrs[0], addrs[-1]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_different_places_and_headings_have_different_addresses():
+    address = se2_address(moves=action_effects(30.0, 0.4)["moves"])
+    addrs, _ = walk(address, [FORWARD, BACK, TURN_LEFT, TURN_RIGHT, FORWARD, FORWARD, FORWARD])
+    start, ahead, turned, far = addrs[0], addrs[1], addrs[3], addrs[-1]
+    assert cos(start, addrs[2]) == pytest.approx(1.0, abs=1e-6)  # back where it started
+    assert cos(start, ahead) < 0.5 and cos(start, turned) < 0.5 and abs(cos(start, far)) < 0.2
+    # forward then turn != turn then forward (the step follows the heading): with quarter turns, (0.4, 0) vs (0, 0.4)
+    quarter = se2_address()
+    a, path_a = walk(quarter, [FORWARD, TURN_LEFT])
+    b, path_b = walk(quarter, [TURN_LEFT, FORWARD])
+    assert torch.allclose(path_a, torch.tensor([0.4, 0.0, math.pi / 2])), path_a
+    assert torch.allclose(path_b, torch.tensor([0.0, 0.4, math.pi / 2]), atol=1e-6), path_b
+    assert cos(a[-1], b[-1]) < 0.5
+
+
+def test_heading_is_periodic_in_the_encoding():
+    freq = torch.randn(4, 32)
+    pos = torch.zeros(2)
+    near_pi = se2_features(pos, torch.tensor(math.pi - 1e-4), freq, 1.0, 0.25)
+    near_minus_pi = se2_features(pos, torch.tensor(-math.pi + 1e-4), freq, 1.0, 0.25)
+    assert cos(near_pi, near_minus_pi) == pytest.approx(1.0, abs=1e-4)
+    pose = build_address("pose", h_dim=4, num_actions=4, pose_dim=3, addr_dim=32, se2=True, pose_scale=0.2,
+                         heading_scale=0.26)
+    p1 = torch.tensor([[1.0, 2.0, math.pi - 1e-4]])
+    p2 = torch.tensor([[1.0, 2.0, -math.pi + 1e-4]])
+    h = torch.zeros(1, 4)
+    assert cos(pose.step({}, h, torch.tensor([0]), p1)[0][0], pose.step({}, h, torch.tensor([0]), p2)[0][0]) > 0.999
+
+
+def test_a_blocked_move_leaves_the_path_and_sequence_equals_steps():
+    address = se2_address()
+    blocked, _ = walk(address, [FORWARD, FORWARD, BACK], moved=[1.0, 0.0, 1.0])
+    assert cos(blocked[0], blocked[-1]) == pytest.approx(1.0, abs=1e-6)  # the second forward did not happen
+    naive, _ = walk(address, [FORWARD, FORWARD, BACK])
+    assert cos(naive[0], naive[-1]) < 0.5  # assuming every move happened, it is one step off
+    torch.manual_seed(0)
+    prev = torch.randint(-1, 4, (3, 12))
+    moved = torch.rand(3, 12)
+    for kw in ({}, {"moves": None}):  # declared moves, and the learned variant
+        a = se2_address(**kw)
+        seq, last = a.sequence(a.init_state(3), prev, None, moved)
+        state, steps = a.init_state(3), []
+        for t in range(12):
+            addr, state = a.step(state, torch.zeros(3, 4), prev[:, t], None, moved[:, t])
+            steps.append(addr)
+        assert torch.allclose(torch.stack(steps, 1), seq, atol=1e-5)
+        assert torch.allclose(state["path"], last["path"], atol=1e-5)
+
+
+def test_learned_se2_moves_are_tied_by_the_inverse_table_and_train():
+    address = se2_address(moves=None)
+    table = address.se2_table()
+    assert torch.allclose(table[INVERSE_ACTIONS[FORWARD]], -table[FORWARD])
+    out = [FORWARD, TURN_LEFT, FORWARD]
+    addrs, path = walk(address, out + [INVERSE_ACTIONS[a] for a in reversed(out)])
+    assert torch.allclose(path, torch.zeros(3), atol=1e-6)
+    assert address.se2_moves_learned.requires_grad
+    with pytest.raises(UserError, match="moves needs 4 finite"):
+        se2_address(moves=[[0.0, 1.0]])
+    with pytest.raises(UserError, match="for integrator se2"):
+        build_address("actions", h_dim=4, num_actions=4, pose_dim=0, addr_dim=8, integrator="additive",
+                      moves=MOVES_90)
+
+
+def test_gate_targets_from_the_pose():
+    pose = torch.tensor([[[0.0, 0.0, 0.0], [0.4, 0.0, 0.0], [0.4, 0.0, 0.0], [0.4, 0.0, 0.5], [math.nan] * 3]])
+    prev = torch.tensor([[-1, FORWARD, FORWARD, TURN_LEFT, FORWARD]])
+    moved, valid = targets(pose, prev)
+    assert moved[0].tolist()[:4] == [0.0, 1.0, 0.0, 1.0]
+    assert valid[0].tolist() == [False, True, True, True, False]  # no label at the start or for an unknown pose
+
+
+# -- the gate learned on MiniWorld ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def miniworld_rollouts(tmp_path_factory, one_thread):
+    from rollouts.collect import CollectConfig, collect
+
+    out = tmp_path_factory.mktemp("mw") / "data"
+    collect(CollectConfig(env="miniworld", agent="random", episodes=12, steps=40, out=out, seed=3,
+                          env_kwargs='{"obs_size": 16, "num_rows": 1, "num_cols": 1, "room_size": 2.5, "num_objects": 1}',
+                          progress=False))
+    return out
+
+
+@pytest.mark.slow
+def test_the_gate_learns_to_close_on_a_walk_into_a_wall(miniworld_rollouts, tmp_path):
+    import dataclasses
+
+    import envs
+    from worldmodel import checkpoint
+    from worldmodel.config import preset
+    from worldmodel.model import batch_to_torch
+    from worldmodel.train import train
+
+    cfg = dataclasses.replace(preset("debug"), data=str(miniworld_rollouts), out=str(tmp_path / "run"), steps=120,
+                              seq_len=16, batch=8, val_every=0, progress=False, lr=3e-3)
+    result = train(cfg)
+    assert json_kwargs(result["config"])["gate"] is True and json_kwargs(result["config"])["integrator"] == "se2"
+    losses = [loss for _, loss in result["losses"]]
+    assert np.mean(losses[-10:]) < np.mean(losses[:10])  # the tiny MiniWorld run lowers the loss
+    model, _ = checkpoint.load(tmp_path / "run")
+    model.eval()
+
+    # a scripted walk: straight ahead until long after the wall stops it
+    env = envs.make("miniworld", obs_size=16, num_rows=1, num_cols=1, room_size=2.5, num_objects=1, max_steps=40)
+    obs, info = env.reset(seed=11)
+    frames, poses, prev = [obs], [info["pose"]], [-1]
+    for _ in range(14):
+        obs, _, _, _, info = env.step(FORWARD)
+        frames.append(obs), poses.append(info["pose"]), prev.append(FORWARD)
+    env.close()
+    batch = batch_to_torch({"obs": np.stack(frames)[None], "prev_action": np.array([prev]),
+                            "revisit": np.zeros((1, len(prev)), bool), "pose": np.stack(poses)[None]}, "cpu")
+    with torch.no_grad():
+        seq = model.observe(batch["obs"], batch["prev_action"], batch["pose"], sample=False)
+    label, valid = targets(batch["pose"], batch["prev_action"])
+    m = torch.sigmoid(seq["gate_logits"])[0]
+    blocked, moving = valid[0] & (label[0] == 0), valid[0] & (label[0] == 1)
+    assert blocked.sum() >= 3 and moving.sum() >= 1, "the scripted walk must reach the wall"
+    assert float(m[blocked].max()) < 0.5 < float(m[moving].min())
+
+
+def json_kwargs(config):
+    import json
+
+    return json.loads(config.address_kwargs)
