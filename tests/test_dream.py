@@ -25,7 +25,7 @@ from rollouts.collect import CollectConfig, collect
 from rollouts.dataset import RolloutWindows
 from rollouts.storage import load_episode, read_manifest
 from worldmodel.config import preset
-from worldmodel.dream import DreamConfig, DreamEnv, DreamVectorEnv, dream_video
+from worldmodel.dream import UNKNOWN_POSE, DreamConfig, DreamEnv, DreamVectorEnv, dream_video
 from worldmodel.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,9 +68,24 @@ def test_check_env_with_real_info(tiny, data):
     env.close(), live.close()
 
 
-def test_default_dream_is_deterministic_and_pickles(tiny, data):
-    """check_env's own determinism check compares info with NaN != NaN (the pose off record), so do it here."""
+def test_default_dream_passes_gymnasium_and_sb3_check_env(tiny, data):
+    """Default kwargs (no shadow): off record the pose is integrated, finite, so the determinism checks hold."""
+    from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
     env = make(tiny, data, max_steps=10)
+    check_env(env, skip_render_check=True)
+    sb3_check_env(env, warn=False)  # raises on a failed check (warn=False: no advice about 28x28 being small)
+    # without dead reckoning the pose is unknown off record: a finite sentinel, so the checks still pass
+    unknown = make(tiny, data, max_steps=10, integrate_pose=False)
+    check_env(unknown, skip_render_check=True)
+    sb3_check_env(unknown, warn=False)
+    env.close(), unknown.close()
+
+
+@pytest.mark.parametrize("integrate_pose", [True, False])
+def test_default_dream_is_deterministic_and_pickles(tiny, data, integrate_pose):
+    """Same seed, same frames and infos (off record too), also after a pickle round trip."""
+    env = make(tiny, data, max_steps=10, integrate_pose=integrate_pose)
 
     def run(e):
         obs, info = e.reset(seed=7)
@@ -87,21 +102,25 @@ def test_default_dream_is_deterministic_and_pickles(tiny, data):
     for (o1, i1), (o2, i2), (o3, i3) in zip(first, second, third):
         assert o1.dtype == np.uint8 and o1.shape == (28, 28, 1)
         np.testing.assert_array_equal(o1, o2), np.testing.assert_array_equal(o1, o3)
-        np.testing.assert_array_equal(i1["pose"], i2["pose"]), np.testing.assert_array_equal(i1["pose"], i3["pose"])
-        assert i1["revisit"] == i2["revisit"] and i1["visit_count"] == i3["visit_count"]
+        assert set(i1) == set(i2) == set(i3) and all(np.array_equal(i1[k], i[k]) for i in (i2, i3) for k in i1)
+        assert np.isfinite(i1["pose"]).all()
     # a different seed picks another episode or other noise
     other = env.reset(seed=8)[0], env.step(0)[0]
     assert not all(np.array_equal(a, b) for a, b in zip(other, (first[0][0], first[1][0])))
 
 
-def test_off_record_info_is_unknown_and_shadow_makes_it_real(tiny, data):
-    env = make(tiny, data, max_steps=10)
+def test_off_record_info_is_integrated_or_unknown_and_shadow_makes_it_real(tiny, data):
+    env = make(tiny, data, max_steps=10, integrate_pose=False)
     env.reset(seed=1)
     track = env.dreams.tracks[0]
     wrong = (int(track.episode["action"][track.t]) + 1) % 4  # not the recorded action: the dream leaves the record
     _, _, _, _, info = env.step(wrong)
-    assert not info["on_record"] and not info["pose_known"]
-    assert np.isnan(info["pose"]).all() and info["revisit"] is False and info["visit_count"] == 0
+    assert not info["on_record"] and not info["pose_known"] and info["pose_source"] == "unknown"
+    assert (info["pose"] == UNKNOWN_POSE).all() and info["revisit"] is False and info["visit_count"] == 0
+    assert track.real_obs is None
+    integrated = make(tiny, data, max_steps=10)  # the default: dead reckoning from the declared action effects
+    integrated.reset(seed=1)
+    assert integrated.step(wrong)[4]["pose_source"] == "integrated"
 
     shadowed = make(tiny, data, max_steps=10, shadow=True)
     shadowed.reset(seed=1)
@@ -110,13 +129,18 @@ def test_off_record_info_is_unknown_and_shadow_makes_it_real(tiny, data):
     real.reset(seed=record["env_seed"])
     for a in load_episode(Path(data) / record["file"])["action"][:CONTEXT - 1]:
         real.step(int(a))
+    integrated.reset(seed=1)
     for a in (wrong, 2, 2, 0):
         _, _, _, _, info = shadowed.step(a)
+        _, _, _, _, guess = integrated.step(a)
         real_obs, _, _, _, real_info = real.step(a)
-        assert info["pose_known"] and not info["on_record"]
+        assert info["pose_known"] and not info["on_record"] and info["pose_source"] == "shadow"
         np.testing.assert_array_equal(info["pose"], real_info["pose"])
         assert info["visit_count"] == real_info["visit_count"] and info["revisit"] == real_info["revisit"]
         np.testing.assert_array_equal(shadowed.dreams.tracks[0].real_obs, real_obs)
+        # dead reckoning on the map is exact (a clip border blocks moves as the clamp does)
+        np.testing.assert_array_equal(guess["pose"], real_info["pose"])
+        assert guess["visit_count"] == real_info["visit_count"] and guess["pose_source"] == "integrated"
 
 
 def test_bad_arguments(tiny, data):
@@ -200,16 +224,21 @@ def test_gym_make_vec_through_a_vector_entry_point(tiny, data):
 
 
 def test_pose_address_model_needs_a_known_pose(data, tmp_path):
-    """A model reading memory by the env's pose dreams on record or with a shadow env, and says why otherwise."""
+    """A model reading memory by the env's pose dreams on record, with an integrated pose or with a shadow env,
+    and says why where the pose is unknown."""
     out = tmp_path / "pose"
     train(dataclasses.replace(preset("debug"), data=str(data), address="pose", steps=1, out=str(out), progress=False,
                               threads=1))
-    env = DreamEnv(str(out), data=str(data), device="cpu")
+    env = DreamEnv(str(out), data=str(data), device="cpu", integrate_pose=False)
     env.reset(seed=2)
     track = env.dreams.tracks[0]
     assert env.step(int(track.episode["action"][track.t]))[4]["on_record"]  # on record: the recorded pose
     with pytest.raises(ValueError, match="pose is unknown"):
         env.step((int(track.episode["action"][track.t]) + 1) % 4)
+    integrated = DreamEnv(str(out), data=str(data), device="cpu")
+    integrated.reset(seed=2)
+    for a in (0, 1, 2, 3, 0):
+        assert integrated.step(a)[4]["pose_known"]
     shadowed = DreamEnv(str(out), data=str(data), device="cpu", shadow=True)
     shadowed.reset(seed=2)
     for a in (0, 1, 2, 3, 0):

@@ -14,21 +14,33 @@ equations (1)-(7) with z_t drawn from the prior p(z_t | h_t, r_t) -- with its st
 decodes x_t = mean of p(x_t | z_t) (8) into a uint8 frame. Nothing of the real env is consulted for the frames.
 
 The scalar `DreamEnv` and the batched `DreamVectorEnv` share one implementation (`DreamBatch`): N dreams step in one
-forward call of the model on its device (a GPU when there is one).
+forward call of the model on its device (a GPU when there is one), and their bookkeeping (on record or not, pose,
+revisits, info) is a fixed number of numpy calls on arrays of all N dreams, not a Python loop over them (issue 12:
+with 1,024 dreams on a GPU the loop, not the model, set the pace). Only what is per dream by nature stays a loop:
+each dream's prior noise from its own generator, shadow envs, and resets.
 
-What is real and what is unknown in `info` (the contract of `envs/__init__.py`):
-    - at reset (the last context frame): everything is real (recorded or live).
-    - after the context, while the actions taken are exactly the recorded episode's next actions ("on record"),
-      `pose`, `revisit`, `visit_count` are the recorded ones (where the agent really would be).
-    - with `shadow=True` a real env (the live one, or the recorded episode's env rebuilt from the manifest and its
-      env seed, checked against the recorded context frames) is stepped beside the dream with the same actions:
-      pose, revisit and visit_count are then real until that real episode ends. A live env (`env=`) always shadows.
-    - otherwise, once the actions leave the record, the place is unknown: `pose` is NaN, `revisit` False and
-      `visit_count` 0, and `info["pose_known"]` is False. (NaN != NaN, so Gymnasium's `check_env` determinism check
-      fails on such infos although the dream is deterministic; with `shadow=True` it passes.) A model with the
-      `pose` address needs the pose to dream, so it can only dream on record or with a shadow.
-    - the frames are always dreamed; the real frame, when known, is `env.dreams.tracks[i].real_obs`.
-    - reward is always 0; a dream never terminates and truncates after `max_steps` dreamed steps.
+Where the dream is (`info["pose"]`, `revisit`, `visit_count`; the contract of `envs/__init__.py`), and how it is
+known, `info["pose_source"]`:
+    - "recorded": at reset (the last context frame) and after it while the actions taken are exactly the recorded
+      episode's next actions ("on record"): the recorded pose, revisit and visit_count (where the agent really is).
+    - "shadow": with `shadow=True` a real env (the live one, or the recorded episode's env rebuilt from the manifest
+      and its env seed, checked against the recorded context frames) is stepped beside the dream with the same
+      actions: pose, revisit and visit_count are the real env's until that real episode ends. A live env (`env=`)
+      always shadows.
+    - "integrated": otherwise, once the actions leave the record, the pose is integrated from the last known pose
+      with the env's declared action effects (`action_effects`, recorded in the manifest), without rendering: the
+      env's own dead reckoning (`envs.odometry`: `LatticeOdometry` on the MNIST map, `SE2Odometry` in MiniWorld), and
+      revisit / visit_count follow from the poses of the whole episode so far by the env's own revisit rule. On the
+      MNIST map this is the real pose (moves are exact; a `clip` border clamps them to the map as the env blocks
+      them). In MiniWorld walls and objects are unknown to the dream: the pose assumes every move happened.
+    - "unknown": where the env declares no action effects (or `integrate_pose=False`): `pose` is the finite sentinel
+      `UNKNOWN_POSE` in every component (never NaN, so same-seed dreams compare equal and Gymnasium's `check_env`
+      passes), `revisit` False and `visit_count` 0. A model with the `pose` address needs the pose to dream, so it
+      cannot dream there.
+    `info["pose_known"]` is `pose_source != "unknown"`; `info["on_record"]` says the actions so far are the recorded
+    ones. The frames are always dreamed; the real frame, when known, is `env.dreams.tracks[i].real_obs`.
+    - reward is always 0 (the hook for a predicted reward is `DreamBatch.step`, next to the decoded frame); a dream
+      never terminates and truncates after `max_steps` dreamed steps.
 """
 
 from __future__ import annotations
@@ -52,7 +64,10 @@ from gtmm.cli import UserError, parse_json_object
 from worldmodel import checkpoint as ckpt_io
 from worldmodel.model import GTMM, ModelState
 
-INFO_KEYS = ("pose", "revisit", "visit_count", "pose_known", "on_record")
+INFO_KEYS = ("pose", "revisit", "visit_count", "pose_known", "pose_source", "on_record")
+POSE_SOURCES = ("recorded", "shadow", "integrated", "unknown")  # info["pose_source"]; see the module docstring
+RECORDED, SHADOW, INTEGRATED, UNKNOWN = range(len(POSE_SOURCES))
+UNKNOWN_POSE = -1.0e6  # info["pose"] where it is unknown: finite (NaN != NaN breaks equality checks), no real place
 
 
 # -- the model side: warm up on real frames, then step the prior ---------------------------------------------------------
@@ -106,19 +121,43 @@ def to_uint8(frames: torch.Tensor) -> np.ndarray:
 
 # -- where the context frames come from ----------------------------------------------------------------------------------
 
-@dataclass
 class Track:
-    """One dream's link to reality: the recorded episode it started from and/or a real env stepped beside it."""
+    """One dream's link to reality: the recorded episode it started from and/or a real env stepped beside it.
 
-    episode: Optional[dict[str, np.ndarray]]  # the recorded episode (data mode), None for a live env
-    episode_index: int  # manifest index of the episode (-1 for a live env)
-    t: int  # frame index into the episode of the current frame, while on record
-    on_record: bool  # every action since reset was the recorded one (and the record has not run out)
-    shadow: Optional[gym.Env]  # a real env stepped with the same actions (shadow mode / live env), else None
-    steps: int = 0  # dreamed steps since reset
-    real_obs: Optional[np.ndarray] = None  # the real frame at this step when known (on record or shadowed)
-    real_info: Optional[dict[str, Any]] = None  # the real env's last info (shadowed), else None
-    context_obs: Optional[np.ndarray] = None  # (K, H, W, C) the real context frames
+    The per-step bookkeeping lives in its `DreamBatch`'s arrays (row `i`); `t`, `on_record` and `steps` read them."""
+
+    def __init__(self, batch: "DreamBatch", i: int, episode: Optional[dict[str, np.ndarray]], episode_index: int,
+                 shadow: Optional[gym.Env], context_obs: np.ndarray, real_info: Optional[dict[str, Any]] = None,
+                 shadow_obs: Optional[np.ndarray] = None) -> None:
+        self.batch, self.i = batch, i
+        self.episode = episode  # the recorded episode (data mode), None for a live env
+        self.episode_index = episode_index  # manifest index of the episode (-1 for a live env)
+        self.shadow = shadow  # a real env stepped with the same actions (shadow mode / live env), else None
+        self.context_obs = context_obs  # (K, H, W, C) the real context frames
+        self.real_info = real_info  # the real env's last info (shadowed), else None
+        self.shadow_obs = shadow_obs  # the real env's frame at this step, while it is stepped beside the dream
+
+    @property
+    def t(self) -> int:
+        """Frame index into the episode of the current frame, while on record."""
+        return int(self.batch.t[self.i])
+
+    @property
+    def on_record(self) -> bool:
+        """Every action since reset was the recorded one (and the record has not run out)."""
+        return bool(self.batch.on_record[self.i])
+
+    @property
+    def steps(self) -> int:
+        """Dreamed steps since reset."""
+        return int(self.batch.steps[self.i])
+
+    @property
+    def real_obs(self) -> Optional[np.ndarray]:
+        """The real frame at this step when known (shadowed, or on record), else None."""
+        if self.shadow_obs is not None:
+            return self.shadow_obs
+        return self.episode["obs"][self.t] if self.on_record else None
 
 
 class DreamBatch:
@@ -135,6 +174,8 @@ class DreamBatch:
         temperature: scale of the prior std when sampling z_t (0 = the prior mean, deterministic).
         max_steps: dreamed steps before truncation.
         shadow: step a real env beside each dream with the same actions, for real pose/revisit in `info`.
+        integrate_pose: off record and without a shadow, integrate the pose from the env's declared action effects
+            (False: the pose is unknown there).
         context_agent: collector agent (agents.make_agent) taking the K-1 context actions in a live env.
         device: auto (cuda if available), cpu, cuda, cuda:N.
         threads: torch CPU threads to set (0 = leave torch's default). One dream's ops are tiny: on a busy CPU more
@@ -144,7 +185,7 @@ class DreamBatch:
     def __init__(self, checkpoint: str, num_envs: int = 1, data: Optional[str] = None, env: Optional[str] = None,
                  env_kwargs: Optional[dict[str, Any]] = None, context: int = 0, temperature: float = 1.0,
                  max_steps: int = 100, shadow: bool = False, context_agent: str = "random",
-                 device: str = "auto", threads: int = 0) -> None:
+                 device: str = "auto", threads: int = 0, integrate_pose: bool = True) -> None:
         from worldmodel.train import resolve_device
 
         if (data is None) == (env is None):
@@ -158,6 +199,8 @@ class DreamBatch:
             raise UserError(f"dream: max_steps {max_steps}: expected >= 1")
         if threads < 0:
             raise UserError(f"dream: threads {threads}: expected >= 0 (0 = leave torch's default)")
+        if not isinstance(integrate_pose, (bool, np.bool_)):
+            raise UserError(f"dream: integrate_pose {integrate_pose!r}: expected true or false")
         if threads > 0:
             torch.set_num_threads(threads)
         self.device = resolve_device(device)
@@ -202,10 +245,41 @@ class DreamBatch:
         if self.inverse_actions is None:
             inv = cfg.address_kwargs.get("inverse_actions")
             self.inverse_actions = tuple(int(a) for a in inv) if inv is not None else self._probe_inverse_actions()
+        # dead reckoning from the env's declared action effects (None: the pose off record is unknown)
+        self.odometry = self._odometry(num_envs) if integrate_pose else None
 
         self.state: Optional[ModelState] = None
         self.tracks: list[Optional[Track]] = [None] * num_envs
         self.last_obs = np.zeros((num_envs, *self.obs_shape), dtype=np.uint8)
+        # -- every dream's bookkeeping, as arrays with the dream on axis 0 (one numpy call steps them all) ------------
+        N, D = num_envs, self.pose_dim
+        self._rows = np.arange(N)
+        self.steps = np.zeros(N, dtype=np.int64)  # (N,) dreamed steps since reset
+        self.t = np.zeros(N, dtype=np.int64)  # (N,) frame index into the recorded episode, while on record
+        self.on_record = np.zeros(N, dtype=bool)  # (N,) every action since reset was the recorded one
+        self.shadowed = np.zeros(N, dtype=bool)  # (N,) a real env is stepped beside the dream
+        self.record_len = np.zeros(N, dtype=np.int64)  # (N,) recorded actions of the dream's episode (0: live env)
+        self.record_action = np.full((N, 1), -1, dtype=np.int64)  # (N, L) recorded actions, -1 past the end
+        self.record_pose = np.zeros((N, 2, D), dtype=np.float32)  # (N, L + 1, D) recorded poses
+        self.record_visit_count = np.zeros((N, 2), dtype=np.int64)  # (N, L + 1) recorded visit counts
+        self.record_revisit = np.zeros((N, 2), dtype=bool)  # (N, L + 1) recorded revisit flags
+        self.pose = np.full((N, D), UNKNOWN_POSE, dtype=np.float64)  # (N, D) where each dream is now
+        self.pose_source = np.full(N, UNKNOWN, dtype=np.int8)  # (N,) index into POSE_SOURCES
+        self._stale_shadow_obs: list[int] = []  # dreams whose shadow ended last step: forget its frame next step
+
+    def _odometry(self, num_envs: int) -> Any:
+        """The env's dead reckoning (`envs.odometry`) from the manifest (data) or the live env; None if it declares
+        no action effects or is not one of ours."""
+        import envs
+
+        if self.manifest is not None:
+            env_id, effects = self.manifest["env"]["id"], self.manifest["env"].get("action_effects")
+            kwargs = self.env_kwargs
+        else:
+            env_id, kwargs = envs.resolve(self.env_name)
+            kwargs.update(self.env_kwargs)
+            effects = getattr(self._real_env(0).unwrapped, "action_effects", None)
+        return envs.odometry(env_id, kwargs, effects, num_envs)
 
     # -- real envs (shadows and live contexts) ----------------------------------------------------------------------
 
@@ -267,8 +341,8 @@ class DreamBatch:
         if self.data is not None:
             record = self.candidates[int(rng.integers(len(self.candidates)))]
             episode = self._load_episode(record)
-            track = Track(episode=episode, episode_index=int(record["index"]), t=K - 1, on_record=True, shadow=None,
-                          real_obs=episode["obs"][K - 1])
+            track = Track(self, i, episode=episode, episode_index=int(record["index"]), shadow=None,
+                          context_obs=episode["obs"][:K])
             if self.shadow:
                 track.shadow = self._replay_shadow(i, record, episode)
             ctx = {"obs": episode["obs"][:K], "prev_action": episode_prev_action(episode["action"])[:K],
@@ -292,8 +366,8 @@ class DreamBatch:
         if ctx["pose"].shape[1:] != (self.pose_dim,):
             raise UserError(f"env {self.env_name!r}: info['pose'] has shape {ctx['pose'].shape[1:]}, the checkpoint "
                              f"expects ({self.pose_dim},): not the env it was trained on")
-        track = Track(episode=None, episode_index=-1, t=K - 1, on_record=False, shadow=real, real_obs=obs,
-                      real_info=info)
+        track = Track(self, i, episode=None, episode_index=-1, shadow=real, context_obs=ctx["obs"], real_info=info,
+                      shadow_obs=obs)
         return ctx, track
 
     def _replay_shadow(self, i: int, record: dict[str, Any], episode: dict[str, np.ndarray]) -> gym.Env:
@@ -310,96 +384,177 @@ class DreamBatch:
                              f"env from its env_seed (frame {self.context - 1} differs); use shadow=False")
         return real
 
+    def _record_rows(self, rows: np.ndarray, episodes: list[Optional[dict[str, np.ndarray]]]) -> None:
+        """Copy the recorded actions, poses and revisits of the dreams `rows`' episodes into the record arrays
+        (padded to the longest episode so far; a live env's dream has an empty record)."""
+        longest = max([len(e["action"]) for e in episodes if e is not None] + [0])
+        L = self.record_action.shape[1]
+        if longest > L:  # grow every record array to the new longest episode (padding: action -1 never matches)
+            grow = longest - L
+            self.record_action = np.pad(self.record_action, ((0, 0), (0, grow)), constant_values=-1)
+            self.record_pose = np.pad(self.record_pose, ((0, 0), (0, grow), (0, 0)))
+            self.record_visit_count = np.pad(self.record_visit_count, ((0, 0), (0, grow)))
+            self.record_revisit = np.pad(self.record_revisit, ((0, 0), (0, grow)))
+        for i, episode in zip(rows, episodes):
+            n = 0 if episode is None else len(episode["action"])
+            self.record_len[i] = n
+            self.record_action[i] = -1
+            if episode is not None:
+                self.record_action[i, :n] = episode["action"]
+                self.record_pose[i, :n + 1] = episode["pose"]
+                self.record_visit_count[i, :n + 1] = episode["visit_count"]
+                self.record_revisit[i, :n + 1] = episode["revisit"]
+
     # -- the dream itself -----------------------------------------------------------------------------------------------
 
-    def reset(self, indices: np.ndarray, rngs: list[np.random.Generator]) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    def reset(self, indices: np.ndarray, rngs: list[np.random.Generator]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Start new dreams in slots `indices` (one generator each picks the episode / live seed): warm the model
-        up on their K context frames in one batched call. Returns the last context frames (n, H, W, C) and infos."""
-        contexts, infos = [], []
-        for i, rng in zip(indices, rngs):
+        up on their K context frames in one batched call. Returns the last context frames (n, H, W, C) and their
+        infos as arrays with a leading n axis (`INFO_KEYS`)."""
+        rows = np.asarray(indices, dtype=np.int64).reshape(-1)
+        contexts, tracks = [], []
+        for i, rng in zip(rows, rngs):
             ctx, track = self._context(int(i), rng)
-            track.context_obs = ctx["obs"]
             self.tracks[int(i)] = track
-            contexts.append(ctx)
-            infos.append(self._info_of_context(track))
-        batch = {k: torch.as_tensor(np.stack([c[k] for c in contexts])).to(self.device) for k in contexts[0]}
-        rows = self.model.warmup(batch["obs"], batch["prev_action"], batch["pose"].float())  # (n, ...) state
-        index = torch.as_tensor(np.asarray(indices), device=self.device, dtype=torch.long)
+            contexts.append(ctx), tracks.append(track)
+        batch = {k: np.stack([c[k] for c in contexts]) for k in contexts[0]}  # (n, K, ...)
+        recorded = np.array([track.episode is not None for track in tracks])  # (n,) else a live env's context
+        self._record_rows(rows, [track.episode for track in tracks])
+        K = self.context
+        self.steps[rows], self.t[rows], self.on_record[rows] = 0, K - 1, recorded
+        self.shadowed[rows] = [track.shadow is not None for track in tracks]
+        self.pose[rows] = batch["pose"][:, -1]  # (n, D) the last context frame's real pose
+        self.pose_source[rows] = np.where(recorded, RECORDED, SHADOW)
+        if self.odometry is not None:  # the places of the context are the first visits of the dream's episode
+            self.odometry.reset(rows)
+            for k in range(K):
+                self.odometry.visit(batch["pose"][:, k].astype(np.float64), rows)
+        # the last context frame's info is real: recorded, or the live env's
+        live = [track.real_info or {} for track in tracks]
+        last = min(K - 1, self.record_len.max())  # K - 1 for recorded dreams (their episodes have K frames or more)
+        visit_count = np.where(recorded, self.record_visit_count[rows, last],
+                               [int(info.get("visit_count", 0)) for info in live])
+        revisit = np.where(recorded, self.record_revisit[rows, last], [bool(info.get("revisit", False)) for info in live])
+
+        tensors = {k: torch.as_tensor(v).to(self.device) for k, v in batch.items()}
+        state_rows = self.model.warmup(tensors["obs"], tensors["prev_action"], tensors["pose"].float())  # (n, ...)
+        index = torch.as_tensor(rows, device=self.device, dtype=torch.long)
         if self.state is None:
             self.state = self.model.init_state(self.num_envs, self.device)
-        self.state = _set_rows(self.state, index, rows)
-        obs = np.stack([c["obs"][-1] for c in contexts])  # (n, H, W, C) the last real frame
-        self.last_obs[np.asarray(indices)] = obs
-        return obs, infos
+        self.state = _set_rows(self.state, index, state_rows)
+        obs = batch["obs"][:, -1]  # (n, H, W, C) the last real frame
+        self.last_obs[rows] = obs
+        return obs, self._infos(rows, visit_count.astype(np.int64), revisit.astype(bool))
 
-    def _info_of_context(self, track: Track) -> dict[str, Any]:
-        if track.episode is not None:
-            return self._recorded_info(track.episode, track.t, on_record=True)
-        info = track.real_info
-        return {"pose": np.asarray(info["pose"], np.float32), "revisit": bool(info["revisit"]),
-                "visit_count": int(info["visit_count"]), "pose_known": True, "on_record": False}
+    def _infos(self, rows: np.ndarray | slice, visit_count: np.ndarray, revisit: np.ndarray) -> dict[str, np.ndarray]:
+        """The info arrays of dreams `rows` from the bookkeeping arrays (leading axis: those dreams)."""
+        source = self.pose_source[rows]
+        return {"pose": self.pose[rows].astype(np.float32), "revisit": revisit, "visit_count": visit_count,
+                "pose_known": source != UNKNOWN, "pose_source": _SOURCE_NAMES[source],
+                "on_record": self.on_record[rows].copy()}
 
-    @staticmethod
-    def _recorded_info(episode: dict[str, np.ndarray], t: int, on_record: bool) -> dict[str, Any]:
-        return {"pose": episode["pose"][t].astype(np.float32), "revisit": bool(episode["revisit"][t]),
-                "visit_count": int(episode["visit_count"][t]), "pose_known": True, "on_record": on_record}
-
-    def _advance(self, i: int, action: int) -> dict[str, Any]:
-        """Move dream i's link to reality by `action`; the info of the frame the action leads to."""
-        track = self.tracks[i]
-        track.steps += 1
-        if track.on_record:
-            episode = track.episode
-            track.on_record = track.t < len(episode["action"]) and int(episode["action"][track.t]) == action
-            if track.on_record:
-                track.t += 1
-        track.real_obs = track.episode["obs"][track.t] if track.on_record else None
-        if track.shadow is not None:
-            track.real_obs, _, terminated, truncated, info = track.shadow.step(action)
+    def _advance(self, actions: np.ndarray) -> dict[str, np.ndarray]:
+        """Move every dream's link to reality by `actions` (N,): on record or not, pose, revisits; the info arrays
+        of the frames the actions lead to. O(1) numpy calls for all N dreams; a loop only over shadowed ones."""
+        rows = self._rows
+        self.steps += 1
+        # on record while the action taken is the recorded episode's next one (the pad -1 past its end never is)
+        recorded_next = self.record_action[rows, np.minimum(self.t, self.record_action.shape[1] - 1)]  # (N,)
+        self.on_record &= (self.t < self.record_len) & (recorded_next == actions)
+        self.t += self.on_record
+        # off record, the pose goes on from the last known one by dead reckoning (or becomes unknown)
+        known = self.pose_source != UNKNOWN  # (N,) before this step
+        if self.odometry is not None:
+            pose = np.where(known[:, None], self.odometry.integrate(self.pose, actions), UNKNOWN_POSE)  # (N, D)
+            source = np.where(known, INTEGRATED, UNKNOWN).astype(np.int8)
+        else:
+            pose = np.full_like(self.pose, UNKNOWN_POSE)
+            source = np.full(len(rows), UNKNOWN, dtype=np.int8)
+        on = self.on_record
+        pose[on] = self.record_pose[on, self.t[on]]
+        source[on] = RECORDED
+        # a shadow env is stepped per dream (it is a real env); its pose, revisits and frame are the truth
+        for i in self._stale_shadow_obs:  # the shadow ended on the step before: its frame is no longer this one's
+            if self.tracks[i] is not None:
+                self.tracks[i].shadow_obs = None
+        self._stale_shadow_obs = []
+        shadow_rows = np.flatnonzero(self.shadowed)
+        shadow_info = []
+        for i in shadow_rows:
+            track = self.tracks[i]
+            track.shadow_obs, _, terminated, truncated, info = track.shadow.step(int(actions[i]))
             track.real_info = info
-            if terminated or truncated:  # the real episode is over: from the next step on the place is unknown
+            pose[i], source[i] = info["pose"], SHADOW
+            shadow_info.append((int(info["visit_count"]), bool(info["revisit"])))
+            if terminated or truncated:  # the real episode is over: from the next step on, dead reckoning
                 track.shadow = None
-            return {"pose": np.asarray(info["pose"], np.float32), "revisit": bool(info["revisit"]),
-                    "visit_count": int(info["visit_count"]), "pose_known": True, "on_record": track.on_record}
-        if track.on_record:
-            return self._recorded_info(track.episode, track.t, on_record=True)
-        return {"pose": np.full(self.pose_dim, np.nan, np.float32), "revisit": False, "visit_count": 0,
-                "pose_known": False, "on_record": False}
+                self.shadowed[i] = False
+                self._stale_shadow_obs.append(int(i))
+        self.pose, self.pose_source = pose, source
+        # revisits: the recorded or shadow env's where they are real; else the env's rule on the integrated poses.
+        # Every known pose joins its dream's history, so a later integrated revisit counts the recorded visits too.
+        visit_count = np.zeros(len(rows), dtype=np.int64)
+        if self.odometry is not None:
+            known_rows = np.flatnonzero(source != UNKNOWN)
+            visit_count[known_rows] = self.odometry.visit(pose[known_rows], known_rows)
+        revisit = visit_count > 0
+        visit_count[on] = self.record_visit_count[on, self.t[on]]
+        revisit[on] = self.record_revisit[on, self.t[on]]
+        if len(shadow_rows):
+            visit_count[shadow_rows], revisit[shadow_rows] = np.array(shadow_info).T
+        return self._infos(slice(None), visit_count, revisit)
 
     @torch.no_grad()
-    def step(self, actions: np.ndarray, rngs: list[np.random.Generator]) -> tuple[np.ndarray, list[dict[str, Any]]]:
-        """Dream one step of all N dreams in one forward call: actions (N,) -> frames (N, H, W, C) uint8, infos.
+    def step(self, actions: np.ndarray, rngs: list[np.random.Generator]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Dream one step of all N dreams in one forward call: actions (N,) -> frames (N, H, W, C) uint8 and the
+        info arrays (leading axis N, `INFO_KEYS`).
 
         Dream i's prior noise is drawn from its own generator `rngs[i]` (its env's, seeded from its reset seed), so
         what it samples depends on its seed and actions only, never on the batch size or its neighbours -- as a real
         env's randomness does; the global torch RNG is not touched."""
         assert self.state is not None, "DreamBatch.step before reset"
-        infos = [self._advance(i, int(a)) for i, a in enumerate(actions)]
-        pose = np.stack([info["pose"] for info in infos])  # (N, D)
-        if self.needs_pose and np.isnan(pose).any():
+        actions = np.asarray(actions, dtype=np.int64).reshape(self.num_envs)
+        infos = self._advance(actions)
+        if self.needs_pose and not infos["pose_known"].all():
             raise UserError("dream: this model reads memory by the env's pose (address 'pose'), and the actions left "
-                             "the recorded episode, so the pose is unknown; dream with shadow=True (a real env "
-                             "stepped beside the dream) or with a model of another address")
-        action_t = torch.as_tensor(np.asarray(actions, dtype=np.int64), device=self.device)  # (N,)
-        pose_t = torch.as_tensor(np.nan_to_num(pose), device=self.device)  # (N, D); read only by the pose address
+                             "the recorded episode of an env whose action effects are unknown, so the pose is "
+                             "unknown; dream with shadow=True (a real env stepped beside the dream) or with a model "
+                             "of another address")
+        action_t = torch.as_tensor(actions, device=self.device)  # (N,)
+        pose_t = torch.as_tensor(infos["pose"], device=self.device)  # (N, D); read only by the pose address
         sample = self.temperature > 0
         noise = None
         if sample:  # one standard normal draw per dream from its own generator, stacked: (N, Z); drawn with numpy
             z_dim = self.model.cfg.z_dim  # on the host, so a seed gives the same noise on any device
-            noise = torch.as_tensor(np.stack([rng.standard_normal(z_dim, dtype=np.float32) for rng in rngs]),
-                                    device=self.device)
+            noise = np.empty((self.num_envs, z_dim), dtype=np.float32)
+            for i, rng in enumerate(rngs):  # per dream by design (see above): ~1 us each, the only O(N) loop left
+                rng.standard_normal(out=noise[i], dtype=np.float32)
+            noise = torch.as_tensor(noise, device=self.device)
         with prior_temperature(self.model, self.temperature):
             # `GTMM.step_prior` with the noise given: the model's batched cell step, then the mean decode (8)
             out, self.state = self.model.cell(self.state, action_t, pose_t, None, sample=sample, noise=noise)
             frames = self.model.decode_mean(out["z"])  # (N, H, W, C) in [0, 1]
+        # (a reward head would be read here, from the same out["h"], out["z"]: reward stays 0 until the model has one)
         obs = to_uint8(frames)  # (N, H, W, C)
         self.last_obs[:] = obs
         return obs, infos
 
 
-def _stack_infos(infos: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-    """Per-env info dicts -> the vector env's dict of arrays with a leading num_envs axis."""
-    return {k: np.stack([np.asarray(info[k]) for info in infos]) for k in INFO_KEYS}
+_SOURCE_NAMES = np.array(POSE_SOURCES)  # pose_source codes -> names, one fancy index for all dreams
+
+
+def _info_row(infos: dict[str, np.ndarray], i: int) -> dict[str, Any]:
+    """Row i of the info arrays as a single env's info (plain Python scalars, the pose an array)."""
+    return {"pose": infos["pose"][i], "revisit": bool(infos["revisit"][i]),
+            "visit_count": int(infos["visit_count"][i]), "pose_known": bool(infos["pose_known"][i]),
+            "pose_source": str(infos["pose_source"][i]), "on_record": bool(infos["on_record"][i])}
+
+
+def _check_actions(space: spaces.Discrete, actions: np.ndarray) -> None:
+    """UserError naming the first action (N,) that is not in the discrete ``space`` (one vectorised test)."""
+    bad = np.flatnonzero((actions < space.start) | (actions >= space.start + space.n))
+    if len(bad):
+        raise UserError(f"action {actions[bad[0]]!r} is not in the action space {space}")
 
 
 def _check_action(space: gym.Space, action: Any) -> None:
@@ -429,7 +584,8 @@ class DreamEnv(gym.Env):
     (H, W, C) is the trained model's frame shape, the same as the real env's observations.
 
     ## Rewards
-    Always 0 (our envs have no task reward). Wrap it (e.g. `agents.sb3.NoveltyReward`) to train agents.
+    Always 0 (the world model has no reward head yet). Wrap it (e.g. `agents.sb3.NoveltyReward`, which reads
+    `visit_count`: known in dreams of our envs, see Info) to train agents.
 
     ## Starting State
     The last of the K context frames (a real frame); `info` is that frame's real pose/revisit/visit_count.
@@ -438,17 +594,25 @@ class DreamEnv(gym.Env):
     Never terminates; truncates after `max_steps` dreamed steps.
 
     ## Info
-    `pose`, `revisit`, `visit_count` as in `envs/__init__.py`, real on record or with `shadow=True`, else unknown
-    (`pose` NaN, `revisit` False, `visit_count` 0); `pose_known` (bool) and `on_record` (bool: every action so far
-    was the recorded episode's). See the module docstring.
+    | Key           | Type           | Meaning                                                                  |
+    |---------------|----------------|--------------------------------------------------------------------------|
+    | `pose`        | float32 (D,)   | where the dream is (`envs/__init__.py`); `UNKNOWN_POSE` where unknown     |
+    | `revisit`     | bool           | the place was seen earlier this episode (context frames included)        |
+    | `visit_count` | int            | earlier steps of this episode at this place                              |
+    | `pose_source` | str            | "recorded", "shadow", "integrated" (dead reckoning) or "unknown"         |
+    | `pose_known`  | bool           | `pose_source != "unknown"`                                               |
+    | `on_record`   | bool           | every action so far was the recorded episode's                           |
+    Off record and without a shadow, pose and revisits are integrated from the env's declared action effects (exact
+    on the MNIST map; in MiniWorld a move into a wall is assumed to have happened). See the module docstring.
 
     ## Arguments
     `checkpoint` (required), `data` or `env` (exactly one), `env_kwargs`, `context` (K, 0 = the checkpoint's
-    `open_loop_context`), `temperature` (1.0), `max_steps` (100), `shadow` (False), `context_agent` ("random"),
-    `device` ("auto"), `threads` (0 = torch's default), `render_mode` (None or "rgb_array").
+    `open_loop_context`), `temperature` (1.0), `max_steps` (100), `shadow` (False), `integrate_pose` (True),
+    `context_agent` ("random"), `device` ("auto"), `threads` (0 = torch's default), `render_mode` (None or
+    "rgb_array").
 
     ## Version History
-    * v0: initial version.
+    * v0: initial version; `pose_source` and integrated poses off record added later (the pose was NaN there).
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 8}
@@ -456,14 +620,15 @@ class DreamEnv(gym.Env):
     def __init__(self, checkpoint: str, data: Optional[str] = None, env: Optional[str] = None,
                  env_kwargs: Optional[dict[str, Any]] = None, context: int = 0, temperature: float = 1.0,
                  max_steps: int = 100, shadow: bool = False, context_agent: str = "random", device: str = "auto",
-                 threads: int = 0, render_mode: Optional[str] = None) -> None:
+                 threads: int = 0, render_mode: Optional[str] = None, integrate_pose: bool = True) -> None:
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise UserError(f"DreamEnv: render_mode {render_mode!r}: expected None or one of "
                              f"{self.metadata['render_modes']}")
         self.render_mode = render_mode
         self.dreams = DreamBatch(checkpoint, 1, data=data, env=env, env_kwargs=env_kwargs, context=context,
                                  temperature=temperature, max_steps=max_steps, shadow=shadow,
-                                 context_agent=context_agent, device=device, threads=threads)
+                                 context_agent=context_agent, device=device, threads=threads,
+                                 integrate_pose=integrate_pose)
         self.observation_space, self.action_space = self.dreams.observation_space, self.dreams.action_space
         self.inverse_actions = self.dreams.inverse_actions
         self.pose_dim = self.dreams.pose_dim
@@ -474,7 +639,7 @@ class DreamEnv(gym.Env):
         super().reset(seed=seed)
         obs, infos = self.dreams.reset(np.array([0]), [np.random.default_rng(self.np_random.integers(2**63))])
         self._ready = True
-        return obs[0], infos[0]
+        return obs[0], _info_row(infos, 0)
 
     def step(self, action):
         """Dream one frame for ``action``; reward is always 0, the dream truncates after ``max_steps``."""
@@ -482,8 +647,8 @@ class DreamEnv(gym.Env):
             raise RuntimeError("DreamEnv.step called before reset")
         _check_action(self.action_space, action)
         obs, infos = self.dreams.step(np.array([int(action)]), [self.np_random])
-        truncated = self.dreams.tracks[0].steps >= self.dreams.max_steps
-        return obs[0], 0.0, False, truncated, infos[0]
+        truncated = bool(self.dreams.steps[0] >= self.dreams.max_steps)
+        return obs[0], 0.0, False, truncated, _info_row(infos, 0)
 
     def render(self):
         """The last dreamed frame as RGB (grey frames repeated to 3 channels), or None without rgb_array."""
@@ -514,10 +679,11 @@ class DreamVectorEnv(VectorEnv):
     def __init__(self, checkpoint: str, num_envs: int = 1, data: Optional[str] = None, env: Optional[str] = None,
                  env_kwargs: Optional[dict[str, Any]] = None, context: int = 0, temperature: float = 1.0,
                  max_steps: int = 100, shadow: bool = False, context_agent: str = "random",
-                 device: str = "auto", threads: int = 0) -> None:
+                 device: str = "auto", threads: int = 0, integrate_pose: bool = True) -> None:
         self.dreams = DreamBatch(checkpoint, num_envs, data=data, env=env, env_kwargs=env_kwargs, context=context,
                                  temperature=temperature, max_steps=max_steps, shadow=shadow,
-                                 context_agent=context_agent, device=device, threads=threads)
+                                 context_agent=context_agent, device=device, threads=threads,
+                                 integrate_pose=integrate_pose)
         self.num_envs = num_envs
         self.single_observation_space, self.single_action_space = self.dreams.observation_space, self.dreams.action_space
         self.observation_space = batch_space(self.single_observation_space, num_envs)
@@ -527,12 +693,13 @@ class DreamVectorEnv(VectorEnv):
         self._rngs: Optional[list[np.random.Generator]] = None
         self._needs_reset = np.zeros(num_envs, dtype=bool)
 
-    def _reset_rows(self, indices: np.ndarray, obs: np.ndarray, infos: list[dict[str, Any]]) -> None:
-        new_obs, new_infos = self.dreams.reset(indices, [
-            np.random.default_rng(self._rngs[i].integers(2**63)) for i in indices])
-        obs[indices] = new_obs
-        for j, i in enumerate(indices):
-            infos[i] = new_infos[j]
+    def _reset_rows(self, rows: np.ndarray, obs: np.ndarray, infos: dict[str, np.ndarray]) -> None:
+        """Restart dreams `rows` in place in `obs` and `infos` (each from a generator drawn from its own)."""
+        new_obs, new_infos = self.dreams.reset(rows, [np.random.default_rng(self._rngs[i].integers(2**63))
+                                                      for i in rows])
+        obs[rows] = new_obs
+        for key, value in new_infos.items():
+            infos[key][rows] = value
 
     def reset(self, *, seed: int | list[int] | None = None, options: Optional[dict[str, Any]] = None):
         """Start every dream: an int ``seed`` s gives dream i the seed s + i, a list one seed per dream."""
@@ -546,32 +713,29 @@ class DreamVectorEnv(VectorEnv):
             seeds = [None if s is None else int(s) for s in seed]
         # dream i's generator is the one a DreamEnv reset with seed s_i builds (gymnasium's np_random of s_i)
         self._rngs = [gym.utils.seeding.np_random(s)[0] for s in seeds]
-        obs = np.zeros((self.num_envs, *self.dreams.obs_shape), dtype=np.uint8)
-        infos: list[dict[str, Any]] = [{}] * self.num_envs
-        self._reset_rows(np.arange(self.num_envs), obs, infos)
+        rows = np.arange(self.num_envs)
+        obs, infos = self.dreams.reset(rows, [np.random.default_rng(rng.integers(2**63)) for rng in self._rngs])
         self._needs_reset[:] = False
-        return obs, _stack_infos(infos)
+        return obs.copy(), infos
 
     def step(self, actions):
         """Dream one frame per env for ``actions`` (N,); ended dreams restart (NEXT_STEP autoreset)."""
         if self._rngs is None:
             raise RuntimeError("DreamVectorEnv.step called before reset")
-        actions = np.asarray(actions, dtype=np.int64).reshape(self.num_envs)
+        actions = np.array(actions, dtype=np.int64).reshape(self.num_envs)  # a copy: resetting rows are changed
         resetting = np.flatnonzero(self._needs_reset)
-        actions = actions.copy()
         actions[resetting] = 0  # ignored (NEXT_STEP autoreset): any valid action keeps the batch call uniform
-        for a in actions:
-            _check_action(self.single_action_space, a)
+        _check_actions(self.single_action_space, actions)
         obs, infos = self.dreams.step(actions, self._rngs)
         obs = obs.copy()
         rewards = np.zeros(self.num_envs, dtype=np.float32)
         terminated = np.zeros(self.num_envs, dtype=bool)
-        truncated = np.array([t.steps >= self.dreams.max_steps for t in self.dreams.tracks])
+        truncated = self.dreams.steps >= self.dreams.max_steps  # (N,)
         if len(resetting):
             self._reset_rows(resetting, obs, infos)
             truncated[resetting] = False
         self._needs_reset = terminated | truncated
-        return obs, rewards, terminated, truncated, _stack_infos(infos)
+        return obs, rewards, terminated, truncated, infos
 
     def close_extras(self, **kwargs: Any) -> None:
         """Release the dream batch and any real envs it keeps (called by ``VectorEnv.close``)."""
