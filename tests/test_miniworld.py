@@ -300,3 +300,43 @@ def test_fast_texture_loader_uploads_pyglets_own_bytes():
         img = image.load(path)
         expected = np.frombuffer(img.get_image_data().get_data("RGBA", img.width * 4), dtype=np.uint8)
         np.testing.assert_array_equal(texture_rgba_bottom_up(path).reshape(-1), expected)
+
+
+def test_se2_odometry_follows_the_env_in_open_space():
+    """Dead reckoning for dreams (``SE2Odometry`` from ``action_effects``, MiniWorld's x += f cos h, z -= f sin h):
+    poses within float32 rounding of the env's and the same revisits, on a walk that never meets a wall."""
+    env = small_env(turn_step=30.0, move_step=0.4)
+    _, info = reset_in_open_space(env, clearance=2.5)
+    odometry = envs.odometry("MiniWorldRevisit-v0", {}, env.action_effects, num_envs=3)
+    rows = np.array([2])
+    pose = info["pose"][None].astype(np.float64)
+    odometry.visit(pose, rows)
+    start = pose[0, :2].copy()
+    rng = np.random.default_rng(1)
+    revisits = 0
+    for _ in range(60):
+        action = int(rng.integers(4))
+        ahead = odometry.integrate(pose, np.array([action]))
+        if np.linalg.norm(ahead[0, :2] - start) > 1.2:  # stay in the open: 2.5 m from every wall at the start
+            action = INVERSE_ACTIONS[action] if action in (FORWARD, BACK) else action
+            ahead = odometry.integrate(pose, np.array([action]))
+        _, _, _, _, info = env.step(action)
+        pose = ahead
+        np.testing.assert_allclose(pose[0], info["pose"], atol=1e-4)
+        count = odometry.visit(pose, rows)
+        assert count.tolist() == [info["visit_count"]]
+        revisits += info["revisit"]
+    assert revisits >= 10
+    env.close()
+
+
+def test_revisit_tracker_rows_are_independent_walks():
+    """The batched tracker (a dream batch's) keeps one history per walk: walk 1 never sees walk 0's poses."""
+    tracker = RevisitTracker(radius=0.2, angle=15.0, num_envs=2, capacity=2)
+    both = np.array([0, 1])
+    assert tracker.visit_rows(both, np.zeros(2), np.zeros(2), np.zeros(2)).tolist() == [0, 0]
+    assert tracker.visit_rows(np.array([0]), np.zeros(1), np.zeros(1), np.zeros(1)).tolist() == [1]
+    for k in range(3):  # past the capacity of 2: grows
+        assert tracker.visit_rows(both, np.array([0.0, 5.0 + k]), np.zeros(2), np.zeros(2)).tolist() == [2 + k, 0]
+    tracker.reset(np.array([0]))
+    assert tracker.visit_rows(both, np.zeros(2), np.zeros(2), np.zeros(2)).tolist() == [0, 1]

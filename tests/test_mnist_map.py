@@ -378,3 +378,24 @@ def test_map_from_an_idx_folder_of_other_sized_digits(tmp_path):
     np.testing.assert_array_equal(obs[..., 0], expected_window(env, info["pose"]))
     with pytest.raises(ValueError, match="window 49 is larger than the map 48x48"):
         MnistMapEnv(source=str(tmp_path), window=49)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"border": "wrap"}, {"border": "wrap", "grid": 4, "step": 7, "window": 20}])
+def test_lattice_odometry_follows_the_env_without_a_map(kwargs):
+    """Dead reckoning for dreams (``LatticeOdometry``, built from the kwargs and ``action_effects`` alone): integrated
+    poses and visit counts equal the env's on long random walks, blocked moves at a clip border included."""
+    env = MnistMapEnv(max_steps=300, **kwargs)
+    _, info = env.reset(seed=4)
+    odometry = envs.odometry("MnistMap-v0", kwargs, env.action_effects, num_envs=2)
+    rows = np.array([1])  # walk 1 of 2: rows are independent
+    pose = info["pose"][None].astype(np.float64)
+    assert odometry.visit(pose, rows).tolist() == [0]
+    rng = np.random.default_rng(0)
+    for action in rng.integers(4, size=300):
+        _, _, _, _, info = env.step(int(action))
+        pose = odometry.integrate(pose, np.array([action]))
+        np.testing.assert_array_equal(pose[0], info["pose"])
+        assert odometry.visit(pose, rows).tolist() == [info["visit_count"]]
+    assert not odometry.visits[0].any()  # walk 0 never moved
+    odometry.reset(rows)
+    assert not odometry.visits.any()
