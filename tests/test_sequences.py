@@ -93,22 +93,24 @@ def test_parity_image_shows_parity_of_label_sum(exemplar: str, pool: DigitPool) 
     assert batch["revisit"][:, k].all() and not batch["revisit"][:, :k].any()
 
 
-def test_one_shot_recall_uses_unseen_classes_and_exemplars() -> None:
+@pytest.mark.parametrize("order", ["same", "shuffled"])
+def test_one_shot_recall_uses_unseen_classes_and_exemplars(order: str) -> None:
     train, test = stand_in_pool(0), stand_in_pool(1)
     k = 6
-    tr = sample_batch("one_shot_recall", 64, np.random.default_rng(3), split="train", source=train, k=k)
-    te = sample_batch("one_shot_recall", 64, np.random.default_rng(3), split="test", source=test, k=k)
+    tr = sample_batch("one_shot_recall", 64, np.random.default_rng(3), split="train", source=train, k=k, order=order)
+    te = sample_batch("one_shot_recall", 64, np.random.default_rng(3), split="test", source=test, k=k, order=order)
     assert not np.isin(tr["label"], (7, 8, 9)).any()
     assert np.isin(te["label"], (7, 8, 9)).all()
     # No test image occurs among the training images.
     train_images = {bytes(x) for x in train.images.reshape(len(train), -1)}
     assert not any(bytes(x) in train_images for x in te["obs"].reshape(-1, 28 * 28))
     for batch in (tr, te):
-        order = batch["recall_of"][:, k:]
-        # The recall half is a permutation of the first half, and not always the identity.
-        assert np.array_equal(np.sort(order, axis=1), np.tile(np.arange(k), (64, 1)))
-        assert (order != np.arange(k)).any()
-        src = np.take_along_axis(batch["obs"][:, :k], order[:, :, None, None, None], axis=1)
+        source = batch["recall_of"][:, k:]
+        # The recall half is a permutation of the first half: the identity by default (each recall exactly
+        # predictable, as for perfect recall), a random one with order='shuffled'.
+        assert np.array_equal(np.sort(source, axis=1), np.tile(np.arange(k), (64, 1)))
+        assert (source != np.arange(k)).any() == (order == "shuffled")
+        src = np.take_along_axis(batch["obs"][:, :k], source[:, :, None, None, None], axis=1)
         assert np.array_equal(batch["obs"][:, k:], src)
     everything = sample_batch("one_shot_recall", 64, np.random.default_rng(3), split="test", source=test, held_out_classes=())
     assert len(np.unique(everything["label"])) == 10
@@ -154,6 +156,7 @@ def test_similarity_cue_is_same_class_other_exemplar_and_recall_is_exact(pool: D
         ("perfect_recall", {"length": 3}, r"unknown argument\(s\) \['length'\]"),
         ("perfect_recall", {"k": 0}, "k=0, expected an integer >= 1"),
         ("parity_recall", {"exemplar": "mean"}, "exemplar='mean'"),
+        ("one_shot_recall", {"order": "reversed"}, "order='reversed', expected 'same' or 'shuffled'"),
         ("dynamic_dependencies", {"k": 3, "max_back": 5}, "max_back=5, expected at most min"),
         ("similarity_cued_recall", {"k": 11}, "k=11, expected at most 10"),
         ("one_shot_recall", {"held_out_classes": tuple(range(10))}, "leaves no classes"),
