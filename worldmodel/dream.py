@@ -534,7 +534,8 @@ class DreamBatch:
             # `GTMM.step_prior` with the noise given: the model's batched cell step, then the mean decode (8)
             out, self.state = self.model.cell(self.state, action_t, pose_t, None, sample=sample, noise=noise)
             frames = self.model.decode_mean(out["z"])  # (N, H, W, C) in [0, 1]
-        # (a reward head would be read here, from the same out["h"], out["z"]: reward stays 0 until the model has one)
+        # the hook for a predicted reward: a reward head reads the new self.state (h_t, r_t, z_t) here, batched like
+        # the frames; until the model has one, DreamEnv / DreamVectorEnv report reward 0
         obs = to_uint8(frames)  # (N, H, W, C)
         self.last_obs[:] = obs
         return obs, infos
