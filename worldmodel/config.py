@@ -48,6 +48,8 @@ class ModelConfig:
     """hidden size of the prior/posterior MLPs"""
     obs_model: Literal["bernoulli", "gaussian"] = "bernoulli"
     """p(x|z): bernoulli (BCE on pixels in [0, 1]) or gaussian (fixed std 0.1 on pixels in [0, 1])"""
+    reward_head: bool = False
+    """predict each step's reward and termination from [h_t, r_t, z_t] (worldmodel.reward), for dreams"""
     memory_kwargs: dict[str, Any] = field(default_factory=dict)
     """extra arguments of the memory class (e.g. store_h)"""
     address_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -138,6 +140,10 @@ class TrainConfig:
     """free bits: the KL of a step counts only above this many nats (0 = off)"""
     kl_balance: float = 0.5
     """KL balancing (DreamerV3): weight of the prior-training term; 0.5 = the plain ELBO gradient"""
+    reward_head: bool = False
+    """learn the recorded rewards and terminations too (a reward head: dreams then report predicted rewards)"""
+    reward_weight: float = 1.0
+    """weight of the reward heads' loss (squared reward error + termination cross-entropy per step)"""
     gate_aux: float = 1.0
     """weight of the blocked-move gate's auxiliary loss (an action address with '{"gate": true}': predict from the
     frames whether each move happened, labelled by the recorded pose; 0 = learn it from the ELBO alone)"""
@@ -202,7 +208,7 @@ class TrainConfig:
             obs_shape=tuple(obs_shape), num_actions=num_actions, pose_dim=pose_dim, memory=self.memory,
             address=self.address, z_dim=self.z_dim, h_dim=self.h_dim, addr_dim=self.addr_dim,
             slots=self.slots or self.seq_len, heads=self.heads, embed_dim=self.embed_dim, channels=self.channels,
-            hidden_dim=self.hidden_dim, obs_model=self.obs_model,
+            hidden_dim=self.hidden_dim, obs_model=self.obs_model, reward_head=self.reward_head,
             memory_kwargs=parse_json_object(self.memory_kwargs, "memory_kwargs"),
             address_kwargs=parse_json_object(self.address_kwargs, "address_kwargs"),
         )

@@ -40,6 +40,7 @@ from gtmm.cli import UserError
 from worldmodel.address import build_address
 from worldmodel.config import ModelConfig
 from worldmodel.gate import loss as gate_loss_fn
+from worldmodel.reward import RewardHead, loss as reward_loss_fn
 from worldmodel.memory import build_memory
 from worldmodel.nets import ActionEmbedding, Decoder, Encoder, GaussianHead, gaussian_kl
 
@@ -78,6 +79,9 @@ def frames_to_float(obs: torch.Tensor) -> torch.Tensor:
 
 # the batch contract of `worldmodel/__init__.py`: key -> dtype
 BATCH_DTYPES = {"obs": torch.uint8, "prev_action": torch.int64, "revisit": torch.bool, "pose": torch.float32}
+# optional keys (the reward heads train on them when present): the reward received on arriving at frame t, and
+# whether the episode terminated there (B, T)
+OPTIONAL_DTYPES = {"reward": torch.float32, "terminated": torch.bool}
 
 
 def batch_to_torch(batch: dict[str, Any], device: torch.device | str) -> dict[str, torch.Tensor]:
@@ -87,6 +91,9 @@ def batch_to_torch(batch: dict[str, Any], device: torch.device | str) -> dict[st
         if key not in batch:
             raise UserError(f"batch: missing key {key!r}; expected obs, prev_action, revisit, pose")
         out[key] = torch.as_tensor(batch[key]).to(device=device, dtype=dtype, non_blocking=True)
+    for key, dtype in OPTIONAL_DTYPES.items():
+        if key in batch:
+            out[key] = torch.as_tensor(batch[key]).to(device=device, dtype=dtype, non_blocking=True)
     return out
 
 
@@ -364,6 +371,9 @@ class GTMM(nn.Module):
         self.encoder = Encoder(cfg.obs_shape, cfg.embed_dim, cfg.channels)
         self.cell = GTMMCell(cfg)
         self.decoder = Decoder(cfg.obs_shape, cfg.z_dim, cfg.channels)
+        # (R1), (R2): reward and termination from [h_t, r_t, z_t] (`worldmodel.reward`), when the config asks
+        self.reward_head = (RewardHead(cfg.h_dim + self.cell.memory.read_dim + cfg.z_dim, cfg.hidden_dim)
+                            if cfg.reward_head else None)
         self._compiled_step: Any = None  # `compile_step`: the compiled `cell.scan_step` (not a submodule: no weights)
         self._compile_mode: Optional[str] = None
 
@@ -561,6 +571,14 @@ class GTMM(nn.Module):
                                             dynamic=False)
         self._compile_mode = mode
 
+    def reward(self, state: ModelState) -> tuple[torch.Tensor, torch.Tensor]:
+        """(R1), (R2) of the step that produced `state`: (predicted reward (B,), termination probability (B,)).
+        UserError for a model trained without `--reward-head`."""
+        if self.reward_head is None:
+            raise UserError("this model has no reward head: train it with --reward-head on rollouts with rewards")
+        reward, done_logit = self.reward_head(torch.cat([state.h, state.read, state.z], dim=-1))
+        return reward, torch.sigmoid(done_logit)
+
     @torch.no_grad()
     def step_prior(
         self, state: ModelState, action: torch.Tensor, pose: Optional[torch.Tensor] = None, sample: bool = True
@@ -600,9 +618,10 @@ class GTMM(nn.Module):
     # -- training objective ------------------------------------------------------------------------------------------
 
     def forward(self, batch: dict[str, torch.Tensor], free_nats: float = 0.0, kl_balance: float = 0.5,
-                gate_aux: float = 1.0) -> dict[str, Any]:
+                gate_aux: float = 1.0, reward_weight: float = 1.0) -> dict[str, Any]:
         """Negative ELBO per step, averaged over batch and time, with optional free bits and KL balancing, plus
-        `gate_aux` times the blocked-move gate's auxiliary loss when the address has a gate (`worldmodel.gate`).
+        `gate_aux` times the blocked-move gate's auxiliary loss when the address has a gate (`worldmodel.gate`),
+        plus `reward_weight` times the reward heads' loss when the model has them and the batch has `reward`.
 
         KL balancing (Hafner et al. 2021, DreamerV2 sec. 2): alpha * KL(sg(q) || p) + (1 - alpha) * KL(q || sg(p));
         at alpha = 0.5 it has the plain KL's value and gradient. alpha > 0.5 trains the prior (and with it the memory
@@ -632,6 +651,14 @@ class GTMM(nn.Module):
             seq.update(gate_loss_fn(seq["gate_logits"], predicted, batch["pose"], batch["prev_action"],
                                     has_pose=self.cfg.pose_dim > 0))
             loss = loss + gate_aux * seq["gate_loss"]
+        if self.reward_head is not None and "reward" in batch:
+            # (R1), (R2) on the teacher-forced state of every step; the reward's gradient also shapes h, r and z
+            features = torch.cat([seq["h"], seq["read"], seq["z"]], dim=-1).float()  # (B, T, H+R+Z)
+            reward, done_logit = self.reward_head(features)  # (B, T) each
+            terminated = batch.get("terminated", torch.zeros_like(batch["reward"], dtype=torch.bool))
+            seq.update(reward_loss_fn(reward, done_logit, batch["reward"], terminated))
+            seq["reward_pred"] = reward.detach()
+            loss = loss + reward_weight * seq["reward_loss"]
         seq["loss"] = loss
         seq["elbo_per_step"] = -(seq["nll"] + seq["kl"]).detach()  # (B, T)
         return seq

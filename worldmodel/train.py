@@ -64,7 +64,7 @@ from gtmm.fs import FolderLock, write_bytes_atomic
 from rollouts.dataset import Prefetcher
 from worldmodel import checkpoint
 from worldmodel.config import AUTO, RESUME_MAY_CHANGE, TrainConfig, preset
-from worldmodel.model import BATCH_DTYPES, GTMM, batch_to_torch, param_groups
+from worldmodel.model import BATCH_DTYPES, GTMM, OPTIONAL_DTYPES, batch_to_torch, param_groups
 
 # the rng streams of the image-grid batch and of the task validation batch: apart from every rank's training stream
 VIS_STREAM, VAL_STREAM = 10**6, 10**6 + 1
@@ -276,6 +276,10 @@ def check_config(cfg: TrainConfig) -> None:
         raise UserError(f"--kl-balance {cfg.kl_balance}: expected in [0, 1]")
     if not (0.0 <= cfg.gate_aux < math.inf):
         raise UserError(f"--gate-aux {cfg.gate_aux}: expected a number >= 0")
+    if not (0.0 <= cfg.reward_weight < math.inf):
+        raise UserError(f"--reward-weight {cfg.reward_weight}: expected a number >= 0")
+    if cfg.reward_head and cfg.task is not None:
+        raise UserError(f"--reward-head: the sequence task {cfg.task!r} has no rewards; it needs --data rollouts")
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise UserError(f"--val-fraction {cfg.val_fraction}: expected in [0, 1)")
     if cfg.task is not None and cfg.data is not None:
@@ -734,7 +738,7 @@ def _train_locked(cfg: TrainConfig, explicit: Optional[set[str]], stop: Optional
     else:
         def make_batch(s: int) -> dict[str, np.ndarray]:
             return source.sample(cfg.batch, batch_rng(cfg.seed, rank, s))
-    prefetcher = Prefetcher(make_batch, device, start=step, dtypes=BATCH_DTYPES)
+    prefetcher = Prefetcher(make_batch, device, start=step, dtypes={**BATCH_DTYPES, **OPTIONAL_DTYPES})
     try:
         while step < cfg.steps:
             # -- batch -------------------------------------------------------------------------------------------------
@@ -746,7 +750,8 @@ def _train_locked(cfg: TrainConfig, explicit: Optional[set[str]], stop: Optional
             # -- forward and loss --------------------------------------------------------------------------------------
             model.train()
             with autocast:
-                out = train_model(batch, free_nats=cfg.free_nats, kl_balance=cfg.kl_balance, gate_aux=cfg.gate_aux)
+                out = train_model(batch, free_nats=cfg.free_nats, kl_balance=cfg.kl_balance, gate_aux=cfg.gate_aux,
+                                  reward_weight=cfg.reward_weight)
             loss = out["loss"]
 
             # -- update, with a NaN/inf guard --------------------------------------------------------------------------
@@ -806,6 +811,9 @@ def _train_locked(cfg: TrainConfig, explicit: Optional[set[str]], stop: Optional
                 for name in ("gate_loss", "gate_acc_observed", "gate_acc_predicted"):  # a gated action address
                     if name in out:
                         scalars[f"gate/{name.removeprefix('gate_')}"] = float(out[name].detach())
+                for name in ("reward_mse", "done_bce"):  # the reward heads
+                    if name in out:
+                        scalars[f"reward/{name}"] = float(out[name])
                 for name, value in scalars.items():
                     if not math.isnan(value):
                         writer.add_scalar(name, value, step)
