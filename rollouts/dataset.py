@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import io
 import json
@@ -191,7 +190,7 @@ class CachedArray:
         window straight into the result (the rows of a window are contiguous in the file)."""
         out = np.empty((len(starts), length, *self.row_shape), self.dtype)  # (B, T, ...)
         nbytes = length * self.row_bytes
-        flat = memoryview(out).cast("B")  # window i is bytes [i * nbytes, (i + 1) * nbytes)
+        flat = memoryview(out.reshape(-1).view(np.uint8))  # window i is bytes [i * nbytes, (i + 1) * nbytes)
         for i, start in enumerate(starts.tolist()):
             where = self.offset + start * self.row_bytes
             got = _pread_into(self.fd, flat[i * nbytes:(i + 1) * nbytes], where)
@@ -229,6 +228,8 @@ def _build_lock(path: Path, what: str) -> Iterator[None]:
     rank, or a second run on the same data, that is building the same split) rather than failing as
     ``gtmm.fs.FolderLock`` does: once it finishes, the waiter finds the cache built. The kernel drops the lock of
     a killed holder, so a dead build never blocks anyone. The lock file stays (unlinking it would race)."""
+    import fcntl  # here, as in gtmm.fs: POSIX only, and only a build needs it
+
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         try:
@@ -240,6 +241,14 @@ def _build_lock(path: Path, what: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # drops the lock
+
+
+def _size(nbytes: int) -> str:
+    """A byte count for people: 31.2 kB, 12.6 MB, 4.01 GB."""
+    for unit, scale, digits in (("GB", 1e9, 2), ("MB", 1e6, 1), ("kB", 1e3, 1)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.{digits}f} {unit}"
+    return f"{nbytes} bytes"
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -395,8 +404,8 @@ class RolloutWindows(Dataset):
         free = shutil.disk_usage(cache_dir).free
         if needed > free:
             raise UserError(f"cache {cache_dir}: the {self.split!r} split of {self.root} decodes to "
-                            f"{needed / 1e9:.2f} GB more, {free / 1e9:.2f} GB are free there; free some space, or "
-                            f"put the cache on another disk (${CACHE_ENV}, or cache_dir=)")
+                            f"{_size(needed)} more, {_size(free)} are free there; free some space, or put the cache "
+                            f"on another disk (${CACHE_ENV}, or cache_dir=)")
         files: dict[str, Any] = {}
         try:
             if done < len(self.episodes):  # (all done: only renames were left when the last build was killed)
@@ -413,7 +422,7 @@ class RolloutWindows(Dataset):
                 unsynced = 0
                 for index, rows in enumerate(self._episode_rows(done), start=done):
                     for name in _CACHE_KEYS:
-                        files[name].write(memoryview(np.ascontiguousarray(rows[name])).cast("B"))
+                        files[name].write(np.ascontiguousarray(rows[name]))  # its buffer: no bytes copy
                     unsynced += sum(rows[name].nbytes for name in _CACHE_KEYS)
                     del rows  # the episode's arrays go before the next one is decoded
                     if unsynced >= PROGRESS_EVERY_BYTES or index + 1 == len(self.episodes):

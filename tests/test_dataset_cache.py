@@ -1,15 +1,22 @@
 """Where RolloutWindows caches decoded windows: a per-user cache folder keyed by dataset path and manifest, never
-the data folder unless asked; a damaged cached file is rebuilt instead of read."""
+the data folder unless asked; a damaged cached file is rebuilt instead of read; the cache is read through file
+descriptors (pickled copies and forked DataLoader workers read the same windows; a file cut while in use is one
+clear error); a cache folder too small for the split is refused before anything is written. (Streaming and
+resumable builds: tests/test_big_dataset.py.)"""
 
 from __future__ import annotations
 
+import pickle
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
+from gtmm.cli import UserError
 from rollouts import storage
 from rollouts.collect import CollectConfig, collect
 from rollouts.dataset import RolloutWindows, default_cache_dir, user_cache_root
@@ -78,3 +85,69 @@ def test_user_cache_root_follows_gtmm_cache_then_xdg(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", "relative/path")  # invalid per the XDG spec: ignored
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert user_cache_root() == tmp_path / "home" / ".cache" / "gtmm"
+
+
+def test_pickled_copies_and_forked_workers_read_the_same_windows(dataset, tmp_path):
+    windows = RolloutWindows(dataset, 4, split="all", cache_dir=tmp_path / "cache")
+    copy = pickle.loads(pickle.dumps(windows))  # what a spawned DataLoader worker gets: it opens the files itself
+    assert same_windows(copy, windows)
+    # a forked worker shares the descriptors (pread keeps no file position, so sharing is safe)
+    loader = DataLoader(windows, batch_size=len(windows), num_workers=1)
+    batch = next(iter(loader))
+    expected = windows.sample_batch(np.arange(len(windows)))
+    assert all(torch.equal(batch[k], torch.from_numpy(expected[k])) for k in expected)
+
+
+def test_a_cache_file_cut_while_in_use_is_one_clear_error(dataset, tmp_path):
+    cache = tmp_path / "cache"
+    windows = RolloutWindows(dataset, 4, split="all", cache_dir=cache)
+    obs_file = next(cache.glob("all-*-obs.npy"))
+    with open(obs_file, "r+b") as f:
+        f.truncate(obs_file.stat().st_size // 2)
+    with pytest.raises(UserError, match=rf"cache file {obs_file}: read \d+ of \d+ bytes .* shrank while in use"):
+        windows.sample_batch(np.array([len(windows) - 1]))
+    windows.close()
+    # the next run finds the file damaged and rebuilds it
+    assert same_windows(RolloutWindows(dataset, 4, split="all", cache_dir=cache),
+                        RolloutWindows(dataset, 4, split="all", cache=False))
+
+
+def test_a_cache_folder_too_small_for_the_split_is_refused_before_writing(dataset, tmp_path):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    try:
+        cache = mount / "cache"
+        with pytest.raises(UserError, match=rf"cache {cache}: the 'all' split of .* decodes to 31.2 kB more, "
+                                            r"[0-9.]+ kB are free there; .*\(\$GTMM_CACHE, or cache_dir=\)"):
+            RolloutWindows(dataset, 4, split="all", cache_dir=cache)
+        assert [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] == []  # nothing written
+        subprocess.run(["mount", "-o", "remount,size=4m", str(mount)], check=True)
+        assert same_windows(RolloutWindows(dataset, 4, split="all", cache_dir=cache),
+                            RolloutWindows(dataset, 4, split="all", cache=False))
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def test_a_dataset_without_pose_caches_and_reads(tmp_path):
+    """pose_dim 0 (an env that reports no pose): zero-width rows are cached and read like any other."""
+    root = tmp_path / "posefree"
+    root.mkdir()
+    manifest = storage.new_manifest(env_name="synthetic", env_id="synthetic", env_kwargs={}, agent_name="random",
+                                    agent_kwargs={}, seed=0, steps_per_episode=5, obs_shape=(4, 4, 1),
+                                    num_actions=2, pose_dim=0, episodes_requested=2)
+    rng = np.random.default_rng(0)
+    for index in range(2):
+        episode = {"obs": rng.integers(0, 256, (6, 4, 4, 1), dtype=np.uint8), "action": rng.integers(0, 2, 5),
+                   "reward": np.zeros(5, np.float32), "terminated": np.zeros(5, bool),
+                   "truncated": np.zeros(5, bool), "pose": np.zeros((6, 0), np.float32),
+                   "revisit": rng.random(6) < 0.5, "visit_count": np.zeros(6, np.int32)}
+        file = storage.episode_filename(index)
+        sha = storage.save_episode(root / file, episode, storage.episode_identity(manifest, index, index, index))
+        manifest["episodes"].append(storage.episode_record(index, file, sha, (root / file).stat().st_size, episode,
+                                                           env_seed=index, agent_seed=index))
+    storage.write_manifest(root, manifest)
+    cached = RolloutWindows(root, 3, split="all", cache_dir=tmp_path / "cache")
+    assert cached.sample_batch(np.arange(len(cached)))["pose"].shape == (len(cached), 3, 0)
+    assert same_windows(cached, RolloutWindows(root, 3, split="all", cache=False))
