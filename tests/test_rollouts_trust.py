@@ -631,7 +631,7 @@ def test_largest_steps_that_still_move_are_accepted():
 
 def test_unknown_and_missing_env_kwargs_are_named():
     with pytest.raises(UserError, match=r"env 'mnist_map' \(MnistMap-v0\) has no argument 'nope'; it accepts "
-                                        r"allow_stay, border, grid, max_steps, render_mode, source, split, step, window"):
+                                        r"allow_stay, border, grid, max_steps, render_mode, source, split, step, task, window"):
         envs.make("mnist_map", nope=1)
     with pytest.raises(UserError, match="has no arguments 'a', 'b'"):
         envs.make_vec("mnist_map", 2, a=1, b=2)

@@ -39,8 +39,8 @@ known, `info["pose_source"]`:
       cannot dream there.
     `info["pose_known"]` is `pose_source != "unknown"`; `info["on_record"]` says the actions so far are the recorded
     ones. The frames are always dreamed; the real frame, when known, is `env.dreams.tracks[i].real_obs`.
-    - reward is always 0 (the hook for a predicted reward is `DreamBatch.step`, next to the decoded frame); a dream
-      never terminates and truncates after `max_steps` dreamed steps.
+    - reward and termination are the model's predictions (its reward heads, `worldmodel.reward`; `info
+      ["reward_predicted"]` True), or 0 and never for a model without them; a dream truncates after `max_steps`.
 """
 
 from __future__ import annotations
@@ -251,6 +251,10 @@ class DreamBatch:
         self.state: Optional[ModelState] = None
         self.tracks: list[Optional[Track]] = [None] * num_envs
         self.last_obs = np.zeros((num_envs, *self.obs_shape), dtype=np.uint8)
+        # the reward heads' prediction of the last step (`worldmodel.reward`); 0 / False for a model without them
+        self.predicts_reward = self.model.reward_head is not None
+        self.last_reward = np.zeros(num_envs, dtype=np.float32)
+        self.last_terminated = np.zeros(num_envs, dtype=bool)
         # -- every dream's bookkeeping, as arrays with the dream on axis 0 (one numpy call steps them all) ------------
         N, D = num_envs, self.pose_dim
         self._rows = np.arange(N)
@@ -534,8 +538,10 @@ class DreamBatch:
             # `GTMM.step_prior` with the noise given: the model's batched cell step, then the mean decode (8)
             out, self.state = self.model.cell(self.state, action_t, pose_t, None, sample=sample, noise=noise)
             frames = self.model.decode_mean(out["z"])  # (N, H, W, C) in [0, 1]
-        # the hook for a predicted reward: a reward head reads the new self.state (h_t, r_t, z_t) here, batched like
-        # the frames; until the model has one, DreamEnv / DreamVectorEnv report reward 0
+            if self.predicts_reward:  # (R1), (R2) from the new state (h_t, r_t, z_t), batched like the frames
+                reward, terminated = self.model.reward(self.state)
+                self.last_reward[:] = reward.float().cpu().numpy()
+                self.last_terminated[:] = terminated.float().cpu().numpy() > 0.5
         obs = to_uint8(frames)  # (N, H, W, C)
         self.last_obs[:] = obs
         return obs, infos
@@ -585,14 +591,17 @@ class DreamEnv(gym.Env):
     (H, W, C) is the trained model's frame shape, the same as the real env's observations.
 
     ## Rewards
-    Always 0 (the world model has no reward head yet). Wrap it (e.g. `agents.sb3.NoveltyReward`, which reads
-    `visit_count`: known in dreams of our envs, see Info) to train agents.
+    What the model's reward heads predict for the step (`worldmodel.reward`, trained with `--reward-head` on
+    rollouts collected with a reward task, e.g. `--env-kwargs '{"task": "coverage"}'`); `info["reward_predicted"]`
+    says so. A model without them gives 0: wrap the dream instead (e.g. `agents.sb3.NoveltyReward`, which reads
+    `visit_count`: known in dreams of our envs, see Info).
 
     ## Starting State
     The last of the K context frames (a real frame); `info` is that frame's real pose/revisit/visit_count.
 
     ## Episode End
-    Never terminates; truncates after `max_steps` dreamed steps.
+    Terminates where the termination head says p > 0.5 (a model with reward heads, data of a task that ends, e.g.
+    `find_digit`); truncates after `max_steps` dreamed steps.
 
     ## Info
     | Key           | Type           | Meaning                                                                  |
@@ -643,13 +652,15 @@ class DreamEnv(gym.Env):
         return obs[0], _info_row(infos, 0)
 
     def step(self, action):
-        """Dream one frame for ``action``; reward is always 0, the dream truncates after ``max_steps``."""
+        """Dream one frame for ``action``: the reward (and termination) the model's reward heads predict, 0 (and
+        never) for a model without them; the dream truncates after ``max_steps``."""
         if not self._ready:
             raise RuntimeError("DreamEnv.step called before reset")
         _check_action(self.action_space, action)
         obs, infos = self.dreams.step(np.array([int(action)]), [self.np_random])
         truncated = bool(self.dreams.steps[0] >= self.dreams.max_steps)
-        return obs[0], 0.0, False, truncated, _info_row(infos, 0)
+        info = {**_info_row(infos, 0), "reward_predicted": self.dreams.predicts_reward}
+        return (obs[0], float(self.dreams.last_reward[0]), bool(self.dreams.last_terminated[0]), truncated, info)
 
     def render(self):
         """The last dreamed frame as RGB (grey frames repeated to 3 channels), or None without rgb_array."""
@@ -729,12 +740,14 @@ class DreamVectorEnv(VectorEnv):
         _check_actions(self.single_action_space, actions)
         obs, infos = self.dreams.step(actions, self._rngs)
         obs = obs.copy()
-        rewards = np.zeros(self.num_envs, dtype=np.float32)
-        terminated = np.zeros(self.num_envs, dtype=bool)
+        rewards = self.dreams.last_reward.copy()  # (N,) predicted by the reward heads (0 without them)
+        terminated = self.dreams.last_terminated.copy()  # (N,)
+        infos["reward_predicted"] = np.full(self.num_envs, self.dreams.predicts_reward)
         truncated = self.dreams.steps >= self.dreams.max_steps  # (N,)
         if len(resetting):
             self._reset_rows(resetting, obs, infos)
             truncated[resetting] = False
+            rewards[resetting], terminated[resetting] = 0.0, False
         self._needs_reset = terminated | truncated
         return obs, rewards, terminated, truncated, infos
 
