@@ -1,26 +1,34 @@
-"""The paper's memory benchmarks (Gemici et al. 2017, sec. 5.1-5.5): every memory on every sequence task, one budget.
+"""The paper's memory benchmarks (Gemici et al. 2017, sec. 5.1-5.5): every memory on every sequence task, 3 seeds.
 
-    python benchmarks/paper_tasks.py --steps 600 --seq-len 10 --jobs 3
+    python benchmarks/paper_tasks.py --budget cpu --table runs/paper_tasks/table.md      # 2 CPU cores
+    python benchmarks/paper_tasks.py --budget gpu --table runs/paper_tasks/table.md      # one GPU
 
-For each (task, memory) pair this trains a GTMM through the project's trainer (`worldmodel.train.train`, the same
+For each (task, memory, seed) this trains a GTMM through the project's trainer (`worldmodel.train.train`, the same
 path as `python -m worldmodel.train --task <task> --memory <memory>`), action-free, address `hidden`, for `--steps`
 updates, then evaluates the checkpoint on `--eval-sequences` fresh *test-split* sequences (unseen exemplars; unseen
-classes for one-shot recall) and prints a markdown table:
+classes for one-shot recall) and prints a markdown table, one row per (task, memory), mean and spread over seeds:
 
 - KL/step at recall positions (`revisit`: frames a perfect memory makes predictable) and at the other positions,
   in nats, under the posterior (one latent sample per step, fixed seed);
-- the NLL bound per sequence: sum over the sequence of NLL + KL (the negative ELBO), in nats;
-- a verdict. The paper's claim is that memory models drive the KL at recall positions towards zero where the LSTM
-  baseline (`none`) cannot. We compare the recall KL with what the same model pays where it cannot know the frame:
-  the KL at the other positions (without memory, a copied frame is as new as any other), except for parity recall,
-  whose answer is one of two fixed images (the same pair in train and test): there the reference is the KL the model
-  pays when the sequence ends with the image of the *wrong* parity (equal on average to the right one's for a model
-  that does not know the parity).
-  `recalls` if the recall KL is at most 25% of the reference, `partly` at most 75%, `fails` above; `untrained` if
-  the reference is under 1 nat (the model hardly encodes its frames); a run that crashed or diverged says so.
+- recall / reference: the recall KL divided by what the same model pays where it cannot know the frame: the KL at
+  the other positions (without memory a copied frame is as new as any other), except for parity recall, whose
+  answer is one of two fixed images (the same pair in train and test): there the reference is the KL the model pays
+  when the sequence ends with the image of the *wrong* parity (equal on average to the right one's for a model that
+  does not know the parity). `recalls` if the mean ratio is at most 0.25, `partly` at most 0.75, `fails` above;
+  `untrained` if the reference is under 1 nat (the model hardly encodes its frames); a crashed or diverged run says so;
+- found: where a recall repeats an earlier frame, the read attention mass of the best head on the slots holding
+  that frame (`worldmodel.retrieval`: exact for the FIFO, write shares for NTM/LRU/DNC), next to chance (a uniform
+  read over the filled slots). It separates the two ways to fail: the read missed the frame (found ~ chance), or
+  found it and the prior did not use it (found ~ 1, ratio high).
 
-Runs live in `--out/<task>/<memory>/` (checkpoint, TensorBoard, `result.json`); a finished run is reused, so a
-killed benchmark resumes where it stopped. On CPU give each job one torch thread and run as many jobs as cores.
+Budgets (`--budget`, each field can still be set by its own flag): `cpu` 2,000 steps x batch 16, 2 processes of one
+torch thread; `gpu` the same steps at batch 64 on `cuda`, all 75 runs at once (`--jobs 75`: each process is launch
+bound, so the GPU runs many side by side). The memories get `--memory-kwargs` (default: content addressing, see
+`worldmodel.memory.base.content_address_layer`); `none` gets none.
+
+Runs live in `--out/<task>/<memory>/seed<k>/` (checkpoint, TensorBoard, `result.json`); a finished run whose
+training config equals the one asked for is reused, so a killed benchmark resumes where it stopped, and a changed
+knob retrains instead of reporting a stale result.
 """
 
 from __future__ import annotations
@@ -28,47 +36,62 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import platform
+import sys
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Optional
 
 import numpy as np
-import tyro
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from gtmm.cli import UserError, parse, parse_json_object, run  # noqa: E402
 
 RECALLS, PARTLY = 0.25, 0.75  # verdict thresholds on recall KL / reference KL
 MIN_REFERENCE = 1.0  # nats: below this the model hardly encodes its frames and a small recall KL means nothing
+BUDGETS: dict[str, dict[str, Any]] = {
+    # 2 shared CPU cores: ~85 s a run with one thread on an idle core (the machine of the README's table)
+    "cpu": {"steps": 2000, "batch": 16, "jobs": 2, "device": "cpu"},
+    # one GPU: 4x the data per step; every run in its own process at once (a step is launch bound, not math bound)
+    "gpu": {"steps": 2000, "batch": 64, "jobs": 75, "device": "cuda"},
+}
 
 
 @dataclass
 class Args:
-    """Train each memory on each of the paper's sequence tasks at a fixed budget; print KL at recall vs other steps."""
+    """Train each memory on each of the paper's sequence tasks at a fixed budget, over seeds; tabulate recall KL."""
 
-    steps: int = 600
-    """training steps per run (the budget)"""
+    budget: Literal["cpu", "gpu"] = "cpu"
+    """named budget filling --steps, --batch, --jobs, --device where they are not given (see BUDGETS)"""
+    steps: Optional[int] = None
+    """training steps per run (default: the budget's)"""
+    batch: Optional[int] = None
+    """sequences per training batch (default: the budget's)"""
+    jobs: Optional[int] = None
+    """runs trained at once, each in its own process (default: the budget's)"""
+    device: Optional[str] = None
+    """cpu, cuda, cuda:N or auto (default: the budget's)"""
     seq_len: int = 10
     """frames per sequence; each task's kwargs fill it (envs.sequences.kwargs_for_length), as the trainer does"""
     tasks: tuple[str, ...] = ()
     """tasks to run (empty = all of envs.sequences.TASKS)"""
     memories: tuple[str, ...] = ()
     """memories to compare (empty = all of worldmodel.memory.MEMORIES)"""
+    seeds: tuple[int, ...] = (0, 1, 2)
+    """seeds of the runs (model init, data order); the table shows their mean and spread"""
     out: str = "runs/paper_tasks"
-    """folder of the runs, one sub-folder per task and memory"""
-    jobs: int = 2
-    """runs trained at once, each in its own process"""
+    """folder of the runs, one sub-folder per task, memory and seed"""
     threads: int = 1
     """torch threads per run"""
-    device: str = "cpu"
-    """cpu, cuda, cuda:N or auto"""
-    seed: int = 0
-    """seed of every run (model init, data order) and of the evaluation sequences"""
+    compile: Literal["auto", "on", "off"] = "auto"
+    """the trainer's --compile (auto: CUDA graphs on a GPU, eager on the CPU)"""
     eval_sequences: int = 256
-    """test-split sequences per evaluation"""
-    batch: int = 16
-    """sequences per training batch"""
+    """test-split sequences per evaluation (the same ones for every run)"""
     lr: float = 1e-3
     """Adam learning rate"""
     z_dim: int = 16
@@ -87,64 +110,144 @@ class Args:
     """memory read heads"""
     kl_balance: float = 0.8
     """KL balancing weight of the prior term (0.5 = plain ELBO gradient)"""
+    free_nats: float = 0.0
+    """free bits per step (0: the loss keeps pushing the recall KL down, which is what the benchmark measures)"""
+    memory_kwargs: str = '{"content_address": true}'
+    """JSON object of memory arguments for every memory but `none` (content_address: slots also addressed by what
+    was written there, which cued recall needs)"""
     table: str = ""
     """also write the markdown table to this file"""
     train: bool = True
     """train runs that are not finished; --no-train only tabulates the finished ones"""
 
 
-def train_config(args: Args, task: str, memory: str):
-    """The trainer's config of one run: the `mnist_cpu` preset at the benchmark's sizes, no free nats.
+def resolved(args: Args) -> Args:
+    """`args` with the budget's values where --steps, --batch, --jobs, --device were not given, every value checked."""
+    from envs.sequences import TASKS
+    from worldmodel.memory import MEMORIES
+
+    budget = BUDGETS[args.budget]
+    args = dataclasses.replace(args, **{k: v for k, v in budget.items() if getattr(args, k) is None})
+    for name, given, known in (("--tasks", args.tasks, TASKS), ("--memories", args.memories, MEMORIES)):
+        bad = [x for x in given if x not in known]
+        if bad:
+            raise UserError(f"{name} {' '.join(bad)}: expected some of {', '.join(known)}")
+    for name in ("steps", "batch", "jobs", "threads", "eval_sequences", "seq_len"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected >= 1")
+    if not args.seeds:
+        raise UserError("--seeds: expected at least one seed")
+    parse_json_object(args.memory_kwargs, "memory_kwargs")  # a UserError naming the flag if it is not an object
+    return args
+
+
+def run_dir(args: Args, task: str, memory: str, seed: int) -> Path:
+    """The folder of one run."""
+    return Path(args.out) / task / memory / f"seed{seed}"
+
+
+def train_config(args: Args, task: str, memory: str, seed: int):
+    """The trainer's config of one run: the `mnist_cpu` preset at the benchmark's sizes, no free nats by default.
 
     Free nats would stop the loss from pushing a step's KL below the threshold, which is exactly the quantity the
     benchmark measures at recall positions, so they are off."""
     from worldmodel.config import preset
 
     return dataclasses.replace(
-        preset("mnist_cpu"), task=task, memory=memory, address="hidden", out=str(Path(args.out) / task / memory),
-        device=args.device, seed=args.seed, threads=args.threads, steps=args.steps, seq_len=args.seq_len, batch=args.batch,
-        lr=args.lr,
-        z_dim=args.z_dim, h_dim=args.h_dim, embed_dim=args.embed_dim, channels=args.channels,
-        hidden_dim=args.hidden_dim, addr_dim=args.addr_dim, heads=args.heads, free_nats=0.0,
-        kl_balance=args.kl_balance, address_lr_scale=1.0, curriculum_start=0, progress=False,
+        preset("mnist_cpu"), task=task, memory=memory, address="hidden", out=str(run_dir(args, task, memory, seed)),
+        device=args.device, seed=seed, threads=args.threads, compile=args.compile, steps=args.steps,
+        seq_len=args.seq_len, batch=args.batch, lr=args.lr, z_dim=args.z_dim, h_dim=args.h_dim,
+        embed_dim=args.embed_dim, channels=args.channels, hidden_dim=args.hidden_dim, addr_dim=args.addr_dim,
+        heads=args.heads, free_nats=args.free_nats, kl_balance=args.kl_balance, address_lr_scale=1.0,
+        curriculum_start=0, progress=False, memory_kwargs="{}" if memory == "none" else args.memory_kwargs,
         log_every=max(1, args.steps // 20), image_every=args.steps, ckpt_every=max(1, args.steps // 4),
+        val_every=0,
     )
 
 
+def run_definition(cfg) -> dict[str, Any]:
+    """What makes two runs the same run: the training config without where, how fast and how long it runs."""
+    from worldmodel.config import RESUME_MAY_CHANGE
+
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_MAY_CHANGE and k not in ("out", "resume")}
+
+
+def image_identity(recall_of: np.ndarray) -> np.ndarray:
+    """(B, T) int: the first position showing each frame's image, following copies of copies (dynamic
+    dependencies), so that every earlier showing of a recalled image counts as the right slot."""
+    B, T = recall_of.shape
+    identity = np.tile(np.arange(T), (B, 1))  # (B, T)
+    rows = np.arange(B)
+    for t in range(T):  # recall_of[:, t] < t: the source's identity is already resolved
+        source = recall_of[:, t]
+        identity[:, t] = np.where(source >= 0, identity[rows, np.maximum(source, 0)], t)
+    return identity
+
+
+def recall_retrieval(memory, seq: dict[str, Any], recall_of: np.ndarray) -> dict[str, np.ndarray]:
+    """Per recall step (copies only), how much of the read went to the slots that hold the recalled frame.
+
+    `seq`: `GTMM.observe(..., diagnostics=True)` output with `read_weights` (B, T, R, N), `read_gate` (B, T, R) and
+    the write records; `recall_of` (B, T). Positions are matched as places are in `worldmodel.retrieval` (a "pose"
+    that is the image's identity). Returns flat arrays over the recall steps whose frame memory still holds:
+    `found` (the best head's correct mass), `chance` (a uniform read's), `gate` (mean over heads)."""
+    import torch
+
+    from worldmodel.retrieval import retrieval_from_steps
+
+    if memory.slots == 0 or not (recall_of >= 0).any():
+        return {}
+    pose = torch.as_tensor(image_identity(recall_of), dtype=torch.float32, device=seq["read_weights"].device)
+    records = {k: v for k, v in seq.items() if k.startswith("write_")}  # (B, T, N) each; none for the FIFO
+    figures = retrieval_from_steps(memory, seq["read_weights"], seq["read_gate"], records, pose.unsqueeze(-1), tol=0.5)
+    mask = torch.as_tensor(recall_of >= 0, device=pose.device) & figures["target"]  # (B, T)
+    return {
+        "found": figures["correct_mass"].amax(-1)[mask].cpu().numpy(),
+        "chance": figures["chance_mass"][mask].cpu().numpy(),
+        "gate": figures["gate"].mean(-1)[mask].cpu().numpy(),
+    }
+
+
 def evaluate(run_dir: str | Path, task: str, sequences: int, seed: int, device: str = "cpu") -> dict[str, Any]:
-    """Per-step KL and NLL of a trained checkpoint on fresh test-split sequences of `task`, split by recall position."""
+    """Per-step KL and NLL of a trained checkpoint on fresh test-split sequences of `task`, split by recall position,
+    and where the memory's reads went at the recall steps (`recall_retrieval`)."""
     import torch
 
     from envs.sequences import kwargs_for_length, parity_images, sample_batch
+    from gtmm.cli import resolve_device
     from worldmodel import checkpoint
     from worldmodel.model import batch_to_torch
-    from worldmodel.train import resolve_device
 
     dev = resolve_device(device)
     model, cfg = checkpoint.load(run_dir, dev)
     task_kwargs = kwargs_for_length(task, cfg.seq_len)  # what the trainer sampled (it saves the fitted seq_len)
     rng = np.random.default_rng([seed, 1])  # the same sequences for every memory
     kl_steps, nll_steps, recall, kl_wrong = [], [], [], []
+    retrieval: dict[str, list[np.ndarray]] = {}
     with torch.no_grad(), torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(seed)
         for start in range(0, sequences, 64):
             sample = sample_batch(task, min(64, sequences - start), rng, split="test", **task_kwargs)
             assert sample["obs"].shape[1] == cfg.seq_len, f"eval length {sample['obs'].shape[1]} != trained {cfg.seq_len}"
             batch = batch_to_torch(sample, dev)
-            seq = model.observe(batch["obs"], batch["prev_action"], batch["pose"], sample=True)
+            seq = model.observe(batch["obs"], batch["prev_action"], batch["pose"], sample=True, diagnostics=True)
             kl_steps.append(seq["kl"].float().cpu().numpy())  # (B, T)
             nll_steps.append(seq["nll"].float().cpu().numpy())  # (B, T)
             recall.append(sample["revisit"])  # (B, T)
+            for key, value in recall_retrieval(model.cell.memory, seq, sample["recall_of"]).items():
+                retrieval.setdefault(key, []).append(value)
             if task == "parity_recall":
                 # The counterfactual: the same digits followed by the image of the *wrong* parity. A model that
                 # knows the parity pays much less KL for the right image than for the wrong one; one that does not
                 # pays the same for both (on average).
                 wrong = sample["obs"].copy()  # (B, T, H, W, 1)
                 wrong[:, -1, :, :, 0] = parity_images()[1 - sample["label"][:, -1]]  # the same pair in every split
-                seq = model.observe(torch.as_tensor(wrong, device=dev), batch["prev_action"], batch["pose"])
+                seq = model.observe(torch.as_tensor(wrong, device=dev), batch["prev_action"], batch["pose"],
+                                    diagnostics=False)
                 kl_wrong.append(seq["kl"][:, -1].float().cpu().numpy())  # (B,)
     kl, nll, recall = (np.concatenate(x) for x in (kl_steps, nll_steps, recall))
-    extra = {"kl_recall_wrong_parity": float(np.concatenate(kl_wrong).mean())} if kl_wrong else {}
+    extra: dict[str, Any] = {"kl_recall_wrong_parity": float(np.concatenate(kl_wrong).mean())} if kl_wrong else {}
+    extra.update({f"read_{key}": float(np.concatenate(values).mean()) for key, values in retrieval.items()})
     return {
         **extra,
         "kl_recall": float(kl[recall].mean()),
@@ -160,36 +263,55 @@ def evaluate(run_dir: str | Path, task: str, sequences: int, seed: int, device: 
     }
 
 
-def run_one(args: Args, task: str, memory: str) -> dict[str, Any]:
+def run_one(args: Args, task: str, memory: str, seed: int) -> dict[str, Any]:
     """Train (or reuse) one run and evaluate it; errors are returned, not raised, so the table can show them."""
-    result: dict[str, Any] = {"task": task, "memory": memory, "steps": args.steps, "seq_len": args.seq_len}
-    run_dir = Path(args.out) / task / memory
+    result: dict[str, Any] = {"task": task, "memory": memory, "seed": seed, "steps": args.steps}
+    folder = run_dir(args, task, memory, seed)
     try:
         import torch
 
         from worldmodel.train import train
 
         torch.set_num_threads(args.threads)
-        cfg = train_config(args, task, memory)
-        done = run_dir / "result.json"
+        cfg = train_config(args, task, memory, seed)
+        result["definition"] = run_definition(cfg)
+        done = folder / "result.json"
         if done.is_file():
             saved = json.loads(done.read_text())
-            if saved.get("steps") == args.steps and "error" not in saved:
+            if saved.get("definition") == result["definition"] and saved.get("steps") == args.steps \
+                    and "error" not in saved:
                 return saved
         if not args.train:
             return {**result, "not_run": True}
-        resume = (run_dir / "ckpt.pt").is_file()
+        # a checkpoint of the same run is continued (to more steps, or after a kill); one of another definition, or
+        # one aimed past --steps, is another run: start over rather than resume it
+        before = saved_config(folder)
+        resume = ((folder / "ckpt.pt").is_file() and before is not None and before.steps <= args.steps
+                  and run_definition(before) == result["definition"])
+        if not resume:
+            for stale in ("ckpt.pt", "best.pt"):
+                (folder / stale).unlink(missing_ok=True)
         tick = time.perf_counter()
         info = train(dataclasses.replace(cfg, resume=resume))
         result["train_s"] = time.perf_counter() - tick
         result["skipped_steps"] = info["skipped"]
-        result.update(evaluate(run_dir, task, args.eval_sequences, args.seed, args.device))
-    except Exception as e:  # noqa: BLE001 -- one broken memory must not hide the other 24 results
+        result.update(evaluate(folder, task, args.eval_sequences, seed=0, device=args.device))
+    except Exception as e:  # noqa: BLE001 -- one broken run must not hide the other results
         result["error"] = f"{type(e).__name__}: {e}"
         result["traceback"] = traceback.format_exc()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "result.json").write_text(json.dumps(result, indent=1))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "result.json").write_text(json.dumps(result, indent=1))
     return result
+
+
+def saved_config(folder: Path):
+    """The training config a (possibly unfinished) run saved in its config.json, or None."""
+    from worldmodel.config import TrainConfig
+
+    try:
+        return TrainConfig.from_dict(json.loads((folder / "config.json").read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def reference_kl(result: dict[str, Any]) -> float:
@@ -197,7 +319,13 @@ def reference_kl(result: dict[str, Any]) -> float:
     return result.get("kl_recall_wrong_parity", result["kl_other"])
 
 
-def verdict(result: dict[str, Any]) -> str:
+def ratio(result: dict[str, Any]) -> float:
+    """Recall KL / reference KL of one run."""
+    return result["kl_recall"] / max(reference_kl(result), 1e-9)
+
+
+def problem(result: dict[str, Any]) -> Optional[str]:
+    """Why a run has no ratio to show (not run, error, diverged, untrained), or None."""
     if result.get("not_run"):
         return "not run (unfinished, --no-train)"
     if "error" in result:
@@ -206,73 +334,89 @@ def verdict(result: dict[str, Any]) -> str:
         return "diverged (non-finite loss)"
     if reference_kl(result) < MIN_REFERENCE:
         return "untrained (encodes < 1 nat per frame)"
-    ratio = result["kl_recall"] / reference_kl(result)
-    return "recalls" if ratio <= RECALLS else "partly" if ratio <= PARTLY else "fails"
+    return None
+
+
+def verdict(value: float) -> str:
+    """`recalls`, `partly` or `fails` for a recall / reference ratio."""
+    return "recalls" if value <= RECALLS else "partly" if value <= PARTLY else "fails"
+
+
+def spread(values: list[float], digits: int = 2) -> str:
+    """'mean ± std' (population std over the seeds), or the value alone for one seed."""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
-    """Markdown table, one row per run, grouped by task, with the recall KL relative to the `none` baseline."""
-    results_ok = [r for r in results if "error" not in r and not r.get("not_run")]
-    baseline = {r["task"]: r for r in results_ok if r["memory"] == "none"}
-    lines = [
-        "| task | memory | KL/step recall | KL/step other | recall / reference | recall vs none | NLL bound / seq | verdict |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
-    ]
+    """Markdown table, one row per (task, memory) in the order given, mean ± std over the seeds that ran."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in results:
-        if r not in results_ok:
-            lines.append(f"| {r['task']} | {r['memory']} | - | - | - | - | - | {verdict(r)} |")
+        groups.setdefault((r["task"], r["memory"]), []).append(r)
+    lines = [
+        "| task | memory | seeds | KL/step recall | KL/step other | recall / reference | per seed | found (chance) | verdict |",
+        "|---|---|---:|---:|---:|---:|---|---|---|",
+    ]
+    for (task, memory), runs in groups.items():
+        ok = [r for r in runs if problem(r) is None]
+        bad = [f"seed {r['seed']}: {problem(r)}" for r in runs if problem(r) is not None]
+        if not ok:
+            lines.append(f"| {task} | {memory} | 0/{len(runs)} | - | - | - | - | - | {'; '.join(bad)} |")
             continue
-        base = baseline.get(r["task"])
-        vs_none = f"{r['kl_recall'] / base['kl_recall']:.2f}" if base and base["kl_recall"] > 0 else "-"
+        ratios = [ratio(r) for r in ok]
+        found = [r["read_found"] for r in ok if "read_found" in r]
+        chance = [r["read_chance"] for r in ok if "read_chance" in r]
+        found_cell = f"{np.mean(found):.2f} ({np.mean(chance):.2f})" if found else "-"
         lines.append(
-            f"| {r['task']} | {r['memory']} | {r['kl_recall']:.2f} | {r['kl_other']:.2f} | "
-            f"{r['kl_recall'] / max(reference_kl(r), 1e-9):.2f} | {vs_none} | {r['nll_bound']:.1f} | {verdict(r)} |"
+            f"| {task} | {memory} | {len(ok)}/{len(runs)} | {spread([r['kl_recall'] for r in ok], 1)} | "
+            f"{spread([r['kl_other'] for r in ok], 1)} | {spread(ratios)} | {' '.join(f'{x:.2f}' for x in ratios)} | "
+            f"{found_cell} | {verdict(float(np.mean(ratios)))}{'; ' + '; '.join(bad) if bad else ''} |"
         )
     return "\n".join(lines)
 
 
-def main(args: Args) -> list[dict[str, Any]]:
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """Train and evaluate every (task, memory, seed), print the table (and write it to --table)."""
     from envs.sequences import TASKS
     from worldmodel.memory import MEMORIES
 
+    args = resolved(parse(Args, argv, prog="benchmarks/paper_tasks.py"))
     tasks = args.tasks or TASKS
     memories = args.memories or MEMORIES
-    for name, given, known in (("--tasks", tasks, TASKS), ("--memories", memories, MEMORIES)):
-        bad = [x for x in given if x not in known]
-        if bad:
-            raise ValueError(f"{name}: unknown {bad}, expected some of {list(known)}")
-    if args.steps < 1 or args.jobs < 1 or args.threads < 1 or args.eval_sequences < 1:
-        raise ValueError(f"--steps, --jobs, --threads, --eval-sequences must be >= 1; got {args.steps}, "
-                         f"{args.jobs}, {args.threads}, {args.eval_sequences}")
-    pairs = [(task, memory) for task in tasks for memory in memories]
+    triples = [(task, memory, seed) for task in tasks for memory in memories for seed in args.seeds]
     tick = time.perf_counter()
     results = []
-    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-        # spawn: fresh interpreters, so each job's torch thread count and RNG are its own
-        futures = [pool.submit(run_one, args, t, m) for t, m in pairs]
+    with ProcessPoolExecutor(min(args.jobs, len(triples)), mp_context=get_context("spawn")) as pool:
+        # spawn: fresh interpreters, so each job's torch thread count, CUDA context and RNG are its own
+        futures = [pool.submit(run_one, args, *triple) for triple in triples]
         for fut in futures:
             r = fut.result()
             results.append(r)
-            print(f"[paper_tasks] {r['task']} / {r['memory']}: {verdict(r)} (KL recall "
+            shown = problem(r) or f"recall / reference {ratio(r):.2f}, found {r.get('read_found', math.nan):.2f}"
+            print(f"[paper_tasks] {r['task']} / {r['memory']} / seed {r['seed']}: {shown} (KL recall "
                   f"{r.get('kl_recall', math.nan):.2f}, other {r.get('kl_other', math.nan):.2f}, "
                   f"train {r.get('train_s', 0.0):.0f} s)", flush=True)
     table = format_table(results)
-    import platform
-
     import torch
 
-    header = (f"{len(pairs)} runs x {args.steps} steps (batch {args.batch}, {args.seq_len} frames), {args.jobs} jobs x {args.threads} "
-              f"thread(s) on {args.device}, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+    device = args.device
+    if device.startswith("cuda") and torch.cuda.is_available():
+        device = f"{device} ({torch.cuda.get_device_name(0)})"
+    header = (f"{len(triples)} runs ({len(args.seeds)} seeds) x {args.steps} steps (batch {args.batch}, {args.seq_len} "
+              f"frames, memory kwargs {args.memory_kwargs}), {args.jobs} jobs x {args.threads} thread(s) on {device}, "
+              f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
               f"{time.perf_counter() - tick:.0f} s in all")
     print(header)
     print(table, flush=True)
     for r in results:
         if "traceback" in r:
-            print(f"\n[{r['task']} / {r['memory']}]\n{r['traceback']}")
+            print(f"\n[{r['task']} / {r['memory']} / seed {r['seed']}]\n{r['traceback']}")
     if args.table:
+        Path(args.table).parent.mkdir(parents=True, exist_ok=True)
         Path(args.table).write_text(header + "\n\n" + table + "\n")
     return results
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    run(main)

@@ -35,8 +35,8 @@ from torch import Tensor
 
 from gtmm.cli import UserError
 from worldmodel.memory.base import (
-    Memory, ReadGate, ReadKeys, State, check_step_inputs, content_weights, cosine_similarity, gated_read, mark_written,
-    small_linear,
+    Memory, ReadGate, ReadKeys, State, check_step_inputs, content_address_layer, content_weights, cosine_similarity,
+    gated_read, mark_written, slot_address, small_linear,
 )
 
 BACKWARD, CONTENT, FORWARD = 0, 1, 2  # read-mode order in pi
@@ -62,7 +62,8 @@ class DNCMemory(Memory):
     with usage-based allocation, and a temporal link matrix."""
 
     def __init__(self, *, z_dim: int, h_dim: int, addr_dim: int, slots: int = 32, heads: int = 2,
-                 store_h: bool = False, key_from_h: bool = False, init_sharpness: float = 10.0):
+                 store_h: bool = False, key_from_h: bool = False, init_sharpness: float = 10.0,
+                 content_address: bool = False):
         super().__init__()
         if slots < 2 or heads < 1:
             raise UserError(f"dnc memory: expected slots >= 2 and heads >= 1, got slots={slots}, heads={heads}")
@@ -82,6 +83,7 @@ class DNCMemory(Memory):
         self.allocation_gate = small_linear(h_dim, 1, bias=4.0)  # g^a ~ 0.98: to a free slot
         self.erase = small_linear(h_dim, width, bias=3.0)  # e ~ 0.95: a write mostly replaces the slot
         self.gate = ReadGate(h_dim=h_dim, heads=heads)
+        self.content_address = content_address_layer(content_address, z_dim, addr_dim)  # W_c, or None
 
     def init_state(self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> State:
         """Empty slots, zero usage, precedence, links and weights (retain 1) for ``batch`` sequences."""
@@ -163,7 +165,7 @@ class DNCMemory(Memory):
         # Erase and write
         w = write_weights.unsqueeze(-1)  # (B, N, 1)
         content = torch.cat([z, h], dim=-1) if self.store_h else z  # (B, C)
-        value = torch.cat([addr, content], dim=-1).unsqueeze(1)  # (B, 1, A+C)
+        value = torch.cat([slot_address(self.content_address, addr, z), content], dim=-1).unsqueeze(1)  # (B, 1, A+C)
         erase = torch.sigmoid(pre["erase"]).unsqueeze(1)  # (B, 1, A+C)
         memory = torch.cat([state["addr"], state["content"]], dim=-1)  # (B, N, A+C)
         memory = memory * (1.0 - w * erase) + w * value  # (B, N, A+C)

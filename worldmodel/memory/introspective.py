@@ -15,6 +15,10 @@ so the model "introspects" on latents it has already inferred. Each of R heads r
 The gate g_r lets the model ignore memory when nothing stored matches where it is now (a first visit), and the
 written-mass factor makes a read of an empty buffer exactly zero. The read vector is [r_1, ..., r_R] (B, R*C).
 
+``content_address`` (off by default; issue 14, docs/paper_ablation.md): a slot's address is addr_t + W_c z_t
+(``base.content_address_layer``), so a key can find the slot of a frame by the frame's content (similarity-cued
+recall). W_c starts at zero: the memory starts as the address-only one.
+
 Fast path (``Memory.scan_*``): when every step's address is known before the loop (the ``actions`` and ``pose``
 addresses, keys without h_t), every slot address the reads will ever see is known too, so the cosine similarities
 of all T steps' keys to their N-slot windows are computed in one batched product before the loop, and the loop
@@ -34,7 +38,8 @@ from torch import Tensor
 
 from gtmm.cli import UserError
 from worldmodel.memory.base import (
-    Memory, ReadGate, ReadKeys, State, check_step_inputs, content_weights, cosine_similarity, gated_read,
+    Memory, ReadGate, ReadKeys, State, check_step_inputs, content_address_layer, content_weights, cosine_similarity,
+    gated_read, slot_address,
 )
 
 
@@ -42,7 +47,8 @@ class IntrospectiveMemory(Memory):
     """FIFO of the last ``slots`` (address, latent) pairs read by R address-keyed attention heads."""
 
     def __init__(self, *, z_dim: int, h_dim: int, addr_dim: int, slots: int = 64, heads: int = 2,
-                 store_h: bool = False, key_from_h: bool = False, init_sharpness: float = 10.0):
+                 store_h: bool = False, key_from_h: bool = False, init_sharpness: float = 10.0,
+                 content_address: bool = False):
         super().__init__()
         if slots < 1 or heads < 1:
             raise UserError(f"introspective memory: expected slots >= 1 and heads >= 1, got slots={slots}, heads={heads}")
@@ -52,6 +58,7 @@ class IntrospectiveMemory(Memory):
         self.read_dim = heads * self.content_dim
         self.keys = ReadKeys(addr_dim=addr_dim, h_dim=h_dim, heads=heads, use_h=key_from_h, init_sharpness=init_sharpness)
         self.gate = ReadGate(h_dim=h_dim, heads=heads)
+        self.content_address = content_address_layer(content_address, z_dim, addr_dim)  # W_c, or None
 
     def init_state(self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> State:
         """Empty FIFO slots (addresses, contents, filled flags) for ``batch`` sequences."""
@@ -83,7 +90,8 @@ class IntrospectiveMemory(Memory):
     def _write(self, state: State, h: Tensor, addr: Tensor, z: Tensor, pre: dict[str, Tensor],
                attention: dict[str, Tensor] | None) -> State:
         return {
-            "addr": push(state["addr"], F.normalize(addr, dim=-1, eps=1e-6)),  # (B, N, A) normalised once, here
+            # (B, N, A) normalised once, here
+            "addr": push(state["addr"], F.normalize(slot_address(self.content_address, addr, z), dim=-1, eps=1e-6)),
             "content": push(state["content"], self._content(h, z)),  # (B, N, C)
             "filled": push(state["filled"], torch.ones_like(state["filled"][:, 0])),  # (B, N)
         }
@@ -95,9 +103,10 @@ class IntrospectiveMemory(Memory):
 
     def scan_prepare(self, state: State, addr: Tensor | None, pre_addr: dict[str, Tensor]
                      ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """With h-free keys: all slot addresses and every step's key similarities before the loop; else nothing."""
-        if addr is None or self.keys.from_h is not None:
-            return {}, {}  # keys depend on h_t: the step-by-step read
+        """With h-free keys and addresses: all slot addresses and every step's key similarities before the loop;
+        else nothing."""
+        if addr is None or self.keys.from_h is not None or self.content_address is not None:
+            return {}, {}  # keys depend on h_t, or slot addresses on z_t: the step-by-step read
         T, B = addr.shape[:2]
         N, R, A = self.slots, self.heads, self.addr_dim
         unit = F.normalize(addr, dim=-1, eps=1e-6).transpose(0, 1)  # (B, T, A) as the writes store them

@@ -30,8 +30,8 @@ from torch import Tensor
 
 from gtmm.cli import UserError
 from worldmodel.memory.base import (
-    Memory, ReadGate, ReadKeys, State, check_step_inputs, content_weights, cosine_similarity, gated_read, mark_written,
-    small_linear,
+    Memory, ReadGate, ReadKeys, State, check_step_inputs, content_address_layer, content_weights, cosine_similarity,
+    gated_read, mark_written, slot_address, small_linear,
 )
 
 
@@ -40,7 +40,7 @@ class LRUMemory(Memory):
 
     def __init__(self, *, z_dim: int, h_dim: int, addr_dim: int, slots: int = 64, heads: int = 2,
                  store_h: bool = False, key_from_h: bool = False, init_sharpness: float = 10.0,
-                 usage_decay: float = 0.95):
+                 usage_decay: float = 0.95, content_address: bool = False):
         super().__init__()
         if slots < 1 or heads < 1:
             raise UserError(f"lru memory: expected slots >= 1 and heads >= 1, got slots={slots}, heads={heads}")
@@ -53,6 +53,7 @@ class LRUMemory(Memory):
         self.keys = ReadKeys(addr_dim=addr_dim, h_dim=h_dim, heads=heads, use_h=key_from_h, init_sharpness=init_sharpness)
         self.write_gate = small_linear(h_dim, 1, bias=-5.0)  # alpha: sigmoid ~ 0.007, the least-used slot
         self.gate = ReadGate(h_dim=h_dim, heads=heads)
+        self.content_address = content_address_layer(content_address, z_dim, addr_dim)  # W_c, or None
 
     def init_state(self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> State:
         """Empty slots, zero usage, occupancy and weights (retain 1) for ``batch`` sequences."""
@@ -100,7 +101,7 @@ class LRUMemory(Memory):
         write_weights = alpha * read_weights.mean(1) + (1.0 - alpha) * least_used  # (B, N)
 
         content = torch.cat([z, h], dim=-1) if self.store_h else z  # (B, C)
-        value = torch.cat([addr, content], dim=-1).unsqueeze(1)  # (B, 1, A+C)
+        value = torch.cat([slot_address(self.content_address, addr, z), content], dim=-1).unsqueeze(1)  # (B, 1, A+C)
         retain = 1.0 - least_used  # (B, N) zero the least-used slot before writing
         memory = torch.cat([state["addr"], state["content"]], dim=-1) * retain.unsqueeze(-1)  # (B, N, A+C)
         memory = memory + write_weights.unsqueeze(-1) * value  # (B, N, A+C)

@@ -30,8 +30,8 @@ from torch import Tensor
 
 from gtmm.cli import UserError
 from worldmodel.memory.base import (
-    Memory, ReadGate, ReadKeys, State, check_step_inputs, content_weights, cosine_similarity, gated_read, inverse_softplus,
-    mark_written, small_linear,
+    Memory, ReadGate, ReadKeys, State, check_step_inputs, content_address_layer, content_weights, cosine_similarity,
+    gated_read, inverse_softplus, mark_written, slot_address, small_linear,
 )
 
 
@@ -86,7 +86,8 @@ class NTMMemory(Memory):
     """NTM memory of N (address, content) slots: R content+location read heads, one erase/add write head."""
 
     def __init__(self, *, z_dim: int, h_dim: int, addr_dim: int, slots: int = 64, heads: int = 2,
-                 store_h: bool = False, key_from_h: bool = False, init_sharpness: float = 10.0, shift_range: int = 1):
+                 store_h: bool = False, key_from_h: bool = False, init_sharpness: float = 10.0, shift_range: int = 1,
+                 content_address: bool = False):
         super().__init__()
         if slots < 2 or heads < 1 or shift_range < 1:
             raise UserError(f"ntm memory: expected slots >= 2, heads >= 1, shift_range >= 1, got slots={slots}, "
@@ -105,6 +106,7 @@ class NTMMemory(Memory):
                                            shift=1, gamma=3.0, name="write")
         self.erase = small_linear(h_dim, width, bias=3.0)  # e ~ 0.95: a write mostly replaces the slot
         self.gate = ReadGate(h_dim=h_dim, heads=heads)
+        self.content_address = content_address_layer(content_address, z_dim, addr_dim)  # W_c, or None
 
     def init_state(self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> State:
         """Empty slots and every head on slot 0, for ``batch`` sequences."""
@@ -167,7 +169,7 @@ class NTMMemory(Memory):
         w = write_weights[:, 0].unsqueeze(-1)  # (B, N, 1)
 
         content = torch.cat([z, h], dim=-1) if self.store_h else z  # (B, C)
-        value = torch.cat([addr, content], dim=-1).unsqueeze(1)  # (B, 1, A+C)   v_t
+        value = torch.cat([slot_address(self.content_address, addr, z), content], dim=-1).unsqueeze(1)  # (B, 1, A+C)   v_t
         erase = torch.sigmoid(pre["erase"]).unsqueeze(1)  # (B, 1, A+C)   e_t
         memory = torch.cat([state["addr"], state["content"]], dim=-1)  # (B, N, A+C)
         memory = memory * (1.0 - w * erase) + w * value  # eq. 3, 4
