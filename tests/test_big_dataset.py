@@ -83,6 +83,8 @@ def test_build_killed_by_sigkill_resumes_to_the_bytes_of_a_clean_build(small, tm
     record = json.loads(next(cache.glob(".all-*.progress.json")).read_text())
     assert (record["episodes"], record["of"]) == (6, 12)
     assert len(list(cache.glob(".all-*.partial"))) == 4
+    obs_partial = next(cache.glob(".all-*-obs.npy.partial"))
+    assert obs_partial.stat().st_size == record["bytes"]["obs"] + 40 * 64 * 64 * 3  # episode 7: past the record
 
     # the episodes the record covers are never decoded again: the resume works without their files
     hidden = tmp_path / "hidden"
