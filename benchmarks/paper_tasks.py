@@ -166,10 +166,15 @@ def train_config(args: Args, task: str, memory: str, seed: int):
 
 
 def run_definition(cfg) -> dict[str, Any]:
-    """What makes two runs the same run: the training config without where, how fast and how long it runs."""
+    """What makes two runs the same run: the training config without where, how fast and how long it runs, with
+    `seq_len` as the trainer fits it to the task (it saves 9 for a 10-frame request of a 3 + 2 x 3 task)."""
+    from envs.sequences import kwargs_for_length, sequence_length
     from worldmodel.config import RESUME_MAY_CHANGE
 
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_MAY_CHANGE and k not in ("out", "resume")}
+    definition = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_MAY_CHANGE and k not in ("out", "resume")}
+    if cfg.task is not None:
+        definition["seq_len"] = sequence_length(cfg.task, **kwargs_for_length(cfg.task, cfg.seq_len))
+    return definition
 
 
 def image_identity(recall_of: np.ndarray) -> np.ndarray:
@@ -393,7 +398,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         for fut in futures:
             r = fut.result()
             results.append(r)
-            shown = problem(r) or f"recall / reference {ratio(r):.2f}, found {r.get('read_found', math.nan):.2f}"
+            found = f", found {r['read_found']:.2f} (chance {r['read_chance']:.2f})" if "read_found" in r else ""
+            shown = problem(r) or f"recall / reference {ratio(r):.2f}{found}"
             print(f"[paper_tasks] {r['task']} / {r['memory']} / seed {r['seed']}: {shown} (KL recall "
                   f"{r.get('kl_recall', math.nan):.2f}, other {r.get('kl_other', math.nan):.2f}, "
                   f"train {r.get('train_s', 0.0):.0f} s)", flush=True)

@@ -133,11 +133,12 @@ def test_recall_retrieval_tells_a_found_frame_from_a_missed_one() -> None:
 
 
 TINY = ["--steps", "2", "--batch", "2", "--eval-sequences", "4", "--z-dim", "4", "--h-dim", "8", "--embed-dim", "8",
-        "--channels", "4", "--hidden-dim", "8", "--addr-dim", "4", "--heads", "1", "--jobs", "2", "--seq-len", "6"]
+        "--channels", "4", "--hidden-dim", "8", "--addr-dim", "4", "--heads", "1", "--jobs", "2", "--seq-len", "7"]
 
 
 @pytest.mark.slow
-def test_benchmark_runs_seeds_tabulates_and_reuses_finished_runs(tmp_path: Path) -> None:
+def test_benchmark_runs_seeds_tabulates_and_reuses_finished_runs(tmp_path: Path, capfd) -> None:
+    # --seq-len 7: perfect recall fits 6 frames, which the trainer saves; the run is still the one asked for
     out = tmp_path / "runs"
     argv = TINY + ["--tasks", "perfect_recall", "--memories", "none", "introspective", "--seeds", "0", "1",
                    "--out", str(out), "--table", str(tmp_path / "table.md")]
@@ -158,7 +159,13 @@ def test_benchmark_runs_seeds_tabulates_and_reuses_finished_runs(tmp_path: Path)
     # a second call reuses the finished runs (same results, no training) ...
     again = paper_tasks.main(argv)
     assert [r["kl_recall"] for r in again] == [r["kl_recall"] for r in results]
-    # ... unless the run's definition changed: then that run trains again
+    # ... a longer budget continues the same runs from their checkpoints ...
+    capfd.readouterr()
+    longer = paper_tasks.main(TINY[2:] + ["--steps", "3", "--tasks", "perfect_recall", "--memories", "introspective",
+                                          "--seeds", "0", "--out", str(out)])
+    assert longer[0]["steps"] == 3 and "train_s" in longer[0]
+    assert "from step 2 to 3" in capfd.readouterr().out
+    # ... and a changed definition trains that run again
     changed = paper_tasks.main(TINY + ["--tasks", "perfect_recall", "--memories", "introspective", "--seeds", "0",
                                        "--out", str(out), "--memory-kwargs", "{}"])
     assert changed[0]["definition"]["memory_kwargs"] == "{}" and "train_s" in changed[0]
