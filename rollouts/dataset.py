@@ -5,9 +5,11 @@
     prev_action  int64   (T,)           a_{t-1}, the action that led to x_t; -1 for an episode's first frame
     revisit      bool    (T,)           x_t shows a place seen earlier in the episode
     pose         float32 (T, D)         the env's pose for x_t
+    reward       float32 (T,)           r_{t-1}, the reward received on arriving at x_t; 0 for an episode's first frame
+    terminated   bool    (T,)           the episode terminated at x_t (reward heads, ``worldmodel.reward``)
 
 Train/val is split BY EPISODE (windows of one episode never land on both sides), deterministically from ``seed``.
-Each split is decoded once into an uncompressed cache (four ``.npy`` files), so a window is a contiguous run of
+Each split is decoded once into an uncompressed cache (one ``.npy`` file per array), so a window is a contiguous run of
 rows of each file. The cache is derived data ten times the size of the dataset, so by default it lives in the
 per-user cache folder (``$GTMM_CACHE``, else ``$XDG_CACHE_HOME/gtmm``, else ``~/.cache/gtmm``), under
 ``windows/<hash of the dataset's absolute path and manifest>``: two datasets never share a cache, an edited manifest
@@ -61,8 +63,8 @@ from gtmm.cli import UserError
 from gtmm.fs import write_bytes_atomic
 from rollouts.storage import check_episode_record, episode_path, load_episode, read_manifest
 
-# the four arrays a window is sliced from, concatenated over the episodes of a split
-_CACHE_KEYS = ("obs", "prev_action", "revisit", "pose")
+# the arrays a window is sliced from, concatenated over the episodes of a split
+_CACHE_KEYS = ("obs", "prev_action", "revisit", "pose", "reward", "terminated")
 
 CACHE_ENV = "GTMM_CACHE"  # overrides the per-user cache folder (the tests point it at a temporary folder)
 
@@ -134,6 +136,13 @@ def default_cache_dir(root: str | os.PathLike, manifest: dict[str, Any]) -> Path
 def episode_prev_action(action: np.ndarray) -> np.ndarray:
     """(T,) actions -> (T+1,) previous actions: -1 before the first frame, then action[t-1] for frame t."""
     return np.concatenate([np.full(1, -1, dtype=np.int64), action.astype(np.int64)])
+
+
+def episode_frame_reward(reward: np.ndarray, terminated: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(T,) per-step rewards and terminations -> (T+1,) per frame: what arriving at frame t brought (step t-1's),
+    0 and False for the first frame (nothing led to it)."""
+    return (np.concatenate([np.zeros(1, np.float32), reward.astype(np.float32)]),
+            np.concatenate([np.zeros(1, bool), terminated.astype(bool)]))
 
 
 
@@ -322,18 +331,20 @@ class RolloutWindows(Dataset):
         """Shape and dtype of each concatenated array of the split."""
         n = self.num_frames
         return {"obs": ((n, *self.obs_shape), np.dtype(np.uint8)), "prev_action": ((n,), np.dtype(np.int64)),
-                "revisit": ((n,), np.dtype(np.bool_)), "pose": ((n, self.pose_dim), np.dtype(np.float32))}
+                "revisit": ((n,), np.dtype(np.bool_)), "pose": ((n, self.pose_dim), np.dtype(np.float32)),
+                "reward": ((n,), np.dtype(np.float32)), "terminated": ((n,), np.dtype(np.bool_))}
 
     def _episode_rows(self, first: int = 0) -> Iterator[dict[str, np.ndarray]]:
-        """The four arrays of each episode of the split from position ``first`` on, ONE EPISODE AT A TIME (what
+        """The arrays of each episode of the split from position ``first`` on, ONE EPISODE AT A TIME (what
         keeps a build's memory at one episode), checksums and manifest entries verified."""
         for record in self.episodes[first:]:
             path = episode_path(self.root, record)
             episode = load_episode(path, sha256=record["sha256"])
             # steps must agree before the rows are placed (the offsets come from the manifest); identity catches a swap
             check_episode_record(self.manifest, record, episode, str(path))
+            reward, terminated = episode_frame_reward(episode["reward"], episode["terminated"])
             yield {"obs": episode["obs"], "prev_action": episode_prev_action(episode["action"]),
-                   "revisit": episode["revisit"], "pose": episode["pose"]}
+                   "revisit": episode["revisit"], "pose": episode["pose"], "reward": reward, "terminated": terminated}
             del episode  # not alive while the next episode is decoded
 
     def _decode(self) -> dict[str, np.ndarray]:
@@ -347,7 +358,7 @@ class RolloutWindows(Dataset):
     # -- the cache: built streaming and resumably, read with pread ----------------------------------------------------
 
     def _open_cache(self, paths: dict[str, Path]) -> dict[str, CachedArray] | None:
-        """All four cached arrays if each is complete and of this split's shape and dtype, else None (then it is
+        """All cached arrays if each is complete and of this split's shape and dtype, else None (then it is
         rebuilt: a truncated or foreign file in a shared cache folder is never read). Reads only the headers."""
         files: dict[str, CachedArray] = {}
         for name, (shape, dtype) in self._layout().items():
@@ -366,7 +377,7 @@ class RolloutWindows(Dataset):
         stem = f"{self.split}-{key}"
         paths = {name: cache_dir / f"{stem}-{name}.npy" for name in _CACHE_KEYS}
         files = self._open_cache(paths)
-        if files is not None:  # the usual start-up: four headers read, nothing else
+        if files is not None:  # the usual start-up: the headers read, nothing else
             return paths, files
         cache_dir.mkdir(parents=True, exist_ok=True)
         with _build_lock(cache_dir / f".{stem}.lock", f"the {self.split!r} cache of {self.root} in {cache_dir}"):
@@ -435,7 +446,7 @@ class RolloutWindows(Dataset):
                 files.clear()
             # the final names appear only now, each over a complete file: readers never see a torn cache (a kill
             # between two renames leaves a complete record, and the next build only does the renames left)
-            for name in ("prev_action", "revisit", "pose", "obs"):
+            for name in ("prev_action", "revisit", "pose", "reward", "terminated", "obs"):
                 if partial[name].exists():
                     os.replace(partial[name], paths[name])
             _fsync_dir(cache_dir)
@@ -538,8 +549,9 @@ class RolloutWindows(Dataset):
 
     def sample_batch(self, index: np.ndarray) -> dict[str, np.ndarray]:
         """The windows ``index`` (B,) as one batch with the B axis: obs (B, T, H, W, C) uint8, prev_action (B, T)
-        int64, revisit (B, T) bool, pose (B, T, D) float32 -- the same arrays as stacking ``self[i]`` for each i,
-        read in one pass per array (no per-window tensors, no stacking), several times faster."""
+        int64, revisit (B, T) bool, pose (B, T, D) float32, reward (B, T) float32, terminated (B, T) bool -- the
+        same arrays as stacking ``self[i]`` for each i, read in one pass per array (no per-window tensors, no
+        stacking), several times faster."""
         index = np.asarray(index)
         if index.ndim != 1 or not np.issubdtype(index.dtype, np.integer):
             raise UserError(f"sample_batch: expected a 1-D integer array of window indices, got {index.dtype} "

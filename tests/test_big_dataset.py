@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from rollouts import storage
-from rollouts.dataset import RolloutWindows
+from rollouts.dataset import _CACHE_KEYS, RolloutWindows
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -71,18 +71,18 @@ def test_build_killed_by_sigkill_resumes_to_the_bytes_of_a_clean_build(small, tm
     clean = tmp_path / "clean"
     RolloutWindows(small, 4, split="all", cache_dir=clean).close()
     expected = cache_files(clean)
-    assert len(expected) == 4
+    assert len(expected) == len(_CACHE_KEYS)
 
     # a progress record every ~2.5 episodes: records after episodes 3, 6, 9, ...; killed after writing episode 7,
     # so the partial files hold one episode more than the last record (6): the resume must cut it and redo it
-    episode = 40 * (64 * 64 * 3 + 8 + 1 + 8)  # cached bytes of one episode: obs, prev_action, revisit, pose
+    episode = 40 * (64 * 64 * 3 + 8 + 1 + 8 + 4 + 1)  # cached bytes of one episode: obs, prev_action, revisit, pose, reward, terminated
     cache = tmp_path / "cache"
     proc = build_in_child(small, cache, every=int(2.5 * episode), kill_after=7)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert not list(cache.glob("all-*.npy")), "a killed build published a cache file"
     record = json.loads(next(cache.glob(".all-*.progress.json")).read_text())
     assert (record["episodes"], record["of"]) == (6, 12)
-    assert len(list(cache.glob(".all-*.partial"))) == 4
+    assert len(list(cache.glob(".all-*.partial"))) == len(_CACHE_KEYS)
     obs_partial = next(cache.glob(".all-*-obs.npy.partial"))
     assert obs_partial.stat().st_size == record["bytes"]["obs"] + 40 * 64 * 64 * 3  # episode 7: past the record
 
@@ -110,7 +110,7 @@ def test_build_killed_after_its_last_episode_only_renames(small, tmp_path):
     cache = tmp_path / "cache"
     proc = build_in_child(small, cache, every=1 << 40, kill_after=12)  # the one record: all 12 episodes
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    assert not list(cache.glob("all-*.npy")) and len(list(cache.glob(".all-*.partial"))) == 4
+    assert not list(cache.glob("all-*.npy")) and len(list(cache.glob(".all-*.partial"))) == len(_CACHE_KEYS)
     # nothing is left to decode: the next build needs no episode file at all
     moved = tmp_path / "moved"
     moved.mkdir()

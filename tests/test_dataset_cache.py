@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from gtmm.cli import UserError
 from rollouts import storage
 from rollouts.collect import CollectConfig, collect
-from rollouts.dataset import RolloutWindows, default_cache_dir, user_cache_root
+from rollouts.dataset import _CACHE_KEYS, RolloutWindows, default_cache_dir, user_cache_root
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def test_default_cache_is_per_user_and_keyed_by_path_and_manifest(dataset, tmp_p
     windows = RolloutWindows(dataset, 5, split="all")
     assert listing(dataset) == before, "the data folder is left as collected"
     folder = default_cache_dir(dataset, windows.manifest)
-    assert folder.parent == user_cache / "windows" and len(list(folder.glob("all-*.npy"))) == 4
+    assert folder.parent == user_cache / "windows" and len(list(folder.glob("all-*.npy"))) == len(_CACHE_KEYS)
     plain = RolloutWindows(dataset, 5, split="all", cache=False)
     assert same_windows(windows, plain)
 
@@ -55,7 +55,7 @@ def test_default_cache_is_per_user_and_keyed_by_path_and_manifest(dataset, tmp_p
     assert default_cache_dir(copy, copied.manifest) != folder and same_windows(copied, plain)
     # cache_dir= overrides it, e.g. the dataset folder itself
     inside = RolloutWindows(copy, 5, split="all", cache_dir=copy / ".cache")
-    assert len(list((copy / ".cache").glob("all-*.npy"))) == 4 and same_windows(inside, plain)
+    assert len(list((copy / ".cache").glob("all-*.npy"))) == len(_CACHE_KEYS) and same_windows(inside, plain)
     # an edited manifest (here: the recorded seed) keys a fresh cache folder
     manifest = storage.read_manifest(copy)
     manifest["seed"] = int(manifest["seed"]) + 1
@@ -119,7 +119,7 @@ def test_a_cache_folder_too_small_for_the_split_is_refused_before_writing(datase
         pytest.skip("cannot mount a tmpfs here (not root)")
     try:
         cache = mount / "cache"
-        with pytest.raises(UserError, match=rf"cache {cache}: the 'all' split of .* decodes to 31.2 kB more, "
+        with pytest.raises(UserError, match=rf"cache {cache}: the 'all' split of .* decodes to 31.4 kB more, "
                                             r"[0-9.]+ kB are free there; .*\(\$GTMM_CACHE, or cache_dir=\)"):
             RolloutWindows(dataset, 4, split="all", cache_dir=cache)
         assert [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] == []  # nothing written

@@ -633,6 +633,13 @@ def _train_locked(cfg: TrainConfig, explicit: Optional[set[str]], stop: Optional
     cfg, auto_why = resolve_auto_address(cfg, source)  # recorded resolved: config.json and checkpoints
     if cfg.address == "pose" and source.pose_dim == 0:
         raise UserError(f"--address pose: the data ({source.name}) has no pose (pose_dim 0)")
+    if cfg.reward_head and cfg.data is not None:
+        from rollouts.storage import read_manifest
+
+        records = read_manifest(cfg.data)["episodes"]
+        if not any(float(r.get("return", 0.0)) != 0.0 or r.get("terminated") for r in records):
+            raise UserError(f"--reward-head: every episode of {cfg.data} has return 0 and none terminates: nothing to "
+                            "learn; collect with a reward task, e.g. --env-kwargs '{\"task\": \"coverage\"}'")
     if isinstance(source, RolloutSource):
         source.share(rank, world)  # a rank without episodes fails here, before any rank waits on another
     validation, val_note = Validation.make(cfg, source) if is_main else (None, None)
