@@ -82,6 +82,13 @@ def dataset_fingerprint(root: str | os.PathLike) -> dict[str, Any]:
     return {"episodes": len(records), "sha256": digest, "env": str(manifest["env"]["name"])}
 
 
+def _cache_progress(done: int, total: int) -> None:
+    """One line per ~10% of a data-cache build (a multi-GB split takes a while, and said nothing before)."""
+    step = max(1, total // 10)
+    if done == total or done % step == 0:
+        print(f"[train] decoding the data cache: {done}/{total} episodes", file=sys.stderr, flush=True)
+
+
 class RolloutSource:
     """Random windows of recorded rollouts (`rollouts.dataset.RolloutWindows`), drawn with a given numpy rng.
 
@@ -103,7 +110,8 @@ class RolloutSource:
         if 0 < longest < seq_len:
             raise UserError(f"--seq-len {seq_len}: the longest training episode in {root} has {longest} frames; "
                             f"pass --seq-len {longest} or less, or collect longer episodes")
-        self.windows = RolloutWindows(root, seq_len=seq_len, split="train", val_fraction=val_fraction, seed=seed)
+        self.windows = RolloutWindows(root, seq_len=seq_len, split="train", val_fraction=val_fraction, seed=seed,
+                                      progress=_cache_progress)
         self.obs_shape = tuple(self.windows.obs_shape)
         self.num_actions, self.pose_dim = self.windows.num_actions, self.windows.pose_dim
         self.name = f"rollouts:{self.windows.env_name}"
