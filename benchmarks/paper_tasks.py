@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -272,6 +273,9 @@ def run_one(args: Args, task: str, memory: str, seed: int) -> dict[str, Any]:
     """Train (or reuse) one run and evaluate it; errors are returned, not raised, so the table can show them."""
     result: dict[str, Any] = {"task": task, "memory": memory, "seed": seed, "steps": args.steps}
     folder = run_dir(args, task, memory, seed)
+    if args.jobs > 1:
+        # many runs compile at once (CUDA graphs on a GPU): one inductor compile thread each, not one per core each
+        os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     try:
         import torch
 
@@ -386,7 +390,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     from envs.sequences import TASKS
     from worldmodel.memory import MEMORIES
 
-    args = resolved(parse(Args, argv, prog="benchmarks/paper_tasks.py"))
+    args = resolved(parse(Args, argv, prog="benchmarks.paper_tasks"))
     tasks = args.tasks or TASKS
     memories = args.memories or MEMORIES
     triples = [(task, memory, seed) for task in tasks for memory in memories for seed in args.seeds]
