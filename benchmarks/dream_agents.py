@@ -12,7 +12,12 @@ default 5x5 lattice):
 2. two world models trained on it with ``--reward-head`` (``worldmodel.train``, the ``--wm-preset`` sizes,
    ``--wm-steps`` updates, whole episodes as training windows so every coverage reward is predictable from the
    window): ``introspective`` (``--address auto``: the additive path integrator with the blocked-move gate) and
-   ``none`` (no memory: its LSTM alone must remember where it has been);
+   ``none`` (no memory: its LSTM alone must remember where it has been); and, beside the target's two,
+   ``introspective_pose``: the same memory addressed by the env's pose (``--address pose``; in a dream the pose
+   dead-reckoned from the actions, exact on the MNIST map, moves blocked by the map's border included). Why: the
+   ``auto`` address's blocked-move gate decides in a dream from the last latent alone whether a move happened, and
+   nothing in a frame of the map says where the map ends, so a dream can believe a move into the border reached a
+   new place (the reward table under the main one shows what each dream pays for such moves);
 3. PPO (Stable-Baselines3) trained ONLY inside each model's dreams for ``--ppo-steps`` steps: a dream starts from the
    first frame of a recorded episode (context 1, so it starts where a real episode does), lasts as long as a real
    episode, and pays the reward its reward head predicts (``DreamVecEnv`` below: the dreams of one checkpoint
@@ -64,14 +69,22 @@ from stable_baselines3.common.vec_env import VecEnv  # noqa: E402  (the dream ad
 
 ENV = "mnist_map"
 TASK = "coverage"
-MEMORIES = ("introspective", "none")
+# The world models dreamed in, by name: the two of the issue's target, and the introspective memory addressed by the
+# env's pose (in a dream: the pose dead-reckoned from the actions, exact on the MNIST map, blocked moves included),
+# which shows what the memory does once its address knows where the map ends (see the module docstring).
+WORLD_MODELS: dict[str, dict[str, str]] = {
+    "introspective": {"memory": "introspective", "address": "auto"},
+    "none": {"memory": "none", "address": "auto"},
+    "introspective_pose": {"memory": "introspective", "address": "pose"},
+}
+TARGET = ("introspective", "none")  # the issue's target compares these two
 EVAL_SEED = 1_000_000  # held-out maps: collect's episode seeds and PPO's training seeds stay far below
 Z95 = 1.959964  # two-sided 95% normal quantile
 
 # Budgets (each field can still be set by its own flag). cpu: the README's run on 2 shared CPU cores; smoke: the
 # whole pipeline at toy sizes, for the tests (its numbers mean nothing).
 BUDGETS: dict[str, dict[str, Any]] = {
-    "cpu": {"real_steps": 10_000, "wm_steps": 2500, "ppo_steps": 100_000, "eval_episodes": 200, "episode_steps": 32,
+    "cpu": {"real_steps": 10_000, "wm_steps": 3000, "ppo_steps": 100_000, "eval_episodes": 200, "episode_steps": 32,
             "wm_preset": "mnist_cpu", "num_envs": 16, "n_steps": 64, "batch_size": 256},
     "smoke": {"real_steps": 96, "wm_steps": 6, "ppo_steps": 256, "eval_episodes": 6, "episode_steps": 8,
               "wm_preset": "debug", "num_envs": 4, "n_steps": 16, "batch_size": 32},
@@ -87,10 +100,13 @@ class Args:
     """folder of the data, world models, policies, table.md and results.json (locked while the benchmark runs)"""
     smoke: bool = False
     """tiny sizes for a quick end-to-end check (the tests); flags given beside it still win"""
+    world_models: tuple[str, ...] = tuple(WORLD_MODELS)
+    """world models to dream in (introspective and none are needed for the target): introspective (--address auto),
+    none, introspective_pose (--address pose: the dream's dead-reckoned pose)"""
     real_steps: Optional[int] = None
     """N: real env steps in the fixed dataset, and PPO's real-env budget of the 'same data' baseline (cpu: 10,000)"""
     wm_steps: Optional[int] = None
-    """world-model training updates, each model (cpu: 2,500)"""
+    """world-model training updates, each model (cpu: 3,000)"""
     ppo_steps: Optional[int] = None
     """P: PPO steps inside each world model's dreams (cpu: 100,000 = the 10x N baseline's budget)"""
     eval_episodes: Optional[int] = None
@@ -134,6 +150,11 @@ def resolved(args: Args) -> Args:
                  "batch_size", "n_epochs"):
         check_range(name, getattr(args, name), low=1)
     check_range("eval_episodes", args.eval_episodes, low=2)  # a confidence interval needs two
+    unknown = [name for name in args.world_models if name not in WORLD_MODELS]
+    if unknown or not set(TARGET) <= set(args.world_models):
+        raise UserError(f"--world-models {' '.join(args.world_models)}: expected {' and '.join(TARGET)} and any of "
+                        f"{', '.join(n for n in WORLD_MODELS if n not in TARGET)} (names from {', '.join(WORLD_MODELS)})")
+    args = dataclasses.replace(args, world_models=tuple(n for n in WORLD_MODELS if n in args.world_models))
     check_range("threads", args.threads, low=0)
     check_range("temperature", args.temperature, low=0.0)
     check_range("gamma", args.gamma, low=0.0, high=1.0)
@@ -321,13 +342,13 @@ def collect_data(args: Args, log: Callable[[str], None]) -> Path:
     return folder
 
 
-def wm_config(args: Args, memory: str, data: Path):
-    """The world model's ``worldmodel.train`` config: the preset, whole episodes as windows, the reward heads."""
+def wm_config(args: Args, name: str, data: Path):
+    """World model ``name``'s ``worldmodel.train`` config: the preset, whole episodes as windows, the reward heads."""
     from worldmodel.config import preset
 
     steps = args.wm_steps
     return dataclasses.replace(
-        preset(args.wm_preset), data=str(data), out=str(args.out / f"wm_{memory}"), memory=memory, address="auto",
+        preset(args.wm_preset), data=str(data), out=str(args.out / f"wm_{name}"), **WORLD_MODELS[name],
         # a window that starts mid-episode cannot know which places its episode visited before it: the coverage
         # reward of its first steps would be noise to the reward head. Whole episodes (reset frame + every step) are
         # exactly what a dream replays (context 1, then an episode's length)
@@ -336,22 +357,22 @@ def wm_config(args: Args, memory: str, data: Path):
         image_every=steps, ckpt_every=steps, curriculum_start=0)
 
 
-def train_world_model(args: Args, memory: str, data: Path, log: Callable[[str], None]) -> dict[str, Any]:
+def train_world_model(args: Args, name: str, data: Path, log: Callable[[str], None]) -> dict[str, Any]:
     """Stage 2: one world model with reward heads (reused when a finished run of the same definition is there)."""
     from worldmodel.train import dataset_fingerprint, train
 
-    cfg = wm_config(args, memory, data)
+    cfg = wm_config(args, name, data)
     folder = Path(cfg.out)
     where = ("threads", "device", "progress")  # where and how visibly it runs is not what it is
     definition = {"config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in where},
                   "data": dataset_fingerprint(data)}
     record = folder / "benchmark.json"
     if _reusable(record, definition, folder / "ckpt.pt"):
-        log(f"[wm {memory}] reusing {folder}")
+        log(f"[wm {name}] reusing {folder}")
         return json.loads(record.read_text())
     for stale in ("ckpt.pt", "best.pt", "benchmark.json"):  # another definition (or a killed run): start over
         (folder / stale).unlink(missing_ok=True)
-    log(f"[wm {memory}] training {cfg.steps} steps ({cfg.preset} preset, seq_len {cfg.seq_len}, reward heads) -> "
+    log(f"[wm {name}] training {cfg.steps} steps ({cfg.preset} preset, seq_len {cfg.seq_len}, reward heads) -> "
         f"{folder}")
     tick = time.perf_counter()
     info = train(cfg)
@@ -440,23 +461,36 @@ def make_eval_agent(kind: str, path: Optional[str], action_space: gym.Space, inv
     return make_agent(kind, action_space, inverse_actions)
 
 
-def rollout_returns(vec: gym.vector.VectorEnv, agent, steps: int, seed: int) -> dict[str, np.ndarray]:
+STEP_KINDS = ("new", "revisit", "blocked")  # a step reaches a new place, an earlier one, or stays (a blocked move)
+
+
+def rollout_returns(vec: gym.vector.VectorEnv, agent, steps: int, seed: int) -> dict[str, Any]:
     """One episode in each env of ``vec`` (reset with ``seed``: env i gets seed + i), the agent seeded ``seed``.
+
     Returns per episode (E,): ``return`` (the env's reward summed: predicted in a dream) and ``covered`` (steps with
-    ``visit_count == 0``: the coverage the actions really earn, known in dreams by dead reckoning)."""
+    ``visit_count == 0``: the coverage the actions really earn, known in dreams by dead reckoning); and per kind of
+    step (``STEP_KINDS``, told apart by the visit count and whether the pose changed) the reward paid in all and the
+    number of such steps, ``by_kind``: where a dream's reward head is right (coverage pays 1, 0, 0) and where not."""
     obs, info = vec.reset(seed=seed)
     agent.reset(vec.num_envs, seed)
-    total = np.zeros(vec.num_envs)
-    covered = np.zeros(vec.num_envs)
+    total, covered = np.zeros(vec.num_envs), np.zeros(vec.num_envs)
+    by_kind = {kind: {"reward": 0.0, "steps": 0} for kind in STEP_KINDS}
     live = np.ones(vec.num_envs, dtype=bool)  # False once an env's episode ended (the NEXT_STEP reset is not counted)
+    pose = np.asarray(info["pose"]).copy()  # (E, D)
     for _ in range(steps):
         obs, reward, terminated, truncated, info = vec.step(agent.act(obs, info))
+        new = np.asarray(info["visit_count"]) == 0  # (E,)
+        stayed = (np.asarray(info["pose"]) == pose).all(axis=1)  # (E,) a move into the map's border
+        pose = np.asarray(info["pose"]).copy()
+        for kind, mask in zip(STEP_KINDS, (new, ~new & ~stayed, ~new & stayed)):
+            by_kind[kind]["reward"] += float(reward[live & mask].sum())
+            by_kind[kind]["steps"] += int((live & mask).sum())
         total += np.where(live, reward, 0.0)
-        covered += live & (np.asarray(info["visit_count"]) == 0)
+        covered += live & new
         live &= ~(terminated | truncated)
         if not live.any():
             break
-    return {"return": total, "covered": covered}
+    return {"return": total, "covered": covered, "by_kind": by_kind}
 
 
 def summary(values: np.ndarray) -> dict[str, float]:
@@ -481,31 +515,38 @@ def evaluate(args: Args, policies: dict[str, dict[str, Any]], checkpoints: dict[
     for name, policy in policies.items():
         agent = make_eval_agent(policy["kind"], policy.get("policy"), real.single_action_space, inverse, scale)
         got = rollout_returns(real, agent, T, EVAL_SEED)
-        results[name]["real"] = {"return": summary(got["return"]), "returns": got["return"].tolist()}
+        results[name]["real"] = {"return": summary(got["return"]), "returns": got["return"].tolist(),
+                                 "by_kind": got["by_kind"]}
         log(f"[eval] {name}: real return {results[name]['real']['return']['mean']:.2f} "
             f"+- {results[name]['real']['return']['ci95']:.2f}")
     real.close()
-    for memory, checkpoint in checkpoints.items():
+    for wm, checkpoint in checkpoints.items():
         dream = DreamVectorEnv(checkpoint, E, data=str(data), context=1, max_steps=T, temperature=args.temperature,
                                device=args.device, threads=0)
         for name, policy in policies.items():
             agent = make_eval_agent(policy["kind"], policy.get("policy"), dream.single_action_space, inverse, scale)
             got = rollout_returns(dream, agent, T, EVAL_SEED)
-            results[name]["dreams"][memory] = {"predicted": summary(got["return"]), "covered": summary(got["covered"])}
+            results[name]["dreams"][wm] = {"predicted": summary(got["return"]), "covered": summary(got["covered"]),
+                                           "by_kind": got["by_kind"]}
         dream.close()
     return results
 
 
 # -- the table -------------------------------------------------------------------------------------------------------
 
-ROWS = (  # name, how it acts, what it was trained on
-    ("dream_introspective", "ppo", "dreams of the introspective world model"),
-    ("dream_none", "ppo", "dreams of the memory-free world model"),
+BASELINES = (  # name, how it acts, what it was trained on
     ("real_n", "ppo", "the real env, N steps"),
     ("real_10n", "ppo", "the real env, 10x N steps"),
     ("random", "random", "(uniform random actions)"),
     ("explore", "explore", "(scripted; reads the env's visit counts)"),
 )
+DESCRIBED = {"introspective": "introspective world model (address auto)", "none": "memory-free world model",
+             "introspective_pose": "introspective world model (address pose)"}
+
+
+def rows(args: Args) -> list[tuple[str, str, str]]:
+    """(name, kind, trained on) of every policy of the table: one per world model dreamed in, then the baselines."""
+    return [(f"dream_{wm}", "ppo", f"dreams of the {DESCRIBED[wm]}") for wm in args.world_models] + list(BASELINES)
 
 
 def paired_difference(a: list[float], b: list[float]) -> dict[str, float]:
@@ -519,41 +560,54 @@ def verdict(results: dict[str, Any]) -> dict[str, Any]:
     memory, none, best = (results[k]["real"] for k in ("dream_introspective", "dream_none", "real_10n"))
     ratio = memory["return"]["mean"] / best["return"]["mean"] if best["return"]["mean"] > 0 else float("nan")
     diff = paired_difference(memory["returns"], none["returns"])
-    return {"ratio_to_real_10n": ratio, "reaches_80_percent": bool(ratio >= 0.8),
-            "minus_none": diff, "beats_none": bool(diff["mean"] - diff["ci95"] > 0),
-            "met": bool(ratio >= 0.8 and diff["mean"] - diff["ci95"] > 0)}
+    beats = bool(diff["mean"] - diff["ci95"] > 0)
+    return {"ratio_to_real_10n": ratio, "reaches_80_percent": bool(ratio >= 0.8), "minus_none": diff,
+            "beats_none": beats, "met": bool(ratio >= 0.8 and beats)}
 
 
 def _cell(s: Optional[dict[str, float]]) -> str:
     return "n/a" if s is None else f"{s['mean']:.2f} ± {s['ci95']:.2f}"
 
 
+def _per_step(by_kind: dict[str, dict[str, float]], kind: str) -> str:
+    steps = by_kind[kind]["steps"]
+    return f"{by_kind[kind]['reward'] / steps:.2f}" if steps else "-"
+
+
 def table(args: Args, results: dict[str, Any], check: dict[str, Any]) -> str:
-    """The markdown table of the run, the target's verdict under it."""
+    """The markdown table of the run, the target's verdict and the reward heads' errors under it."""
     best = results["real_10n"]["real"]["return"]["mean"]
-    steps = {"dream_introspective": args.ppo_steps, "dream_none": args.ppo_steps, "real_n": args.real_steps,
+    steps = {**{f"dream_{wm}": args.ppo_steps for wm in args.world_models}, "real_n": args.real_steps,
              "real_10n": 10 * args.real_steps}
-    lines = [f"MNIST map, coverage task, {args.episode_steps}-step episodes ({args.eval_episodes} held-out episodes "
-             f"per policy; mean ± 95% CI). N = {args.real_steps} real steps; world models: {args.wm_steps} steps "
-             f"of {args.wm_preset}; PPO on the pose.", "",
-             "| policy | trained on | PPO steps | real return | % of PPO 10x N | introspective dream predicts "
-             "(really earns) | none dream predicts (really earns) |",
-             "|---|---|---|---|---|---|---|"]
-    for name, _, what in ROWS:
+    lines = [f"MNIST map, coverage task, {args.episode_steps}-step episodes; {args.eval_episodes} held-out episodes "
+             f"per policy (the same for all), mean ± 95% CI. N = {args.real_steps} real steps of the "
+             f"{args.data_agent} agent; world models: {args.wm_steps} steps of the {args.wm_preset} preset; PPO "
+             "observes the pose.", "",
+             "| policy | trained on | PPO steps | real return | % of PPO 10x N | "
+             + " | ".join(f"{wm} dream predicts (really earns)" for wm in args.world_models) + " |",
+             "|---|---|---|---|---|" + "---|" * len(args.world_models)]
+    for name, _, what in rows(args):
         r = results[name]
-        dreams = [f"{_cell(r['dreams'][m]['predicted'])} ({r['dreams'][m]['covered']['mean']:.2f})"
-                  for m in MEMORIES]
+        dreams = [f"{_cell(r['dreams'][wm]['predicted'])} ({r['dreams'][wm]['covered']['mean']:.2f})"
+                  for wm in args.world_models]
         share = 100.0 * r["real"]["return"]["mean"] / best if best > 0 else float("nan")
         lines.append(f"| {name} | {what} | {steps.get(name, '-')} | {_cell(r['real']['return'])} | {share:.0f}% | "
-                     f"{dreams[0]} | {dreams[1]} |")
+                     + " | ".join(dreams) + " |")
     d = check["minus_none"]
-    lines += ["", f"Target (memory-dream >= 80% of PPO 10x N, and > none-dream): "
-              f"{'MET' if check['met'] else 'NOT MET'} -- {100 * check['ratio_to_real_10n']:.0f}% of PPO 10x N "
-              f"({'>=' if check['reaches_80_percent'] else '<'} 80%); memory-dream minus none-dream "
+    gaps = ", ".join(f"dream_{wm} {results[f'dream_{wm}']['dreams'][wm]['predicted']['mean'] - results[f'dream_{wm}']['real']['return']['mean']:+.2f}"
+                     for wm in args.world_models)
+    lines += ["", f"Target (introspective-dream policy >= 80% of PPO 10x N, and > none-dream policy): "
+              f"{'MET' if check['met'] else 'NOT MET'}: {100 * check['ratio_to_real_10n']:.0f}% of PPO 10x N "
+              f"({'>=' if check['reaches_80_percent'] else '<'} 80%); introspective-dream minus none-dream "
               f"{d['mean']:+.2f} ± {d['ci95']:.2f} ({'beats' if check['beats_none'] else 'does not beat'} it).",
-              "Dream-vs-real gap of the dream policies (own dream's predicted return minus real return): " + ", ".join(
-                  f"{name} {results[name]['dreams'][name.removeprefix('dream_')]['predicted']['mean'] - results[name]['real']['return']['mean']:+.2f}"
-                  for name in ("dream_introspective", "dream_none")) + "."]
+              f"Dream-vs-real gap (a dream policy's return predicted in its own dream minus its real return): {gaps}.",
+              "", "Reward per step a dream pays the random policy, by kind of step (the coverage task pays 1 / 0 / 0; "
+              "kinds from the dream's dead-reckoned pose):", "",
+              "| dream | new place | revisit | blocked move (stays) |", "|---|---|---|---|"]
+    lines += [f"| {wm} | " + " | ".join(_per_step(results["random"]["dreams"][wm]["by_kind"], k) for k in STEP_KINDS)
+              + " |" for wm in args.world_models]
+    lines.append("| (real env) | " + " | ".join(_per_step(results["random"]["real"]["by_kind"], k)
+                                              for k in STEP_KINDS) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -576,17 +630,17 @@ def benchmark(args: Args) -> dict[str, Any]:
         from stable_baselines3.common.env_util import make_vec_env
         from stable_baselines3.common.vec_env import VecMonitor
 
-        data = collect_data(args, log)
-        wms = {memory: train_world_model(args, memory, data, log) for memory in MEMORIES}
-        checkpoints = {memory: wm["checkpoint"] for memory, wm in wms.items()}
-        scale = pose_scale(args.episode_steps)
         from worldmodel.checkpoint import sha256_of
 
+        data = collect_data(args, log)
+        wms = {wm: train_world_model(args, wm, data, log) for wm in args.world_models}
+        checkpoints = {wm: result["checkpoint"] for wm, result in wms.items()}
+        scale = pose_scale(args.episode_steps)
+
         trained: dict[str, dict[str, Any]] = {}
-        for memory in MEMORIES:
-            ckpt = checkpoints[memory]
-            trained[f"dream_{memory}"] = train_policy(
-                args, f"dream_{memory}", args.ppo_steps,
+        for wm, ckpt in checkpoints.items():
+            trained[f"dream_{wm}"] = train_policy(
+                args, f"dream_{wm}", args.ppo_steps,
                 lambda ckpt=ckpt: VecMonitor(DreamVecEnv(ckpt, str(data), args.num_envs, args.episode_steps, scale,
                                                          args.seed + 1, temperature=args.temperature,
                                                          device=args.device)),
@@ -599,7 +653,7 @@ def benchmark(args: Args) -> dict[str, Any]:
         for name, steps in (("real_n", args.real_steps), ("real_10n", 10 * args.real_steps)):
             trained[name] = train_policy(args, name, steps, real_env, {"env": env_kwargs(args.episode_steps)}, log)
         policies = {name: ({"kind": "ppo", "policy": trained[name]["policy"]} if kind == "ppo" else {"kind": kind})
-                    for name, kind, _ in ROWS}
+                    for name, kind, _ in rows(args)}
         results = evaluate(args, policies, checkpoints, data, log)
         check = verdict(results)
         text = table(args, results, check)

@@ -164,23 +164,31 @@ def test_smoke_run_writes_every_row_and_reuses_finished_stages(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     table = (out / "table.md").read_text()
     report = json.loads((out / "results.json").read_text())
-    for name, _, _ in dream_agents.ROWS:
+    world_models = report["config"]["world_models"]
+    assert world_models == list(dream_agents.WORLD_MODELS)
+    names = [name for name, _, _ in dream_agents.rows(dream_agents.resolved(dream_agents.Args(smoke=True)))]
+    assert names == [f"dream_{wm}" for wm in world_models] + ["real_n", "real_10n", "random", "explore"]
+    for name in names:
         assert f"| {name} |" in table, table
         row = report["results"][name]
         values = [row["real"]["return"]["mean"], row["real"]["return"]["ci95"]]
-        values += [row["dreams"][m][k]["mean"] for m in dream_agents.MEMORIES for k in ("predicted", "covered")]
+        values += [row["dreams"][wm][k]["mean"] for wm in world_models for k in ("predicted", "covered")]
         assert all(math.isfinite(v) for v in values), (name, values)
         assert len(row["real"]["returns"]) == report["config"]["eval_episodes"]
         # in the real env the return is the coverage the env counts: 1 per new place, at most one per step
         assert 0 <= row["real"]["return"]["mean"] <= report["config"]["episode_steps"]
-    assert "Target" in table and ("MET" in table)
-    for path in ("data/manifest.json", "wm_introspective/ckpt.pt", "wm_none/ckpt.pt", "policies/dream_none.zip",
+        # the real env pays exactly what it counts, by kind of step: 1 per new place, nothing else
+        kinds = row["real"]["by_kind"]
+        assert kinds["new"]["reward"] == kinds["new"]["steps"] and kinds["blocked"]["reward"] == 0
+        assert sum(k["steps"] for k in kinds.values()) == report["config"]["eval_episodes"] * report["config"]["episode_steps"]
+    assert "Target" in table and ("MET" in table) and "| blocked move (stays) |" in table
+    for path in ("data/manifest.json", *(f"wm_{wm}/ckpt.pt" for wm in world_models), "policies/dream_none.zip",
                  "policies/real_10n.zip"):
         assert (out / path).exists(), path
     # the PPO policies load without unpickling (agents.sb3) and the table's numbers are reproducible
     again = run_benchmark("--smoke", "--out", str(out), "--eval-episodes", "4")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("reusing") == 2 + 4, again.stdout  # two world models, four PPO policies
+    assert again.stdout.count("reusing") == 3 + 5, again.stdout  # three world models, five PPO policies
     assert len(json.loads((out / "results.json").read_text())["results"]["random"]["real"]["returns"]) == 4
 
 
@@ -189,6 +197,7 @@ def test_smoke_run_writes_every_row_and_reuses_finished_stages(tmp_path):
     (["--wm-preset", "huge"], "--wm-preset 'huge': expected one of"),
     (["--real-steps", "0"], "--real-steps 0: expected >= 1"),
     (["--device", "tpu"], "--device 'tpu': expected auto, cpu, cuda or cuda:N"),
+    (["--world-models", "introspective"], "--world-models introspective: expected introspective and none"),
 ])
 def test_bad_flags_are_one_error_line_and_write_nothing(tmp_path, args, expected):
     out = tmp_path / "bench"
