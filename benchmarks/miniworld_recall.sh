@@ -13,11 +13,15 @@
 #   bash benchmarks/miniworld_recall.sh cpu      this machine (2 cores): 32x32 frames, miniworld_cpu preset, 2000
 #                                                steps, two runs at a time (~1-1.5 h in all when the cores are free)
 #   bash benchmarks/miniworld_recall.sh pack     run HERE before the GPU run: collects 64x64 train/test rollouts
-#                                                into build/miniworld_recall (a GPU machine has no OpenGL), < 60 MB
+#                                                into build/miniworld_recall/data64 (a GPU machine has no OpenGL):
+#                                                80 + 24 episodes of 96 steps, ~50 MB (the device's carry limit is 64)
 #   bash benchmarks/miniworld_recall.sh gpu      on the GPU machine (carry build/miniworld_recall and, for the
 #                                                packages it lacks, build/gpu_check/pydeps from gpu_check.sh --pack):
 #                                                the `miniworld` preset, all five runs at once on one GPU, each with a
-#                                                7-minute limit (STEPS, default 3000), then evaluation; < 10 minutes
+#                                                7-minute limit (STEPS, default 3000), then evaluation; < 10 minutes.
+#                                                PRESET, STEPS, DEVICE override; a CPU dry run of the whole path:
+#                                                DEVICE=cpu PRESET=debug STEPS=3 EVAL_SEQ_LEN=32 \
+#                                                  bash benchmarks/miniworld_recall.sh gpu
 #
 # Everything lands in $OUT (default build/miniworld_recall/<mode>): runs, eval.json files, results.md (the table).
 set -uo pipefail
@@ -42,14 +46,14 @@ run() {  # run <name> <extra train flags...>: train, then evaluate against the n
 
 evaluate() {  # evaluate <name>
   "$PY" -m worldmodel.evaluate --checkpoint "$OUT/$1" --data "$DATA/test" --baseline "$OUT/none" \
-    --device "$DEVICE" --windows "$WINDOWS" > "$OUT/$1.eval.log" 2>&1 || echo "evaluate $1 failed: see $OUT/$1.eval.log"
+    --device "$DEVICE" --windows "$WINDOWS" ${EVAL_SEQ_LEN:+--seq-len "$EVAL_SEQ_LEN"} > "$OUT/$1.eval.log" 2>&1 || echo "evaluate $1 failed: see $OUT/$1.eval.log"
 }
 
 case "$MODE" in
   pack)
     rm -rf "$PACK/data64"
-    collect "$PACK/data64/train" 160 0 64
-    collect "$PACK/data64/test" 48 777 64
+    collect "$PACK/data64/train" 80 0 64
+    collect "$PACK/data64/test" 24 777 64
     du -sh "$PACK/data64"
     echo "carry build/miniworld_recall (and build/gpu_check) to the GPU machine and run: bash benchmarks/miniworld_recall.sh gpu"
     exit 0 ;;
@@ -63,8 +67,8 @@ case "$MODE" in
     run naive --address-kwargs '{"gate": false}' & run pose --address pose & wait
     NAMES="none gated naive pose" ;;
   gpu)
-    OUT="${OUT:-$PACK/gpu}"; DATA="$PACK/data64"; PRESET=miniworld; STEPS="${STEPS:-3000}"; DEVICE=cuda
-    WINDOWS=48
+    OUT="${OUT:-$PACK/gpu}"; DATA="$PACK/data64"; PRESET="${PRESET:-miniworld}"; STEPS="${STEPS:-3000}"; DEVICE="${DEVICE:-cuda}"
+    WINDOWS=24
     [ -f "$DATA/train/manifest.json" ] || { echo "error: no $DATA: run 'bash benchmarks/miniworld_recall.sh pack' on a machine with OpenGL first" >&2; exit 2; }
     mkdir -p "$OUT"
     LIMIT=420  # each run stops by 7 minutes: SIGTERM makes train save its step and exit; that checkpoint is evaluated
