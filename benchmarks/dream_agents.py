@@ -1,7 +1,7 @@
 """Do policies trained only in our world model's dreams work in the real env? (issue 15, item 5)
 
     python benchmarks/dream_agents.py --out runs/dream_agents            # CPU default: ~30-40 min on 2 shared cores
-    python benchmarks/dream_agents.py --smoke --out /tmp/dream_smoke     # tiny sizes, a minute: for the tests
+    python benchmarks/dream_agents.py --smoke --out /tmp/dream_smoke     # toy sizes, seconds: for the tests
 
 The experiment, on the MNIST map's coverage task (``task="coverage"``: reward 1 for each step that enters a lattice
 position not visited earlier in the episode; ``--episode-steps`` steps per episode, 24 new places at most on the
@@ -9,7 +9,7 @@ default 5x5 lattice):
 
 1. a fixed dataset of N real steps (``--real-steps``): ``rollouts.collect`` with the ``--data-agent`` (random walk by
    default) and a fixed seed;
-2. two world models trained on it with ``--reward-head`` (``worldmodel.train``, the ``--wm-preset`` sizes,
+2. world models trained on it with ``--reward-head`` (``worldmodel.train``, the ``--wm-preset`` sizes,
    ``--wm-steps`` updates, whole episodes as training windows so every coverage reward is predictable from the
    window): ``introspective`` (``--address auto``: the additive path integrator with the blocked-move gate) and
    ``none`` (no memory: its LSTM alone must remember where it has been); and, beside the target's two,
@@ -37,11 +37,11 @@ the random walk's return for 80,000 real steps on this machine, while from the p
 ~20,000. The reward still needs memory: whether a step pays depends on the whole episode so far, which only the world
 model can know in a dream -- so the dream's reward head, not the policy, is where the two world models differ.
 
-Outputs in ``--out``: ``data/`` (the N real steps), ``wm_introspective/`` and ``wm_none/`` (runs of
-``worldmodel.train``), ``policies/`` (one SB3 zip per PPO policy, loadable without unpickling, ``agents.sb3``),
-``table.md`` (the table printed at the end) and ``results.json`` (every number, the resolved config, timings).
-Finished stages are reused when their definition is unchanged (a killed run resumes; changing ``--eval-episodes``
-only re-evaluates); a stage whose definition changed is redone from scratch.
+Outputs in ``--out``: ``data/`` (the N real steps), ``wm_<name>/`` (a run of ``worldmodel.train`` per world model),
+``policies/`` (one SB3 zip per PPO policy, loadable without unpickling, ``agents.sb3``), ``table.md`` (the table
+printed at the end) and ``results.json`` (every number, the resolved config, timings). Finished stages are reused
+when their definition is unchanged (a killed run resumes; changing ``--eval-episodes`` only re-evaluates); a stage
+whose definition changed is redone from scratch.
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from collections.abc import Callable
+from typing import Any, Literal, Optional
 
 import gymnasium as gym
 import numpy as np
@@ -114,7 +115,7 @@ class Args:
     episode_steps: Optional[int] = None
     """steps of every episode, real or dreamed (cpu: 32)"""
     wm_preset: Optional[str] = None
-    """worldmodel.train preset of both world models (cpu: mnist_cpu)"""
+    """worldmodel.train preset of every world model (cpu: mnist_cpu)"""
     num_envs: Optional[int] = None
     """envs (or dreams, stepped in one forward call) in PPO's rollouts (cpu: 16)"""
     n_steps: Optional[int] = None
@@ -152,8 +153,9 @@ def resolved(args: Args) -> Args:
     check_range("eval_episodes", args.eval_episodes, low=2)  # a confidence interval needs two
     unknown = [name for name in args.world_models if name not in WORLD_MODELS]
     if unknown or not set(TARGET) <= set(args.world_models):
+        others = ", ".join(n for n in WORLD_MODELS if n not in TARGET)
         raise UserError(f"--world-models {' '.join(args.world_models)}: expected {' and '.join(TARGET)} and any of "
-                        f"{', '.join(n for n in WORLD_MODELS if n not in TARGET)} (names from {', '.join(WORLD_MODELS)})")
+                        f"{others}")
     args = dataclasses.replace(args, world_models=tuple(n for n in WORLD_MODELS if n in args.world_models))
     check_range("threads", args.threads, low=0)
     check_range("temperature", args.temperature, low=0.0)
@@ -569,6 +571,12 @@ def _cell(s: Optional[dict[str, float]]) -> str:
     return "n/a" if s is None else f"{s['mean']:.2f} ± {s['ci95']:.2f}"
 
 
+def _diff(results: dict[str, Any], a: str, b: str) -> str:
+    """Policy ``a``'s real return minus policy ``b``'s, paired over the evaluation episodes, with its 95% CI."""
+    d = paired_difference(results[a]["real"]["returns"], results[b]["real"]["returns"])
+    return f"{d['mean']:+.2f} ± {d['ci95']:.2f}"
+
+
 def _per_step(by_kind: dict[str, dict[str, float]], kind: str) -> str:
     steps = by_kind[kind]["steps"]
     return f"{by_kind[kind]['reward'] / steps:.2f}" if steps else "-"
@@ -594,12 +602,17 @@ def table(args: Args, results: dict[str, Any], check: dict[str, Any]) -> str:
         lines.append(f"| {name} | {what} | {steps.get(name, '-')} | {_cell(r['real']['return'])} | {share:.0f}% | "
                      + " | ".join(dreams) + " |")
     d = check["minus_none"]
-    gaps = ", ".join(f"dream_{wm} {results[f'dream_{wm}']['dreams'][wm]['predicted']['mean'] - results[f'dream_{wm}']['real']['return']['mean']:+.2f}"
-                     for wm in args.world_models)
+    gap = {wm: results[f"dream_{wm}"]["dreams"][wm]["predicted"]["mean"] - results[f"dream_{wm}"]["real"]["return"]
+           ["mean"] for wm in args.world_models}  # predicted in its own dream minus earned in the real env
+    gaps = ", ".join(f"dream_{wm} {value:+.2f}" for wm, value in gap.items())
+    share = {wm: results[f"dream_{wm}"]["real"]["return"]["mean"] / best for wm in args.world_models}
     lines += ["", f"Target (introspective-dream policy >= 80% of PPO 10x N, and > none-dream policy): "
               f"{'MET' if check['met'] else 'NOT MET'}: {100 * check['ratio_to_real_10n']:.0f}% of PPO 10x N "
               f"({'>=' if check['reaches_80_percent'] else '<'} 80%); introspective-dream minus none-dream "
               f"{d['mean']:+.2f} ± {d['ci95']:.2f} ({'beats' if check['beats_none'] else 'does not beat'} it).",
+              *(f"Beside the target: dream_{wm} reaches {100 * share[wm]:.0f}% of PPO 10x N; minus none-dream "
+                f"{_diff(results, f'dream_{wm}', 'dream_none')}; minus PPO 10x N "
+                f"{_diff(results, f'dream_{wm}', 'real_10n')}." for wm in args.world_models if wm not in TARGET),
               f"Dream-vs-real gap (a dream policy's return predicted in its own dream minus its real return): {gaps}.",
               "", "Reward per step a dream pays the random policy, by kind of step (the coverage task pays 1 / 0 / 0; "
               "kinds from the dream's dead-reckoned pose):", "",

@@ -180,7 +180,8 @@ def test_smoke_run_writes_every_row_and_reuses_finished_stages(tmp_path):
         # the real env pays exactly what it counts, by kind of step: 1 per new place, nothing else
         kinds = row["real"]["by_kind"]
         assert kinds["new"]["reward"] == kinds["new"]["steps"] and kinds["blocked"]["reward"] == 0
-        assert sum(k["steps"] for k in kinds.values()) == report["config"]["eval_episodes"] * report["config"]["episode_steps"]
+        config = report["config"]
+        assert sum(k["steps"] for k in kinds.values()) == config["eval_episodes"] * config["episode_steps"]
     assert "Target" in table and ("MET" in table) and "| blocked move (stays) |" in table
     for path in ("data/manifest.json", *(f"wm_{wm}/ckpt.pt" for wm in world_models), "policies/dream_none.zip",
                  "policies/real_10n.zip"):
