@@ -273,6 +273,8 @@ class SE2Odometry:
     -sin)). Walls and objects are unknown here: a blocked move is integrated as if it had happened.
     """
 
+    knows_blocked_moves = False  # walls are unknown here: a dream's model must guess whether a move happened
+
     def __init__(self, num_envs: int, action_effects: dict[str, Any], revisit_radius: float | None = None,
                  revisit_angle: float | None = None):
         moves = np.asarray(action_effects["moves"], dtype=np.float64)  # (A, 2) [turn radians, forward metres]

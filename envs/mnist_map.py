@@ -386,6 +386,8 @@ class LatticeOdometry:
     taken modulo the map size (the torus). So on the MNIST map the integrated pose is the real one, in both modes.
     """
 
+    knows_blocked_moves = True  # the clamp at a clip border IS the env's blocked move: a dream may trust it
+
     def __init__(self, num_envs: int, geometry: MapGeometry, action_effects: dict[str, Any]):
         moves = np.asarray(action_effects["moves"], dtype=np.float64)  # (A, 2) pixels
         if action_effects.get("kind") != "translate" or moves.ndim != 2 or moves.shape[1] != POSE_DIM:

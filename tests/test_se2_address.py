@@ -185,3 +185,34 @@ def json_kwargs(config):
     import json
 
     return json.loads(config.address_kwargs)
+
+
+def test_a_dream_on_a_clip_map_holds_the_address_on_a_blocked_move(tmp_path, one_thread):
+    """On the MNIST map the dream's dead reckoning knows the declared border: a move into it leaves the gated
+    integrator's path where it was (the gate alone cannot see the border in a dream)."""
+    import dataclasses
+
+    from rollouts.collect import CollectConfig, collect
+    from worldmodel.config import preset
+    from worldmodel.dream import DreamEnv
+    from worldmodel.train import train
+
+    data = tmp_path / "data"
+    collect(CollectConfig(env="mnist_map", agent="random", episodes=6, steps=12, out=data, seed=0, progress=False))
+    cfg = dataclasses.replace(preset("debug"), data=str(data), out=str(tmp_path / "run"), steps=2, val_every=0,
+                              progress=False)
+    assert json_kwargs(train(cfg)["config"])["gate"] is True  # clip border: auto adds the gate
+    env = DreamEnv(checkpoint=str(tmp_path / "run"), data=str(data), context=3, threads=1)
+    env.reset(seed=0)
+    held = 0
+    for _ in range(6):  # up (action 0) until long after the top border stops the walk
+        before = env.dreams.state.address["path"].clone()
+        pose_before = env.dreams.pose.copy()
+        _, _, _, _, info = env.step(0)
+        assert info["pose_source"] in ("recorded", "integrated")
+        same_pose = bool((info["pose"] == pose_before[0]).all())
+        same_path = torch.equal(env.dreams.state.address["path"], before)
+        assert same_pose == same_path
+        held += same_pose
+    env.close()
+    assert held >= 2  # the walk reached the border

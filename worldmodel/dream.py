@@ -39,6 +39,10 @@ known, `info["pose_source"]`:
       cannot dream there.
     `info["pose_known"]` is `pose_source != "unknown"`; `info["on_record"]` says the actions so far are the recorded
     ones. The frames are always dreamed; the real frame, when known, is `env.dreams.tracks[i].real_obs`.
+    - a model whose action address has the blocked-move gate (`worldmodel.gate`) is told whether each move happened
+      wherever the dream knows it (recorded or shadow poses, and the MNIST map's dead reckoning, which clamps at the
+      declared clip border exactly as the env does); elsewhere (MiniWorld's walls) the gate guesses from z_{t-1}.
+      Without this, a dream walking into the border moved its memory address on as if the move had happened.
     - reward and termination are the model's predictions (its reward heads, `worldmodel.reward`; `info
       ["reward_predicted"]` True), or 0 and never for a model without them; a dream truncates after `max_steps`.
 """
@@ -268,6 +272,8 @@ class DreamBatch:
         self.record_visit_count = np.zeros((N, 2), dtype=np.int64)  # (N, L + 1) recorded visit counts
         self.record_revisit = np.zeros((N, 2), dtype=bool)  # (N, L + 1) recorded revisit flags
         self.pose = np.full((N, D), UNKNOWN_POSE, dtype=np.float64)  # (N, D) where each dream is now
+        self.move_known = np.zeros(N, dtype=bool)  # (N,) whether the last move's effect is known (see `_advance`)
+        self.moved = np.ones(N, dtype=bool)  # (N,) and whether it happened
         self.pose_source = np.full(N, UNKNOWN, dtype=np.int8)  # (N,) index into POSE_SOURCES
         self._stale_shadow_obs: list[int] = []  # dreams whose shadow ended last step: forget its frame next step
 
@@ -468,6 +474,7 @@ class DreamBatch:
         self.t += self.on_record
         # off record, the pose goes on from the last known one by dead reckoning (or becomes unknown)
         known = self.pose_source != UNKNOWN  # (N,) before this step
+        previous = self.pose
         if self.odometry is not None:
             pose = np.where(known[:, None], self.odometry.integrate(self.pose, actions), UNKNOWN_POSE)  # (N, D)
             source = np.where(known, INTEGRATED, UNKNOWN).astype(np.int8)
@@ -495,6 +502,13 @@ class DreamBatch:
                 self.shadowed[i] = False
                 self._stale_shadow_obs.append(int(i))
         self.pose, self.pose_source = pose, source
+        # did each move happen? Known where both poses are real, or integrated by an odometry that knows where moves
+        # are blocked (the MNIST map's declared bounds); elsewhere (MiniWorld's walls) the model's gate guesses
+        trusted = (source == RECORDED) | (source == SHADOW)
+        if getattr(self.odometry, "knows_blocked_moves", False):
+            trusted |= source == INTEGRATED
+        self.move_known = trusted & known  # (N,)
+        self.moved = (pose != previous).any(-1)  # (N,)
         # revisits: the recorded or shadow env's where they are real; else the env's rule on the integrated poses.
         # Every known pose joins its dream's history, so a later integrated revisit counts the recorded visits too.
         visit_count = np.zeros(len(rows), dtype=np.int64)
@@ -534,9 +548,16 @@ class DreamBatch:
             for i, rng in enumerate(rngs):  # per dream by design (see above): ~1 us each, the only O(N) loop left
                 rng.standard_normal(out=noise[i], dtype=np.float32)
             noise = torch.as_tensor(noise, device=self.device)
+        moved = None
+        gate = self.model.cell.gate
+        if gate is not None:  # a gated action address: where the dream knows whether the move happened, say so
+            guess = torch.sigmoid(gate.predicted_logits(self.state.z, action_t))  # (N,) the model's own belief
+            known = torch.as_tensor(self.move_known, device=self.device)
+            moved = torch.where(known, torch.as_tensor(self.moved, device=self.device).to(guess.dtype), guess)
         with prior_temperature(self.model, self.temperature):
             # `GTMM.step_prior` with the noise given: the model's batched cell step, then the mean decode (8)
-            out, self.state = self.model.cell(self.state, action_t, pose_t, None, sample=sample, noise=noise)
+            out, self.state = self.model.cell(self.state, action_t, pose_t, None, sample=sample, noise=noise,
+                                              moved=moved)
             frames = self.model.decode_mean(out["z"])  # (N, H, W, C) in [0, 1]
             if self.predicts_reward:  # (R1), (R2) from the new state (h_t, r_t, z_t), batched like the frames
                 reward, terminated = self.model.reward(self.state)
