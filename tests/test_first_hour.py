@@ -175,7 +175,8 @@ def test_auto_address_on_a_clip_border_mnist_map_has_the_gate():
     env = {"name": "mnist_map", "id": "MnistMap-v0", "kwargs": {}, "inverse_actions": [1, 0, 3, 2],
            "action_effects": action_effects(14, 4, "clip")}
     model, why = _model_of(env)
-    assert model.cfg.address_kwargs == {"integrator": "additive", "inverse_actions": [1, 0, 3, 2], "gate": True}
+    assert model.cfg.address_kwargs == {"integrator": "additive", "inverse_actions": [1, 0, 3, 2], "gate": True,
+                                        "gate_walls": True}
     # yours win: '{"gate": false}' is the plain integrator that assumes every move happens
     cfg, _ = dataclasses.replace(debug(Path("unused")), address_kwargs='{"gate": false}').resolve_address(env, 4)
     assert json.loads(cfg.address_kwargs)["gate"] is False

@@ -216,3 +216,30 @@ def test_a_dream_on_a_clip_map_holds_the_address_on_a_blocked_move(tmp_path, one
         held += same_pose
     env.close()
     assert held >= 2  # the walk reached the border
+
+
+def test_gate_walls_track_reach_and_walls_and_sequence_equals_steps():
+    """The additive path's wall memory (gate_walls): the projection where a move was blocked is remembered, so the
+    gate's open-loop guess can tell that the same move from the same place is blocked again."""
+    UP, DOWN = 0, 1
+    address = build_address("actions", h_dim=4, num_actions=4, pose_dim=2, addr_dim=16, integrator="additive",
+                            inverse_actions=[1, 0, 3, 2], gate=True, gate_walls=True, embed_dim=8, z_dim=4)
+    state = address.init_state(1)
+    for action, moved in [(UP, 1.0), (UP, 1.0), (UP, 0.0), (DOWN, 1.0)]:  # two steps up, blocked, one back down
+        _, state = address.step(state, torch.zeros(1, 4), torch.tensor([action]), None, torch.tensor([moved]))
+    behind, to_wall, span = address.gate_features(state)[0].split(4)
+    assert to_wall[UP] == pytest.approx(1.0, abs=1e-5)  # the top border is one up-step away
+    assert to_wall[DOWN] == pytest.approx(4.0)  # no wall seen downwards (clamped "far")
+    assert behind[UP] == pytest.approx(-1.0, abs=1e-5) and span[UP] == pytest.approx(2.0, abs=1e-5)
+    torch.manual_seed(0)
+    prev, moved = torch.randint(-1, 4, (3, 10)), (torch.rand(3, 10) > 0.3).float()
+    seq, last = address.sequence(address.init_state(3), prev, None, moved)
+    state, steps, features = address.init_state(3), [], []
+    for t in range(10):
+        features.append(address.gate_features(state))
+        addr, state = address.step(state, torch.zeros(3, 4), prev[:, t], None, moved[:, t])
+        steps.append(addr)
+    assert torch.allclose(torch.stack(steps, 1), seq, atol=1e-5)
+    assert all(torch.allclose(state[k], last[k], atol=1e-5) for k in ("path", "reach", "wall"))
+    assert torch.allclose(torch.stack(features, 1), address.gate_feature_sequence(address.init_state(3), prev, moved),
+                          atol=1e-5)

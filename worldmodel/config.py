@@ -304,6 +304,8 @@ def auto_address(env: Optional[dict[str, Any]], num_actions: int, memory: str) -
             kwargs["inverse_actions"] = inverse
         if blocked:
             kwargs["gate"] = True
+            if effects["kind"] == "translate":
+                kwargs["gate_walls"] = True  # a map's borders: no frame shows them, the walk does (address.py)
         return "actions", kwargs, why + gate_why
     if effects is None:
         why = "the data's manifest declares no action effects (an older collect): the GRU path integrator"

@@ -551,7 +551,7 @@ class DreamBatch:
         moved = None
         gate = self.model.cell.gate
         if gate is not None:  # a gated action address: where the dream knows whether the move happened, say so
-            guess = torch.sigmoid(gate.predicted_logits(self.state.z, action_t))  # (N,) the model's own belief
+            guess = self.model.cell.move_guess(self.state, action_t)  # (N,) the model's own belief
             known = torch.as_tensor(self.move_known, device=self.device)
             moved = torch.where(known, torch.as_tensor(self.moved, device=self.device).to(guess.dtype), guess)
         with prior_temperature(self.model, self.temperature):

@@ -10,12 +10,14 @@ The gate scales each integration step by m_t in [0, 1], the probability that a_{
 m_t comes from two heads, because the model sometimes sees frame x_t and sometimes only imagines it:
 
     (G1) observed   m_t = sigmoid(f([e_{t-1}, e_t, log(mean |x_t - x_{t-1}|), onehot(a_{t-1})]))   teacher forcing
-    (G2) predicted  m_t = sigmoid(g([z_{t-1}, onehot(a_{t-1})]))                             open loop, dreams
+    (G2) predicted  m_t = sigmoid(g([z_{t-1}, onehot(a_{t-1}), walls_{t-1}]))                open loop, dreams
 
 G1 reads the frame change: a blocked move shows the same frame again (both envs render without noise), a move
 almost always a different one, so the pixel-change feature makes it nearly a threshold (the embeddings cover views
 that barely change, e.g. blank map, or a wall that fills the view both before and after). G2 has no x_t: it guesses
-from what the model knows of the place it stands in (z_{t-1}: a wall right ahead blocks a step forward).
+from what the model knows of the place it stands in (z_{t-1}: a wall right ahead blocks a step forward) and, with
+``gate_walls`` (the MNIST map's borders, which no frame shows), from where its own walk has met walls before
+(``ActionAddress.gate_features``).
 
 Both are trained end to end through the address (the ELBO's gradient reaches m_t through the memory reads) and, on
 data with a pose, by an auxiliary binary cross-entropy against "the pose changed" (``targets``): the pose is only a
@@ -42,12 +44,13 @@ def _onehot(prev_action: Tensor, num_actions: int, dtype: torch.dtype) -> Tensor
 class MoveGate(nn.Module):
     """Heads G1 (``observed``) and G2 (``predicted``) of the module docstring, and their training signal."""
 
-    def __init__(self, *, embed_dim: int, z_dim: int, num_actions: int, hidden: int = 64):
+    def __init__(self, *, embed_dim: int, z_dim: int, num_actions: int, hidden: int = 64, extra_dim: int = 0):
         super().__init__()
-        self.num_actions = num_actions
+        self.num_actions, self.extra_dim = num_actions, extra_dim
         self.observed_net = nn.Sequential(nn.Linear(2 * embed_dim + 1 + num_actions, hidden), nn.GELU(),
                                           nn.Linear(hidden, 1))
-        self.predicted_net = nn.Sequential(nn.Linear(z_dim + num_actions, hidden), nn.GELU(), nn.Linear(hidden, 1))
+        self.predicted_net = nn.Sequential(nn.Linear(z_dim + num_actions + extra_dim, hidden), nn.GELU(),
+                                           nn.Linear(hidden, 1))
         # start open (m ~ 0.88): an untrained gate behaves like the plain integrator, the right prior for most steps
         nn.init.constant_(self.observed_net[2].bias, 2.0)
         nn.init.constant_(self.predicted_net[2].bias, 2.0)
@@ -64,9 +67,13 @@ class MoveGate(nn.Module):
         first = logits.new_full((B, 1), 20.0)  # sigmoid(20) = 1 - 2e-9
         return torch.cat([first, logits], dim=1)  # (B, T)
 
-    def predicted_logits(self, z_prev: Tensor, prev_action: Tensor) -> Tensor:
-        """(G2): z_{t-1} (..., Z) and a_{t-1} (...,) -> logits (...,)."""
-        features = torch.cat([z_prev, _onehot(prev_action, self.num_actions, z_prev.dtype)], dim=-1)
+    def predicted_logits(self, z_prev: Tensor, prev_action: Tensor, extra: Tensor | None = None) -> Tensor:
+        """(G2): z_{t-1} (..., Z), a_{t-1} (...,) and the address's own evidence (..., extra_dim) (the walls its
+        walk met, ``ActionAddress.gate_features``; None = none) -> logits (...,)."""
+        parts = [z_prev, _onehot(prev_action, self.num_actions, z_prev.dtype)]
+        if self.extra_dim:
+            parts.append(extra.to(z_prev.dtype))
+        features = torch.cat(parts, dim=-1)
         return self.predicted_net(features).squeeze(-1)
 
 

@@ -184,7 +184,7 @@ class GTMMCell(nn.Module):
 
         # (2) address of this step (gated: did a_{t-1} move us?); (3) read the memory written at earlier steps
         if self.gate is not None and moved is None:
-            moved = torch.sigmoid(self.gate.predicted_logits(state.z, prev_action))  # (B,) (G2): open loop
+            moved = self.move_guess(state, prev_action)  # (B,) (G2): open loop
         addr, address_state = self.address.step(state.address, h, prev_action, pose, moved)  # (B, addr_dim)
         attention = self.memory.attend(state.memory, h, addr)  # one attend: the read and its diagnostics
         read = attention["read"]  # (B, read_dim)
@@ -211,6 +211,12 @@ class GTMMCell(nn.Module):
         out.update(z=z, h=h, addr=addr, read=read, read_weights=attention["weights"], read_gate=attention["gate"])
         out.update(self.memory.write_record(memory))  # write_weights, write_retain (soft memories), for attribution
         return out, ModelState(h=h, c=c, z=z, read=read, memory=memory, address=address_state)
+
+    def move_guess(self, state: ModelState, prev_action: torch.Tensor) -> torch.Tensor:
+        """The gate's open-loop belief (G2) that a_{t-1} (B,) moves the agent from where `state` is: (B,) in [0, 1],
+        from z_{t-1} and the walls the address's walk has met (`ActionAddress.gate_features`)."""
+        extra = self.address.gate_features(state.address)
+        return torch.sigmoid(self.gate.predicted_logits(state.z, prev_action, extra))
 
     # -- fast path ---------------------------------------------------------------------------------------------------
 
@@ -647,7 +653,10 @@ class GTMM(nn.Module):
         if self.cell.gate is not None:
             # (G2) on every step, from the z_{t-1} the loop produced (z_{-1} = the start state's zeros)
             z_prev = torch.cat([torch.zeros_like(seq["z"][:, :1]), seq["z"][:, :-1]], dim=1)  # (B, T, Z)
-            predicted = self.cell.gate.predicted_logits(z_prev, batch["prev_action"])  # (B, T)
+            walls = self.cell.address.gate_feature_sequence(  # what the walk knew before each step, as observe ran it
+                self.cell.address.init_state(z_prev.shape[0], z_prev.device), batch["prev_action"],
+                torch.sigmoid(seq["gate_logits"].detach()))  # (B, T, 3A) or (B, T, 0)
+            predicted = self.cell.gate.predicted_logits(z_prev, batch["prev_action"], walls)  # (B, T)
             seq.update(gate_loss_fn(seq["gate_logits"], predicted, batch["pose"], batch["prev_action"],
                                     has_pose=self.cfg.pose_dim > 0))
             loss = loss + gate_aux * seq["gate_loss"]
