@@ -179,7 +179,7 @@ def test_auto_address_on_a_clip_border_mnist_map_has_the_gate():
                                         "gate_walls": True}
     # yours win: '{"gate": false}' is the plain integrator that assumes every move happens
     cfg, _ = dataclasses.replace(debug(Path("unused")), address_kwargs='{"gate": false}').resolve_address(env, 4)
-    assert json.loads(cfg.address_kwargs)["gate"] is False
+    assert json.loads(cfg.address_kwargs) == {"integrator": "additive", "inverse_actions": [1, 0, 3, 2], "gate": False}
 
 
 def test_auto_address_on_an_old_manifest_without_effects_is_the_gru_integrator():

@@ -184,6 +184,8 @@ class TrainConfig:
         address, chosen, why = auto_address(env, num_actions, self.memory)
         given = parse_json_object(self.address_kwargs, "address_kwargs")
         kwargs = {**chosen, **given} if address == "actions" else given  # yours win; hidden takes none of ours
+        if kwargs.get("gate") is False:
+            kwargs.pop("gate_walls", None)  # '{"gate": false}': the plain integrator, with nothing of the gate's
         return dataclasses.replace(self, address=address, address_kwargs=json.dumps(kwargs)), why
 
     def _resolve_pose(self, env: dict[str, Any], num_actions: int) -> tuple["TrainConfig", str]:

@@ -82,11 +82,17 @@ def dataset_fingerprint(root: str | os.PathLike) -> dict[str, Any]:
     return {"episodes": len(records), "sha256": digest, "env": str(manifest["env"]["name"])}
 
 
-def _cache_progress(done: int, total: int) -> None:
-    """One line per ~10% of a data-cache build (a multi-GB split takes a while, and said nothing before)."""
-    step = max(1, total // 10)
-    if done == total or done % step == 0:
-        print(f"[train] decoding the data cache: {done}/{total} episodes", file=sys.stderr, flush=True)
+class _CacheProgress:
+    """One line per ~10% of a data-cache build, once it has taken more than a few seconds (a multi-GB split takes a
+    while and said nothing; a small one stays silent, so a bad flag found after it is still the only line)."""
+
+    def __init__(self, quiet_s: float = 5.0) -> None:
+        self.start, self.quiet_s = time.perf_counter(), quiet_s
+
+    def __call__(self, done: int, total: int) -> None:
+        step = max(1, total // 10)
+        if time.perf_counter() - self.start > self.quiet_s and (done == total or done % step == 0):
+            print(f"[train] decoding the data cache: {done}/{total} episodes", file=sys.stderr, flush=True)
 
 
 class RolloutSource:
@@ -111,7 +117,7 @@ class RolloutSource:
             raise UserError(f"--seq-len {seq_len}: the longest training episode in {root} has {longest} frames; "
                             f"pass --seq-len {longest} or less, or collect longer episodes")
         self.windows = RolloutWindows(root, seq_len=seq_len, split="train", val_fraction=val_fraction, seed=seed,
-                                      progress=_cache_progress)
+                                      progress=_CacheProgress())
         self.obs_shape = tuple(self.windows.obs_shape)
         self.num_actions, self.pose_dim = self.windows.num_actions, self.windows.pose_dim
         self.name = f"rollouts:{self.windows.env_name}"
