@@ -46,6 +46,9 @@ A training batch is a dict of tensors, the same whether it comes from recorded r
     revisit      bool    (B, T)            x_t shows a place seen earlier (or, for sequence tasks, a frame that a
                                            perfect memory makes predictable)
     pose         float32 (B, T, D)         the env's pose for x_t (D may be 0 for action-free tasks)
+and, from recorded rollouts, two optional keys the reward heads train on (``worldmodel.reward``):
+    reward       float32 (B, T)            r_{t-1}, the reward received on arriving at x_t (0 at an episode's start)
+    terminated   bool    (B, T)            the episode terminated at x_t
 """
 
 from __future__ import annotations
