@@ -88,6 +88,12 @@ def fourier_features(positions: Tensor, frequencies: Tensor) -> Tensor:
     return torch.cat([phase.sin(), phase.cos()], dim=-1) / math.sqrt(frequencies.shape[1])
 
 
+def action_onehot(prev_action: Tensor, num_actions: int, dtype: torch.dtype) -> Tensor:
+    """(...,) int64 -> (..., A) one-hot by comparison rather than F.one_hot: -1 ("no action") matches no action id,
+    giving zeros, with no value check."""
+    return (prev_action.unsqueeze(-1) == torch.arange(num_actions, device=prev_action.device)).to(dtype)
+
+
 def se2_features(position: Tensor, heading: Tensor, frequencies: Tensor, length_scale: float,
                  heading_scale: float) -> Tensor:
     """An address of a pose in the plane, comparable by cosine: position (..., 2), heading (...,) in radians ->
@@ -212,7 +218,7 @@ class ActionAddress(AddressPath):
             raise UserError("address 'actions': gate_walls needs the gate and the additive integrator")
         self.gate_walls = bool(gate_walls)
         if gate:
-            from worldmodel.gate import MoveGate  # here, not at the top: gate imports nothing of ours, kept light
+            from worldmodel.gate import MoveGate  # here, not at the top: gate imports this module (action_onehot)
 
             extra = 3 * num_actions if self.gate_walls else 0
             self.gate = MoveGate(embed_dim=embed_dim, z_dim=z_dim, num_actions=num_actions, extra_dim=extra)
@@ -299,13 +305,14 @@ class ActionAddress(AddressPath):
         """The gate features before every step of a window (B, T, 3A) (teacher forcing: training the guess)."""
         if not self.gate_walls:
             return state["path"].new_zeros(*prev_action.shape, 0)
-        onehot = self._scaled(self._onehot(prev_action, state["path"].dtype), moved)
-        paths = state["path"].unsqueeze(1) + torch.cumsum(onehot @ self.displacements(), dim=1)  # (B, T, P)
-        return self._track_walls(state, paths, self._onehot(prev_action, paths.dtype), moved)[0]
+        onehot = action_onehot(prev_action, self.num_actions, state["path"].dtype)  # (B, T, A)
+        paths = self._additive_paths(state["path"], self._scaled(onehot, moved))  # (B, T, P)
+        return self._track_walls(state, paths, onehot, moved)[0]
 
-    def _onehot(self, prev_action: Tensor, dtype: torch.dtype) -> Tensor:
-        """(...,) int64 -> (..., A) by comparison: -1 (no action) gives zeros."""
-        return (prev_action.unsqueeze(-1) == torch.arange(self.num_actions, device=prev_action.device)).to(dtype)
+    def _additive_paths(self, path: Tensor, stepped: Tensor) -> Tensor:
+        """s_t = s_{-1} + sum_{t' <= t} m_t' E[a_{t'-1}]: one cumulative sum instead of T additions. path (B, P),
+        stepped (B, T, A) the one-hot actions scaled by moved -> (B, T, P)."""
+        return path.unsqueeze(1) + torch.cumsum(stepped @ self.displacements(), dim=1)
 
     def displacements(self) -> Tensor:
         """E (A, P), antisymmetric under the inverse table when one is given: E[inv(a)] = -E[a]."""
@@ -340,9 +347,7 @@ class ActionAddress(AddressPath):
         acted = (prev_action >= 0).to(path.dtype).unsqueeze(-1)  # (B, 1), 0 for "no action"
         if moved is not None:
             acted = acted * moved.to(path.dtype).unsqueeze(-1)  # (B, 1)
-        # one-hot by comparison rather than F.one_hot: -1 matches no action id, giving zeros, with no value check
-        action_ids = torch.arange(self.num_actions, device=prev_action.device)  # (A,)
-        onehot = (prev_action.unsqueeze(-1) == action_ids).to(path.dtype)  # (B, A)
+        onehot = action_onehot(prev_action, self.num_actions, path.dtype)  # (B, A)
         if self.integrator == "gru":
             # no action (or a blocked one) -> keep s: a GRU fed zeros would still drift through its biases
             path = acted * self.cell(onehot, path) + (1.0 - acted) * path  # (B, P)
@@ -357,11 +362,10 @@ class ActionAddress(AddressPath):
             path = torch.cat([position, heading.unsqueeze(-1)], dim=-1)  # (B, 3)
             addr = self._se2_encode(path)  # (B, addr_dim)
         else:
-            previous = state["path"]
             path = path + self._scaled(onehot, moved) @ self.displacements()  # (B, P), s_t = s_{t-1} + m_t E[a_{t-1}]
             addr = fourier_features(path, self.frequencies)  # (B, addr_dim)
-            if self.gate_walls:
-                _, reach, wall = self._track_walls({**state, "path": previous}, path.unsqueeze(1), onehot.unsqueeze(1),
+            if self.gate_walls:  # `state` still holds s_{t-1}: the walls are tracked from where the move was tried
+                _, reach, wall = self._track_walls(state, path.unsqueeze(1), onehot.unsqueeze(1),
                                                    None if moved is None else moved.unsqueeze(1))
                 return addr, {"path": path, "reach": reach, "wall": wall}
         return addr, {"path": path}
@@ -371,16 +375,13 @@ class ActionAddress(AddressPath):
         """All T addresses from prev_action (B, T) (and moved (B, T) or None) at once: cumulative sums (additive,
         se2) or the GRU alone."""
         path = state["path"]  # (B, P)
-        action_ids = torch.arange(self.num_actions, device=prev_action.device)  # (A,)
-        onehot = (prev_action.unsqueeze(-1) == action_ids).to(path.dtype)  # (B, T, A), zeros for "no action"
-        if self.integrator != "gru":
-            onehot = self._scaled(onehot, moved)  # the GRU reads the action itself and blends by moved below
+        onehot = action_onehot(prev_action, self.num_actions, path.dtype)  # (B, T, A), zeros for "no action"
+        stepped = self._scaled(onehot, moved)  # the integrators' share of each move (the GRU blends by moved below)
         if self.integrator == "additive":
-            # s_t = s_{-1} + sum_{t' <= t} m_t' E[a_{t'-1}]: one cumulative sum instead of T additions
-            paths = path.unsqueeze(1) + torch.cumsum(onehot @ self.displacements(), dim=1)  # (B, T, P)
+            paths = self._additive_paths(path, stepped)  # (B, T, P)
         elif self.integrator == "se2":
             # the heading is a cumulative sum of turns; then each step ahead along its heading, a second one
-            turn, forward = (onehot @ self.se2_table()).unbind(-1)  # (B, T) each
+            turn, forward = (stepped @ self.se2_table()).unbind(-1)  # (B, T) each
             heading = path[:, 2:3] + torch.cumsum(turn, dim=1)  # (B, T)
             mid = heading - 0.5 * turn  # (B, T) the heading halfway through each step's turn (see `step`)
             steps = forward.unsqueeze(-1) * torch.stack([mid.cos(), mid.sin()], dim=-1)  # (B, T, 2)
@@ -402,8 +403,7 @@ class ActionAddress(AddressPath):
         else:
             addr = fourier_features(paths, self.frequencies)  # (B, T, addr_dim)
             if self.gate_walls:
-                raw = (prev_action.unsqueeze(-1) == action_ids).to(paths.dtype)
-                _, reach, wall = self._track_walls(state, paths, raw, moved)
+                _, reach, wall = self._track_walls(state, paths, onehot, moved)
                 return addr, {"path": paths[:, -1], "reach": reach, "wall": wall}
         return addr, {"path": paths[:, -1]}
 

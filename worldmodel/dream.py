@@ -272,8 +272,6 @@ class DreamBatch:
         self.record_visit_count = np.zeros((N, 2), dtype=np.int64)  # (N, L + 1) recorded visit counts
         self.record_revisit = np.zeros((N, 2), dtype=bool)  # (N, L + 1) recorded revisit flags
         self.pose = np.full((N, D), UNKNOWN_POSE, dtype=np.float64)  # (N, D) where each dream is now
-        self.move_known = np.zeros(N, dtype=bool)  # (N,) whether the last move's effect is known (see `_advance`)
-        self.moved = np.ones(N, dtype=bool)  # (N,) and whether it happened
         self.pose_source = np.full(N, UNKNOWN, dtype=np.int8)  # (N,) index into POSE_SOURCES
         self._stale_shadow_obs: list[int] = []  # dreams whose shadow ended last step: forget its frame next step
 
@@ -463,9 +461,10 @@ class DreamBatch:
                 "pose_known": source != UNKNOWN, "pose_source": _SOURCE_NAMES[source],
                 "on_record": self.on_record[rows].copy()}
 
-    def _advance(self, actions: np.ndarray) -> dict[str, np.ndarray]:
-        """Move every dream's link to reality by `actions` (N,): on record or not, pose, revisits; the info arrays
-        of the frames the actions lead to. O(1) numpy calls for all N dreams; a loop only over shadowed ones."""
+    def _advance(self, actions: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+        """Move every dream's link to reality by `actions` (N,): on record or not, pose, revisits. Returns the info
+        arrays of the frames the actions lead to, and per dream whether the dream knows if its move happened (N,)
+        bool and whether it did (N,) bool. O(1) numpy calls for all N dreams; a loop only over shadowed ones."""
         rows = self._rows
         self.steps += 1
         # on record while the action taken is the recorded episode's next one (the pad -1 past its end never is)
@@ -507,8 +506,8 @@ class DreamBatch:
         trusted = (source == RECORDED) | (source == SHADOW)
         if getattr(self.odometry, "knows_blocked_moves", False):
             trusted |= source == INTEGRATED
-        self.move_known = trusted & known  # (N,)
-        self.moved = (pose != previous).any(-1)  # (N,)
+        move_known = trusted & known  # (N,)
+        moved = (pose != previous).any(-1)  # (N,)
         # revisits: the recorded or shadow env's where they are real; else the env's rule on the integrated poses.
         # Every known pose joins its dream's history, so a later integrated revisit counts the recorded visits too.
         visit_count = np.zeros(len(rows), dtype=np.int64)
@@ -520,7 +519,7 @@ class DreamBatch:
         revisit[on] = self.record_revisit[on, self.t[on]]
         if len(shadow_rows):
             visit_count[shadow_rows], revisit[shadow_rows] = np.array(shadow_info).T
-        return self._infos(slice(None), visit_count, revisit)
+        return self._infos(slice(None), visit_count, revisit), move_known, moved
 
     @torch.no_grad()
     def step(self, actions: np.ndarray, rngs: list[np.random.Generator]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -532,7 +531,7 @@ class DreamBatch:
         env's randomness does; the global torch RNG is not touched."""
         assert self.state is not None, "DreamBatch.step before reset"
         actions = np.asarray(actions, dtype=np.int64).reshape(self.num_envs)
-        infos = self._advance(actions)
+        infos, move_known, happened = self._advance(actions)
         if self.needs_pose and not infos["pose_known"].all():
             raise UserError("dream: this model reads memory by the env's pose (address 'pose'), and the actions left "
                              "the recorded episode of an env whose action effects are unknown, so the pose is "
@@ -549,11 +548,10 @@ class DreamBatch:
                 rng.standard_normal(out=noise[i], dtype=np.float32)
             noise = torch.as_tensor(noise, device=self.device)
         moved = None
-        gate = self.model.cell.gate
-        if gate is not None:  # a gated action address: where the dream knows whether the move happened, say so
+        if self.model.cell.gate is not None:  # a gated action address: where the dream knows if the move happened
             guess = self.model.cell.move_guess(self.state, action_t)  # (N,) the model's own belief
-            known = torch.as_tensor(self.move_known, device=self.device)
-            moved = torch.where(known, torch.as_tensor(self.moved, device=self.device).to(guess.dtype), guess)
+            moved = torch.where(torch.as_tensor(move_known, device=self.device),
+                                torch.as_tensor(happened, device=self.device).to(guess.dtype), guess)
         with prior_temperature(self.model, self.temperature):
             # `GTMM.step_prior` with the noise given: the model's batched cell step, then the mean decode (8)
             out, self.state = self.model.cell(self.state, action_t, pose_t, None, sample=sample, noise=noise,

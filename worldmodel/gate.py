@@ -32,13 +32,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from worldmodel.address import action_onehot
+
 PIXEL_CHANGE_FLOOR = 1e-3  # log(mean |dx| + floor): an unchanged frame is log(1e-3) = -6.9, any visible change > -5
-
-
-def _onehot(prev_action: Tensor, num_actions: int, dtype: torch.dtype) -> Tensor:
-    """(...,) int64 -> (..., A); -1 (no action) -> zeros."""
-    ids = torch.arange(num_actions, device=prev_action.device)
-    return (prev_action.unsqueeze(-1) == ids).to(dtype)
 
 
 class MoveGate(nn.Module):
@@ -62,7 +58,7 @@ class MoveGate(nn.Module):
         B, T = prev_action.shape
         change = (frames[:, 1:] - frames[:, :-1]).abs().flatten(2).mean(-1)  # (B, T-1)
         features = torch.cat([embed[:, :-1], embed[:, 1:], torch.log(change + PIXEL_CHANGE_FLOOR).unsqueeze(-1),
-                              _onehot(prev_action[:, 1:], self.num_actions, embed.dtype)], dim=-1)  # (B, T-1, F)
+                              action_onehot(prev_action[:, 1:], self.num_actions, embed.dtype)], dim=-1)  # (B, T-1, F)
         logits = self.observed_net(features).squeeze(-1)  # (B, T-1)
         first = logits.new_full((B, 1), 20.0)  # sigmoid(20) = 1 - 2e-9
         return torch.cat([first, logits], dim=1)  # (B, T)
@@ -70,7 +66,7 @@ class MoveGate(nn.Module):
     def predicted_logits(self, z_prev: Tensor, prev_action: Tensor, extra: Tensor | None = None) -> Tensor:
         """(G2): z_{t-1} (..., Z), a_{t-1} (...,) and the address's own evidence (..., extra_dim) (the walls its
         walk met, ``ActionAddress.gate_features``; None = none) -> logits (...,)."""
-        parts = [z_prev, _onehot(prev_action, self.num_actions, z_prev.dtype)]
+        parts = [z_prev, action_onehot(prev_action, self.num_actions, z_prev.dtype)]
         if self.extra_dim:
             parts.append(extra.to(z_prev.dtype))
         features = torch.cat(parts, dim=-1)
