@@ -93,6 +93,12 @@ BAD_INPUTS = [
     # --address auto (the default) resolves from the data first, then checks the merged kwargs the same way
     ("unknown_auto_address_kwarg", D + ["--address-kwargs", '{"speed": 2}'],
      "--address-kwargs: unknown argument(s) ['speed'] for address 'actions'; accepted: "),
+    ("address_kwarg_not_a_number", D + ["--address-kwargs", '{"step_scale": "big"}'],
+     "--address-kwargs: step_scale='big' for address 'actions': expected a number"),
+    ("memory_kwarg_not_a_flag", D + ["--memory-kwargs", '{"content_address": "yes"}'],
+     "--memory-kwargs: content_address='yes' for memory 'introspective': expected true or false"),
+    ("se2_moves_not_pairs", D + ["--address-kwargs", '{"integrator": "se2", "moves": 5}'],
+     "address 'actions' (se2): moves needs 4 finite [turn, forward] pairs, got 5"),
     ("auto_address_kwarg_for_hidden", ["--task", "perfect_recall", "--address-kwargs", '{"integrator": "gru"}'],
      "--address-kwargs: unknown argument(s) ['integrator'] for address 'hidden'"),
     ("seq_len_too_long", D + ["--seq-len", "50"],

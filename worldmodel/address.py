@@ -233,10 +233,13 @@ class ActionAddress(AddressPath):
             raise UserError(f"address 'actions' (se2): addr_dim must be even (sin and cos halves), got {addr_dim}")
         self.path_dim = 3  # (x, y, heading)
         if moves is not None:
-            table = torch.as_tensor([list(m) for m in moves], dtype=torch.float32)
-            if table.shape != (num_actions, 2) or not bool(torch.isfinite(table).all()):
+            pairs = isinstance(moves, (list, tuple)) and all(
+                isinstance(m, (list, tuple)) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in m)
+                for m in moves)
+            table = torch.as_tensor([list(m) for m in moves], dtype=torch.float32) if pairs else None
+            if table is None or table.shape != (num_actions, 2) or not bool(torch.isfinite(table).all()):
                 raise UserError(f"address 'actions' (se2): moves needs {num_actions} finite [turn, forward] pairs, "
-                                f"got {[list(m) for m in moves]}")
+                                f"got {moves!r}")
             self.register_buffer("se2_moves", table)  # (A, 2), exact: not learned
             length_scale = length_scale or 0.5 * float(table[:, 1].abs().max()) or 1.0
             heading_scale = heading_scale or 0.5 * float(table[:, 0].abs().max()) or 0.25

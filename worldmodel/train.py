@@ -263,6 +263,15 @@ def _check_kwargs(flag: str, what: str, cls: Optional[type], kwargs: dict[str, A
     if unknown:
         raise UserError(f"{flag}: unknown argument(s) {unknown} for {what}; accepted: "
                         f"{', '.join(accepted) if accepted else 'none (it takes no arguments)'}")
+    # a value of another kind than a plain number or flag argument takes would fail deep inside the model
+    kinds = {} if cls is None else {p.name: str(p.annotation) for p in params}  # "float", "bool", ... (annotations
+    for name, value in kwargs.items():                                          # are strings in these modules)
+        kind = kinds.get(name)
+        if kind in ("bool", "<class 'bool'>") and not isinstance(value, bool):
+            raise UserError(f"{flag}: {name}={value!r} for {what}: expected true or false")
+        if (kind in ("int", "float", "<class 'int'>", "<class 'float'>")
+                and (isinstance(value, bool) or not isinstance(value, (int, float)))):
+            raise UserError(f"{flag}: {name}={value!r} for {what}: expected a number")
 
 
 def check_config(cfg: TrainConfig) -> None:
