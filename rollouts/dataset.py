@@ -51,7 +51,7 @@ import shutil
 import sys
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +100,17 @@ def split_episodes(manifest: dict[str, Any], split: str, val_fraction: float = V
 
     val_files = {r["file"] for r in sorted(records, key=rank)[:num_val]}
     return [r for r in records if (r["file"] in val_files) == (split == "val")]
+
+
+def select_episodes(records: list[dict[str, Any]], positions: Sequence[int], what: str) -> list[dict[str, Any]]:
+    """``records[p]`` for each position p of ``positions`` (strictly ascending, in range, at least one)."""
+    chosen = np.asarray(positions)
+    if chosen.ndim != 1 or chosen.size == 0 or not np.issubdtype(chosen.dtype, np.integer):
+        raise UserError(f"{what}: episodes {positions!r}: expected a non-empty list of episode positions")
+    if chosen.min() < 0 or chosen.max() >= len(records) or np.any(np.diff(chosen) <= 0):
+        raise UserError(f"{what}: episodes {chosen.tolist()[:8]}{'...' if chosen.size > 8 else ''}: expected "
+                        f"ascending positions in [0, {len(records)})")
+    return [records[int(p)] for p in chosen]
 
 
 def iter_episodes(root: str | os.PathLike, split: str = "all", val_fraction: float = VAL_FRACTION,
@@ -285,11 +296,14 @@ class RolloutWindows(Dataset):
             False decodes the split into memory instead.
         progress: called as ``progress(episodes_done, episodes_total)`` after each episode a cache build writes
             (e.g. to show how far a multi-GB build is); not called when the cache is already built.
+        episodes: positions in the split (ascending) of the only episodes to keep (default: all). The cache of a
+            subset holds only its episodes (its name hashes their checksums), so reading a few episodes of a big
+            folder, as evaluation does, decodes and stores those alone.
     """
 
     def __init__(self, root: str | os.PathLike, seq_len: int, split: str = "train", val_fraction: float = VAL_FRACTION,
                  seed: int = 0, stride: int = 1, cache_dir: str | os.PathLike | None = None, cache: bool = True,
-                 progress: Callable[[int, int], None] | None = None):
+                 progress: Callable[[int, int], None] | None = None, episodes: Sequence[int] | None = None):
         if seq_len < 1:
             raise UserError(f"seq_len {seq_len}: expected >= 1")
         if stride < 1:
@@ -305,6 +319,8 @@ class RolloutWindows(Dataset):
         if not self.episodes:
             raise UserError(f"{self.root}: split {split!r} has no episodes "
                              f"({len(self.manifest['episodes'])} in the folder, val_fraction={val_fraction})")
+        if episodes is not None:
+            self.episodes = select_episodes(self.episodes, episodes, f"{self.root}: split {split!r}")
 
         # where each episode's frames start in the concatenated arrays
         frames = np.array([e["steps"] + 1 for e in self.episodes], dtype=np.int64)

@@ -151,3 +151,21 @@ def test_a_dataset_without_pose_caches_and_reads(tmp_path):
     cached = RolloutWindows(root, 3, split="all", cache_dir=tmp_path / "cache")
     assert cached.sample_batch(np.arange(len(cached)))["pose"].shape == (len(cached), 3, 0)
     assert same_windows(cached, RolloutWindows(root, 3, split="all", cache=False))
+
+
+def test_a_subset_of_episodes_reads_and_caches_only_those(dataset, user_cache):
+    full = RolloutWindows(dataset, 5, split="all", cache=False)
+    subset = RolloutWindows(dataset, 5, split="all", episodes=[0, 2])
+    assert [e["file"] for e in subset.episodes] == [full.episodes[0]["file"], full.episodes[2]["file"]]
+    per_episode = len(full) // 3  # equal lengths: the same windows per episode
+    index = np.r_[0:per_episode, 2 * per_episode:3 * per_episode]
+    a, b = full.sample_batch(index), subset.sample_batch(np.arange(len(subset)))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    # its cache is its own (named by its episodes) and two thirds the size of the whole folder's
+    folder = default_cache_dir(dataset, full.manifest)
+    RolloutWindows(dataset, 5, split="all")
+    sizes = {p.name: p.stat().st_size for p in folder.glob("all-*obs.npy")}
+    assert len(sizes) == 2 and sorted(sizes.values())[0] < 0.7 * sorted(sizes.values())[1]
+    for bad in ([], [2, 0], [0, 3], [1, 1]):
+        with pytest.raises(UserError, match=r"split 'all': episodes .*: expected"):
+            RolloutWindows(dataset, 5, split="all", episodes=bad)

@@ -279,3 +279,29 @@ def test_report_refuses_unknown_versions_and_missing_inputs(setup, tmp_path):
         proc = subprocess.run([sys.executable, "-m", "worldmodel.report", *args, "--out", str(tmp_path / "r")],
                               cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+
+
+def test_evaluation_windows_are_the_spread_episode_starts_and_only_those_episodes_are_cached(tmp_path, user_cache):
+    # find_digit ends an episode when the target digit is reached: episodes of many lengths, some shorter than T
+    data = tmp_path / "mixed"
+    collect(CollectConfig(env="mnist_map", out=data, episodes=12, steps=20, seed=3, progress=False,
+                          env_kwargs=json.dumps({"grid": 2, "task": "find_digit"})))
+    from rollouts.dataset import RolloutWindows, default_cache_dir
+    from worldmodel.evaluate import episode_start_windows
+
+    full = RolloutWindows(data, 8, split="all", cache=False)
+    lengths = [e["steps"] + 1 for e in full.episodes]
+    assert min(lengths) < 8 <= max(lengths), f"the fixture needs short and long episodes: {lengths}"
+    frame_bytes = int(np.prod(full.obs_shape))
+    subsets = []
+    for count in (3, 256):
+        windows, index, episodes, long_enough = episode_start_windows(str(data), 8, count)
+        expected = full.episode_starts(count)  # the rule over the whole folder, decoded in memory
+        assert (episodes, long_enough) == (12, sum(n >= 8 for n in lengths)) and len(index) == len(expected)
+        a, b = full.sample_batch(expected), windows.sample_batch(index)
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+        subsets.append(windows.num_frames * frame_bytes)
+    # the cache holds the chosen episodes' frames (a .npy header more), never the whole folder's
+    cached = sorted(p.stat().st_size for p in default_cache_dir(data, full.manifest).glob("all-*-obs.npy"))
+    assert len(cached) == 2 and all(0 < size - frames <= 4096 for size, frames in zip(cached, sorted(subsets)))
+    assert max(subsets) < sum(lengths) * frame_bytes

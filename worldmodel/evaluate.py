@@ -83,14 +83,19 @@ class EvalConfig:
 
 
 def episode_start_windows(root: str, seq_len: int, count: int):
-    """The held-out windows that start at an episode's first frame, evenly spread over the folder (up to `count`)."""
-    from rollouts.dataset import RolloutWindows
+    """The held-out windows that start at an episode's first frame, evenly spread over the folder's episodes of at
+    least `seq_len` frames (up to `count`). Returns (windows, their indices, episodes in the folder, episodes long
+    enough). Only the chosen episodes are decoded and cached, not the whole folder (which may be a big one)."""
+    from rollouts.dataset import RolloutWindows, split_episodes
+    from rollouts.storage import read_manifest
 
-    windows = RolloutWindows(root, seq_len=seq_len, split="all")
-    pick = windows.episode_starts(count)
-    if len(pick) == 0:
+    records = split_episodes(read_manifest(root), "all")
+    long_enough = np.flatnonzero([r["steps"] + 1 >= seq_len for r in records])
+    if len(long_enough) == 0:
         raise UserError(f"{root}: no episode has {seq_len} frames; collect longer episodes or pass --seq-len")
-    return windows, pick
+    spread = np.unique(np.linspace(0, len(long_enough) - 1, min(count, len(long_enough))).round().astype(int))
+    windows = RolloutWindows(root, seq_len=seq_len, split="all", episodes=long_enough[spread])
+    return windows, windows.episode_starts(), len(records), len(long_enough)
 
 
 def seen_in_context(pose: np.ndarray, revisit: np.ndarray, context: int, tol: float = POSE_TOL) -> np.ndarray:
@@ -474,10 +479,8 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.context >= seq_len:
         raise UserError(f"--context {cfg.context}: expected 0 < context < seq_len = {seq_len} "
                         "(or pass a longer --seq-len)")
-    windows, index = episode_start_windows(cfg.data, seq_len, cfg.windows)
+    windows, index, episodes, long_enough = episode_start_windows(cfg.data, seq_len, cfg.windows)
     check_data_matches(cfg, windows, loaded)
-    episodes = len(windows.episodes)
-    long_enough = len(windows.episode_starts())
     note = (f"{len(index)} windows of {seq_len} frames" +
             (f" ({cfg.windows} asked; the data has {long_enough} episodes of >= {seq_len} frames"
              f"{'' if long_enough == episodes else f', of {episodes}'})" if len(index) < cfg.windows else ""))
