@@ -117,7 +117,7 @@ def test_learned_se2_moves_are_tied_by_the_inverse_table_and_train():
     assert address.se2_moves_learned.requires_grad
     with pytest.raises(UserError, match="moves needs 4 finite"):
         se2_address(moves=[[0.0, 1.0]])
-    with pytest.raises(UserError, match="for integrator se2"):
+    with pytest.raises(UserError, match="are for the se2 and lattice integrators"):
         build_address("actions", h_dim=4, num_actions=4, pose_dim=0, addr_dim=8, integrator="additive",
                       moves=MOVES_90)
 
@@ -243,3 +243,96 @@ def test_gate_walls_track_reach_and_walls_and_sequence_equals_steps():
     assert all(torch.allclose(state[k], last[k], atol=1e-5) for k in ("path", "reach", "wall"))
     assert torch.allclose(torch.stack(features, 1), address.gate_feature_sequence(address.init_state(3), prev, moved),
                           atol=1e-5)
+
+
+CLIP_MOVES = [[-14, 0], [14, 0], [0, -14], [0, 14]]  # the MNIST map's declared moves (pixels): up, down, left, right
+
+
+def lattice_address(**kw):
+    return build_address("actions", h_dim=4, num_actions=4, pose_dim=2, addr_dim=64, integrator="lattice",
+                         moves=CLIP_MOVES, extent=[56, 56], gate=True, embed_dim=8, z_dim=4, **kw)
+
+
+def test_the_lattice_filter_reads_the_start_from_moves_and_blocks_and_hedges_in_open_loop():
+    """Three moves right that all happen leave starts 0 and 1 of 5; a fourth that is blocked pins the start to 1.
+    With the start known the address is the displacement's encoding exactly; in open loop (no m_t) each
+    hypothesis walks on, blocked at its own edge."""
+    from worldmodel.address import fourier_features
+
+    UP, RIGHT = 0, 3
+    address = lattice_address()
+    state = address.init_state(1)
+    h = torch.zeros(1, 4)
+    for moved in (1.0, 1.0, 1.0):
+        _, state = address.step(state, h, torch.tensor([RIGHT]), None, torch.tensor([moved]))
+    cols = state["log_w"][0, 1].exp()
+    assert cols[:2].tolist() == pytest.approx([0.5, 0.5], abs=1e-3) and float(cols[2:].sum()) < 1e-3
+    assert state["log_w"][0, 0].exp().tolist() == pytest.approx([0.2] * 5)  # no row move: rows untouched
+    addr, state = address.step(state, h, torch.tensor([RIGHT]), None, torch.tensor([0.0]))  # blocked
+    assert float(state["log_w"][0, 1].exp()[1]) > 0.999
+    # the start row is unknown, but every hypothesis has moved 0 rows: the address is exact
+    assert cos(addr[0], fourier_features(torch.tensor([[0.0, 3.0]]), address.frequencies)[0]) > 0.999
+    for _ in range(4):  # open loop: up 4 times; the start rows 0..4 are blocked after 0..4 steps
+        addr, state = address.step(state, h, torch.tensor([UP]), None, None)
+    rows = sorted((state["place"][0, 0] - torch.arange(5.0)).tolist())
+    assert rows == [-4.0, -3.0, -2.0, -1.0, 0.0]  # displacement of each hypothesis
+    hedged = [cos(addr[0], fourier_features(torch.tensor([[r, 3.0]]), address.frequencies)[0]) for r in rows]
+    assert max(hedged) < 0.6 and min(hedged) > 0.2  # like each of the five equally likely places, none exactly
+    # a walk with every start pinned gives exactly the encoding of its displacement, from step and from sequence
+    prev = torch.tensor([[UP, UP, UP, UP, UP, RIGHT, RIGHT, RIGHT, RIGHT, RIGHT]])
+    moved = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0]])  # top-left wall met on each axis
+    seq, last = address.sequence(address.init_state(1), prev, None, moved)
+    assert cos(seq[0, -1], fourier_features(torch.tensor([[-4.0, 4.0]]), address.frequencies)[0]) > 0.999
+    state, steps = address.init_state(1), []
+    for t in range(prev.shape[1]):
+        a, state = address.step(state, h, prev[:, t], None, moved[:, t])
+        steps.append(a)
+    assert torch.allclose(torch.stack(steps, 1), seq, atol=1e-6)
+    assert not address.guesses_moves  # the model asks the gate for no open-loop guess
+
+
+def test_the_lattice_filter_refuses_what_it_cannot_use():
+    with pytest.raises(UserError, match=r"needs the gate"):
+        build_address("actions", h_dim=4, num_actions=4, pose_dim=2, addr_dim=64, integrator="lattice",
+                      moves=CLIP_MOVES, extent=[56, 56])
+    with pytest.raises(UserError, match=r"whole multiples of the smallest move"):
+        build_address(
+            "actions", h_dim=4, num_actions=4, pose_dim=2, addr_dim=64, integrator="lattice", moves=CLIP_MOVES,
+            extent=[50, 56], gate=True, embed_dim=8, z_dim=4)
+    with pytest.raises(UserError, match=r"needs moves, 4 translations"):
+        build_address("actions", h_dim=4, num_actions=4, pose_dim=2, addr_dim=64, integrator="lattice",
+                      moves=CLIP_MOVES[:3], extent=[56, 56], gate=True, embed_dim=8, z_dim=4)
+    with pytest.raises(UserError, match=r"extent \(the lattice's range\) is for integrator lattice"):
+        build_address("actions", h_dim=4, num_actions=4, pose_dim=2, addr_dim=64, integrator="additive",
+                      extent=[56, 56])
+
+
+def test_the_lattice_place_evidence_weighs_hypotheses_and_learns_from_labels():
+    """A place head that tells even from odd columns (as an MNIST frame does: a digit whole or split in two) keeps
+    only the start columns of the frame's phase; the head itself learns from the pose (cross-entropy) alone."""
+    address = build_address("actions", h_dim=4, num_actions=4, pose_dim=2, addr_dim=64, integrator="lattice",
+                            moves=CLIP_MOVES, extent=[56, 56], gate=True, embed_dim=2, z_dim=4, place_evidence=True)
+    state = address.init_state(1)
+    _, same = address.step(state, torch.zeros(1, 4), torch.tensor([-1]), None, None, torch.zeros(1, 2))
+    assert torch.allclose(same["log_w"], state["log_w"])  # untrained (zero) head: no evidence
+    with torch.no_grad():  # e[0] = 1 says "an even column"
+        address.place_head.weight.zero_()
+        address.place_head.weight[5 + torch.tensor([0, 2, 4]), 0] = 5.0  # axis 1 (columns) rows of the (D*L) head
+    _, state = address.step(state, torch.zeros(1, 4), torch.tensor([-1]), None, None, torch.tensor([[1.0, 0.0]]))
+    cols = state["log_w"][0, 1].exp()
+    assert float(cols[[1, 3]].sum()) < 0.01 and cols[[0, 2, 4]].tolist() == pytest.approx([1 / 3] * 3, abs=0.01)
+    assert state["log_w"][0, 0].exp().tolist() == pytest.approx([0.2] * 5, abs=1e-4)  # rows: no word on them
+    # the place loss trains the head from labels: embeddings that carry the column's parity
+    torch.manual_seed(0)
+    pose = torch.randint(0, 5, (8, 6, 2)).float() * 14
+    embed = torch.stack([(pose[..., 1] / 14 % 2 == 0).float(), torch.ones(8, 6)], dim=-1)  # (B, T, 2)
+    nn_opt = torch.optim.SGD(address.place_head.parameters(), lr=0.5)
+    address.place_head.weight.data.zero_()
+    first = float(address.place_loss(embed, pose).detach())  # log 5 on both axes
+    for _ in range(200):
+        nn_opt.zero_grad()
+        address.place_loss(embed, pose).backward()
+        nn_opt.step()
+    # the columns' parity is learnt (rows stay at log 5: the embeddings say nothing of them): the mean of log 5 and
+    # about log 2.5 at best
+    assert float(address.place_loss(embed, pose).detach()) < first - 0.25

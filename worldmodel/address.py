@@ -42,7 +42,8 @@ from gtmm.cli import UserError
 
 ADDRESSES = ("hidden", "actions", "pose")
 WALL_UNSEEN = 4.0  # gate_walls: "no wall met in this direction" (steps away; the feature is clamped to +-this)
-INTEGRATORS = ("gru", "additive", "se2")
+INTEGRATORS = ("gru", "additive", "se2", "lattice")
+IMPOSSIBLE = -1.0e4  # lattice: the log-weight of a start hypothesis the map cannot have (finite: no NaN in softmax)
 
 State = dict[str, Tensor]
 
@@ -59,9 +60,10 @@ class AddressPath(nn.Module):
     uses_h: bool = True  # addr_t reads h_t: computed inside the step loop (else ``sequence`` before it)
 
     def step(self, state: State, h: Tensor, prev_action: Tensor, pose: Tensor,
-             moved: Tensor | None = None) -> tuple[Tensor, State]:
+             moved: Tensor | None = None, embed: Tensor | None = None) -> tuple[Tensor, State]:
         """One step: addr_t (B, addr_dim) from h_t (B, H), a_{t-1} (B,), pose (B, D) and, for action paths, the
-        probability (B,) that a_{t-1} took effect (None = it did), and the next state."""
+        probability (B,) that a_{t-1} took effect (None = it did) and the frame's embedding e_t (B, E) where it
+        is seen (None in open loop; read by the lattice filter's place evidence), and the next state."""
         raise NotImplementedError
 
     def h_linears(self) -> dict[str, nn.Linear]:
@@ -73,9 +75,10 @@ class AddressPath(nn.Module):
         raise NotImplementedError
 
     def sequence(self, state: State, prev_action: Tensor, pose: Tensor,
-                 moved: Tensor | None = None) -> tuple[Tensor, State]:
+                 moved: Tensor | None = None, embed: Tensor | None = None) -> tuple[Tensor, State]:
         """Every step's address at once (only without ``uses_h``): prev_action (B, T), pose (B, T, D), moved (B, T)
-        or None -> (addr (B, T, addr_dim), the state after the last step), the same as T calls of ``step``."""
+        or None, embed (B, T, E) or None -> (addr (B, T, addr_dim), the state after the last step), the same as T
+        calls of ``step``."""
         raise NotImplementedError
 
 
@@ -123,7 +126,7 @@ class HiddenAddress(AddressPath):
         self.proj = nn.Linear(h_dim, addr_dim)
 
     def step(self, state: State, h: Tensor, prev_action: Tensor, pose: Tensor,
-             moved: Tensor | None = None) -> tuple[Tensor, State]:
+             moved: Tensor | None = None, embed: Tensor | None = None) -> tuple[Tensor, State]:
         """addr_t = a linear projection of h_t (the paper's address); the state stays empty."""
         return self.proj(h), state  # (B, addr_dim)
 
@@ -148,6 +151,12 @@ class ActionAddress(AddressPath):
                             that turns and steps ahead, e.g. MiniWorld; ``moves`` = the env's declared
                             [turn, forward] per action fixes them, else they are learned)
 
+    integrator="lattice":   a Bayes filter over where the walk started on a bounded lattice (declared ``moves``, axis
+                            translations in pose units, and ``extent``, the pose's range per axis): every start
+                            hypothesis s walks the actions, blocked at the edges; the frames' m_t weighs each by
+                            whether it predicts the move that was seen; addr_t = E_s[fourier(x_t(s) - s)], the
+                            expected encoding of the displacement (exact for a `clip` MNIST map; needs the gate)
+
     Knobs for fast convergence: ``layer_norm`` keeps the GRU address at a fixed scale whatever the gates do;
     ``inverse_actions`` (the env's ``inverse_actions`` table) ties E[inv(a)] = -E[a] so an out-and-back path returns
     exactly to its start address from the first update on; ``step_scale`` sets the initial size of E in units of
@@ -158,6 +167,11 @@ class ActionAddress(AddressPath):
     The trainer's ``--address-lr-scale`` multiplies this module's learning rate.
     No action (-1) leaves s unchanged. ``gate=True`` adds the blocked-move gate (``worldmodel.gate``; needs
     ``embed_dim`` and ``z_dim``, which the model passes): each step of s is scaled by the gate's ``moved``.
+    lattice: the start is one of the lattice's places, uniform at first. The context's frames say whether each move
+    happened (the gate's m_t), which rules out the starts that would have been blocked otherwise (and vice versa);
+    in open loop nothing is observed and each hypothesis walks on, so an address needs no guess about unseen edges:
+    it hedges over them. ``benchmarks/clip_ceiling.py`` gives the best any such address can do. ``length_scale``
+    (lattice steps, default 0.5) sets the kernel: neighbouring places nearly orthogonal.
     se2 knobs: ``length_scale`` (pose units; default half the longest declared step, else 1) and ``heading_scale``
     (radians; default half the largest declared turn, else 0.25) set the kernel of ``se2_features``.
 
@@ -176,7 +190,7 @@ class ActionAddress(AddressPath):
                  layer_norm: bool = True, inverse_actions: Sequence[int] | None = None, step_scale: float = 0.1,
                  seed: int = 0, moves: Sequence[Sequence[float]] | None = None, length_scale: float = 0.0,
                  heading_scale: float = 0.0, gate: bool = False, embed_dim: int = 0, z_dim: int = 0,
-                 gate_walls: bool = False):
+                 gate_walls: bool = False, extent: Sequence[float] | None = None, place_evidence: bool = False):
         super().__init__()
         if num_actions < 1:
             raise UserError(f"address 'actions': needs num_actions >= 1, got {num_actions} (action-free task?)")
@@ -197,10 +211,28 @@ class ActionAddress(AddressPath):
             self.path_dim = path_dim or 8
             self.displacement = nn.Parameter(step_scale * torch.randn(num_actions, self.path_dim))  # E (A, P)
             self.register_buffer("frequencies", _random_frequencies(self.path_dim, addr_dim, seed))  # (P, addr_dim/2)
-        else:
+        elif integrator == "se2":
             self._init_se2(num_actions, addr_dim, moves, length_scale, heading_scale, step_scale, seed)
-        if moves is not None and integrator != "se2":
-            raise UserError("address 'actions': moves (declared [turn, forward] per action) are for integrator se2")
+        else:
+            self._init_lattice(num_actions, addr_dim, moves, extent, length_scale, seed)
+            if place_evidence:
+                if embed_dim < 1:
+                    raise UserError("address 'actions' (lattice): place_evidence needs the model's embed_dim >= 1")
+                D, L = self.path_dim, int(self.lattice_size.max())
+                self.place_head = nn.Linear(embed_dim, D * L)  # e_t -> logits of the place on each axis
+                nn.init.zeros_(self.place_head.weight)  # uniform at first: no evidence until the labels teach it
+                nn.init.zeros_(self.place_head.bias)
+            if not gate:
+                raise UserError("address 'actions' (lattice): needs the gate (\"gate\": true): the frames' word on "
+                                "whether each move happened is what weighs the start hypotheses")
+        if moves is not None and integrator not in ("se2", "lattice"):
+            raise UserError("address 'actions': moves (declared per action) are for the se2 and lattice integrators")
+        if place_evidence and integrator != "lattice":
+            raise UserError("address 'actions': place_evidence is for integrator lattice")
+        if not (integrator == "lattice" and place_evidence):
+            self.place_head = None
+        if extent is not None and integrator != "lattice":
+            raise UserError("address 'actions': extent (the lattice's range) is for integrator lattice")
         if inverse_actions is not None:
             inverse = torch.as_tensor(list(inverse_actions), dtype=torch.long)
             if inverse.shape != (num_actions,) or bool(((inverse < 0) | (inverse >= num_actions)).any()):
@@ -252,12 +284,53 @@ class ActionAddress(AddressPath):
         self.length_scale, self.heading_scale = float(length_scale), float(heading_scale)
         self.register_buffer("frequencies", _random_frequencies(4, addr_dim, seed))  # (4, addr_dim/2)
 
+    def _init_lattice(self, num_actions: int, addr_dim: int, moves: Sequence[Sequence[float]] | None,
+                      extent: Sequence[float] | None, length_scale: float, seed: int) -> None:
+        """The lattice integrator's moves and sizes in lattice steps (the smallest move along each axis is one step)
+        and its kernel."""
+        if addr_dim % 2:
+            raise UserError(f"address 'actions' (lattice): addr_dim must be even (sin and cos halves), got {addr_dim}")
+        try:
+            rows = [[float(x) for x in m] for m in moves]  # type: ignore[union-attr]
+            table = torch.as_tensor(rows, dtype=torch.float64)
+            span = torch.as_tensor([float(x) for x in extent], dtype=torch.float64)  # type: ignore[union-attr]
+        except (TypeError, ValueError):
+            table = span = None
+        D = 0 if span is None else span.numel()
+        if (table is None or table.shape != (num_actions, D) or D == 0 or not bool(torch.isfinite(table).all())
+                or not bool((span > 0).all())):
+            raise UserError(f"address 'actions' (lattice): needs moves, {num_actions} translations of the pose, and "
+                            f"extent, the pose's range per axis (> 0, as many axes); got moves={moves!r}, "
+                            f"extent={extent!r}")
+        unit = torch.stack([col[col != 0].abs().min() if bool((col != 0).any()) else torch.tensor(1.0, dtype=col.dtype)
+                            for col in table.t()])  # (D,) one lattice step per axis
+        steps, sizes = table / unit, span / unit
+        if not (torch.allclose(steps, steps.round(), atol=1e-6) and torch.allclose(sizes, sizes.round(), atol=1e-6)):
+            raise UserError(f"address 'actions' (lattice): every move and the extent must be whole multiples of the "
+                            f"smallest move per axis ({unit.tolist()}); got moves={moves!r}, extent={extent!r}")
+        self.path_dim = D
+        self.register_buffer("lattice_moves", steps.round().float())  # (A, D) in lattice steps
+        self.register_buffer("lattice_size", sizes.round().float() + 1)  # (D,) places per axis
+        self.register_buffer("lattice_unit", unit.float())  # (D,) pose units per lattice step
+        length_scale = length_scale or 0.5
+        if length_scale <= 0:
+            raise UserError(f"address 'actions' (lattice): length_scale must be > 0, got {length_scale}")
+        self.register_buffer("frequencies", _random_frequencies(D, addr_dim, seed) / length_scale)  # (D, addr_dim/2)
+
     def init_state(self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> State:
         # Every episode starts at the origin of its own path: addresses are relative to the start.
         """Every sequence at the origin of its own path: the learned start (gru) or zeros (additive, se2: x, y and
         heading 0)."""
         if self.integrator == "gru":
             return {"path": self.start.to(device=device, dtype=dtype).expand(batch, self.path_dim)}  # (B, P)
+        if self.integrator == "lattice":
+            # hypothesis s = the start's index on each axis; every valid one equally likely
+            L = int(self.lattice_size.max())
+            starts = torch.arange(L, device=device, dtype=dtype)  # (L,)
+            valid = starts < self.lattice_size.to(device=device, dtype=dtype).unsqueeze(-1)  # (D, L)
+            log_w = torch.where(valid, -valid.to(dtype).sum(-1, keepdim=True).log(), IMPOSSIBLE)  # (D, L)
+            return {"log_w": log_w.expand(batch, -1, -1).clone(),  # (B, D, L)
+                    "place": starts.expand(batch, self.path_dim, L).clone()}  # (B, D, L) where each one is now
         state = {"path": torch.zeros(batch, self.path_dim, device=device, dtype=dtype)}  # (B, P)
         if self.gate_walls:
             state["reach"] = torch.zeros(batch, self.num_actions, device=device, dtype=dtype)  # (B, A)
@@ -281,7 +354,7 @@ class ActionAddress(AddressPath):
     def gate_features(self, state: State) -> Tensor:
         """The extra inputs of the gate's open-loop guess at the next step, from the state before it: (B, 3A), or
         (B, 0) without ``gate_walls``."""
-        path = state["path"]
+        path = state["path"] if "path" in state else state["place"][..., 0]  # lattice: (B, D), for shape only
         if not self.gate_walls:
             return path.new_zeros(path.shape[0], 0)
         return self._wall_features(self._projections(path), state["reach"], state["wall"])
@@ -307,7 +380,8 @@ class ActionAddress(AddressPath):
     def gate_feature_sequence(self, state: State, prev_action: Tensor, moved: Tensor | None) -> Tensor:
         """The gate features before every step of a window (B, T, 3A) (teacher forcing: training the guess)."""
         if not self.gate_walls:
-            return state["path"].new_zeros(*prev_action.shape, 0)
+            ref = state["path"] if "path" in state else state["place"]
+            return ref.new_zeros(*prev_action.shape, 0)
         onehot = action_onehot(prev_action, self.num_actions, state["path"].dtype)  # (B, T, A)
         paths = self._additive_paths(state["path"], self._scaled(onehot, moved))  # (B, T, P)
         return self._track_walls(state, paths, onehot, moved)[0]
@@ -336,21 +410,90 @@ class ActionAddress(AddressPath):
         """path (..., 3) = (x, y, heading) -> addr (..., addr_dim)."""
         return se2_features(path[..., :2], path[..., 2], self.frequencies, self.length_scale, self.heading_scale)
 
+    def place_logits(self, embed: Tensor) -> Tensor:
+        """The place head's logits of where on each axis a frame was seen: embed (..., E) -> (..., D, L), places
+        beyond an axis's size impossible."""
+        D, L = self.lattice_moves.shape[1], int(self.lattice_size.max())
+        logits = self.place_head(embed).view(*embed.shape[:-1], D, L)
+        valid = torch.arange(L, device=embed.device) < self.lattice_size.unsqueeze(-1)  # (D, L)
+        return logits.masked_fill(~valid, IMPOSSIBLE)
+
+    def place_loss(self, embed: Tensor, pose: Tensor) -> Tensor:
+        """Cross-entropy of the place head against the recorded pose's place (pose / unit on each axis, the MNIST
+        map's window corner from 0): embed (B, T, E), pose (B, T, D) -> scalar. Steps off the lattice are skipped."""
+        index = (pose.float() / self.lattice_unit).round().long()  # (B, T, D)
+        ok = (index >= 0) & (index < self.lattice_size.long())  # (B, T, D)
+        logits = self.place_logits(embed).float()  # (B, T, D, L)
+        ce = nn.functional.cross_entropy(logits.flatten(0, 2), index.clamp(min=0).flatten(), reduction="none")
+        return (ce * ok.flatten()).sum() / ok.sum().clamp(min=1)
+
+    def _lattice_step(self, state: State, onehot: Tensor, moved: Tensor | None, embed: Tensor | None = None) -> State:
+        """One move of every start hypothesis: onehot (B, A) of a_{t-1} (zeros: no action), moved (B,) the
+        probability that the pose changed (the frames' m_t), or None (open loop: nothing observed, no reweighing);
+        embed (B, E) the frame seen after the move, whose place evidence (with ``place_evidence``) weighs each
+        hypothesis by where it now stands."""
+        place, log_w = state["place"], state["log_w"]  # (B, D, L) each
+        delta = (onehot @ self.lattice_moves.to(onehot.dtype)).unsqueeze(-1)  # (B, D, 1) steps along each axis
+        target = place + delta  # (B, D, L)
+        last = (self.lattice_size.to(place.dtype) - 1).view(1, -1, 1)  # (1, D, 1)
+        inside = (target >= 0) & (target <= last)  # (B, D, L) the move happens from there
+        if moved is not None:
+            # P(what the frames saw | hypothesis): m_t where it moves, 1 - m_t where the edge blocks it; axes the
+            # action does not move along say nothing
+            m = moved.to(place.dtype).view(-1, 1, 1).clamp(1e-4, 1 - 1e-4)  # (B, 1, 1)
+            evidence = torch.where(inside, m, 1 - m).log()  # (B, D, L)
+            log_w = log_w + torch.where(delta != 0, evidence, torch.zeros_like(evidence))
+        place = torch.minimum(torch.maximum(target, torch.zeros_like(target)), last)  # (B, D, L)
+        if embed is not None and self.place_head is not None:
+            # the frame's likelihood ratio of each place, log p(place | e_t) - log p(place) (the head's bias stands
+            # for the data's marginal, so the same evidence seen again does not pile the marginal up). Trained by
+            # the place loss alone (labels), never by the ELBO: detached, like the gate with labels.
+            logits = self.place_logits(embed).detach()  # (B, D, L)
+            marginal = logits.new_zeros(logits.shape[-2:]).masked_fill(logits[0] <= IMPOSSIBLE, IMPOSSIBLE)
+            marginal = marginal + self.place_head.bias.detach().view(marginal.shape)  # (D, L)
+            ratio = logits.log_softmax(-1) - marginal.log_softmax(-1)  # (B, D, L)
+            log_w = log_w + ratio.gather(-1, place.long())  # each hypothesis, where it stands now
+        if moved is not None or (embed is not None and self.place_head is not None):
+            log_w = (log_w - log_w.logsumexp(-1, keepdim=True)).clamp(min=IMPOSSIBLE)  # normalised per axis
+        return {"log_w": log_w, "place": place}
+
+    def _lattice_encode(self, state: State) -> Tensor:
+        """addr_t = E[fourier(x_t(s) - s)] over the start hypotheses (B, addr_dim). The axes are independent, so the
+        expectation of e^{i omega . d} is the product over axes of each axis's expected e^{i omega_d d_d}."""
+        place, weights = state["place"], state["log_w"].softmax(-1)  # (B, D, L) each
+        starts = torch.arange(place.shape[-1], device=place.device, dtype=place.dtype)  # (L,)
+        phase = (place - starts).unsqueeze(-1) * self.frequencies.to(place.dtype).unsqueeze(1)  # (B, D, L, K)
+        real = (weights.unsqueeze(-1) * phase.cos()).sum(2)  # (B, D, K)
+        imag = (weights.unsqueeze(-1) * phase.sin()).sum(2)  # (B, D, K)
+        re, im = real[:, 0], imag[:, 0]  # (B, K)
+        for d in range(1, place.shape[1]):  # complex product over the axes
+            re, im = re * real[:, d] - im * imag[:, d], re * imag[:, d] + im * real[:, d]
+        return torch.cat([im, re], dim=-1) / math.sqrt(self.frequencies.shape[1])  # (B, addr_dim), as fourier_features
+
+    @property
+    def guesses_moves(self) -> bool:
+        """Whether, with the gate, an open-loop step needs the gate's guess (G2) of m_t: not for the lattice
+        filter, whose hypotheses each know whether they are blocked."""
+        return self.integrator != "lattice"
+
     @staticmethod
     def _scaled(onehot: Tensor, moved: Tensor | None) -> Tensor:
         """onehot (..., A) times the probability (...,) that the move happened (None: it did)."""
         return onehot if moved is None else onehot * moved.unsqueeze(-1).to(onehot.dtype)
 
     def step(self, state: State, h: Tensor, prev_action: Tensor, pose: Tensor,
-             moved: Tensor | None = None) -> tuple[Tensor, State]:
+             moved: Tensor | None = None, embed: Tensor | None = None) -> tuple[Tensor, State]:
         """Integrate a_{t-1} (B,) into the path (B, P), scaled by ``moved`` (B,) (None = 1); -1 (no action)
         leaves it; addr_t is its encoding."""
         assert prev_action.shape == (h.shape[0],), f"prev_action must be (B,), got {tuple(prev_action.shape)}"
-        path = state["path"]  # (B, P)
+        path = state["path"] if "path" in state else state["place"][..., 0]  # (B, P); lattice: for dtype only
         acted = (prev_action >= 0).to(path.dtype).unsqueeze(-1)  # (B, 1), 0 for "no action"
         if moved is not None:
             acted = acted * moved.to(path.dtype).unsqueeze(-1)  # (B, 1)
         onehot = action_onehot(prev_action, self.num_actions, path.dtype)  # (B, A)
+        if self.integrator == "lattice":
+            state = self._lattice_step(state, onehot, moved, embed)
+            return self._lattice_encode(state), state
         if self.integrator == "gru":
             # no action (or a blocked one) -> keep s: a GRU fed zeros would still drift through its biases
             path = acted * self.cell(onehot, path) + (1.0 - acted) * path  # (B, P)
@@ -374,9 +517,17 @@ class ActionAddress(AddressPath):
         return addr, {"path": path}
 
     def sequence(self, state: State, prev_action: Tensor, pose: Tensor,
-                 moved: Tensor | None = None) -> tuple[Tensor, State]:
+                 moved: Tensor | None = None, embed: Tensor | None = None) -> tuple[Tensor, State]:
         """All T addresses from prev_action (B, T) (and moved (B, T) or None) at once: cumulative sums (additive,
         se2) or the GRU alone."""
+        if self.integrator == "lattice":  # a filter: step by step (a few small ops per step)
+            onehot = action_onehot(prev_action, self.num_actions, state["place"].dtype)  # (B, T, A)
+            addrs = []
+            for t in range(prev_action.shape[1]):
+                state = self._lattice_step(state, onehot[:, t], None if moved is None else moved[:, t],
+                                           None if embed is None else embed[:, t])
+                addrs.append(self._lattice_encode(state))
+            return torch.stack(addrs, dim=1), state  # (B, T, addr_dim)
         path = state["path"]  # (B, P)
         onehot = action_onehot(prev_action, self.num_actions, path.dtype)  # (B, T, A), zeros for "no action"
         stepped = self._scaled(onehot, moved)  # the integrators' share of each move (the GRU blends by moved below)
@@ -457,13 +608,13 @@ class PoseAddress(AddressPath):
         return fourier_features(pose, self.frequencies)
 
     def step(self, state: State, h: Tensor, prev_action: Tensor, pose: Tensor,
-             moved: Tensor | None = None) -> tuple[Tensor, State]:
+             moved: Tensor | None = None, embed: Tensor | None = None) -> tuple[Tensor, State]:
         """addr_t = Fourier features of the env's pose (B, D); the state stays empty."""
         assert pose.shape == (h.shape[0], self.pose_dim), f"pose must be (B, {self.pose_dim}), got {tuple(pose.shape)}"
         return self._encode(pose).to(h.dtype), state
 
     def sequence(self, state: State, prev_action: Tensor, pose: Tensor,
-                 moved: Tensor | None = None) -> tuple[Tensor, State]:
+                 moved: Tensor | None = None, embed: Tensor | None = None) -> tuple[Tensor, State]:
         """All T addresses (B, T, addr_dim): Fourier features of pose (B, T, D) in one batched call."""
         return self._encode(pose), state  # (B, T, addr_dim)
 

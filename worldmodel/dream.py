@@ -549,7 +549,10 @@ class DreamBatch:
             noise = torch.as_tensor(noise, device=self.device)
         moved = None
         if self.model.cell.gate is not None:  # a gated action address: where the dream knows if the move happened
-            guess = self.model.cell.move_guess(self.state, action_t)  # (N,) the model's own belief
+            if self.model.cell.address.guesses_moves:
+                guess = self.model.cell.move_guess(self.state, action_t)  # (N,) the model's own belief
+            else:  # the lattice filter: 0.5 is no evidence (it weighs every start hypothesis alike)
+                guess = torch.full(action_t.shape, 0.5, device=self.device)
             moved = torch.where(torch.as_tensor(move_known, device=self.device),
                                 torch.as_tensor(happened, device=self.device).to(guess.dtype), guess)
         with prior_temperature(self.model, self.temperature):

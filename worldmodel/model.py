@@ -183,9 +183,9 @@ class GTMMCell(nn.Module):
         h, c = self.lstm(torch.cat([state.z, action, state.read], dim=-1), (state.h, state.c))  # (B, H) each
 
         # (2) address of this step (gated: did a_{t-1} move us?); (3) read the memory written at earlier steps
-        if self.gate is not None and moved is None:
+        if self.gate is not None and moved is None and self.address.guesses_moves:
             moved = self.move_guess(state, prev_action)  # (B,) (G2): open loop
-        addr, address_state = self.address.step(state.address, h, prev_action, pose, moved)  # (B, addr_dim)
+        addr, address_state = self.address.step(state.address, h, prev_action, pose, moved, embed)  # (B, addr_dim)
         attention = self.memory.attend(state.memory, h, addr)  # one attend: the read and its diagnostics
         read = attention["read"]  # (B, read_dim)
 
@@ -274,7 +274,7 @@ class GTMMCell(nn.Module):
             if self.address.uses_h:
                 const["addr.w"] = cast(addr_w)
             else:
-                addr, address_state = self.address.sequence(state.address, prev_action, pose, moved)  # (B, T, A)
+                addr, address_state = self.address.sequence(state.address, prev_action, pose, moved, embed)  # (B, T, A)
                 addr_seq = addr.transpose(0, 1)  # (T, B, A)
                 keys = F.linear(addr_seq, addr_w)  # (T, B, Fa), every step's key projections at once
                 pre_addr = dict(zip(self._addr_names, keys.split(self._addr_widths, dim=-1)))
@@ -472,6 +472,7 @@ class GTMM(nn.Module):
             seq, state = self._scan(state, prev_action, pose, embed, noise, moved)
         if gate_logits is not None:
             seq["gate_logits"] = gate_logits  # (B, T)
+        seq["embed"] = embed  # (B, T, E): the lattice address's place loss reads it
 
         # (8) decode every latent at once; per-step ELBO terms
         logits = self.decode_logits(seq["z"])  # (B, T, C, H, W)
@@ -659,6 +660,10 @@ class GTMM(nn.Module):
             predicted = self.cell.gate.predicted_logits(z_prev, batch["prev_action"], walls)  # (B, T)
             seq.update(gate_loss_fn(seq["gate_logits"], predicted, batch["pose"], batch["prev_action"],
                                     has_pose=self.cfg.pose_dim > 0))
+            if getattr(self.cell.address, "place_head", None) is not None and self.cfg.pose_dim > 0:
+                # the lattice filter's place evidence learns where a frame is from the recorded pose (a label)
+                seq["place_loss"] = self.cell.address.place_loss(seq["embed"], batch["pose"])
+                seq["gate_loss"] = seq["gate_loss"] + seq["place_loss"]
             loss = loss + gate_aux * seq["gate_loss"]
         if self.reward_head is not None and "reward" in batch:
             # (R1), (R2) on the teacher-forced state of every step; the reward's gradient also shapes h, r and z
