@@ -35,9 +35,13 @@ Contract shared by all our envs (what ``agents/``, ``rollouts/`` and ``worldmode
   | ``se2``       | ``[turn, forward]``: turn (left positive), then step ahead    | radians, metres | MiniWorld |
 
   ``exact`` is False when a move can be blocked (a ``clip`` border, a wall), so the moves are what an action does
-  when it is not blocked. ``rollouts.collect`` records ``inverse_actions`` and ``action_effects`` in the manifest's
-  ``env`` entry, and ``worldmodel.train --address auto`` chooses the model's address from them (``translate``: an
-  additive path integrator tied by ``inverse_actions``; other or unknown effects: the GRU integrator).
+  when it is not blocked. ``extent`` (optional, ``translate``): the pose's range per axis, ``[0, extent]``, when
+  moves are blocked exactly at its ends (the MNIST map's ``clip`` border: map side minus window, in pixels); the
+  ``lattice`` address reasons over where in that range a walk started. ``rollouts.collect`` records
+  ``inverse_actions`` and ``action_effects`` in the manifest's ``env`` entry, and ``worldmodel.train --address
+  auto`` chooses the model's address from them (``translate``: an additive path integrator tied by
+  ``inverse_actions``, or the ``lattice`` filter where an ``extent`` is declared; ``se2``: the SE(2) integrator;
+  other or unknown effects: the GRU integrator).
 - Vector envs report the same keys as arrays with a leading ``num_envs`` axis.
 - Dead reckoning (``odometry`` below): for envs of ours that declare ``action_effects``, a pose-and-revisit tracker
   that needs no simulator (``envs.mnist_map.LatticeOdometry``, ``envs.miniworld.SE2Odometry``): it integrates poses

@@ -172,14 +172,27 @@ def test_auto_address_on_a_miniworld_manifest_is_the_gated_se2_integrator():
 def test_auto_address_on_a_clip_border_mnist_map_has_the_gate():
     from envs.mnist_map import action_effects
 
+    effects = gym.make("MnistMap-v0").unwrapped.action_effects  # what a collect records today: the edges too
+    assert effects == {"kind": "translate", "moves": [[-14, 0], [14, 0], [0, -14], [0, 14]], "exact": False,
+                       "extent": [56, 56]}
     env = {"name": "mnist_map", "id": "MnistMap-v0", "kwargs": {}, "inverse_actions": [1, 0, 3, 2],
-           "action_effects": action_effects(14, 4, "clip")}
+           "action_effects": effects}
     model, why = _model_of(env)
+    assert model.cfg.address_kwargs == {"integrator": "lattice", "moves": effects["moves"], "extent": [56, 56],
+                                        "gate": True, "place_evidence": True}
+    assert model.cell.address.place_head is not None and "Bayes filter" in why
+    # yours win: '{"gate": false}' is the plain integrator that assumes every move happens
+    for older in (env, {**env, "action_effects": action_effects(14, 4, "clip")}):
+        cfg, _ = dataclasses.replace(debug(Path("unused")), address_kwargs='{"gate": false}').resolve_address(older, 4)
+        assert json.loads(cfg.address_kwargs) == {"integrator": "additive", "inverse_actions": [1, 0, 3, 2],
+                                                  "gate": False}
+    # a manifest from before the edges were declared: the additive integrator with the gate's wall features
+    model, _ = _model_of({**env, "action_effects": action_effects(14, 4, "clip")})
     assert model.cfg.address_kwargs == {"integrator": "additive", "inverse_actions": [1, 0, 3, 2], "gate": True,
                                         "gate_walls": True}
-    # yours win: '{"gate": false}' is the plain integrator that assumes every move happens
-    cfg, _ = dataclasses.replace(debug(Path("unused")), address_kwargs='{"gate": false}').resolve_address(env, 4)
-    assert json.loads(cfg.address_kwargs) == {"integrator": "additive", "inverse_actions": [1, 0, 3, 2], "gate": False}
+    # a bad extent in a manifest (an untrusted file) is one clear line
+    with pytest.raises(UserError, match=r"action_effects.extent"):
+        _model_of({**env, "action_effects": {**effects, "extent": [56, "far"]}})
 
 
 def test_auto_address_on_an_old_manifest_without_effects_is_the_gru_integrator():

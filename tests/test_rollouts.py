@@ -206,7 +206,7 @@ def test_collect_mnist_map_bit_exact(tmp_path, agent):
     assert manifest["env"] == {"name": "mnist_map", "id": "MnistMap-v0", "kwargs": {"grid": 4, "max_steps": steps},
                                "inverse_actions": [1, 0, 3, 2],
                                "action_effects": {"kind": "translate", "moves": [[-14, 0], [14, 0], [0, -14], [0, 14]],
-                                                  "exact": False}}
+                                                  "exact": False, "extent": [84, 84]}}  # grid 4: 112 - 28
     assert manifest["obs_shape"] == [28, 28, 1] and manifest["num_actions"] == 4 and manifest["pose_dim"] == 2
     for record, episode in iter_episodes(tmp_path / "d"):
         assert episode["obs"].shape == (steps + 1, 28, 28, 1) and episode["truncated"][-1]

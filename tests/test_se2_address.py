@@ -187,9 +187,12 @@ def json_kwargs(config):
     return json.loads(config.address_kwargs)
 
 
-def test_a_dream_on_a_clip_map_holds_the_address_on_a_blocked_move(tmp_path, one_thread):
-    """On the MNIST map the dream's dead reckoning knows the declared border: a move into it leaves the gated
-    integrator's path where it was (the gate alone cannot see the border in a dream)."""
+@pytest.mark.parametrize("address_kwargs", ["{}", '{"integrator": "additive", "inverse_actions": [1, 0, 3, 2], '
+                                                  '"gate": true, "gate_walls": true}'])
+def test_a_dream_on_a_clip_map_tells_the_address_of_a_blocked_move(tmp_path, one_thread, address_kwargs):
+    """On the MNIST map the dream's dead reckoning knows the declared border and tells the address. The lattice
+    filter (what auto picks): after the walk is stopped at the top, every start hypothesis left stands at the top
+    row. The additive integrator with the gate: a move into the border leaves its path where it was."""
     import dataclasses
 
     from rollouts.collect import CollectConfig, collect
@@ -200,20 +203,28 @@ def test_a_dream_on_a_clip_map_holds_the_address_on_a_blocked_move(tmp_path, one
     data = tmp_path / "data"
     collect(CollectConfig(env="mnist_map", agent="random", episodes=6, steps=12, out=data, seed=0, progress=False))
     cfg = dataclasses.replace(preset("debug"), data=str(data), out=str(tmp_path / "run"), steps=2, val_every=0,
-                              progress=False)
-    assert json_kwargs(train(cfg)["config"])["gate"] is True  # clip border: auto adds the gate
+                              progress=False, address="auto" if address_kwargs == "{}" else "actions",
+                              address_kwargs=address_kwargs)
+    kwargs = json_kwargs(train(cfg)["config"])
+    assert kwargs["gate"] is True  # clip border: auto adds the gate
+    lattice = kwargs["integrator"] == "lattice"
+    assert lattice == (address_kwargs == "{}")
     env = DreamEnv(checkpoint=str(tmp_path / "run"), data=str(data), context=3, threads=1)
     env.reset(seed=0)
     held = 0
     for _ in range(6):  # up (action 0) until long after the top border stops the walk
-        before = env.dreams.state.address["path"].clone()
+        before = {k: v.clone() for k, v in env.dreams.state.address.items()}
         pose_before = env.dreams.pose.copy()
         _, _, _, _, info = env.step(0)
         assert info["pose_source"] in ("recorded", "integrated")
         same_pose = bool((info["pose"] == pose_before[0]).all())
-        same_path = torch.equal(env.dreams.state.address["path"], before)
-        assert same_pose == same_path
         held += same_pose
+        if not lattice:
+            assert same_pose == torch.equal(env.dreams.state.address["path"], before["path"])
+    if lattice:  # the row belief: all its weight on hypotheses now at row 0
+        state = env.dreams.state.address
+        weights, rows = state["log_w"][0, 0].exp(), state["place"][0, 0]
+        assert float(weights[rows == 0].sum()) > 0.99
     env.close()
     assert held >= 2  # the walk reached the border
 

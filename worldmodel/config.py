@@ -186,6 +186,11 @@ class TrainConfig:
         kwargs = {**chosen, **given} if address == "actions" else given  # yours win; hidden takes none of ours
         if kwargs.get("gate") is False:
             kwargs.pop("gate_walls", None)  # '{"gate": false}': the plain integrator, with nothing of the gate's
+            if kwargs.get("integrator") == "lattice" and "integrator" not in given:
+                # on declared edges too: the plain additive integrator (the lattice filter needs the gate)
+                inverse = _inverse_of(env or {}, num_actions)
+                kwargs = {"integrator": "additive", **({"inverse_actions": inverse} if inverse is not None else {}),
+                          **given}
         return dataclasses.replace(self, address=address, address_kwargs=json.dumps(kwargs)), why
 
     def _resolve_pose(self, env: dict[str, Any], num_actions: int) -> tuple["TrainConfig", str]:
@@ -281,7 +286,10 @@ def auto_address(env: Optional[dict[str, Any]], num_actions: int, memory: str) -
     - any other kind, or no declared effects (an older manifest): `actions` with the GRU integrator, which can
       learn any dynamics;
     - moves that can be blocked (`exact` False: a `clip` border, walls): the blocked-move gate too (`gate`: the
-      model learns from the frames whether each move happened, `worldmodel.gate`).
+      model learns from the frames whether each move happened, `worldmodel.gate`);
+    - `translate` moves blocked at a declared `extent` (the MNIST map's clip border): the lattice integrator, a
+      Bayes filter over where the walk started, with the frames' place evidence (`place_evidence`); older
+      manifests without `extent`: the additive integrator with the gate's wall features (`gate_walls`).
 
     `why` is one line for the run's log."""
     if num_actions == 0:
@@ -306,6 +314,18 @@ def auto_address(env: Optional[dict[str, Any]], num_actions: int, memory: str) -
             kwargs["inverse_actions"] = inverse
         if blocked:
             kwargs["gate"] = True
+            extent = effects.get("extent")
+            if effects["kind"] == "translate" and extent is not None:
+                ok = (isinstance(extent, list) and len(extent) == len(effects["moves"][0])
+                      and all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in extent))
+                if not ok:
+                    raise _manifest_problem("action_effects.extent", extent, "a positive number per pose axis")
+                # where the edges are is declared: reason over where the walk started (address.py, lattice)
+                kwargs = {"integrator": "lattice", "moves": effects["moves"], "extent": extent, "gate": True,
+                          "place_evidence": True}
+                return "actions", kwargs, ("the env's actions translate the view on a map with declared edges: a "
+                                           "Bayes filter over where the walk started, with the gate and the frames' "
+                                           "place evidence")
             if effects["kind"] == "translate":
                 kwargs["gate_walls"] = True  # a map's borders: no frame shows them, the walk does (address.py)
         return "actions", kwargs, why + gate_why
