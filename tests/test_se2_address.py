@@ -6,6 +6,8 @@ collect a few tiny MiniWorld episodes, train a `debug` model on them, and walk t
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 
 import numpy as np
@@ -347,3 +349,41 @@ def test_the_lattice_place_evidence_weighs_hypotheses_and_learns_from_labels():
     # the columns' parity is learnt (rows stay at log 5: the embeddings say nothing of them): the mean of log 5 and
     # about log 2.5 at best
     assert float(address.place_loss(embed, pose).detach()) < first - 0.25
+
+
+def test_the_lattice_hypotheses_merge_starts_by_displacement_and_the_model_mixes_its_reads():
+    """Starts that walked to the same displacement are one place; in open loop the model reads memory at each
+    place and mixes the reads by probability (one attend on B*H rows equals H attends)."""
+    from worldmodel.address import fourier_features
+
+    RIGHT = 3
+    address = lattice_address()
+    state, h = address.init_state(1), torch.zeros(1, 4)
+    for _ in range(3):  # seen to move 3 times: starts 0 and 1 left, both now 3 steps right of their start
+        _, state = address.step(state, h, torch.tensor([RIGHT]), None, torch.tensor([1.0]))
+    addrs, prob = address.hypotheses(state)
+    assert float(prob[0, 0]) > 0.999
+    assert cos(addrs[0, 0], fourier_features(torch.tensor([[0.0, 3.0]]), address.frequencies)[0]) > 0.9999
+    for _ in range(2):  # open loop: start 0 moves once more then meets the edge, start 1 is blocked twice
+        _, state = address.step(state, h, torch.tensor([RIGHT]), None, None)
+    addrs, prob = address.hypotheses(state)
+    assert prob[0, :2].tolist() == pytest.approx([0.5, 0.5], abs=1e-3) and float(prob.sum()) == pytest.approx(1.0)
+    found = {round(cos(addrs[0, i], fourier_features(torch.tensor([[0.0, c]]), address.frequencies)[0]), 4)
+             for i in range(2) for c in (3.0, 4.0)}
+    assert 1.0 in found
+    # the mixture read of the model equals the probability-weighted mean of one attend per place
+    from worldmodel.config import preset
+
+    kwargs = json.dumps({"integrator": "lattice", "moves": CLIP_MOVES, "extent": [56, 56], "gate": True})
+    cfg = dataclasses.replace(preset("debug"), address="actions", address_kwargs=kwargs).model_config((28, 28, 1), 4, 2)
+    from worldmodel.model import GTMM
+
+    torch.manual_seed(0)
+    model = GTMM(cfg)
+    obs = torch.randint(0, 255, (2, 5, 28, 28, 1), dtype=torch.uint8)
+    mstate = model.observe(obs, torch.tensor([[-1, 3, 3, 3, 3]] * 2), torch.zeros(2, 5, 2), sample=False)["state"]
+    places = model.cell.address.hypotheses(mstate.address)
+    mixed = model.cell._attend_mixture(mstate.memory, mstate.h, *places)
+    reads = [model.cell.memory.attend(mstate.memory, mstate.h, places[0][:, i]) for i in range(places[0].shape[1])]
+    expected = sum(places[1][:, i:i + 1] * r["read"] for i, r in enumerate(reads))
+    assert torch.allclose(mixed["read"], expected, atol=1e-5)

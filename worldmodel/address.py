@@ -70,6 +70,11 @@ class AddressPath(nn.Module):
         """The layers applied to h_t at every step, by name (fused with the memory's by the fast path)."""
         return {}
 
+    def hypotheses(self, state: State) -> tuple[Tensor, Tensor] | None:
+        """Where the path may be when it is not sure: (addresses (B, H, addr_dim), probabilities (B, H)) of its H
+        most probable places, or None (one address says it all: every path but the lattice filter)."""
+        return None
+
     def from_pre(self, pre: dict[str, Tensor]) -> Tensor:
         """addr_t (B, addr_dim) from the outputs of ``h_linears`` (only for addresses with ``uses_h``)."""
         raise NotImplementedError
@@ -469,6 +474,26 @@ class ActionAddress(AddressPath):
         for d in range(1, place.shape[1]):  # complex product over the axes
             re, im = re * real[:, d] - im * imag[:, d], re * imag[:, d] + im * real[:, d]
         return torch.cat([im, re], dim=-1) / math.sqrt(self.frequencies.shape[1])  # (B, addr_dim), as fourier_features
+
+    def hypotheses(self, state: State, top: int = 8) -> tuple[Tensor, Tensor] | None:
+        """The lattice filter's most probable displacements from the start (at most ``top``) with their
+        probabilities, renormalised: the model reads memory at each and mixes the reads by probability (a sharp
+        read of the one expected address would bet on the likeliest place instead). Starts that have walked to
+        the same displacement are one place. None for the other integrators."""
+        if self.integrator != "lattice":
+            return None
+        place, weights = state["place"], state["log_w"].softmax(-1)  # (B, D, L) each
+        B, D, L = place.shape
+        offset = (place - torch.arange(L, device=place.device, dtype=place.dtype)).round().long() + (L - 1)
+        per_axis = weights.new_zeros(B, D, 2 * L - 1).scatter_add_(-1, offset, weights)  # (B, D, 2L-1) by displacement
+        joint = per_axis[:, 0]  # (B, 2L-1)
+        for d in range(1, D):  # the axes are independent: outer products, flattened
+            joint = (joint.unsqueeze(-1) * per_axis[:, d].unsqueeze(1)).flatten(1)  # (B, (2L-1)^(d+1))
+        prob, index = joint.topk(min(top, joint.shape[-1]), dim=-1)  # (B, H) each
+        displacement = torch.stack([(index // (2 * L - 1) ** (D - 1 - d)) % (2 * L - 1) for d in range(D)], dim=-1)
+        displacement = (displacement - (L - 1)).to(place.dtype)  # (B, H, D) in lattice steps
+        addrs = fourier_features(displacement, self.frequencies.to(place.dtype))  # (B, H, addr_dim)
+        return addrs, prob / prob.sum(-1, keepdim=True).clamp(min=1e-12)
 
     @property
     def guesses_moves(self) -> bool:

@@ -186,7 +186,11 @@ class GTMMCell(nn.Module):
         if self.gate is not None and moved is None and self.address.guesses_moves:
             moved = self.move_guess(state, prev_action)  # (B,) (G2): open loop
         addr, address_state = self.address.step(state.address, h, prev_action, pose, moved, embed)  # (B, addr_dim)
-        attention = self.memory.attend(state.memory, h, addr)  # one attend: the read and its diagnostics
+        places = self.address.hypotheses(address_state) if embed is None and self._has_memory else None
+        if places is None:
+            attention = self.memory.attend(state.memory, h, addr)  # one attend: the read and its diagnostics
+        else:  # open loop, unsure where it is: E_places[read at the place], by the address's probabilities
+            attention = self._attend_mixture(state.memory, h, *places)
         read = attention["read"]  # (B, read_dim)
 
         # (4) prior and (5) posterior
@@ -211,6 +215,16 @@ class GTMMCell(nn.Module):
         out.update(z=z, h=h, addr=addr, read=read, read_weights=attention["weights"], read_gate=attention["gate"])
         out.update(self.memory.write_record(memory))  # write_weights, write_retain (soft memories), for attribution
         return out, ModelState(h=h, c=c, z=z, read=read, memory=memory, address=address_state)
+
+    def _attend_mixture(self, memory: dict[str, torch.Tensor], h: torch.Tensor, addrs: torch.Tensor,
+                        prob: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The memory's attend at each of H places (addrs (B, H, A), prob (B, H)), every output the probability-
+        weighted mean over them (the read, its weights and gates): one attend on B*H rows."""
+        B, H = prob.shape
+        rows = {k: v.repeat_interleave(H, dim=0) for k, v in memory.items()}  # (B*H, ...)
+        out = self.memory.attend(rows, h.repeat_interleave(H, dim=0), addrs.reshape(B * H, -1))
+        w = prob.reshape(B * H).to(h.dtype)
+        return {k: (v * w.view(-1, *[1] * (v.dim() - 1))).view(B, H, *v.shape[1:]).sum(1) for k, v in out.items()}
 
     def move_guess(self, state: ModelState, prev_action: torch.Tensor) -> torch.Tensor:
         """The gate's open-loop belief (G2) that a_{t-1} (B,) moves the agent from where `state` is: (B,) in [0, 1],
