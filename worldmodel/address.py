@@ -511,14 +511,15 @@ class ActionAddress(AddressPath):
         """Integrate a_{t-1} (B,) into the path (B, P), scaled by ``moved`` (B,) (None = 1); -1 (no action)
         leaves it; addr_t is its encoding."""
         assert prev_action.shape == (h.shape[0],), f"prev_action must be (B,), got {tuple(prev_action.shape)}"
-        path = state["path"] if "path" in state else state["place"][..., 0]  # (B, P); lattice: for dtype only
+        if self.integrator == "lattice":  # a filter over start hypotheses: no single path
+            onehot = action_onehot(prev_action, self.num_actions, state["place"].dtype)  # (B, A)
+            state = self._lattice_step(state, onehot, moved, embed)
+            return self._lattice_encode(state), state
+        path = state["path"]  # (B, P)
         acted = (prev_action >= 0).to(path.dtype).unsqueeze(-1)  # (B, 1), 0 for "no action"
         if moved is not None:
             acted = acted * moved.to(path.dtype).unsqueeze(-1)  # (B, 1)
         onehot = action_onehot(prev_action, self.num_actions, path.dtype)  # (B, A)
-        if self.integrator == "lattice":
-            state = self._lattice_step(state, onehot, moved, embed)
-            return self._lattice_encode(state), state
         if self.integrator == "gru":
             # no action (or a blocked one) -> keep s: a GRU fed zeros would still drift through its biases
             path = acted * self.cell(onehot, path) + (1.0 - acted) * path  # (B, P)
