@@ -111,6 +111,23 @@ def test_fast_path_with_memory_options(memory, kwargs):
     assert_close_grads(model, grads(model, elbo_loss(ref)), grads(model, elbo_loss(fast)))
 
 
+@pytest.mark.parametrize("memory", ["introspective", "lru"])
+def test_writing_the_latents_mean(memory):
+    """`write_latent="mean"`: both paths store the posterior's mean, not the draw (the FIFO's slots hold exactly the
+    last means), and agree on losses and gradients; the draw still drives the step (z is not the mean)."""
+    torch.manual_seed(0)
+    model = GTMM(tiny_config(memory, "actions", write_latent="mean"))
+    inputs = random_inputs(model.cfg)
+    ref, fast = both_paths(model, inputs)
+    torch.testing.assert_close(fast["kl"], ref["kl"], rtol=1e-4, atol=1e-4)
+    assert_same_state(ref["state"], fast["state"], memory)
+    assert_close_grads(model, grads(model, elbo_loss(ref)), grads(model, elbo_loss(fast)))
+    assert not torch.allclose(ref["z"], ref["post_mean"])
+    if memory == "introspective":
+        N = model.cfg.slots
+        torch.testing.assert_close(fast["state"].memory["content"], ref["post_mean"][:, -N:], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("memory", MEMORIES)
 def test_continuing_from_a_state_and_open_loop(memory):
     """A window continued from a carried state (TBPTT, open loop after a context: the FIFO's precomputed

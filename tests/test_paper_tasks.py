@@ -178,12 +178,15 @@ def result(memory: str, seed: int, kl_recall: float, kl_other: float = 40.0, **e
 
 def test_table_shows_mean_and_spread_over_seeds_and_the_failed_ones() -> None:
     results = [result("none", 0, 40.0), result("none", 1, 38.0),
-               result("lru", 0, 4.0, read_found=0.9, read_chance=0.2), result("lru", 1, 12.0, read_found=0.7, read_chance=0.2),
+               result("lru", 0, 4.0, read_found=0.9, read_chance=0.2, kl_recall_median=2.0, kl_recall_tail_share=0.3),
+               result("lru", 1, 12.0, read_found=0.7, read_chance=0.2, kl_recall_median=6.0, kl_recall_tail_share=0.5),
                result("lru", 2, 0.0, error="RuntimeError: boom\ntraceback")]
     rows = paper_tasks.format_table(results).splitlines()[2:]
-    assert rows[0] == ("| perfect_recall | none | 2/2 | 39.0 ± 1.0 | 40.0 ± 0.0 | 0.97 ± 0.03 | 1.00 0.95 | - | fails |")
-    assert rows[1] == ("| perfect_recall | lru | 2/3 | 8.0 ± 4.0 | 40.0 ± 0.0 | 0.20 ± 0.10 | 0.10 0.30 | 0.80 (0.20) | "
-                       "recalls; seed 2: error: RuntimeError: boom |")
+    # results saved before the median and tail diagnostics show '-' there
+    assert rows[0] == ("| perfect_recall | none | 2/2 | 39.0 ± 1.0 | 40.0 ± 0.0 | 0.97 ± 0.03 | 1.00 0.95 | - | - | - | "
+                       "fails |")
+    assert rows[1] == ("| perfect_recall | lru | 2/3 | 8.0 ± 4.0 | 40.0 ± 0.0 | 0.20 ± 0.10 | 0.10 0.30 | 0.10 ± 0.05 | 40% | "
+                       "0.80 (0.20) | recalls; seed 2: error: RuntimeError: boom |")
     # parity's reference is the wrong answer's KL, not the other steps'
     parity = {**result("introspective", 0, 5.0), "task": "parity_recall", "kl_recall_wrong_parity": 10.0}
     assert paper_tasks.ratio(parity) == 0.5 and paper_tasks.verdict(0.5) == "partly"

@@ -128,6 +128,17 @@ def test_cli_presets_flags_and_bad_input():
     assert [curriculum_len(cfg, s, 12) for s in (0, 5, 10, 50)] == [4, 8, 12, 12]
 
 
+def test_write_latent_flag_reaches_the_model_and_its_checkpoint(tmp_path):
+    from worldmodel import checkpoint
+
+    cfg = parse_args(["--preset", "debug", "--task", "perfect_recall", "--write-latent", "mean"])
+    assert cfg.write_latent == "mean" and preset("debug").write_latent == "sample"
+    cfg = dataclasses.replace(cfg, out=str(tmp_path / "run"), steps=2, progress=False, threads=1)
+    train(cfg)
+    model, _ = checkpoint.load(tmp_path / "run", "cpu")
+    assert model.cfg.write_latent == "mean" and model.cell.write_mean
+
+
 def test_seen_in_context_matches_revisits_by_pose():
     from worldmodel.evaluate import seen_in_context
 

@@ -8,7 +8,7 @@ One step of the model (the cell, `GTMMCell`), with x_t the frame and a_{t-1} the
     (4) p(z_t)     = N(mu_p, sigma_p) = prior(h_t, r_t)                   what the model expects to see
     (5) q(z_t|x_t) = N(mu_q, sigma_q) = posterior(e_t, h_t, r_t)          with e_t = enc(x_t)
     (6) z_t        ~ q (teacher forcing) or p (open loop / dreams)
-    (7) M_t        = memory.write(M_{t-1}, h_t, addr_t, z_t)             store the latent under its address
+    (7) M_t        = memory.write(M_{t-1}, h_t, addr_t, z_t)             store the latent (or its mean) under its address
     (8) p(x_t|z_t) = dec(z_t)                                             observation model
 
     ELBO = sum_t E_q[log p(x_t | z_t)] - KL(q(z_t) || p(z_t))             (paper eq. 1; we report both terms per step)
@@ -126,6 +126,7 @@ class GTMMCell(nn.Module):
         self.prior = GaussianHead(cfg.h_dim + read_dim, cfg.hidden_dim, cfg.z_dim)
         self.posterior = GaussianHead(cfg.embed_dim + cfg.h_dim + read_dim, cfg.hidden_dim, cfg.z_dim)
         # the fast path's layout of its fused products
+        self.write_mean = cfg.write_latent == "mean"  # step (7) stores the distribution's mean, not the draw
         self._has_memory = self.memory.slots > 0  # with no memory the address feeds nothing: the fast path skips it
         h_layers = self._h_layers()
         # column blocks of the fused product on h_t: each layer's, then "heads" (the driving head's first layer)
@@ -210,8 +211,9 @@ class GTMMCell(nn.Module):
         else:
             z = mean
 
-        # (7) write z_t under addr_t (reusing the read's attention, which NTM/LRU/DNC writes need again)
-        memory = self.memory.write(state.memory, h, addr, z, attention=attention)
+        # (7) write z_t (or its mean) under addr_t (reusing the read's attention, which NTM/LRU/DNC writes need again)
+        written = mean if self.write_mean else z  # (B, Z)
+        memory = self.memory.write(state.memory, h, addr, written, attention=attention)
         out.update(z=z, h=h, addr=addr, read=read, read_weights=attention["weights"], read_gate=attention["gate"])
         out.update(self.memory.write_record(memory))  # write_weights, write_retain (soft memories), for attribution
         return out, ModelState(h=h, c=c, z=z, read=read, memory=memory, address=address_state)
@@ -351,7 +353,7 @@ class GTMMCell(nn.Module):
         # (6) the latent; (7) the write
         z = mean + std * x["noise"].to(std.dtype) if "noise" in x else mean  # (B, Z)
         if self._has_memory:
-            memory = self.memory.scan_write(memory, h, addr, z, pre, attention, const, x)
+            memory = self.memory.scan_write(memory, h, addr, mean if self.write_mean else z, pre, attention, const, x)
         out.update(z=z, h=h, read=read)
         return out, {"h": h, "c": c, "z": z, "read": read, "memory": memory}
 
