@@ -472,6 +472,7 @@ def sample_batch(
     rng: np.random.Generator,
     split: str = "train",
     source: str | Path | DigitPool = "mnist5k",
+    shift: int = 0,
     **task_kwargs: Any,
 ) -> dict[str, np.ndarray]:
     """A batch of ``batch_size`` sequences of ``task`` (one of ``TASKS``), drawn with ``rng`` only.
@@ -479,6 +480,8 @@ def sample_batch(
     ``split`` picks the train or test images of ``source`` (``"mnist5k"``, ``"fashion"``, an IDX folder, or a
     ``DigitPool`` used as the images of either split). ``task_kwargs`` are the fields of the task's dataclass
     (``PerfectRecall``, ``ParityRecall``, ``OneShotRecall``, ``DynamicDependencies``, ``SimilarityCuedRecall``).
+    ``shift`` > 0 augments the images (for training: 400 exemplars a class are few): each drawn image moves by up to
+    ``shift`` pixels in x and y, the same move wherever it repeats (``_shift_images``).
     Returns the batch contract of ``worldmodel/__init__.py`` plus ``label`` and ``recall_of`` (see module doc).
     """
     spec = make_task(task, **task_kwargs)
@@ -496,6 +499,10 @@ def sample_batch(
     frames = spec.frames(pool, int(batch_size), rng)
     B, T = frames.index.shape
     obs = pool.images[frames.index][..., None]  # (B, T, H, W, 1)
+    if not isinstance(shift, (int, np.integer)) or isinstance(shift, bool) or not 0 <= shift < min(obs.shape[2:4]) // 2:
+        raise UserError(f"task {task!r}: shift={shift!r}, expected an integer in [0, {min(obs.shape[2:4]) // 2})")
+    if shift:
+        obs = _shift_images(obs, frames.recall_of, int(shift), rng)
     if isinstance(spec, ParityRecall) and spec.exemplar == "fixed":
         # The answer is a symbol learnt in training: the train split's images in every split. With each split's own
         # first 0 and 1, a test sequence ended in an image never seen at the answer, so the better a model had learnt
@@ -509,6 +516,25 @@ def sample_batch(
         "label": pool.labels[frames.index],
         "recall_of": frames.recall_of,
     }
+
+
+def _shift_images(obs: np.ndarray, recall_of: np.ndarray, shift: int, rng: np.random.Generator) -> np.ndarray:
+    """``obs`` (B, T, H, W, 1) with each frame moved by a random (dy, dx) in [-shift, shift]^2, zero filled; a recall
+    (``recall_of`` >= 0, an earlier position) takes the move of the frame it recalls, so it is still that image."""
+    B, T = obs.shape[:2]
+    move = rng.integers(-shift, shift + 1, size=(B, T, 2))  # (B, T, 2) dy, dx
+    rows = np.arange(B)
+    for t in range(T):  # in order: a recall of a recall finds its source's move already copied
+        recalls = recall_of[:, t] >= 0
+        move[recalls, t] = move[rows[recalls], recall_of[recalls, t]]
+    H, W = obs.shape[2:4]
+    padded = np.pad(obs, ((0, 0), (0, 0), (shift, shift), (shift, shift), (0, 0)))  # (B, T, H+2s, W+2s, 1)
+    out = np.empty_like(obs)
+    for dy in range(-shift, shift + 1):
+        for dx in range(-shift, shift + 1):
+            sel = (move[..., 0] == dy) & (move[..., 1] == dx)  # (B, T)
+            out[sel] = padded[sel][:, shift - dy: shift - dy + H, shift - dx: shift - dx + W]
+    return out
 
 
 _SUBSETS: dict[tuple[int, tuple[int, ...]], tuple[DigitPool, DigitPool]] = {}

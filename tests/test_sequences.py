@@ -251,3 +251,35 @@ def test_image_sets_missing_needed_classes_are_named(pool: DigitPool) -> None:
         sample_batch("parity_recall", 2, np.random.default_rng(0), source=no_small_digits)
     with pytest.raises(ValueError, match=r"cues need classes 1\.\.3"):
         sample_batch("dynamic_dependencies", 2, np.random.default_rng(0), source=no_small_digits, k=3, max_back=3)
+
+
+@pytest.mark.parametrize("task", ["perfect_recall", "dynamic_dependencies", "similarity_cued_recall"])
+def test_shift_moves_each_image_and_a_recall_keeps_its_images_move(task: str, pool: DigitPool) -> None:
+    """Augmentation (`shift`): every frame is its own image moved by at most `shift` pixels (zero filled), and a
+    recall is still pixel for pixel the frame it recalls; shift=0 draws no extra numbers (batches unchanged)."""
+    plain = sample_batch(task, 32, np.random.default_rng(5), source=pool)
+    moved = sample_batch(task, 32, np.random.default_rng(5), source=pool, shift=2)
+    assert np.array_equal(plain["label"], moved["label"]) and np.array_equal(plain["recall_of"], moved["recall_of"])
+    padded = np.pad(plain["obs"][..., 0], ((0, 0), (0, 0), (2, 2), (2, 2)))  # (B, T, 32, 32)
+    B, T = plain["label"].shape
+    for b in range(B):
+        for t in range(T):
+            found = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+                     if np.array_equal(moved["obs"][b, t, :, :, 0], padded[b, t, 2 - dy: 30 - dy, 2 - dx: 30 - dx])]
+            assert found, f"frame {b},{t} is not its image moved by <= 2 px"
+    assert not np.array_equal(plain["obs"], moved["obs"])
+    b, t = np.nonzero(moved["recall_of"] >= 0)
+    assert len(b) and same_image(moved["obs"][b, t], moved["obs"][b, moved["recall_of"][b, t]]).all()
+    assert np.array_equal(sample_batch(task, 32, np.random.default_rng(5), source=pool, shift=0)["obs"], plain["obs"])
+    with pytest.raises(ValueError, match="shift=14, expected an integer in"):
+        sample_batch(task, 2, np.random.default_rng(5), source=pool, shift=14)
+
+
+def test_training_source_moves_train_images_only() -> None:
+    from worldmodel.train import TaskSource
+
+    source = TaskSource("perfect_recall", 10, shift=2)
+    test = source.sample(8, np.random.default_rng(1), split="test")["obs"]
+    assert np.array_equal(test, TaskSource("perfect_recall", 10).sample(8, np.random.default_rng(1), split="test")["obs"])
+    train = source.sample(8, np.random.default_rng(1))["obs"]
+    assert not np.array_equal(train, TaskSource("perfect_recall", 10).sample(8, np.random.default_rng(1))["obs"])

@@ -122,6 +122,10 @@ def test_cli_presets_flags_and_bad_input():
         train(dataclasses.replace(preset("debug"), progress=False))
     with pytest.raises(ValueError, match="--memory 'tape'"):
         train(dataclasses.replace(preset("debug"), task="perfect_recall", memory="tape"))
+    with pytest.raises(ValueError, match="--augment-shift 9: expected 0 to 4 pixels"):
+        train(dataclasses.replace(preset("debug"), task="perfect_recall", augment_shift=9))
+    with pytest.raises(ValueError, match="--augment-shift 2: moves the images of a --task"):
+        train(dataclasses.replace(preset("debug"), data="some/rollouts", augment_shift=2))
     with pytest.raises(ValueError, match="unknown preset"):
         preset("huge")
     cfg = dataclasses.replace(preset("debug"), curriculum_start=4, curriculum_steps=10)

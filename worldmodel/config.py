@@ -78,6 +78,9 @@ class TrainConfig:
     """folder of recorded rollouts (python -m rollouts.collect); exclusive with --task"""
     task: Optional[str] = None
     """action-free sequence task from envs.sequences.TASKS; exclusive with --data"""
+    augment_shift: int = 0
+    """--task only: move each training image by up to this many pixels (the same move where it repeats; 0 = off),
+    standing in for the paper's full MNIST (mnist5k has 400 exemplars a class); validation images never move"""
     preset: str = "mnist_cpu"
     """named preset giving the defaults: debug, mnist_cpu, gpu, miniworld"""
     out: str = "runs/default"

@@ -157,12 +157,12 @@ class TaskSource:
     """An action-free sequence task of the paper (`envs.sequences`), sampled fresh every step, its kwargs chosen to
     fill `seq_len` frames (`envs.sequences.kwargs_for_length`)."""
 
-    def __init__(self, task: str, seq_len: int) -> None:
+    def __init__(self, task: str, seq_len: int, shift: int = 0) -> None:
         from envs import sequences
 
         if task not in sequences.TASKS:
             raise UserError(f"--task {task!r}: expected one of {sequences.TASKS}")
-        self.task, self._sample = task, sequences.sample_batch
+        self.task, self._sample, self.shift = task, sequences.sample_batch, shift
         self.task_kwargs = sequences.kwargs_for_length(task, seq_len)
         probe = self._sample(task, 1, np.random.default_rng(0), **self.task_kwargs)
         self.obs_shape = tuple(probe["obs"].shape[2:])
@@ -172,8 +172,10 @@ class TaskSource:
         self.fingerprint = None
 
     def sample(self, batch_size: int, rng: np.random.Generator, split: str = "train") -> dict[str, np.ndarray]:
-        """A fresh batch of the task from ``rng`` on the images of ``split``, as arrays (B, T, ...)."""
-        return self._sample(self.task, batch_size, rng, split=split, **self.task_kwargs)
+        """A fresh batch of the task from ``rng`` on the images of ``split``, as arrays (B, T, ...); training batches
+        moved by up to ``shift`` pixels (augmentation), never the test split's."""
+        shift = self.shift if split == "train" else 0
+        return self._sample(self.task, batch_size, rng, split=split, shift=shift, **self.task_kwargs)
 
 
 def make_source(cfg: TrainConfig):
@@ -182,7 +184,7 @@ def make_source(cfg: TrainConfig):
         raise UserError(f"give exactly one of --data (rollout folder) or --task (sequence task); got data={cfg.data!r}, task={cfg.task!r}")
     if cfg.data is not None:
         return RolloutSource(cfg.data, cfg.seq_len, cfg.val_fraction, cfg.seed)
-    return TaskSource(cfg.task, cfg.seq_len)
+    return TaskSource(cfg.task, cfg.seq_len, cfg.augment_shift)
 
 
 def resolve_auto_address(cfg: TrainConfig, source) -> tuple[TrainConfig, str]:
@@ -303,6 +305,11 @@ def check_config(cfg: TrainConfig) -> None:
         raise UserError(f"--reward-weight {cfg.reward_weight}: expected a number >= 0")
     if cfg.reward_head and cfg.task is not None:
         raise UserError(f"--reward-head: the sequence task {cfg.task!r} has no rewards; it needs --data rollouts")
+    if cfg.augment_shift and cfg.task is None:
+        raise UserError(f"--augment-shift {cfg.augment_shift}: moves the images of a --task; rollouts (--data) are "
+                        "frames of places, which a move would change")
+    if not 0 <= cfg.augment_shift <= 4:
+        raise UserError(f"--augment-shift {cfg.augment_shift}: expected 0 to 4 pixels")
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise UserError(f"--val-fraction {cfg.val_fraction}: expected in [0, 1)")
     if cfg.task is not None and cfg.data is not None:
