@@ -116,6 +116,12 @@ def se2_features(position: Tensor, heading: Tensor, frequencies: Tensor, length_
     return fourier_features(torch.cat([position / length_scale, circle], dim=-1), frequencies)
 
 
+def _reference(state: State) -> Tensor:
+    """A tensor of an action address's state, for batch size, dtype and device: the path (B, D), or the lattice
+    filter's place table (B, D, L), which has no single path."""
+    return state["path"] if "path" in state else state["place"]
+
+
 def _random_frequencies(in_dim: int, addr_dim: int, seed: int) -> Tensor:
     """Omega (in_dim, addr_dim/2) ~ N(0, 1), from a fixed seed so the same config gives the same encoding."""
     generator = torch.Generator().manual_seed(seed)
@@ -359,10 +365,9 @@ class ActionAddress(AddressPath):
     def gate_features(self, state: State) -> Tensor:
         """The extra inputs of the gate's open-loop guess at the next step, from the state before it: (B, 3A), or
         (B, 0) without ``gate_walls``."""
-        path = state["path"] if "path" in state else state["place"][..., 0]  # lattice: (B, D), for shape only
         if not self.gate_walls:
-            return path.new_zeros(path.shape[0], 0)
-        return self._wall_features(self._projections(path), state["reach"], state["wall"])
+            return _reference(state).new_zeros(_reference(state).shape[0], 0)
+        return self._wall_features(self._projections(state["path"]), state["reach"], state["wall"])
 
     def _track_walls(self, state: State, paths: Tensor, onehot: Tensor, moved: Tensor | None
                      ) -> tuple[Tensor, Tensor, Tensor]:
@@ -385,8 +390,7 @@ class ActionAddress(AddressPath):
     def gate_feature_sequence(self, state: State, prev_action: Tensor, moved: Tensor | None) -> Tensor:
         """The gate features before every step of a window (B, T, 3A) (teacher forcing: training the guess)."""
         if not self.gate_walls:
-            ref = state["path"] if "path" in state else state["place"]
-            return ref.new_zeros(*prev_action.shape, 0)
+            return _reference(state).new_zeros(*prev_action.shape, 0)
         onehot = action_onehot(prev_action, self.num_actions, state["path"].dtype)  # (B, T, A)
         paths = self._additive_paths(state["path"], self._scaled(onehot, moved))  # (B, T, P)
         return self._track_walls(state, paths, onehot, moved)[0]
