@@ -128,6 +128,33 @@ def test_writing_the_latents_mean(memory):
         torch.testing.assert_close(fast["state"].memory["content"], ref["post_mean"][:, -N:], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("memory", ["introspective", "dnc"])
+def test_prior_skip_in_both_paths_and_open_loop(memory):
+    """`prior_skip`: the prior's linear path from the read starts at zero (the same numbers as without it), and once
+    trained (here: random) both paths agree, teacher forced and in open loop, where the prior drives the step."""
+    torch.manual_seed(0)
+    plain = GTMM(tiny_config(memory, "actions"))
+    model = GTMM(tiny_config(memory, "actions", prior_skip=True))
+    missing, unexpected = model.load_state_dict(plain.state_dict(), strict=False)
+    assert missing == ["cell.prior.skip.weight"] and not unexpected
+    inputs = random_inputs(model.cfg)
+    with torch.no_grad():
+        a, b = (m.observe(inputs["obs"], inputs["prev_action"], inputs["pose"], sample=False) for m in (plain, model))
+    torch.testing.assert_close(b["prior_mean"], a["prior_mean"])
+    with torch.no_grad():
+        model.cell.prior.skip.weight.normal_(0.0, 0.5)
+    ref, fast = both_paths(model, inputs)
+    torch.testing.assert_close(fast["prior_mean"], ref["prior_mean"], rtol=1e-4, atol=1e-4)
+    assert_close_grads(model, grads(model, elbo_loss(ref)), grads(model, elbo_loss(fast)))
+    assert any(p is model.cell.prior.skip.weight for p in model.parameters())  # trained with the rest
+    dreams = [model.imagine(ref["state"], inputs["prev_action"], inputs["pose"], sample=False, diagnostics=d)
+              for d in (True, False)]
+    torch.testing.assert_close(dreams[1]["frames"], dreams[0]["frames"], rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        without = model.cell.prior.net(torch.cat([ref["h"], ref["read"]], dim=-1))[..., :model.cfg.z_dim]
+    assert not torch.allclose(without, ref["prior_mean"], atol=1e-3)  # the skip path is really used
+
+
 @pytest.mark.parametrize("memory", MEMORIES)
 def test_continuing_from_a_state_and_open_loop(memory):
     """A window continued from a carried state (TBPTT, open loop after a context: the FIFO's precomputed

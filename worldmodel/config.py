@@ -52,6 +52,8 @@ class ModelConfig:
     """predict each step's reward and termination from [h_t, r_t, z_t] (worldmodel.reward), for dreams"""
     write_latent: Literal["sample", "mean"] = "sample"
     """what step (7) stores: the latent z_t that drove the step (the paper's), or the mean of its distribution"""
+    prior_skip: bool = False
+    """the prior also maps the read r_t linearly to its output (copying a read latent exactly, whatever its size)"""
     memory_kwargs: dict[str, Any] = field(default_factory=dict)
     """extra arguments of the memory class (e.g. store_h)"""
     address_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -125,6 +127,9 @@ class TrainConfig:
     write_latent: Literal["sample", "mean"] = "sample"
     """what a memory slot stores: the sampled latent z_t (the paper's) or the mean of its distribution (a recall
     then need not pay for the noise of one earlier draw: ~Z/2 log 2 nats, see docs/paper_ablation.md)"""
+    prior_skip: bool = False
+    """a linear path from the memory read to the prior's output beside its MLP, so the prior can copy a stored latent
+    exactly (a GELU MLP copies only the sizes it was trained on; see docs/paper_ablation.md)"""
     memory_kwargs: str = "{}"
     """JSON object of extra memory arguments, e.g. '{"store_h": true}'"""
     address_kwargs: str = "{}"
@@ -224,7 +229,7 @@ class TrainConfig:
             address=self.address, z_dim=self.z_dim, h_dim=self.h_dim, addr_dim=self.addr_dim,
             slots=self.slots or self.seq_len, heads=self.heads, embed_dim=self.embed_dim, channels=self.channels,
             hidden_dim=self.hidden_dim, obs_model=self.obs_model, reward_head=self.reward_head,
-            write_latent=self.write_latent, memory_kwargs=parse_json_object(self.memory_kwargs, "memory_kwargs"),
+            write_latent=self.write_latent, prior_skip=self.prior_skip, memory_kwargs=parse_json_object(self.memory_kwargs, "memory_kwargs"),
             address_kwargs=parse_json_object(self.address_kwargs, "address_kwargs"),
         )
 

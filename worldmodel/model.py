@@ -123,7 +123,8 @@ class GTMMCell(nn.Module):
         self.gate = getattr(self.address, "gate", None)  # the blocked-move gate of an action address, or None
         read_dim = self.memory.read_dim
         self.lstm = nn.LSTMCell(cfg.z_dim + self.action_embed.dim + read_dim, cfg.h_dim)
-        self.prior = GaussianHead(cfg.h_dim + read_dim, cfg.hidden_dim, cfg.z_dim)
+        self.prior = GaussianHead(cfg.h_dim + read_dim, cfg.hidden_dim, cfg.z_dim,
+                                  skip_dim=read_dim if cfg.prior_skip else 0)
         self.posterior = GaussianHead(cfg.embed_dim + cfg.h_dim + read_dim, cfg.hidden_dim, cfg.z_dim)
         # the fast path's layout of its fused products
         self.write_mean = cfg.write_latent == "mean"  # step (7) stores the distribution's mean, not the draw
@@ -348,6 +349,8 @@ class GTMMCell(nn.Module):
             hidden = torch.addmm(hidden, read, const["read.w"].t())
         head = self.posterior if "h.bias" in x else self.prior  # teacher forcing: the posterior
         out["head"] = F.linear(F.gelu(hidden), head.net[2].weight, head.net[2].bias)  # (B, 2Z)
+        if head.skip is not None:  # the prior's linear path from the read (`prior_skip`)
+            out["head"] = torch.addmm(out["head"], read, head.skip.weight.t())
         mean, std = head.split(out["head"])  # (B, Z) each
 
         # (6) the latent; (7) the write

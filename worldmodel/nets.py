@@ -117,14 +117,23 @@ class ActionEmbedding(nn.Module):
 class GaussianHead(nn.Module):
     """An MLP giving a diagonal Gaussian (mean, std) over z: the prior (eq. 2) and posterior (eq. 3) networks."""
 
-    def __init__(self, in_dim: int, hidden_dim: int, z_dim: int, min_std: float = 0.05) -> None:
+    def __init__(self, in_dim: int, hidden_dim: int, z_dim: int, min_std: float = 0.05, skip_dim: int = 0) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, 2 * z_dim))
         self.min_std = min_std
+        # skip_dim > 0: the last skip_dim inputs (a memory read) also reach the output through one linear map, so a
+        # head can copy a read latent exactly, even one far outside what its GELU layer saw in training (zero at
+        # first: the head starts as the plain MLP)
+        self.skip = nn.Linear(skip_dim, 2 * z_dim, bias=False) if skip_dim else None
+        if self.skip is not None:
+            nn.init.zeros_(self.skip.weight)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, in_dim) -> mean (B, Z), std (B, Z). A floor on std keeps the KL finite early in training."""
-        return self.split(self.net(x))
+        out = self.net(x)
+        if self.skip is not None:
+            out = out + self.skip(x[..., x.shape[-1] - self.skip.in_features:])
+        return self.split(out)
 
     def split(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The last layer's output (..., 2Z) -> mean, std (..., Z) each (the model's fast path runs the layers
