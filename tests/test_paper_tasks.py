@@ -77,8 +77,37 @@ def test_content_address_finds_a_slot_by_what_was_written_there(name: str) -> No
     assert found[False] < 0.5, found
 
 
+@pytest.mark.parametrize("name", SLOT_MEMORIES)
+def test_content_keys_find_a_slot_by_its_latent_and_leave_address_reads_alone(name: str) -> None:
+    # As above, every step at the same address: a content key along one step's latent finds that step's slot;
+    # at zero (its initial value) the read is the address-only memory's, to the last bit.
+    torch.manual_seed(0)
+    S, H = 4, 8
+    latents = torch.eye(Z)[:S].unsqueeze(0) * 3.0  # (1, S, Z) orthogonal latents
+    addr = torch.ones(1, S, A)  # (1, S, A)
+    torch.manual_seed(1)
+    plain = build_memory(name, z_dim=Z, h_dim=H, addr_dim=A, slots=S + 2, heads=1)
+    torch.manual_seed(1)
+    memory = build_memory(name, z_dim=Z, h_dim=H, addr_dim=A, slots=S + 2, heads=1, content_keys=True)
+    assert torch.count_nonzero(memory.content_keys.from_h.weight) == 0
+    memory.load_state_dict(plain.state_dict(), strict=False)
+    h = torch.zeros(1, H)
+    h[0, 0] = 1.0
+    reads = [m.attend(write_latents(m, latents, addr), h, torch.ones(1, A)) for m in (plain, memory)]
+    torch.testing.assert_close(reads[1]["weights"], reads[0]["weights"])
+    target = 2
+    with torch.no_grad():
+        memory.content_keys.from_h.weight[:, 0] = 20.0 * latents[0, target] / 3.0  # c = 20 * unit latent of step 2
+    out = memory.attend(write_latents(memory, latents, addr), h, torch.ones(1, A))
+    read = out["read"][0, :Z] / out["gate"][0, 0]  # (Z,) the ungated read
+    found = read @ latents[0, target] / latents[0, target].norm() ** 2
+    assert found > 0.8, found  # the DNC mixes some temporal-link reads in
+
+
 OPTIONS = [("introspective", {"content_address": True}), ("introspective", {"content_address": True, "store_h": True}),
-           ("ntm", {"content_address": True}), ("lru", {"content_address": True}), ("dnc", {"content_address": True})]
+           ("ntm", {"content_address": True}), ("lru", {"content_address": True}), ("dnc", {"content_address": True}),
+           ("introspective", {"content_keys": True}), ("ntm", {"content_keys": True}), ("lru", {"content_keys": True}),
+           ("dnc", {"content_keys": True})]
 
 
 @pytest.mark.parametrize("address", ["hidden", "pose"])
@@ -89,7 +118,9 @@ def test_fast_path_matches_the_reference_with_the_new_options(memory: str, kwarg
     torch.manual_seed(0)
     model = GTMM(tiny_config(memory, address, memory_kwargs=kwargs))
     with torch.no_grad():
-        model.cell.memory.content_address.weight.normal_(0.0, 0.5)
+        for layer in (model.cell.memory.content_address, model.cell.memory.content_keys):
+            if layer is not None:
+                (layer.from_h if hasattr(layer, "from_h") else layer).weight.normal_(0.0, 0.5)
     inputs = random_inputs(model.cfg)
     ref, fast = both_paths(model, inputs)
     for key in ("nll", "kl", "z", "read"):

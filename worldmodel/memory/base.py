@@ -14,7 +14,8 @@ to recall *what was seen at this place* the read must find the slot by where the
 The read of step t happens before the write of step t, so the memory never contains z_t itself.
 With ``content_address=True`` (every slot memory's option) the address part is written as addr_t + W_c z_t, so a
 key can also find a slot by what was seen there (the paper's sequence tasks cue recalls by content:
-``content_address_layer``).
+``content_address_layer``). With ``content_keys=True`` a read head can match the slot's latent instead, by a
+key of its own whose length says how much (``ContentKeys``): a content read that leaves the address part alone.
 
 State is a flat ``dict[str, Tensor]``; ``read`` and ``write`` are pure functions of their inputs (no in-place
 updates, no ``.item()``, no Python branching on tensor values), so a step loop can be compiled or captured as a
@@ -334,6 +335,56 @@ def content_address_layer(enabled: bool, z_dim: int, addr_dim: int) -> nn.Linear
     layer = nn.Linear(z_dim, addr_dim, bias=False)
     nn.init.zeros_(layer.weight)
     return layer
+
+
+class ContentKeys(nn.Module):
+    """Read keys on what a slot holds, beside the address keys (``content_keys``, every slot memory's option):
+
+        K_rn <- K_rn + c_r . z_n / |z_n|,      c_r = V_r h_t  (B, R, Z)
+
+    with z_n the latent part of slot n's content. The key's length is its weight: a head with c_r = 0 reads by
+    address alone, so each head, at each step, chooses whether content matters. V_r starts at zero: the memory
+    starts as the address-only one.
+
+    Why beside ``content_address``: that one writes addr_t + W_c z_t as the slot's address, so the content also
+    moves every *positional* match, and for images unlike the training ones it moved them enough to misread
+    (issue 14: one-shot recall of unseen classes put the read on the neighbouring slot in the costliest recalls;
+    recall / reference 0.29 with it, 0.16 without; docs/paper_ablation.md). Its one layer's output is
+    ``pre["content_keys"]``."""
+
+    name = "content_keys"
+
+    def __init__(self, *, h_dim: int, heads: int, z_dim: int):
+        super().__init__()
+        self.heads, self.z_dim = heads, z_dim
+        self.from_h = nn.Linear(h_dim, heads * z_dim, bias=False)
+        nn.init.zeros_(self.from_h.weight)
+
+    def h_linears(self) -> dict[str, nn.Linear]:
+        """The content keys' one layer on h_t, by name."""
+        return {self.name: self.from_h}
+
+    def match(self, pre: dict[str, Tensor], content: Tensor) -> Tensor:
+        """c_r . z_n / |z_n| (B, R, N) of the keys in ``pre`` against the latents of ``content`` (B, N, C)."""
+        keys = pre[self.name].view(content.shape[0], self.heads, self.z_dim)  # (B, R, Z)
+        latents = F.normalize(content[..., : self.z_dim], dim=-1, eps=1e-6)  # (B, N, Z); an empty slot scores 0
+        return torch.bmm(keys, latents.transpose(1, 2))  # (B, R, N)
+
+
+def content_keys_layer(enabled: bool, h_dim: int, heads: int, z_dim: int) -> ContentKeys | None:
+    """The memory's ``ContentKeys``, or None."""
+    return ContentKeys(h_dim=h_dim, heads=heads, z_dim=z_dim) if enabled else None
+
+
+def with_content_match(similarity: Tensor, keys: ContentKeys | None, pre: dict[str, Tensor], content: Tensor
+                       ) -> Tensor:
+    """``similarity`` (B, R', N) of the R read keys (first) and any write keys after them, with the read keys'
+    content match added (``ContentKeys``); unchanged without content keys."""
+    if keys is None:
+        return similarity
+    match = keys.match(pre, content)  # (B, R, N)
+    R = match.shape[1]
+    return similarity + match if similarity.shape[1] == R else torch.cat([similarity[:, :R] + match, similarity[:, R:]], 1)
 
 
 def slot_address(layer: nn.Linear | None, addr: Tensor, z: Tensor) -> Tensor:

@@ -35,8 +35,8 @@ from torch import Tensor
 
 from gtmm.cli import UserError
 from worldmodel.memory.base import (
-    Memory, ReadGate, ReadKeys, State, check_step_inputs, content_address_layer, content_weights, cosine_similarity,
-    gated_read, mark_written, slot_address, small_linear,
+    Memory, ReadGate, ReadKeys, State, check_step_inputs, content_address_layer, content_keys_layer, content_weights,
+    cosine_similarity, gated_read, mark_written, slot_address, small_linear, with_content_match,
 )
 
 BACKWARD, CONTENT, FORWARD = 0, 1, 2  # read-mode order in pi
@@ -63,7 +63,7 @@ class DNCMemory(Memory):
 
     def __init__(self, *, z_dim: int, h_dim: int, addr_dim: int, slots: int = 32, heads: int = 2,
                  store_h: bool = False, key_from_h: bool = False, init_sharpness: float = 10.0,
-                 content_address: bool = False):
+                 content_address: bool = False, content_keys: bool = False):
         super().__init__()
         if slots < 2 or heads < 1:
             raise UserError(f"dnc memory: expected slots >= 2 and heads >= 1, got slots={slots}, heads={heads}")
@@ -84,6 +84,7 @@ class DNCMemory(Memory):
         self.erase = small_linear(h_dim, width, bias=3.0)  # e ~ 0.95: a write mostly replaces the slot
         self.gate = ReadGate(h_dim=h_dim, heads=heads)
         self.content_address = content_address_layer(content_address, z_dim, addr_dim)  # W_c, or None
+        self.content_keys = content_keys_layer(content_keys, h_dim, heads, z_dim)  # V (content read keys), or None
 
     def init_state(self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> State:
         """Empty slots, zero usage, precedence, links and weights (retain 1) for ``batch`` sequences."""
@@ -109,7 +110,8 @@ class DNCMemory(Memory):
         """Every layer on h_t by name: keys, read modes, free gates, write key and gates, erase, gate."""
         return {**self.keys.h_linears(), "read_modes": self.read_modes, "free_gates": self.free_gates,
                 **self.write_key.h_linears(), "write_gate": self.write_gate, "allocation_gate": self.allocation_gate,
-                "erase": self.erase, **self.gate.h_linears()}
+                "erase": self.erase, **self.gate.h_linears(),
+                **(self.content_keys.h_linears() if self.content_keys is not None else {})}
 
     def addr_linears(self) -> dict[str, nn.Linear]:
         """The read and write key projections of addr_t, by name."""
@@ -124,6 +126,7 @@ class DNCMemory(Memory):
         write_key, write_beta = self.write_key.from_pre(pre)  # (B, 1, A), (B, 1)
         B = read_keys.shape[0]
         similarity = cosine_similarity(torch.cat([read_keys, write_key], dim=1), state["addr"])  # (B, R+1, N)
+        similarity = with_content_match(similarity, self.content_keys, pre, state["content"])  # the read keys only
         lookup = content_weights(similarity, torch.cat([read_beta, write_beta], dim=1),
                                  occupancy=state["written"])  # (B, R+1, N)
         content = lookup[:, :R]  # (B, R, N)

@@ -17,7 +17,9 @@ written-mass factor makes a read of an empty buffer exactly zero. The read vecto
 
 ``content_address`` (off by default; issue 14, docs/paper_ablation.md): a slot's address is addr_t + W_c z_t
 (``base.content_address_layer``), so a key can find the slot of a frame by the frame's content (similarity-cued
-recall). W_c starts at zero: the memory starts as the address-only one.
+recall). W_c starts at zero: the memory starts as the address-only one. ``content_keys`` (every slot memory's
+option, ``base.ContentKeys``): read heads also match the stored latents with keys of their own, leaving the
+addresses, and so the positional reads, untouched.
 
 Fast path (``Memory.scan_*``): when every step's address is known before the loop (the ``actions`` and ``pose``
 addresses, keys without h_t), every slot address the reads will ever see is known too, so the cosine similarities
@@ -38,8 +40,8 @@ from torch import Tensor
 
 from gtmm.cli import UserError
 from worldmodel.memory.base import (
-    Memory, ReadGate, ReadKeys, State, check_step_inputs, content_address_layer, content_weights, cosine_similarity,
-    gated_read, slot_address,
+    Memory, ReadGate, ReadKeys, State, check_step_inputs, content_address_layer, content_keys_layer, content_weights,
+    cosine_similarity, gated_read, slot_address, with_content_match,
 )
 
 
@@ -48,7 +50,7 @@ class IntrospectiveMemory(Memory):
 
     def __init__(self, *, z_dim: int, h_dim: int, addr_dim: int, slots: int = 64, heads: int = 2,
                  store_h: bool = False, key_from_h: bool = False, init_sharpness: float = 10.0,
-                 content_address: bool = False):
+                 content_address: bool = False, content_keys: bool = False):
         super().__init__()
         if slots < 1 or heads < 1:
             raise UserError(f"introspective memory: expected slots >= 1 and heads >= 1, got slots={slots}, heads={heads}")
@@ -59,6 +61,7 @@ class IntrospectiveMemory(Memory):
         self.keys = ReadKeys(addr_dim=addr_dim, h_dim=h_dim, heads=heads, use_h=key_from_h, init_sharpness=init_sharpness)
         self.gate = ReadGate(h_dim=h_dim, heads=heads)
         self.content_address = content_address_layer(content_address, z_dim, addr_dim)  # W_c, or None
+        self.content_keys = content_keys_layer(content_keys, h_dim, heads, z_dim)  # V (content read keys), or None
 
     def init_state(self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> State:
         """Empty FIFO slots (addresses, contents, filled flags) for ``batch`` sequences."""
@@ -75,7 +78,8 @@ class IntrospectiveMemory(Memory):
 
     def h_linears(self) -> dict[str, nn.Linear]:
         """The layers on h_t by name: the read keys' and the read gate's."""
-        return {**self.keys.h_linears(), **self.gate.h_linears()}
+        return {**self.keys.h_linears(), **self.gate.h_linears(),
+                **(self.content_keys.h_linears() if self.content_keys is not None else {})}
 
     def addr_linears(self) -> dict[str, nn.Linear]:
         """The read keys' projection of addr_t, by name."""
@@ -84,6 +88,7 @@ class IntrospectiveMemory(Memory):
     def _attend(self, state: State, h: Tensor, addr: Tensor, pre: dict[str, Tensor]) -> dict[str, Tensor]:
         keys, beta = self.keys.from_pre(pre)  # (B, R, A), (B, R)
         similarity = cosine_similarity(keys, state["addr"], slots_unit=True)  # (B, R, N)
+        similarity = with_content_match(similarity, self.content_keys, pre, state["content"])
         weights = content_weights(similarity, beta, valid=state["filled"])  # (B, R, N)
         return gated_read(self.gate, pre, weights, similarity, state["content"], state["filled"], self.read_dim)
 
@@ -105,8 +110,9 @@ class IntrospectiveMemory(Memory):
                      ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """With h-free keys and addresses: all slot addresses and every step's key similarities before the loop;
         else nothing."""
-        if addr is None or self.keys.from_h is not None or self.content_address is not None:
-            return {}, {}  # keys depend on h_t, or slot addresses on z_t: the step-by-step read
+        if (addr is None or self.keys.from_h is not None or self.content_address is not None
+                or self.content_keys is not None):
+            return {}, {}  # keys depend on h_t, or slot addresses or matches on z_t: the step-by-step read
         T, B = addr.shape[:2]
         N, R, A = self.slots, self.heads, self.addr_dim
         unit = F.normalize(addr, dim=-1, eps=1e-6).transpose(0, 1)  # (B, T, A) as the writes store them

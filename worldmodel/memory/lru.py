@@ -30,8 +30,8 @@ from torch import Tensor
 
 from gtmm.cli import UserError
 from worldmodel.memory.base import (
-    Memory, ReadGate, ReadKeys, State, check_step_inputs, content_address_layer, content_weights, cosine_similarity,
-    gated_read, mark_written, slot_address, small_linear,
+    Memory, ReadGate, ReadKeys, State, check_step_inputs, content_address_layer, content_keys_layer, content_weights,
+    cosine_similarity, gated_read, mark_written, slot_address, small_linear, with_content_match,
 )
 
 
@@ -40,7 +40,7 @@ class LRUMemory(Memory):
 
     def __init__(self, *, z_dim: int, h_dim: int, addr_dim: int, slots: int = 64, heads: int = 2,
                  store_h: bool = False, key_from_h: bool = False, init_sharpness: float = 10.0,
-                 usage_decay: float = 0.95, content_address: bool = False):
+                 usage_decay: float = 0.95, content_address: bool = False, content_keys: bool = False):
         super().__init__()
         if slots < 1 or heads < 1:
             raise UserError(f"lru memory: expected slots >= 1 and heads >= 1, got slots={slots}, heads={heads}")
@@ -54,6 +54,7 @@ class LRUMemory(Memory):
         self.write_gate = small_linear(h_dim, 1, bias=-5.0)  # alpha: sigmoid ~ 0.007, the least-used slot
         self.gate = ReadGate(h_dim=h_dim, heads=heads)
         self.content_address = content_address_layer(content_address, z_dim, addr_dim)  # W_c, or None
+        self.content_keys = content_keys_layer(content_keys, h_dim, heads, z_dim)  # V (content read keys), or None
 
     def init_state(self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> State:
         """Empty slots, zero usage, occupancy and weights (retain 1) for ``batch`` sequences."""
@@ -74,7 +75,8 @@ class LRUMemory(Memory):
 
     def h_linears(self) -> dict[str, nn.Linear]:
         """The layers on h_t by name: the read keys', the write gate and the read gate."""
-        return {**self.keys.h_linears(), "write_gate": self.write_gate, **self.gate.h_linears()}
+        return {**self.keys.h_linears(), "write_gate": self.write_gate, **self.gate.h_linears(),
+                **(self.content_keys.h_linears() if self.content_keys is not None else {})}
 
     def addr_linears(self) -> dict[str, nn.Linear]:
         """The read keys' projection of addr_t, by name."""
@@ -82,7 +84,8 @@ class LRUMemory(Memory):
 
     def _read_weights(self, state: State, pre: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         keys, beta = self.keys.from_pre(pre)  # (B, R, A), (B, R)
-        similarity = cosine_similarity(keys, state["addr"])  # (B, R, N)
+        similarity = with_content_match(cosine_similarity(keys, state["addr"]), self.content_keys, pre,
+                                        state["content"])  # (B, R, N)
         return content_weights(similarity, beta, occupancy=state["written"]), similarity
 
     def _attend(self, state: State, h: Tensor, addr: Tensor, pre: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -30,8 +30,8 @@ from torch import Tensor
 
 from gtmm.cli import UserError
 from worldmodel.memory.base import (
-    Memory, ReadGate, ReadKeys, State, check_step_inputs, content_address_layer, content_weights, cosine_similarity,
-    gated_read, inverse_softplus, mark_written, slot_address, small_linear,
+    Memory, ReadGate, ReadKeys, State, check_step_inputs, content_address_layer, content_keys_layer, content_weights,
+    cosine_similarity, gated_read, inverse_softplus, mark_written, slot_address, small_linear, with_content_match,
 )
 
 
@@ -87,7 +87,7 @@ class NTMMemory(Memory):
 
     def __init__(self, *, z_dim: int, h_dim: int, addr_dim: int, slots: int = 64, heads: int = 2,
                  store_h: bool = False, key_from_h: bool = False, init_sharpness: float = 10.0, shift_range: int = 1,
-                 content_address: bool = False):
+                 content_address: bool = False, content_keys: bool = False):
         super().__init__()
         if slots < 2 or heads < 1 or shift_range < 1:
             raise UserError(f"ntm memory: expected slots >= 2, heads >= 1, shift_range >= 1, got slots={slots}, "
@@ -107,6 +107,7 @@ class NTMMemory(Memory):
         self.erase = small_linear(h_dim, width, bias=3.0)  # e ~ 0.95: a write mostly replaces the slot
         self.gate = ReadGate(h_dim=h_dim, heads=heads)
         self.content_address = content_address_layer(content_address, z_dim, addr_dim)  # W_c, or None
+        self.content_keys = content_keys_layer(content_keys, h_dim, heads, z_dim)  # V (content read keys), or None
 
     def init_state(self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> State:
         """Empty slots and every head on slot 0, for ``batch`` sequences."""
@@ -129,7 +130,8 @@ class NTMMemory(Memory):
     def h_linears(self) -> dict[str, nn.Linear]:
         """Every layer on h_t by name: read keys, read and write location heads, write key, erase, gate."""
         return {**self.keys.h_linears(), **self.read_location.h_linears(), **self.write_key.h_linears(),
-                **self.write_location.h_linears(), "erase": self.erase, **self.gate.h_linears()}
+                **self.write_location.h_linears(), "erase": self.erase, **self.gate.h_linears(),
+                **(self.content_keys.h_linears() if self.content_keys is not None else {})}
 
     def addr_linears(self) -> dict[str, nn.Linear]:
         """The read and write key projections of addr_t, by name."""
@@ -146,6 +148,7 @@ class NTMMemory(Memory):
         read_g, read_s, read_gamma = self.read_location.from_pre(pre)
         write_g, write_s, write_gamma = self.write_location.from_pre(pre)
         similarity = cosine_similarity(torch.cat([read_keys, write_key], dim=1), state["addr"])  # (B, R+1, N)
+        similarity = with_content_match(similarity, self.content_keys, pre, state["content"])  # the read keys only
         w_content = content_weights(similarity, torch.cat([read_beta, write_beta], dim=1),
                                     occupancy=state["written"])  # (B, R+1, N)
         weights = ntm_weights(w_content, torch.cat([state["read_weights"], state["write_weights"]], dim=1),
