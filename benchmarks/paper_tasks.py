@@ -117,6 +117,8 @@ class Args:
     """move each training image by up to this many pixels (the trainer's --augment-shift; 0 = off)"""
     prior_skip: bool = False
     """the memories' prior gets a linear path from the read (the trainer's --prior-skip)"""
+    prior_outlier: float = 0.0
+    """eps of every model's robust prior, `none` too (the trainer's --prior-outlier; 0 = the plain Gaussian)"""
     write_latent: Literal["sample", "mean"] = "sample"
     """what every memory stores: the sampled latent (the paper's) or its mean (--write-latent of the trainer)"""
     memory_kwargs: str = '{"content_address": true}'
@@ -165,7 +167,7 @@ def train_config(args: Args, task: str, memory: str, seed: int):
         device=args.device, seed=seed, threads=args.threads, compile=args.compile, steps=args.steps,
         seq_len=args.seq_len, batch=args.batch, lr=args.lr, z_dim=args.z_dim, h_dim=args.h_dim,
         embed_dim=args.embed_dim, channels=args.channels, hidden_dim=args.hidden_dim, addr_dim=args.addr_dim,
-        heads=args.heads, write_latent=args.write_latent if memory != "none" else "sample", prior_skip=args.prior_skip and memory != "none", augment_shift=args.augment_shift, free_nats=args.free_nats, kl_balance=args.kl_balance, address_lr_scale=1.0,
+        heads=args.heads, write_latent=args.write_latent if memory != "none" else "sample", prior_skip=args.prior_skip and memory != "none", prior_outlier=args.prior_outlier, augment_shift=args.augment_shift, free_nats=args.free_nats, kl_balance=args.kl_balance, address_lr_scale=1.0,
         curriculum_start=0, progress=False, memory_kwargs="{}" if memory == "none" else args.memory_kwargs,
         log_every=max(1, args.steps // 20), image_every=args.steps, ckpt_every=max(1, args.steps // 4),
         val_every=0,
@@ -432,7 +434,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         device = f"{device} ({torch.cuda.get_device_name(0)})"
     header = (f"{len(triples)} runs ({len(args.seeds)} seeds) x {args.steps} steps (batch {args.batch}, {args.seq_len} "
               f"frames, memory kwargs {args.memory_kwargs}, slots store the latent's {args.write_latent}, "
-              f"training images moved by <= {args.augment_shift} px{', prior skip' if args.prior_skip else ''}), "
+              f"training images moved by <= {args.augment_shift} px{', prior skip' if args.prior_skip else ''}"
+              f"{f', robust prior eps {args.prior_outlier}' if args.prior_outlier else ''}), "
               f"{args.jobs} jobs x {args.threads} thread(s) on {device}, "
               f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
               f"{time.perf_counter() - tick:.0f} s in all")

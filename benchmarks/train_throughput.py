@@ -38,7 +38,7 @@ if __package__ in (None, ""):  # run as a script: make the checkout importable u
 from worldmodel.config import preset  # noqa: E402
 from worldmodel.memory import MEMORIES  # noqa: E402
 from worldmodel.model import GTMM, param_groups  # noqa: E402
-from worldmodel.nets import gaussian_kl  # noqa: E402
+from worldmodel.nets import outlier_kl  # noqa: E402
 
 FRAMES = {28: (28, 28, 1), 64: (64, 64, 3)}
 
@@ -89,7 +89,8 @@ def reference_loss(model: GTMM, batch: dict[str, torch.Tensor], free_nats: float
     seq = model.observe(batch["obs"], batch["prev_action"], batch["pose"], sample=True, diagnostics=True)
     sg = lambda x: x.detach().float()  # noqa: E731
     pm, ps, qm, qs = (seq[k].float() for k in ("prior_mean", "prior_std", "post_mean", "post_std"))
-    kl_prior, kl_post = gaussian_kl(sg(qm), sg(qs), pm, ps), gaussian_kl(qm, qs, sg(pm), sg(ps))
+    eps = model.cfg.prior_outlier
+    kl_prior, kl_post = outlier_kl(sg(qm), sg(qs), pm, ps, eps), outlier_kl(qm, qs, sg(pm), sg(ps), eps)
     if free_nats > 0:
         kl_prior, kl_post = kl_prior.clamp(min=free_nats), kl_post.clamp(min=free_nats)
     return (seq["nll"] + kl_balance * kl_prior + (1.0 - kl_balance) * kl_post).mean()

@@ -59,9 +59,11 @@ def test_every_memory_forward_backward_both_frame_sizes(memory, obs_shape):
         assert any(g is not None and g.abs().sum() > 0 for g in grads), f"no gradient reaches memory {memory}"
 
 
-def test_a_few_steps_lower_the_loss_on_a_fixed_batch():
+@pytest.mark.parametrize("options", [{}, {"write_latent": "mean", "prior_skip": True, "prior_outlier": 0.01,
+                                      "memory_kwargs": {"content_keys": True}}], ids=["paper", "issue14-options"])
+def test_a_few_steps_lower_the_loss_on_a_fixed_batch(options):
     torch.manual_seed(0)
-    cfg = tiny_config()
+    cfg = tiny_config(**options)
     model = GTMM(cfg)
     batch = random_batch(cfg, B=4, T=5)
     # structured frames (a bright left half, a dark right half): learnable within a few steps, unlike noise
@@ -153,3 +155,28 @@ def test_checkpoint_roundtrip_rebuilds_the_same_model(tmp_path):
     assert checkpoint.load_raw(path)["step"] == 7
     with pytest.raises(ValueError, match="no such file"):
         checkpoint.load(tmp_path / "missing", "cpu")
+
+
+def test_robust_prior_kl_is_an_upper_bound_that_caps_a_confident_miss():
+    """`outlier_kl`: eps = 0 is the Gaussian KL; otherwise it bounds the true KL to the mixture from above (Monte
+    Carlo, 200k draws), adds -log(1 - eps) to a good match, and caps a confident wrong prior near
+    -log eps + KL(q || N(0, I))."""
+    from worldmodel.nets import gaussian_kl, outlier_kl
+
+    torch.manual_seed(0)
+    qm, qs = torch.randn(3, 4) * 2, torch.rand(3, 4) * 0.5 + 0.1
+    pm, ps = qm + torch.randn(3, 4) * torch.tensor([[0.0], [1.0], [8.0]]), torch.full((3, 4), 0.2)
+    assert torch.equal(outlier_kl(qm, qs, pm, ps, 0.0), gaussian_kl(qm, qs, pm, ps))
+    eps = 0.01
+    bound = outlier_kl(qm, qs, pm, ps, eps)  # (3,)
+    z = qm + qs * torch.randn(200_000, 3, 4)  # (S, 3, 4) draws of q
+    normal = torch.distributions.Normal
+    log_q = normal(qm, qs).log_prob(z).sum(-1)
+    log_p = torch.logaddexp(normal(pm, ps).log_prob(z).sum(-1) + torch.log1p(torch.tensor(-eps)),
+                            normal(0.0, 1.0).log_prob(z).sum(-1) + torch.log(torch.tensor(eps)))
+    true_kl = (log_q - log_p).mean(0)  # (3,)
+    assert (bound >= true_kl - 0.05).all(), (bound, true_kl)
+    plain, broad = gaussian_kl(qm, qs, pm, ps), gaussian_kl(qm, qs, torch.zeros(3, 4), torch.ones(3, 4))
+    assert (bound <= torch.minimum(plain - torch.log1p(torch.tensor(-eps)), broad - torch.log(torch.tensor(eps)))).all()
+    assert bound[0] == pytest.approx(plain[0].item() - torch.log1p(torch.tensor(-eps)).item(), abs=1e-3)
+    assert plain[2] > 1000 and bound[2] <= broad[2] - torch.log(torch.tensor(eps)) + 1e-4  # the miss is capped

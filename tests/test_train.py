@@ -126,6 +126,8 @@ def test_cli_presets_flags_and_bad_input():
         train(dataclasses.replace(preset("debug"), task="perfect_recall", augment_shift=9))
     with pytest.raises(ValueError, match="--augment-shift 2: moves the images of a --task"):
         train(dataclasses.replace(preset("debug"), data="some/rollouts", augment_shift=2))
+    with pytest.raises(ValueError, match="--prior-outlier 1.0: expected a probability in"):
+        train(dataclasses.replace(preset("debug"), task="perfect_recall", prior_outlier=1.0))
     with pytest.raises(ValueError, match="unknown preset"):
         preset("huge")
     cfg = dataclasses.replace(preset("debug"), curriculum_start=4, curriculum_steps=10)

@@ -54,6 +54,9 @@ class ModelConfig:
     """what step (7) stores: the latent z_t that drove the step (the paper's), or the mean of its distribution"""
     prior_skip: bool = False
     """the prior also maps the read r_t linearly to its output (copying a read latent exactly, whatever its size)"""
+    prior_outlier: float = 0.0
+    """eps of the robust prior (1 - eps) N(mu_p, sigma_p) + eps N(0, I) (nets.outlier_kl; 0 = the plain Gaussian);
+    dreams and open-loop predictions use its main component"""
     memory_kwargs: dict[str, Any] = field(default_factory=dict)
     """extra arguments of the memory class (e.g. store_h)"""
     address_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -130,6 +133,9 @@ class TrainConfig:
     prior_skip: bool = False
     """a linear path from the memory read to the prior's output beside its MLP, so the prior can copy a stored latent
     exactly (a GELU MLP copies only the sizes it was trained on; see docs/paper_ablation.md)"""
+    prior_outlier: float = 0.0
+    """robust prior: (1 - eps) N(mu_p, sigma_p) + eps N(0, I), its KL bounded (nets.outlier_kl), so a confident prior
+    that recalls the wrong frame pays about -log eps + a new frame's KL, not without bound (0 = off)"""
     memory_kwargs: str = "{}"
     """JSON object of extra memory arguments, e.g. '{"store_h": true}'"""
     address_kwargs: str = "{}"
@@ -229,7 +235,8 @@ class TrainConfig:
             address=self.address, z_dim=self.z_dim, h_dim=self.h_dim, addr_dim=self.addr_dim,
             slots=self.slots or self.seq_len, heads=self.heads, embed_dim=self.embed_dim, channels=self.channels,
             hidden_dim=self.hidden_dim, obs_model=self.obs_model, reward_head=self.reward_head,
-            write_latent=self.write_latent, prior_skip=self.prior_skip, memory_kwargs=parse_json_object(self.memory_kwargs, "memory_kwargs"),
+            write_latent=self.write_latent, prior_skip=self.prior_skip, prior_outlier=self.prior_outlier,
+            memory_kwargs=parse_json_object(self.memory_kwargs, "memory_kwargs"),
             address_kwargs=parse_json_object(self.address_kwargs, "address_kwargs"),
         )
 

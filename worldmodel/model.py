@@ -42,7 +42,7 @@ from worldmodel.config import ModelConfig
 from worldmodel.gate import loss as gate_loss_fn
 from worldmodel.reward import RewardHead, loss as reward_loss_fn
 from worldmodel.memory import build_memory
-from worldmodel.nets import ActionEmbedding, Decoder, Encoder, GaussianHead, gaussian_kl
+from worldmodel.nets import ActionEmbedding, Decoder, Encoder, GaussianHead, outlier_kl
 
 GAUSSIAN_PIXEL_STD = 0.1  # fixed std of the "gaussian" observation model, on pixels in [0, 1]
 
@@ -497,8 +497,8 @@ class GTMM(nn.Module):
         logits = self.decode_logits(seq["z"])  # (B, T, C, H, W)
         seq["logits"] = logits
         seq["nll"] = self.frame_nll(logits.float(), target)  # (B, T)
-        seq["kl"] = gaussian_kl(seq["post_mean"].float(), seq["post_std"].float(),
-                                seq["prior_mean"].float(), seq["prior_std"].float())  # (B, T)
+        seq["kl"] = outlier_kl(seq["post_mean"].float(), seq["post_std"].float(), seq["prior_mean"].float(),
+                               seq["prior_std"].float(), self.cfg.prior_outlier)  # (B, T)
         seq["state"] = state
         return seq
 
@@ -664,8 +664,9 @@ class GTMM(nn.Module):
         sg = lambda x: x.detach().float()  # noqa: E731
         pm, ps = seq["prior_mean"].float(), seq["prior_std"].float()
         qm, qs = seq["post_mean"].float(), seq["post_std"].float()
-        kl_prior = gaussian_kl(sg(qm), sg(qs), pm, ps)  # (B, T) trains the prior
-        kl_post = gaussian_kl(qm, qs, sg(pm), sg(ps))  # (B, T) trains the posterior
+        eps = self.cfg.prior_outlier
+        kl_prior = outlier_kl(sg(qm), sg(qs), pm, ps, eps)  # (B, T) trains the prior
+        kl_post = outlier_kl(qm, qs, sg(pm), sg(ps), eps)  # (B, T) trains the posterior
         if free_nats > 0:
             kl_prior, kl_post = kl_prior.clamp(min=free_nats), kl_post.clamp(min=free_nats)
         kl_loss = kl_balance * kl_prior + (1.0 - kl_balance) * kl_post  # (B, T)

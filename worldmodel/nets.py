@@ -7,6 +7,8 @@ batch of frames (N = B*T) so the model can encode and decode all time steps in o
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -140,6 +142,23 @@ class GaussianHead(nn.Module):
         itself, fused with others, and calls this on their output)."""
         mean, raw_std = out.chunk(2, dim=-1)
         return mean, F.softplus(raw_std) + self.min_std
+
+
+def outlier_kl(q_mean: torch.Tensor, q_std: torch.Tensor, p_mean: torch.Tensor, p_std: torch.Tensor,
+               outlier: float) -> torch.Tensor:
+    """KL(q || p) for the robust prior p = (1 - eps) N(p_mean, p_std) + eps N(0, I), eps = ``outlier``, through
+    the variational upper bound of a KL to a mixture (Hershey & Olsen 2007; Jensen over the components):
+
+        KL(q || p) <= -log[(1 - eps) exp(-KL(q || N(p_mean, p_std))) + eps exp(-KL(q || N(0, I)))]
+
+    so the loss stays an ELBO. A confident prior that is wrong pays at most ~ -log eps + KL(q || N(0, I)) instead
+    of without bound; a right one pays -log(1 - eps) more. ``outlier`` = 0: the plain ``gaussian_kl``. (..., Z) ->
+    (...)"""
+    kl_main = gaussian_kl(q_mean, q_std, p_mean, p_std)
+    if outlier <= 0.0:
+        return kl_main
+    kl_broad = gaussian_kl(q_mean, q_std, torch.zeros_like(q_mean), torch.ones_like(q_std))
+    return -torch.logaddexp(math.log1p(-outlier) - kl_main, math.log(outlier) - kl_broad)
 
 
 def gaussian_kl(q_mean: torch.Tensor, q_std: torch.Tensor, p_mean: torch.Tensor, p_std: torch.Tensor) -> torch.Tensor:

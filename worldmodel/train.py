@@ -308,6 +308,8 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.augment_shift and cfg.task is None:
         raise UserError(f"--augment-shift {cfg.augment_shift}: moves the images of a --task; rollouts (--data) are "
                         "frames of places, which a move would change")
+    if not 0.0 <= cfg.prior_outlier < 1.0:
+        raise UserError(f"--prior-outlier {cfg.prior_outlier}: expected a probability in [0, 1)")
     if not 0 <= cfg.augment_shift <= 4:
         raise UserError(f"--augment-shift {cfg.augment_shift}: expected 0 to 4 pixels")
     if not 0.0 <= cfg.val_fraction < 1.0:
