@@ -23,8 +23,13 @@ classes for one-shot recall) and prints a markdown table, one row per (task, mem
 
 Budgets (`--budget`, each field can still be set by its own flag): `cpu` 2,000 steps x batch 16, 2 processes of one
 torch thread; `gpu` the same steps at batch 64 on `cuda`, all 75 runs at once (`--jobs 75`: each process is launch
-bound, so the GPU runs many side by side). The memories get `--memory-kwargs` (default: content addressing, see
-`worldmodel.memory.base.content_address_layer`); `none` gets none.
+bound, so the GPU runs many side by side).
+
+The model is the paper's with issue 14's four changes, each its own flag (docs/paper_ablation.md measures each):
+content read keys (`--memory-kwargs '{"content_keys": true}'`, `worldmodel.memory.base.ContentKeys`), slots that
+store the latent's mean (`--write-latent mean`), a linear path from the read to the prior (`--prior-skip`), and a
+robust prior (`--prior-outlier 0.01`, `worldmodel.nets.outlier_kl`, `none` too). The paper's own model:
+`--memory-kwargs '{}' --write-latent sample --no-prior-skip --prior-outlier 0`. `none` gets no memory kwargs.
 
 Runs live in `--out/<task>/<memory>/seed<k>/` (checkpoint, TensorBoard, `result.json`); a finished run whose
 training config equals the one asked for is reused, so a killed benchmark resumes where it stopped, and a changed
@@ -115,15 +120,15 @@ class Args:
     """free bits per step (0: the loss keeps pushing the recall KL down, which is what the benchmark measures)"""
     augment_shift: int = 0
     """move each training image by up to this many pixels (the trainer's --augment-shift; 0 = off)"""
-    prior_skip: bool = False
+    prior_skip: bool = True
     """the memories' prior gets a linear path from the read (the trainer's --prior-skip)"""
-    prior_outlier: float = 0.0
+    prior_outlier: float = 0.01
     """eps of every model's robust prior, `none` too (the trainer's --prior-outlier; 0 = the plain Gaussian)"""
-    write_latent: Literal["sample", "mean"] = "sample"
+    write_latent: Literal["sample", "mean"] = "mean"
     """what every memory stores: the sampled latent (the paper's) or its mean (--write-latent of the trainer)"""
-    memory_kwargs: str = '{"content_address": true}'
-    """JSON object of memory arguments for every memory but `none` (content_address: slots also addressed by what
-    was written there, which cued recall needs)"""
+    memory_kwargs: str = '{"content_keys": true}'
+    """JSON object of memory arguments for every memory but `none` (content_keys: read heads can also match what a
+    slot holds, which cued recall needs; content_address: the older way, through the slot's address)"""
     table: str = ""
     """also write the markdown table to this file"""
     train: bool = True

@@ -181,7 +181,8 @@ def test_benchmark_runs_seeds_tabulates_and_reuses_finished_runs(tmp_path: Path,
     assert 0.0 <= intro["read_chance"] <= 1.0 and 0.0 <= intro["read_found"] <= 1.0
     assert "read_found" not in results[0]  # `none` reads nothing
     saved = json.loads((out / "perfect_recall" / "introspective" / "seed1" / "config.json").read_text())
-    assert json.loads(saved["memory_kwargs"]) == {"content_address": True} and saved["seed"] == 1
+    assert json.loads(saved["memory_kwargs"]) == {"content_keys": True} and saved["seed"] == 1
+    assert saved["write_latent"] == "mean" and saved["prior_skip"] and saved["prior_outlier"] == 0.01
     assert json.loads((out / "perfect_recall" / "none" / "seed0" / "config.json").read_text())["memory_kwargs"] == "{}"
     table = (tmp_path / "table.md").read_text().splitlines()
     rows = [line for line in table if line.startswith("| perfect_recall")]
