@@ -44,6 +44,7 @@ import math
 import os
 import platform
 import sys
+import threading
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor
@@ -409,6 +410,18 @@ def format_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def exit_with_parent(parent: int) -> None:
+    """In a worker: leave as soon as the benchmark that started it is gone. A killed benchmark (SIGKILL, SIGTERM to
+    its process only) otherwise leaves its workers training their current runs as orphans."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """Train and evaluate every (task, memory, seed), print the table (and write it to --table)."""
     from envs.sequences import TASKS
@@ -420,7 +433,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     triples = [(task, memory, seed) for task in tasks for memory in memories for seed in args.seeds]
     tick = time.perf_counter()
     results = []
-    with ProcessPoolExecutor(min(args.jobs, len(triples)), mp_context=get_context("spawn")) as pool:
+    with ProcessPoolExecutor(min(args.jobs, len(triples)), mp_context=get_context("spawn"),
+                             initializer=exit_with_parent, initargs=(os.getpid(),)) as pool:
         # spawn: fresh interpreters, so each job's torch thread count, CUDA context and RNG are its own
         futures = [pool.submit(run_one, args, *triple) for triple in triples]
         for fut in futures:

@@ -238,3 +238,50 @@ def test_bad_flags_are_one_line_errors(args: list[str], message: str, tmp_path: 
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().startswith(message) and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not any(tmp_path.iterdir())  # nothing trained, nothing written
+
+
+def children(pid: int) -> list[int]:
+    """Process ids whose parent is ``pid`` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_killed_benchmark_takes_its_workers_with_it(tmp_path: Path) -> None:
+    """SIGKILL the benchmark mid-training: its workers (which would train on as orphans) exit within seconds."""
+    import signal
+    import time
+
+    argv = [sys.executable, str(ROOT / "benchmarks" / "paper_tasks.py"), *TINY, "--steps", "100000", "--tasks",
+            "perfect_recall", "--memories", "none", "--seeds", "0", "1", "--out", str(tmp_path / "runs")]
+    bench = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(workers) < 2:  # spawned workers, past their imports
+            time.sleep(0.5)
+            workers = [p for p in children(bench.pid)
+                       if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()
+                       and any((tmp_path / "runs" / "perfect_recall" / "none" / f"seed{s}" / "config.json").exists()
+                               for s in (0, 1))]
+        assert len(workers) == 2, "the workers did not start"
+        bench.send_signal(signal.SIGKILL)
+        bench.wait()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in workers):
+            time.sleep(0.2)
+        alive = [p for p in workers if Path(f"/proc/{p}").exists()
+                 and Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+        assert not alive, f"workers {alive} outlived the benchmark"
+    finally:
+        bench.kill()
+        for p in workers:  # whatever happened, no orphan survives the test
+            if Path(f"/proc/{p}").exists():
+                os.kill(p, 9)
