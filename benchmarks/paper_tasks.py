@@ -152,6 +152,11 @@ def resolved(args: Args) -> Args:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected >= 1")
     if not args.seeds:
         raise UserError("--seeds: expected at least one seed")
+    # the trainer checks these too, but inside each run: a bad value would be 75 failed rows, not one line
+    if not 0.0 <= args.prior_outlier < 1.0:
+        raise UserError(f"--prior-outlier {args.prior_outlier}: expected a probability in [0, 1)")
+    if not 0 <= args.augment_shift <= 4:
+        raise UserError(f"--augment-shift {args.augment_shift}: expected 0 to 4 pixels")
     parse_json_object(args.memory_kwargs, "memory_kwargs")  # a UserError naming the flag if it is not an object
     return args
 
@@ -173,7 +178,9 @@ def train_config(args: Args, task: str, memory: str, seed: int):
         device=args.device, seed=seed, threads=args.threads, compile=args.compile, steps=args.steps,
         seq_len=args.seq_len, batch=args.batch, lr=args.lr, z_dim=args.z_dim, h_dim=args.h_dim,
         embed_dim=args.embed_dim, channels=args.channels, hidden_dim=args.hidden_dim, addr_dim=args.addr_dim,
-        heads=args.heads, write_latent=args.write_latent if memory != "none" else "sample", prior_skip=args.prior_skip and memory != "none", prior_outlier=args.prior_outlier, augment_shift=args.augment_shift, free_nats=args.free_nats, kl_balance=args.kl_balance, address_lr_scale=1.0,
+        heads=args.heads, free_nats=args.free_nats, kl_balance=args.kl_balance, address_lr_scale=1.0,
+        write_latent=args.write_latent if memory != "none" else "sample", prior_skip=args.prior_skip and memory != "none",
+        prior_outlier=args.prior_outlier, augment_shift=args.augment_shift,
         curriculum_start=0, progress=False, memory_kwargs="{}" if memory == "none" else args.memory_kwargs,
         log_every=max(1, args.steps // 20), image_every=args.steps, ckpt_every=max(1, args.steps // 4),
         val_every=0,
@@ -405,7 +412,8 @@ def format_table(results: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {task} | {memory} | {len(ok)}/{len(runs)} | {spread([r['kl_recall'] for r in ok], 1)} | "
             f"{spread([r['kl_other'] for r in ok], 1)} | {spread(ratios)} | {' '.join(f'{x:.2f}' for x in ratios)} | "
-            f"{typical_cell} | {tail_cell} | {found_cell} | {verdict(float(np.mean(ratios)))}{'; ' + '; '.join(bad) if bad else ''} |"
+            f"{typical_cell} | {tail_cell} | {found_cell} | "
+            f"{verdict(float(np.mean(ratios)))}{'; ' + '; '.join(bad) if bad else ''} |"
         )
     return "\n".join(lines)
 

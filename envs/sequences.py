@@ -490,6 +490,9 @@ def sample_batch(
     if not isinstance(rng, np.random.Generator):
         raise UserError(f"task {task!r}: rng must be a numpy Generator (np.random.default_rng(seed)), got {type(rng).__name__}")
     pool = get_pool(source, split)
+    limit = min(pool.images.shape[1:3]) // 2  # a move of half the image or more would leave nothing of it
+    if not isinstance(shift, (int, np.integer)) or isinstance(shift, bool) or not 0 <= shift < limit:
+        raise UserError(f"task {task!r}: shift={shift!r}, expected an integer in [0, {limit})")
     keep = spec.split_classes(split, pool.classes)
     if len(keep) == 0:
         raise UserError(f"task {task!r}: {spec} leaves no classes to draw for split={split!r} (the images have {pool.classes.tolist()})")
@@ -499,8 +502,6 @@ def sample_batch(
     frames = spec.frames(pool, int(batch_size), rng)
     B, T = frames.index.shape
     obs = pool.images[frames.index][..., None]  # (B, T, H, W, 1)
-    if not isinstance(shift, (int, np.integer)) or isinstance(shift, bool) or not 0 <= shift < min(obs.shape[2:4]) // 2:
-        raise UserError(f"task {task!r}: shift={shift!r}, expected an integer in [0, {min(obs.shape[2:4]) // 2})")
     if shift:
         obs = _shift_images(obs, frames.recall_of, int(shift), rng)
     if isinstance(spec, ParityRecall) and spec.exemplar == "fixed":

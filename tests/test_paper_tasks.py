@@ -230,6 +230,8 @@ def test_table_shows_mean_and_spread_over_seeds_and_the_failed_ones() -> None:
         (["--tasks", "copy_task"], "error: --tasks copy_task: expected some of perfect_recall"),
         (["--steps", "0"], "error: --steps 0: expected >= 1"),
         (["--memory-kwargs", "[1]"], "error: --memory-kwargs"),
+        (["--prior-outlier", "1.5"], "error: --prior-outlier 1.5: expected a probability in [0, 1)"),
+        (["--augment-shift", "9"], "error: --augment-shift 9: expected 0 to 4 pixels"),
     ],
 )
 def test_bad_flags_are_one_line_errors(args: list[str], message: str, tmp_path: Path) -> None:
