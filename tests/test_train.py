@@ -154,3 +154,18 @@ def test_seen_in_context_matches_revisits_by_pose():
     # step 6 revisits the start
     assert seen_in_context(pose, revisit, 3).tolist() == [[True, False, False, True]]
     assert seen_in_context(pose[:, :, :0], revisit, 3).tolist() == [[True, False, True, True]]
+
+
+def test_precision_bf16_trains_on_the_cpu_and_changes_only_the_rounding(tmp_path):
+    """`--precision bf16` autocasts the training step on any device (`auto`: bf16 on CUDA, fp32 on the CPU), so a
+    GPU run's arithmetic can be reproduced on a CPU: its losses are finite and differ from fp32's by rounding only."""
+    cfg = parse_args(["--preset", "debug", "--task", "perfect_recall", "--precision", "bf16"])
+    assert cfg.precision == "bf16" and preset("debug").precision == "auto"
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        run = dataclasses.replace(cfg, precision=precision, out=str(tmp_path / precision), steps=3, progress=False,
+                                  threads=1)
+        losses[precision] = np.array([loss for _, loss in train(run)["losses"]])
+    assert np.isfinite(losses["bf16"]).all() and len(losses["bf16"]) == len(losses["fp32"]) > 0
+    assert not np.array_equal(losses["bf16"], losses["fp32"])  # the autocast region really ran in bf16
+    np.testing.assert_allclose(losses["bf16"], losses["fp32"], rtol=0.02)  # the same run, rounded differently

@@ -102,6 +102,9 @@ class TrainConfig:
     compile: Literal["auto", "on", "off"] = "auto"
     """compile the recurrent step with torch.compile (CUDA: as CUDA graphs); auto = on for CUDA, off for CPU, where
     it only pays for the slot memories (ntm/dnc ~1.3-1.8x) and costs 20-60 s of compilation"""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """arithmetic of the training step: bf16 (autocast: matrix products in bfloat16, losses in float32) or fp32;
+    auto = bf16 on CUDA, fp32 on the CPU"""
 
     # model
     memory: str = "introspective"
@@ -359,7 +362,7 @@ def auto_address(env: Optional[dict[str, Any]], num_actions: int, memory: str) -
 # What `--resume` may change: how long and where the run goes, and how it reports. Everything else defines the run
 # (model, data, optimisation): a resumed run that changed it would no longer be the run its checkpoint describes.
 # `--data` is special: it may name a moved copy of the same dataset (checked by the episodes' checksums).
-RESUME_MAY_CHANGE = ("steps", "threads", "device", "compile", "progress", "log_every", "image_every", "ckpt_every", "val_every")
+RESUME_MAY_CHANGE = ("steps", "threads", "device", "compile", "precision", "progress", "log_every", "image_every", "ckpt_every", "val_every")
 
 
 PRESETS: dict[str, TrainConfig] = {

@@ -707,8 +707,8 @@ def _train_locked(cfg: TrainConfig, explicit: Optional[set[str]], stop: Optional
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=cfg.memory == "none")
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else torch.autocast("cpu", enabled=False))
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"):
         # on a GPU the step is launch-bound: CUDA graphs replay it as one launch (issue 12)
         model.compile_step("reduce-overhead" if device.type == "cuda" else None)
