@@ -271,7 +271,7 @@ class DreamVecEnv(VecEnv):
         """Dream one step of every dream: (obs (N, D), predicted reward (N,), done (N,), infos)."""
         if not self._started:
             raise RuntimeError("DreamVecEnv.step before reset")
-        _, infos = self.dreams.step(self._actions, self._rngs)
+        _, infos = self.dreams.step(self._actions)
         obs = self._pose_obs(infos["pose"])
         rewards = self.dreams.last_reward.astype(np.float32)  # (N,) the reward head's prediction
         terminated = self.dreams.last_terminated.copy()  # (N,)

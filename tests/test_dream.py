@@ -252,7 +252,7 @@ def test_temperature_zero_is_the_prior_mean(tiny, data):
         for seed_noise in (0, 1):
             env = make(tiny, data, temperature=temperature)
             env.reset(seed=5)
-            env.np_random = np.random.default_rng(seed_noise)  # only the prior noise comes from here after reset
+            env.unwrapped.dreams.noise_key[0] = seed_noise  # the dream's prior-noise key, drawn at reset
             frames[temperature, seed_noise] = np.stack([env.step(a)[0] for a in (0, 2, 1)])
     np.testing.assert_array_equal(frames[0.0, 0], frames[0.0, 1])
     assert not np.array_equal(frames[1.0, 0], frames[1.0, 1])

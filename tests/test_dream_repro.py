@@ -92,3 +92,22 @@ def test_collect_dreams_same_for_1_and_2_workers(data, tmp_path):
         same_sha += r1["sha256"] == r2["sha256"]
     # collect steps each dream as its own 1-dream env (rollouts.collect.make_collector_env), so no batch rounding
     assert same_sha == len(m1["episodes"]) == 4
+
+
+def test_normal_noise_is_standard_normal_and_per_row():
+    """The dreams' counter-based noise: standard normal in distribution, a row depends on its key and counter only
+    (not on the other rows), and successive counters give fresh draws."""
+    from scipy import stats
+
+    from worldmodel.dream import normal_noise
+
+    keys = np.random.default_rng(0).integers(0, 2**63, 256).astype(np.uint64)
+    counts = np.zeros(256, dtype=np.uint64)
+    draws = normal_noise(keys, counts + np.uint64(3), 400)  # (256, 400)
+    assert draws.dtype == np.float32 and draws.shape == (256, 400) and np.isfinite(draws).all()
+    assert stats.kstest(draws.ravel(), "norm").pvalue > 1e-3
+    assert abs(draws.mean()) < 0.01 and abs(draws.std() - 1) < 0.01
+    alone = normal_noise(keys[7:8], counts[7:8] + np.uint64(3), 400)
+    np.testing.assert_array_equal(alone[0], draws[7])  # its own key and counter, whatever the batch
+    first, second = normal_noise(keys, counts, 16), normal_noise(keys, counts + np.uint64(1), 16)
+    assert abs(np.corrcoef(first.ravel(), second.ravel())[0, 1]) < 0.05 and not np.array_equal(first, second)

@@ -16,8 +16,8 @@ decodes x_t = mean of p(x_t | z_t) (8) into a uint8 frame. Nothing of the real e
 The scalar `DreamEnv` and the batched `DreamVectorEnv` share one implementation (`DreamBatch`): N dreams step in one
 forward call of the model on its device (a GPU when there is one), and their bookkeeping (on record or not, pose,
 revisits, info) is a fixed number of numpy calls on arrays of all N dreams, not a Python loop over them (issue 12:
-with 1,024 dreams on a GPU the loop, not the model, set the pace). Only what is per dream by nature stays a loop:
-each dream's prior noise from its own generator, shadow envs, and resets.
+with 1,024 dreams on a GPU the loop, not the model, set the pace). Each dream's prior noise comes from its own key
+in one vectorised draw for all (`normal_noise`); only shadow envs and resets stay loops.
 
 Where the dream is (`info["pose"]`, `revisit`, `visit_count`; the contract of `envs/__init__.py`), and how it is
 known, `info["pose_source"]`:
@@ -116,6 +116,23 @@ def _set_rows(state: ModelState, index: torch.Tensor, rows: ModelState) -> Model
                       read=put(state.read, rows.read),
                       memory={k: put(v, rows.memory[k]) for k, v in state.memory.items()},
                       address={k: put(v, rows.address[k]) for k, v in state.address.items()})
+
+
+def normal_noise(keys: np.ndarray, counters: np.ndarray, dim: int) -> np.ndarray:
+    """Standard normal draws (N, dim) float32, row i a pure function of (keys[i], counters[i]): a counter-based
+    generator (the splitmix64 hash of key + index, then Box-Muller on two 24-bit uniforms), so all N dreams draw in
+    one vectorised call (1,024 x 16 draws ~0.3 ms vs ~1.6 ms for a loop over generators) and a dream's noise never
+    depends on its batch. Tails are cut near 5.9 sigma (the smallest uniform is 2^-25). keys, counters: (N,) uint64."""
+    index = counters[:, None] * np.uint64(dim) + np.arange(dim, dtype=np.uint64)  # (N, dim) the draw's number
+    x = keys[:, None] + index * np.uint64(0x9E3779B97F4A7C15)  # uint64 arithmetic wraps, as the hash wants
+    x ^= x >> np.uint64(30)
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(27)
+    x *= np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    u1 = ((x >> np.uint64(40)).astype(np.float32) + np.float32(0.5)) * np.float32(2.0 ** -24)  # (0, 1)
+    u2 = ((x >> np.uint64(16)) & np.uint64(0xFFFFFF)).astype(np.float32) * np.float32(2.0 ** -24)  # [0, 1)
+    return np.sqrt(np.float32(-2.0) * np.log(u1)) * np.cos(np.float32(2.0 * np.pi) * u2)
 
 
 def to_uint8(frames: torch.Tensor) -> np.ndarray:
@@ -263,6 +280,10 @@ class DreamBatch:
         N, D = num_envs, self.pose_dim
         self._rows = np.arange(N)
         self.steps = np.zeros(N, dtype=np.int64)  # (N,) dreamed steps since reset
+        # (N,) each dream's prior-noise key, drawn at reset from the generator that picked its episode, and the
+        # number of noise draws made since (see `normal_noise`)
+        self.noise_key = np.zeros(N, dtype=np.uint64)
+        self.noise_count = np.zeros(N, dtype=np.uint64)
         self.t = np.zeros(N, dtype=np.int64)  # (N,) frame index into the recorded episode, while on record
         self.on_record = np.zeros(N, dtype=bool)  # (N,) every action since reset was the recorded one
         self.shadowed = np.zeros(N, dtype=bool)  # (N,) a real env is stepped beside the dream
@@ -425,6 +446,8 @@ class DreamBatch:
             ctx, track = self._context(int(i), rng)
             self.tracks[int(i)] = track
             contexts.append(ctx), tracks.append(track)
+            self.noise_key[i] = rng.integers(2**63)
+        self.noise_count[rows] = 0
         batch = {k: np.stack([c[k] for c in contexts]) for k in contexts[0]}  # (n, K, ...)
         recorded = np.array([track.episode is not None for track in tracks])  # (n,) else a live env's context
         self._record_rows(rows, [track.episode for track in tracks])
@@ -522,13 +545,13 @@ class DreamBatch:
         return self._infos(slice(None), visit_count, revisit), move_known, moved
 
     @torch.no_grad()
-    def step(self, actions: np.ndarray, rngs: list[np.random.Generator]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def step(self, actions: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Dream one step of all N dreams in one forward call: actions (N,) -> frames (N, H, W, C) uint8 and the
         info arrays (leading axis N, `INFO_KEYS`).
 
-        Dream i's prior noise is drawn from its own generator `rngs[i]` (its env's, seeded from its reset seed), so
-        what it samples depends on its seed and actions only, never on the batch size or its neighbours -- as a real
-        env's randomness does; the global torch RNG is not touched."""
+        Dream i's prior noise comes from its own key (drawn at reset from the generator its env seeded) and its own
+        count of draws (`normal_noise`), so what it samples depends on its seed and actions only, never on the batch
+        size or its neighbours -- as a real env's randomness does; the global torch RNG is not touched."""
         assert self.state is not None, "DreamBatch.step before reset"
         actions = np.asarray(actions, dtype=np.int64).reshape(self.num_envs)
         infos, move_known, happened = self._advance(actions)
@@ -541,12 +564,11 @@ class DreamBatch:
         pose_t = torch.as_tensor(infos["pose"], device=self.device)  # (N, D); read only by the pose address
         sample = self.temperature > 0
         noise = None
-        if sample:  # one standard normal draw per dream from its own generator, stacked: (N, Z); drawn with numpy
-            z_dim = self.model.cfg.z_dim  # on the host, so a seed gives the same noise on any device
-            noise = np.empty((self.num_envs, z_dim), dtype=np.float32)
-            for i, rng in enumerate(rngs):  # per dream by design (see above): ~1 us each, the only O(N) loop left
-                rng.standard_normal(out=noise[i], dtype=np.float32)
-            noise = torch.as_tensor(noise, device=self.device)
+        if sample:  # (N, Z) standard normal, each dream's from its own key; drawn with numpy on the host, so a seed
+            # gives the same noise on any device
+            noise = torch.as_tensor(normal_noise(self.noise_key, self.noise_count, self.model.cfg.z_dim),
+                                    device=self.device)
+            self.noise_count += np.uint64(1)
         moved = None
         if self.model.cell.gate is not None:  # a gated action address: where the dream knows if the move happened
             if self.model.cell.address.guesses_moves:
@@ -679,7 +701,7 @@ class DreamEnv(gym.Env):
         if not self._ready:
             raise RuntimeError("DreamEnv.step called before reset")
         _check_action(self.action_space, action)
-        obs, infos = self.dreams.step(np.array([int(action)]), [self.np_random])
+        obs, infos = self.dreams.step(np.array([int(action)]))
         truncated = bool(self.dreams.steps[0] >= self.dreams.max_steps)
         info = {**_info_row(infos, 0), "reward_predicted": self.dreams.predicts_reward}
         return (obs[0], float(self.dreams.last_reward[0]), bool(self.dreams.last_terminated[0]), truncated, info)
@@ -701,7 +723,7 @@ class DreamVectorEnv(VectorEnv):
 
     Same dynamics and info as `DreamEnv` (both run `DreamBatch`). `reset(seed=s)` gives dream i the generator of
     seed `s + i`, so dream i dreams what a `DreamEnv` reset with `s + i` dreams (the same episode and, from its own
-    noise generator, the same prior samples), whatever the batch size and the other dreams -- up to float rounding:
+    noise key, the same prior samples), whatever the batch size and the other dreams -- up to float rounding:
     the batched float32 matmuls of a row round differently for different batch sizes (MKL on CPU; measured ~1e-6 in
     the state), so a decoded pixel can come out one grey level apart. Autoreset is
     Gymnasium 1.x `NEXT_STEP`: the step after an episode ends returns that dream's reset frame and info, reward 0,
@@ -760,7 +782,7 @@ class DreamVectorEnv(VectorEnv):
         resetting = np.flatnonzero(self._needs_reset)
         actions[resetting] = 0  # ignored (NEXT_STEP autoreset): any valid action keeps the batch call uniform
         _check_actions(self.single_action_space, actions)
-        obs, infos = self.dreams.step(actions, self._rngs)
+        obs, infos = self.dreams.step(actions)
         obs = obs.copy()
         rewards = self.dreams.last_reward.copy()  # (N,) predicted by the reward heads (0 without them)
         terminated = self.dreams.last_terminated.copy()  # (N,)
