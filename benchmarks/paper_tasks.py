@@ -57,7 +57,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from gtmm.cli import UserError, parse, parse_json_object, run  # noqa: E402
+from gtmm.cli import UserError, parse, run  # noqa: E402
 
 RECALLS, PARTLY = 0.25, 0.75  # verdict thresholds on recall KL / reference KL
 MIN_REFERENCE = 1.0  # nats: below this the model hardly encodes its frames and a small recall KL means nothing
@@ -154,12 +154,12 @@ def resolved(args: Args) -> Args:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected >= 1")
     if not args.seeds:
         raise UserError("--seeds: expected at least one seed")
-    # the trainer checks these too, but inside each run: a bad value would be 75 failed rows, not one line
-    if not 0.0 <= args.prior_outlier < 1.0:
-        raise UserError(f"--prior-outlier {args.prior_outlier}: expected a probability in [0, 1)")
-    if not 0 <= args.augment_shift <= 4:
-        raise UserError(f"--augment-shift {args.augment_shift}: expected 0 to 4 pixels")
-    parse_json_object(args.memory_kwargs, "memory_kwargs")  # a UserError naming the flag if it is not an object
+    # the trainer's own checks, once up front on each memory's config (the model flags are the trainer's: a bad
+    # --prior-outlier or --memory-kwargs would otherwise be one failed row per run, not one line)
+    from worldmodel.train import check_config
+
+    for memory in args.memories or MEMORIES:
+        check_config(train_config(args, (args.tasks or TASKS)[0], memory, args.seeds[0]))
     return args
 
 
