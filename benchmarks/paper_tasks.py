@@ -57,7 +57,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from gtmm.cli import UserError, parse, run  # noqa: E402
+from gtmm.cli import UserError, parse, parse_json_object, run  # noqa: E402
 
 RECALLS, PARTLY = 0.25, 0.75  # verdict thresholds on recall KL / reference KL
 MIN_REFERENCE = 1.0  # nats: below this the model hardly encodes its frames and a small recall KL means nothing
@@ -97,6 +97,8 @@ class Args:
     """torch threads per run"""
     compile: Literal["auto", "on", "off"] = "auto"
     """the trainer's --compile (auto: CUDA graphs on a GPU, eager on the CPU)"""
+    cuda_graphs: bool = True
+    """the trainer's --cuda-graphs (with the compiled step on a GPU: replay it as CUDA graphs)"""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """the trainer's --precision (auto: bf16 autocast on a GPU, fp32 on the CPU)"""
     eval_sequences: int = 256
@@ -132,6 +134,9 @@ class Args:
     memory_kwargs: str = '{"content_keys": true}'
     """JSON object of memory arguments for every memory but `none` (content_keys: read heads can also match what a
     slot holds, which cued recall needs; content_address: the older way, through the slot's address)"""
+    task_kwargs: str = "{}"
+    """JSON object: task name -> fields of its *training* batches (the trainer's --task-kwargs), e.g.
+    '{"parity_recall": {"prefix": "even"}}' for parity's curriculum; evaluation always uses the plain task"""
     table: str = ""
     """also write the markdown table to this file"""
     train: bool = True
@@ -154,12 +159,18 @@ def resolved(args: Args) -> Args:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected >= 1")
     if not args.seeds:
         raise UserError("--seeds: expected at least one seed")
+    per_task = parse_json_object(args.task_kwargs, "task_kwargs")
+    for task, fields in per_task.items():
+        if task not in TASKS or not isinstance(fields, dict):
+            raise UserError(f"--task-kwargs {args.task_kwargs}: expected task name -> JSON object of its fields, "
+                            f"with names among {', '.join(TASKS)}; got {task!r}: {fields!r}")
     # the trainer's own checks, once up front on each memory's config (the model flags are the trainer's: a bad
     # --prior-outlier or --memory-kwargs would otherwise be one failed row per run, not one line)
     from worldmodel.train import check_config
 
     for memory in args.memories or MEMORIES:
-        check_config(train_config(args, (args.tasks or TASKS)[0], memory, args.seeds[0]))
+        for task in {(args.tasks or TASKS)[0], *(t for t in per_task if t in (args.tasks or TASKS))}:
+            check_config(train_config(args, task, memory, args.seeds[0]))
     return args
 
 
@@ -177,13 +188,14 @@ def train_config(args: Args, task: str, memory: str, seed: int):
 
     return dataclasses.replace(
         preset("mnist_cpu"), task=task, memory=memory, address="hidden", out=str(run_dir(args, task, memory, seed)),
-        device=args.device, seed=seed, threads=args.threads, compile=args.compile, precision=args.precision,
-        steps=args.steps, seq_len=args.seq_len, batch=args.batch, lr=args.lr, z_dim=args.z_dim, h_dim=args.h_dim,
+        device=args.device, seed=seed, threads=args.threads, compile=args.compile, cuda_graphs=args.cuda_graphs,
+        precision=args.precision, steps=args.steps, seq_len=args.seq_len, batch=args.batch, lr=args.lr, z_dim=args.z_dim, h_dim=args.h_dim,
         embed_dim=args.embed_dim, channels=args.channels, hidden_dim=args.hidden_dim, addr_dim=args.addr_dim,
         heads=args.heads, free_nats=args.free_nats, kl_balance=args.kl_balance, address_lr_scale=1.0,
         write_latent=args.write_latent if memory != "none" else "sample", prior_skip=args.prior_skip and memory != "none",
         prior_outlier=args.prior_outlier, augment_shift=args.augment_shift,
         curriculum_start=0, progress=False, memory_kwargs="{}" if memory == "none" else args.memory_kwargs,
+        task_kwargs=json.dumps(parse_json_object(args.task_kwargs, "task_kwargs").get(task, {})),
         log_every=max(1, args.steps // 20), image_every=args.steps, ckpt_every=max(1, args.steps // 4),
         val_every=0,
     )
@@ -198,6 +210,8 @@ def run_definition(cfg) -> dict[str, Any]:
     definition = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_MAY_CHANGE and k not in ("out", "resume")}
     if cfg.task is not None:
         definition["seq_len"] = sequence_length(cfg.task, **kwargs_for_length(cfg.task, cfg.seq_len))
+    if parse_json_object(definition.get("task_kwargs", "{}"), "task_kwargs") == {}:
+        definition.pop("task_kwargs", None)  # the plain task: the same run as one made before the flag existed
     return definition
 
 
@@ -464,7 +478,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     header = (f"{len(triples)} runs ({len(args.seeds)} seeds) x {args.steps} steps (batch {args.batch}, {args.seq_len} "
               f"frames, memory kwargs {args.memory_kwargs}, slots store the latent's {args.write_latent}, "
               f"training images moved by <= {args.augment_shift} px{', prior skip' if args.prior_skip else ''}"
-              f"{f', robust prior eps {args.prior_outlier}' if args.prior_outlier else ''}), "
+              f"{f', robust prior eps {args.prior_outlier}' if args.prior_outlier else ''}"
+              f"{f', trained on task kwargs {args.task_kwargs}' if parse_json_object(args.task_kwargs, 'task_kwargs') else ''}), "
               f"{args.jobs} jobs x {args.threads} thread(s) on {device}, "
               f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
               f"{time.perf_counter() - tick:.0f} s in all")

@@ -28,7 +28,8 @@ Tasks (``k`` = number of images to remember; every image is drawn uniformly from
   class by default: the first 0 or 1 of the *train* split, the same two images in every split (the answer is a
   symbol the model learns, not data to generalise to), so a perfect model can predict it exactly on test sequences
   too; pass ``exemplar="random"`` to draw a random exemplar of the class from the split instead (then only its
-  class is predictable).
+  class is predictable). ``prefix="even"`` is a training curriculum: each sequence counts only its last ``j``
+  digits (``j`` uniform in ``1..k``), the ones before are even digits, which do not change the parity.
 - ``one_shot_recall`` (5.3): ``k`` images, then the same ``k`` again. The images come from classes and exemplars
   the model never trains on: ``split="train"`` draws training exemplars of every class *except*
   ``held_out_classes``; ``split="test"`` draws test exemplars of the held-out classes only (of all classes when
@@ -240,11 +241,17 @@ class ParityRecall(_Task):
     """number of digits whose label parity is shown at the end"""
     exemplar: str = "fixed"
     """which image shows the parity: 'fixed' (the train split's first 0 or 1 in every split: exactly predictable) or 'random'"""
+    prefix: str = "any"
+    """'any': every digit is drawn from all classes (the task); 'even': a curriculum for training, each sequence
+    draws j in 1..k and only its last j digits from all classes, the first k - j from the even ones, which leave
+    the parity as it is, so one batch mixes parities of 1 to k digits at the same length"""
 
     def __post_init__(self) -> None:
         _check_positive("parity_recall", k=self.k)
         if self.exemplar not in ("fixed", "random"):
             raise UserError(f"task 'parity_recall': exemplar={self.exemplar!r}, expected 'fixed' or 'random'")
+        if self.prefix not in ("any", "even"):
+            raise UserError(f"task 'parity_recall': prefix={self.prefix!r}, expected 'any' or 'even'")
 
     def length(self) -> int:
         """Frames per sequence: k digits, then the parity image."""
@@ -270,6 +277,14 @@ class ParityRecall(_Task):
         k = self.k
         index, revisit, recall_of = _empty(batch_size, self.length())
         index[:, :k] = pool.random((batch_size, k), rng)  # (B, k)
+        if self.prefix == "even":
+            even = pool.classes[pool.classes % 2 == 0]  # (E,)
+            if len(even) == 0:
+                raise UserError(f"task 'parity_recall': prefix='even' needs images of an even class, the image set has classes {pool.classes.tolist()}")
+            counted = rng.integers(1, k + 1, size=batch_size)  # (B,) j: digits that may be odd, at the end
+            before = np.arange(k) < (k - counted)[:, None]  # (B, k) the even prefix
+            index[:, :k] = np.where(before, pool.exemplars(even[rng.integers(len(even), size=(batch_size, k))], rng),
+                                    index[:, :k])
         parity = pool.labels[index[:, :k]].sum(axis=1) % 2  # (B,) 0 or 1
         if self.exemplar == "fixed":
             index[:, k] = pool.first_exemplar(parity)  # replaced by the train split's answer image in sample_batch

@@ -203,6 +203,21 @@ def test_benchmark_runs_seeds_tabulates_and_reuses_finished_runs(tmp_path: Path,
     assert changed[0]["definition"]["memory_kwargs"] == "{}" and "train_s" in changed[0]
 
 
+def test_task_kwargs_reach_the_training_of_that_task_only(tmp_path: Path) -> None:
+    # parity's curriculum trains on even prefixes; the other tasks, and every evaluation, are the plain tasks
+    out = tmp_path / "runs"
+    results = paper_tasks.main(TINY + ["--tasks", "parity_recall", "perfect_recall", "--memories", "none", "--seeds",
+                                       "0", "--out", str(out), "--task-kwargs", '{"parity_recall": {"prefix": "even"}}'])
+    assert all("error" not in r for r in results), [r.get("traceback") for r in results]
+    parity = json.loads((out / "parity_recall" / "none" / "seed0" / "config.json").read_text())
+    perfect = json.loads((out / "perfect_recall" / "none" / "seed0" / "config.json").read_text())
+    assert json.loads(parity["task_kwargs"]) == {"prefix": "even"} and json.loads(perfect["task_kwargs"]) == {}
+    by_task = {r["task"]: r for r in results}
+    assert "task_kwargs" not in by_task["perfect_recall"]["definition"]  # the same run as before the flag
+    assert by_task["parity_recall"]["task_kwargs"] == {"k": 6}  # evaluated on the plain task (7 frames)
+    assert "kl_recall_wrong_parity" in by_task["parity_recall"]
+
+
 def result(memory: str, seed: int, kl_recall: float, kl_other: float = 40.0, **extra) -> dict:
     return {"task": "perfect_recall", "memory": memory, "seed": seed, "kl_recall": kl_recall, "kl_other": kl_other,
             "nll_bound": 900.0, **extra}
@@ -232,6 +247,8 @@ def test_table_shows_mean_and_spread_over_seeds_and_the_failed_ones() -> None:
         (["--memory-kwargs", "[1]"], "error: --memory-kwargs"),
         (["--prior-outlier", "1.5"], "error: --prior-outlier 1.5: expected a probability in [0, 1)"),
         (["--augment-shift", "9"], "error: --augment-shift 9: expected 0 to 4 pixels"),
+        (["--task-kwargs", '{"parity": {"prefix": "even"}}'], "error: --task-kwargs"),
+        (["--task-kwargs", '{"parity_recall": {"prefix": "odd"}}'], "error: --task-kwargs {\"prefix\": \"odd\"}: task"),
     ],
 )
 def test_bad_flags_are_one_line_errors(args: list[str], message: str, tmp_path: Path) -> None:

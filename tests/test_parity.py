@@ -68,3 +68,41 @@ def test_a_memory_model_that_learnt_the_answer_pays_no_more_for_it_on_test_seque
     assert train_answer < 0.6 * train_other, (train_answer, train_other)  # it did learn the answer images
     assert test_answer < 0.6 * test_other, (test_answer, test_other)
     assert test_answer < 1.25 * train_answer + 1.0, (test_answer, train_answer)
+
+
+def test_even_prefix_curriculum_counts_only_a_random_suffix() -> None:
+    # prefix="even": each sequence's first k - j digits are even (they leave the parity as it is), j uniform in 1..k,
+    # so the answer is the parity of the last j digits and one batch holds parities of every length.
+    k, B = 5, 4096
+    batch = sample_batch("parity_recall", B, np.random.default_rng(3), k=k, prefix="even")
+    labels = batch["label"][:, :k]  # (B, k)
+    assert np.array_equal(batch["label"][:, -1], labels.sum(axis=1) % 2)
+    # position i is counted when j >= k - i, probability (i + 1) / k, and then odd half the time (balanced classes)
+    odd_share = (labels % 2 == 1).mean(axis=0)  # (k,)
+    np.testing.assert_allclose(odd_share, 0.5 * np.arange(1, k + 1) / k, atol=0.03)
+    assert set(batch["label"][:, -1].tolist()) == {0, 1}
+    # the plain task draws every class at every position
+    plain = sample_batch("parity_recall", B, np.random.default_rng(3), k=k)["label"][:, 0]
+    assert (plain % 2 == 1).mean() > 0.4 and (labels[:, 0] % 2 == 1).mean() < 0.15
+
+
+def test_task_kwargs_shape_training_batches_only(tmp_path) -> None:
+    from gtmm.cli import UserError
+    from worldmodel.train import TaskSource, check_config
+
+    source = TaskSource("parity_recall", 6, train_kwargs={"prefix": "even"})
+    rng = np.random.default_rng
+    train_labels = source.sample(2048, rng(0))["label"][:, 0]
+    test_labels = source.sample(2048, rng(0), split="test")["label"][:, 0]
+    assert (train_labels % 2 == 1).mean() < 0.15 < 0.4 < (test_labels % 2 == 1).mean()
+    assert "trained on {'prefix': 'even'}" in source.name
+    base = dataclasses.replace(preset("debug"), task="parity_recall", out=str(tmp_path / "run"), seq_len=6)
+    check_config(dataclasses.replace(base, task_kwargs='{"prefix": "even"}'))
+    for bad, message in (('{"prefix": "odd"}', "expected 'any' or 'even'"), ('{"prefx": 1}', "unknown argument"),
+                         ('[1]', "--task-kwargs")):
+        with pytest.raises(UserError, match=message):
+            check_config(dataclasses.replace(base, task_kwargs=bad))
+    with pytest.raises(UserError, match="rollouts"):
+        check_config(dataclasses.replace(base, task=None, data="some/rollouts", task_kwargs='{"prefix": "even"}'))
+    with pytest.raises(UserError, match="expected the task's 6"):
+        TaskSource("parity_recall", 6, train_kwargs={"k": 2})

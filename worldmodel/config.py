@@ -86,6 +86,9 @@ class TrainConfig:
     augment_shift: int = 0
     """--task only: move each training image by up to this many pixels (the same move where it repeats; 0 = off),
     standing in for the paper's full MNIST (mnist5k has 400 exemplars a class); validation images never move"""
+    task_kwargs: str = "{}"
+    """--task only: JSON object of the task's fields for the training batches, over those that fit --seq-len (e.g.
+    '{"prefix": "even"}', parity's curriculum); validation and evaluation sequences are the plain task's"""
     preset: str = "mnist_cpu"
     """named preset giving the defaults: debug, mnist_cpu, gpu, miniworld"""
     out: str = "runs/default"
@@ -102,6 +105,9 @@ class TrainConfig:
     compile: Literal["auto", "on", "off"] = "auto"
     """compile the recurrent step with torch.compile (CUDA: as CUDA graphs); auto = on for CUDA, off for CPU, where
     it only pays for the slot memories (ntm/dnc ~1.3-1.8x) and costs 20-60 s of compilation"""
+    cuda_graphs: bool = True
+    """with the compiled step on CUDA, replay it as CUDA graphs (torch.compile's reduce-overhead mode);
+    --no-cuda-graphs compiles the kernels only (one launch per fused kernel); ignored on the CPU"""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """arithmetic of the training step: bf16 (autocast: matrix products in bfloat16, losses in float32) or fp32;
     auto = bf16 on CUDA, fp32 on the CPU"""
@@ -362,7 +368,7 @@ def auto_address(env: Optional[dict[str, Any]], num_actions: int, memory: str) -
 # What `--resume` may change: how long and where the run goes, and how it reports. Everything else defines the run
 # (model, data, optimisation): a resumed run that changed it would no longer be the run its checkpoint describes.
 # `--data` is special: it may name a moved copy of the same dataset (checked by the episodes' checksums).
-RESUME_MAY_CHANGE = ("steps", "threads", "device", "compile", "precision", "progress", "log_every", "image_every", "ckpt_every", "val_every")
+RESUME_MAY_CHANGE = ("steps", "threads", "device", "compile", "cuda_graphs", "precision", "progress", "log_every", "image_every", "ckpt_every", "val_every")
 
 
 PRESETS: dict[str, TrainConfig] = {

@@ -157,25 +157,34 @@ class TaskSource:
     """An action-free sequence task of the paper (`envs.sequences`), sampled fresh every step, its kwargs chosen to
     fill `seq_len` frames (`envs.sequences.kwargs_for_length`)."""
 
-    def __init__(self, task: str, seq_len: int, shift: int = 0) -> None:
+    def __init__(self, task: str, seq_len: int, shift: int = 0, train_kwargs: Optional[dict[str, Any]] = None) -> None:
         from envs import sequences
 
         if task not in sequences.TASKS:
             raise UserError(f"--task {task!r}: expected one of {sequences.TASKS}")
         self.task, self._sample, self.shift = task, sequences.sample_batch, shift
         self.task_kwargs = sequences.kwargs_for_length(task, seq_len)
+        # the training batches' own fields (a curriculum), which must keep the sequence length
+        self.train_kwargs = {**self.task_kwargs, **(train_kwargs or {})}
         probe = self._sample(task, 1, np.random.default_rng(0), **self.task_kwargs)
         self.obs_shape = tuple(probe["obs"].shape[2:])
         self.num_actions, self.pose_dim = 0, probe["pose"].shape[-1]
         self.seq_len = probe["obs"].shape[1]  # may be shorter than asked (e.g. an odd length for recall tasks)
-        self.name = f"task:{task}{self.task_kwargs}"
+        train_len = sequences.sequence_length(task, **self.train_kwargs)
+        if train_len != self.seq_len:
+            raise UserError(f"--task-kwargs {json.dumps(train_kwargs)}: training sequences of {train_len} frames, expected the "
+                            f"task's {self.seq_len} (leave the length fields to --seq-len)")
+        extra = {k: v for k, v in self.train_kwargs.items() if self.task_kwargs.get(k, object()) != v}
+        self.name = f"task:{task}{self.task_kwargs}" + (f" trained on {extra}" if extra else "")
         self.fingerprint = None
 
     def sample(self, batch_size: int, rng: np.random.Generator, split: str = "train") -> dict[str, np.ndarray]:
         """A fresh batch of the task from ``rng`` on the images of ``split``, as arrays (B, T, ...); training batches
-        moved by up to ``shift`` pixels (augmentation), never the test split's."""
-        shift = self.shift if split == "train" else 0
-        return self._sample(self.task, batch_size, rng, split=split, shift=shift, **self.task_kwargs)
+        with the training fields (--task-kwargs) and moved by up to ``shift`` pixels (augmentation), never the test
+        split's."""
+        if split == "train":
+            return self._sample(self.task, batch_size, rng, split=split, shift=self.shift, **self.train_kwargs)
+        return self._sample(self.task, batch_size, rng, split=split, **self.task_kwargs)
 
 
 def make_source(cfg: TrainConfig):
@@ -184,7 +193,7 @@ def make_source(cfg: TrainConfig):
         raise UserError(f"give exactly one of --data (rollout folder) or --task (sequence task); got data={cfg.data!r}, task={cfg.task!r}")
     if cfg.data is not None:
         return RolloutSource(cfg.data, cfg.seq_len, cfg.val_fraction, cfg.seed)
-    return TaskSource(cfg.task, cfg.seq_len, cfg.augment_shift)
+    return TaskSource(cfg.task, cfg.seq_len, cfg.augment_shift, parse_json_object(cfg.task_kwargs, "task_kwargs"))
 
 
 def resolve_auto_address(cfg: TrainConfig, source) -> tuple[TrainConfig, str]:
@@ -308,6 +317,18 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.augment_shift and cfg.task is None:
         raise UserError(f"--augment-shift {cfg.augment_shift}: moves the images of a --task; rollouts (--data) are "
                         "frames of places, which a move would change")
+    task_kwargs = parse_json_object(cfg.task_kwargs, "task_kwargs")
+    if task_kwargs and cfg.task is None:
+        raise UserError(f"--task-kwargs {cfg.task_kwargs}: fields of a --task's training batches; rollouts (--data) "
+                        "have none")
+    if task_kwargs and cfg.task is not None:
+        from envs.sequences import TASKS, kwargs_for_length, make_task
+
+        if cfg.task in TASKS:  # an unknown task is reported below
+            try:
+                make_task(cfg.task, **{**kwargs_for_length(cfg.task, cfg.seq_len), **task_kwargs})
+            except UserError as error:
+                raise UserError(f"--task-kwargs {cfg.task_kwargs}: {error}") from None
     if not 0.0 <= cfg.prior_outlier < 1.0:
         raise UserError(f"--prior-outlier {cfg.prior_outlier}: expected a probability in [0, 1)")
     if not 0 <= cfg.augment_shift <= 4:
@@ -357,7 +378,7 @@ def explicit_fields(argv: list[str]) -> set[str]:
 
 
 def _same(name: str, a: Any, b: Any) -> bool:
-    if name in ("memory_kwargs", "address_kwargs"):  # '{"a": 1}' and '{"a":1}' are the same arguments
+    if name in ("memory_kwargs", "address_kwargs", "task_kwargs"):  # '{"a": 1}' and '{"a":1}' are the same
         try:
             return parse_json_object(a, name) == parse_json_object(b, name)
         except UserError:
@@ -711,7 +732,7 @@ def _train_locked(cfg: TrainConfig, explicit: Optional[set[str]], stop: Optional
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"):
         # on a GPU the step is launch-bound: CUDA graphs replay it as one launch (issue 12)
-        model.compile_step("reduce-overhead" if device.type == "cuda" else None)
+        model.compile_step("reduce-overhead" if device.type == "cuda" and cfg.cuda_graphs else None)
         if is_main:
             print("[train] compiling the recurrent step (torch.compile): the first steps are slow while it compiles "
                   "(tens of seconds; less from a warm cache); --compile off turns it off", flush=True)
