@@ -7,6 +7,15 @@
 #                                                writes it to $OUT/gpu_check.txt ($OUT, else build/gpu_check/).
 #   bash benchmarks/gpu_check.sh --dry-run       the same sections at tiny sizes on the CPU (a minute or two): checks
 #                                                that the script and the benchmarks run before a GPU is spent on them.
+#   bash benchmarks/gpu_check.sh --paper         on the GPU machine, instead (issue 14, ~8 minutes): why the paper
+#                                                model failed to learn similarity-cued recall on one H100 and not on
+#                                                the CPU. 1) benchmarks/fast_path_check.py: the compiled vs the
+#                                                uncompiled step's gradients at every step of a short run, compile
+#                                                modes (default, CUDA graphs) x fp32/bf16; 2) that task's 2,000-step
+#                                                runs (introspective, seeds 0 and 2) side by side as the trainer's
+#                                                default (CUDA graphs, bf16), --no-cuda-graphs, --precision fp32 and
+#                                                --compile off, one table each ($OUT/paper_<variant>/).
+#   bash benchmarks/gpu_check.sh --paper-dry-run the same on the CPU at tiny sizes (plumbing only)
 #   bash benchmarks/gpu_check.sh --pack          run HERE (the CPU machine with the full venv) before the GPU run:
 #                                                copies the pure-Python packages the repository imports and a GPU
 #                                                machine lacks (tyro, docstring_parser, typeguard, typing_extensions,
@@ -29,9 +38,11 @@ PACK="$ROOT/build/gpu_check"
 MODE="gpu"
 case "${1:-}" in
   --dry-run) MODE="dry" ;;
+  --paper) MODE="paper" ;;
+  --paper-dry-run) MODE="paper-dry" ;;
   --pack) MODE="pack" ;;
   "") ;;
-  *) echo "usage: bash benchmarks/gpu_check.sh [--dry-run | --pack]" >&2; exit 2 ;;
+  *) echo "usage: bash benchmarks/gpu_check.sh [--dry-run | --paper | --paper-dry-run | --pack]" >&2; exit 2 ;;
 esac
 
 if [ "$MODE" = "pack" ]; then
@@ -100,7 +111,7 @@ section() {
   if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then say "   (timed out after ${limit}s)"; elif [ "$rc" != 0 ]; then say "   (failed: exit $rc)"; fi
 }
 
-say "issue 12 check ($MODE) $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+say "GPU check ($MODE) $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
 "$PY" -c "import torch, sys; print('python', sys.version.split()[0], '| torch', torch.__version__, '|',
   torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU', '|', __import__('os').cpu_count(), 'CPUs')" \
   2>&1 | tee -a "$LOG"
@@ -108,7 +119,52 @@ say "issue 12 check ($MODE) $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse 
 DREAM_DATA=()
 [ -d "$PACK/dream_data" ] && DREAM_DATA=(--data "$PACK/dream_data")
 
-if [ "$MODE" = "dry" ]; then
+# paper_variants <title> <seconds> <device> <steps> <batch> <extra flags...>: similarity-cued recall, introspective,
+# seeds 0 and 2, as four variants of the trainer's fast path, all at once (each run its own process, each variant
+# under the time limit), then each variant's table
+paper_variants() {
+  local title="$1" limit="$2" device="$3" steps="$4" batch="$5"
+  shift 5
+  say ""
+  say "== $title  (limit ${limit}s, at $(( $(date +%s) - START ))s)"
+  local names=(default no_graphs fp32 no_compile) flags=("" "--no-cuda-graphs" "--precision fp32" "--compile off")
+  local pids=() i
+  for i in 0 1 2 3; do
+    # shellcheck disable=SC2086  # flags[i] is a list of words
+    timeout --kill-after=10 "$limit" "$PY" benchmarks/paper_tasks.py --device "$device" --steps "$steps" --batch "$batch" --jobs 2 \
+      --tasks similarity_cued_recall --memories introspective --seeds 0 2 ${flags[i]} "$@" \
+      --out "$OUTDIR/paper_${names[i]}" > "$OUTDIR/paper_${names[i]}.log" 2>&1 &
+    pids+=($!)
+  done
+  for i in 0 1 2 3; do
+    wait "${pids[i]}"
+    local rc=$? what="${flags[i]}" note=""
+    [ -z "$what" ] && what="the trainer default: CUDA graphs, bf16"
+    { [ "$rc" = 124 ] || [ "$rc" = 137 ]; } && note=" (timed out)"
+    say ""
+    say "-- ${names[i]} ($what): exit $rc$note"
+    grep -E "^\[paper_tasks\]|^[0-9]+ runs|^\|" "$OUTDIR/paper_${names[i]}.log" | tee -a "$LOG"
+  done
+}
+
+if [ "$MODE" = "paper-dry" ]; then
+  section "compiled vs uncompiled step, paper-task model (dry run)" 240 "$PY" benchmarks/fast_path_check.py \
+    --device cpu --modes default --precisions fp32 bf16 --steps 3 --batch 4 --backend aot_eager
+  paper_variants "similarity-cued recall, four fast-path variants (dry run)" 300 cpu 2 2 --eval-sequences 8 \
+    --z-dim 4 --h-dim 8 --embed-dim 8 --channels 4 --hidden-dim 8 --addr-dim 4 --heads 1
+elif [ "$MODE" = "paper" ]; then
+  if ! "$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+    echo "error: no CUDA device visible to $PY (use --paper-dry-run on a CPU machine)" >&2
+    exit 2
+  fi
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
+  # 1. gradients of the compiled step (inductor; + CUDA graphs) against the uncompiled one, every step
+  section "compiled vs uncompiled step, paper-task model, B64 x T10 (fp32 and bf16)" 200 "$PY" \
+    benchmarks/fast_path_check.py --device cuda --steps 6
+  # 2. the failing runs themselves, per variant (the trainer's default failed: 0.97 of the reference, CPU 0.22-0.32)
+  paper_variants "similarity-cued recall, 2,000 steps x B64, introspective, seeds 0 and 2, four fast-path variants" \
+    330 cuda 2000 64
+elif [ "$MODE" = "dry" ]; then
   # tiny sizes on the CPU, compile traced with aot_eager (no C++ build): the plumbing, not the figures
   section "train throughput (dry run)" 240 "$PY" benchmarks/train_throughput.py --device cpu --preset debug \
     --memories none introspective ntm --steps 1 --warmup 0 --compile --compile-backend aot_eager --check

@@ -480,7 +480,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
               f"training images moved by <= {args.augment_shift} px{', prior skip' if args.prior_skip else ''}"
               f"{f', robust prior eps {args.prior_outlier}' if args.prior_outlier else ''}"
               f"{f', trained on task kwargs {args.task_kwargs}' if parse_json_object(args.task_kwargs, 'task_kwargs') else ''}), "
-              f"{args.jobs} jobs x {args.threads} thread(s) on {device}, "
+              f"{args.jobs} jobs x {args.threads} thread(s) on {device} (compile {args.compile}"
+              f"{'' if args.cuda_graphs else ', no CUDA graphs'}, precision {args.precision}), "
               f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
               f"{time.perf_counter() - tick:.0f} s in all")
     print(header)

@@ -169,3 +169,37 @@ def test_precision_bf16_trains_on_the_cpu_and_changes_only_the_rounding(tmp_path
     assert np.isfinite(losses["bf16"]).all() and len(losses["bf16"]) == len(losses["fp32"]) > 0
     assert not np.array_equal(losses["bf16"], losses["fp32"])  # the autocast region really ran in bf16
     np.testing.assert_allclose(losses["bf16"], losses["fp32"], rtol=0.02)  # the same run, rounded differently
+
+
+def test_open_loop_loss_is_the_nll_of_frames_predicted_without_frames(tmp_path, rollouts):
+    """`--open-loop-weight`: the loss adds the NLL of the frames after K seen ones, decoded from the prior's mean
+    alone (what evaluation scores), computed as `observe` then `imagine` would; training lowers it."""
+    from worldmodel.model import batch_to_torch, frames_to_float
+    from worldmodel.train import RolloutSource, batch_rng
+
+    cfg = debug_config(tmp_path, rollouts["train"], memory="introspective", address="hidden", steps=12,
+                       open_loop_weight=1.0, open_loop_context=3, log_every=1)
+    source = RolloutSource(cfg.data, cfg.seq_len, 0.0, 0)
+    torch.manual_seed(0)
+    model = GTMM(cfg.model_config(source.obs_shape, source.num_actions, source.pose_dim))
+    batch = batch_to_torch(source.sample(4, batch_rng(0, 0, 0)), "cpu")
+    torch.manual_seed(1)
+    out = model(batch, open_loop_weight=1.0, open_loop_context=3)
+    torch.manual_seed(1)
+    plain = model(batch)
+    torch.randn(batch["obs"].shape[1], 4, cfg.z_dim)  # the full window's noise, drawn first by forward
+    seen = model.observe(batch["obs"][:, :3], batch["prev_action"][:, :3], batch["pose"][:, :3], diagnostics=True)
+    dream = model.imagine(seen["state"], batch["prev_action"][:, 3:], batch["pose"][:, 3:], diagnostics=True)
+    expected = model.frame_nll(dream["logits"], frames_to_float(batch["obs"][:, 3:])).mean()
+    torch.testing.assert_close(out["open_loop_nll"], expected, rtol=2e-4, atol=1e-3)  # fast vs step-by-step path
+    torch.testing.assert_close(out["loss"], plain["loss"] + expected, rtol=2e-4, atol=1e-2)
+    # a short run with it lowers the open-loop NLL; the flag is checked
+    with pytest.raises(ValueError, match="--open-loop-context 9: expected 1 <= K < --seq-len"):
+        train(dataclasses.replace(cfg, open_loop_context=9, seq_len=9))
+    with pytest.raises(ValueError, match="--open-loop-weight -1.0: expected a number >= 0"):
+        train(dataclasses.replace(cfg, open_loop_weight=-1.0))
+    train(cfg)
+    trained, _ = checkpoint.load(tmp_path / "run", "cpu")
+    torch.manual_seed(1)
+    after = trained(batch, open_loop_weight=1.0, open_loop_context=3)
+    assert float(after["open_loop_nll"]) < float(out["open_loop_nll"]) - 1.0, (after["open_loop_nll"], expected)

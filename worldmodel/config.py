@@ -175,6 +175,12 @@ class TrainConfig:
     gate_aux: float = 1.0
     """weight of the blocked-move gate's auxiliary loss (an action address with '{"gate": true}': predict from the
     frames whether each move happened, labelled by the recorded pose; 0 = learn it from the ELBO alone)"""
+    open_loop_weight: float = 0.0
+    """weight of the open-loop loss (0 = off): after the first --open-loop-context frames of each window, the NLL of
+    every later frame decoded from the prior's mean with no frame seen (what evaluation measures), so the
+    controller must learn to follow the actions without frames; the ELBO is trained as always beside it"""
+    open_loop_context: int = 8
+    """frames seen before the open-loop part of each training window (--open-loop-weight > 0)"""
     curriculum_start: int = 0
     """sequence-length curriculum: start at this many frames (0 = off, always --seq-len)"""
     curriculum_steps: int = 1000

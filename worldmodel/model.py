@@ -644,7 +644,8 @@ class GTMM(nn.Module):
     # -- training objective ------------------------------------------------------------------------------------------
 
     def forward(self, batch: dict[str, torch.Tensor], free_nats: float = 0.0, kl_balance: float = 0.5,
-                gate_aux: float = 1.0, reward_weight: float = 1.0) -> dict[str, Any]:
+                gate_aux: float = 1.0, reward_weight: float = 1.0, open_loop_weight: float = 0.0,
+                open_loop_context: int = 8) -> dict[str, Any]:
         """Negative ELBO per step, averaged over batch and time, with optional free bits and KL balancing, plus
         `gate_aux` times the blocked-move gate's auxiliary loss when the address has a gate (`worldmodel.gate`),
         plus `reward_weight` times the reward heads' loss when the model has them and the batch has `reward`.
@@ -653,6 +654,10 @@ class GTMM(nn.Module):
         at alpha = 0.5 it has the plain KL's value and gradient. alpha > 0.5 trains the prior (and with it the memory
         read that feeds it) faster than it pulls the posterior towards the prior. Free bits (Kingma et al. 2016)
         stop pushing a step's KL below `free_nats`, so the posterior keeps information early in training.
+
+        `open_loop_weight` > 0 adds that weight times the open-loop loss (O1): see the first `open_loop_context`
+        frames, then predict each later frame from the prior's mean alone (`imagine`, as evaluation does) and pay
+        its NLL. Teacher forcing never asks the controller to know where it is without a frame; this does.
         """
         # With labels for the gate (a pose), the ELBO must not train it: closing the gate keeps the address where the
         # last frame was written, and reading that slot back (copy the last frame) lowers the ELBO of a view that
@@ -693,6 +698,16 @@ class GTMM(nn.Module):
             seq.update(reward_loss_fn(reward, done_logit, batch["reward"], terminated))
             seq["reward_pred"] = reward.detach()
             loss = loss + reward_weight * seq["reward_loss"]
+        if open_loop_weight > 0:
+            # (O1) -log p(x_t | z_t = prior mean), t >= K, after K teacher-forced frames; one value per frame
+            K = open_loop_context
+            seen = self.observe(batch["obs"][:, :K], batch["prev_action"][:, :K], batch["pose"][:, :K], sample=True,
+                                diagnostics=False)
+            dream = self.imagine(seen["state"], batch["prev_action"][:, K:], batch["pose"][:, K:], sample=False,
+                                 diagnostics=False)
+            target = frames_to_float(batch["obs"][:, K:])  # (B, T-K, C, H, W)
+            seq["open_loop_nll"] = self.frame_nll(dream["logits"].float(), target).mean()
+            loss = loss + open_loop_weight * seq["open_loop_nll"]
         seq["loss"] = loss
         seq["elbo_per_step"] = -(seq["nll"] + seq["kl"]).detach()  # (B, T)
         return seq

@@ -312,6 +312,11 @@ def check_config(cfg: TrainConfig) -> None:
         raise UserError(f"--gate-aux {cfg.gate_aux}: expected a number >= 0")
     if not (0.0 <= cfg.reward_weight < math.inf):
         raise UserError(f"--reward-weight {cfg.reward_weight}: expected a number >= 0")
+    if not (0.0 <= cfg.open_loop_weight < math.inf):
+        raise UserError(f"--open-loop-weight {cfg.open_loop_weight}: expected a number >= 0")
+    if cfg.open_loop_weight > 0 and not 1 <= cfg.open_loop_context < cfg.seq_len:
+        raise UserError(f"--open-loop-context {cfg.open_loop_context}: expected 1 <= K < --seq-len {cfg.seq_len} "
+                        "(frames seen before the open-loop part of a window)")
     if cfg.reward_head and cfg.task is not None:
         raise UserError(f"--reward-head: the sequence task {cfg.task!r} has no rewards; it needs --data rollouts")
     if cfg.augment_shift and cfg.task is None:
@@ -732,7 +737,10 @@ def _train_locked(cfg: TrainConfig, explicit: Optional[set[str]], stop: Optional
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"):
         # on a GPU the step is launch-bound: CUDA graphs replay it as one launch (issue 12)
-        model.compile_step("reduce-overhead" if device.type == "cuda" and cfg.cuda_graphs else None)
+        # the open-loop loss runs three scans per step before the backward: each would start a new CUDA-graph pass
+        # and free the outputs the backward still needs, so it compiles without graphs
+        graphs = device.type == "cuda" and cfg.cuda_graphs and cfg.open_loop_weight == 0
+        model.compile_step("reduce-overhead" if graphs else None)
         if is_main:
             print("[train] compiling the recurrent step (torch.compile): the first steps are slow while it compiles "
                   "(tens of seconds; less from a warm cache); --compile off turns it off", flush=True)
@@ -811,7 +819,8 @@ def _train_locked(cfg: TrainConfig, explicit: Optional[set[str]], stop: Optional
             model.train()
             with autocast:
                 out = train_model(batch, free_nats=cfg.free_nats, kl_balance=cfg.kl_balance, gate_aux=cfg.gate_aux,
-                                  reward_weight=cfg.reward_weight)
+                                  reward_weight=cfg.reward_weight, open_loop_weight=cfg.open_loop_weight,
+                                  open_loop_context=cfg.open_loop_context)
             loss = out["loss"]
 
             # -- update, with a NaN/inf guard --------------------------------------------------------------------------
@@ -874,6 +883,8 @@ def _train_locked(cfg: TrainConfig, explicit: Optional[set[str]], stop: Optional
                 for name in ("reward_mse", "done_bce"):  # the reward heads
                     if name in out:
                         scalars[f"reward/{name}"] = float(out[name])
+                if "open_loop_nll" in out:  # --open-loop-weight: NLL per frame predicted without frames
+                    scalars["loss/open_loop_nll"] = float(out["open_loop_nll"].detach())
                 for name, value in scalars.items():
                     if not math.isnan(value):
                         writer.add_scalar(name, value, step)
@@ -883,6 +894,8 @@ def _train_locked(cfg: TrainConfig, explicit: Optional[set[str]], stop: Optional
                                     **({"val": f"{val['loss']:.1f}"} if val is not None else {}))
                 else:
                     gate = f" gate acc {scalars['gate/acc_observed']:.3f}" if "gate/acc_observed" in scalars else ""
+                    if "loss/open_loop_nll" in scalars:
+                        gate += f" open-loop nll {scalars['loss/open_loop_nll']:.2f}"
                     say(f"[train] step {step}/{cfg.steps} | loss {loss.item():.2f} nll {scalars['loss/nll']:.2f} "
                         f"kl {scalars['loss/kl']:.3f}{gate} | {frames_per_s:.0f} frames/s{val_text(val, improved)}")
             elif val is not None:
