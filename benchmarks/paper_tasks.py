@@ -266,6 +266,8 @@ def evaluate(run_dir: str | Path, task: str, sequences: int, seed: int, device: 
     task_kwargs = kwargs_for_length(task, cfg.seq_len)  # what the trainer sampled (it saves the fitted seq_len)
     rng = np.random.default_rng([seed, 1])  # the same sequences for every memory
     kl_steps, nll_steps, recall, kl_wrong = [], [], [], []
+    one_digit: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])  # parity of the last digit: right, wrong answer
+    easy_rng = np.random.default_rng([seed, 2])  # its own stream: the main sequences stay those of before
     retrieval: dict[str, list[np.ndarray]] = {}
     with torch.no_grad(), torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(seed)
@@ -288,8 +290,26 @@ def evaluate(run_dir: str | Path, task: str, sequences: int, seed: int, device: 
                 seq = model.observe(torch.as_tensor(wrong, device=dev), batch["prev_action"], batch["pose"],
                                     diagnostics=False)
                 kl_wrong.append(seq["kl"][:, -1].float().cpu().numpy())  # (B,)
+                # The simplest parity: every digit but the last is even, so the answer is the last digit's parity
+                # (one step back, no counting). Right vs wrong answer on such sequences (prefix='even' draws them
+                # often) says whether a model that fails the task learnt any parity at all.
+                easy = sample_batch(task, 64, easy_rng, split="test", **{**task_kwargs, "prefix": "even"})
+                easy_labels = easy["label"][:, :-2]  # (B, k-1) the digits before the last one
+                keep = (easy_labels % 2 == 0).all(axis=1)  # (B,)
+                for answer, store in ((easy["label"][:, -1], one_digit[0]), (1 - easy["label"][:, -1], one_digit[1])):
+                    shown = easy["obs"][keep].copy()  # (B', T, H, W, 1)
+                    shown[:, -1, :, :, 0] = parity_images()[answer[keep]]
+                    b = batch_to_torch({**easy, "obs": shown, **{k: easy[k][keep] for k in ("prev_action", "pose",
+                                                                                            "revisit")}}, dev)
+                    seq = model.observe(b["obs"], b["prev_action"], b["pose"], diagnostics=False)
+                    store.append(seq["kl"][:, -1].float().cpu().numpy())  # (B',)
     kl, nll, recall = (np.concatenate(x) for x in (kl_steps, nll_steps, recall))
     extra: dict[str, Any] = {"kl_recall_wrong_parity": float(np.concatenate(kl_wrong).mean())} if kl_wrong else {}
+    if one_digit[0]:
+        right, wrong = (float(np.concatenate(x).mean()) for x in one_digit)
+        extra.update(kl_last_digit_parity_right=right, kl_last_digit_parity_wrong=wrong,
+                     last_digit_parity_ratio=right / max(wrong, 1e-9),
+                     last_digit_parity_sequences=int(sum(len(x) for x in one_digit[0])))
     extra.update({f"read_{key}": float(np.concatenate(values).mean()) for key, values in retrieval.items()})
     recall_kl = np.sort(kl[recall])  # (R,) ascending
     tail = recall_kl[len(recall_kl) - max(1, len(recall_kl) // 20):]  # the costliest 5% of the recalls

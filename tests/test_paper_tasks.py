@@ -216,6 +216,12 @@ def test_task_kwargs_reach_the_training_of_that_task_only(tmp_path: Path) -> Non
     assert "task_kwargs" not in by_task["perfect_recall"]["definition"]  # the same run as before the flag
     assert by_task["parity_recall"]["task_kwargs"] == {"k": 6}  # evaluated on the plain task (7 frames)
     assert "kl_recall_wrong_parity" in by_task["parity_recall"]
+    # the one-digit parity diagnostic: sequences whose digits but the last are even, right vs wrong answer
+    parity_result = by_task["parity_recall"]
+    assert parity_result["last_digit_parity_sequences"] > 0 and np.isfinite(parity_result["last_digit_parity_ratio"])
+    assert parity_result["last_digit_parity_ratio"] == pytest.approx(
+        parity_result["kl_last_digit_parity_right"] / parity_result["kl_last_digit_parity_wrong"])
+    assert "last_digit_parity_ratio" not in by_task["perfect_recall"]
 
 
 def result(memory: str, seed: int, kl_recall: float, kl_other: float = 40.0, **extra) -> dict:
