@@ -387,3 +387,43 @@ def test_the_lattice_hypotheses_merge_starts_by_displacement_and_the_model_mixes
     reads = [model.cell.memory.attend(mstate.memory, mstate.h, places[0][:, i]) for i in range(places[0].shape[1])]
     expected = sum(places[1][:, i:i + 1] * r["read"] for i, r in enumerate(reads))
     assert torch.allclose(mixed["read"], expected, atol=1e-5)
+
+
+def test_a_hedged_forecast_is_the_expected_frame_over_the_likely_places():
+    """`imagine(hedge=True)`: the frame is the probability-weighted mean of the frames decoded at each likely place
+    (the prior's mean there), not the frame of the mixed read; the run itself (z, state) is unchanged, and an
+    address without places (the additive integrator) forecasts as before."""
+    from worldmodel.config import preset
+    from worldmodel.model import GTMM
+
+    kwargs = json.dumps({"integrator": "lattice", "moves": CLIP_MOVES, "extent": [56, 56], "gate": True})
+    cfg = dataclasses.replace(preset("debug"), address="actions", address_kwargs=kwargs).model_config((28, 28, 1), 4, 2)
+    torch.manual_seed(0)
+    model = GTMM(cfg)
+    with torch.no_grad():  # an untrained decoder is nearly linear around grey: make frames depend on z for real
+        for p in [*model.decoder.parameters(), *model.cell.prior.parameters(), *model.cell.posterior.parameters()]:
+            p.mul_(8.0)
+    obs = torch.randint(0, 255, (2, 5, 28, 28, 1), dtype=torch.uint8)
+    state = model.observe(obs, torch.tensor([[-1, 3, 3, 3, 3]] * 2), torch.zeros(2, 5, 2), sample=False)["state"]
+    actions = torch.tensor([[3, 3, 2], [0, 1, 3]])
+    with torch.no_grad():
+        plain = model.imagine(state, actions, torch.zeros(2, 3, 2), hedge=False)
+        hedged = model.imagine(state, actions, torch.zeros(2, 3, 2), hedge=True)
+    torch.testing.assert_close(hedged["z"], plain["z"])
+    P = hedged["place_prob"].shape[-1]
+    assert hedged["place_mean"].shape == (2, 3, P, cfg.z_dim)
+    torch.testing.assert_close(hedged["place_prob"].sum(-1), torch.ones(2, 3))
+    # by hand: each place's read -> the prior's mean there -> its frame, weighted by the place's probability
+    expected = sum(hedged["place_prob"][:, :, i, None, None, None] * model.decode_mean(hedged["place_mean"][:, :, i])
+                   for i in range(P))
+    torch.testing.assert_close(hedged["frames"], expected)
+    assert not torch.allclose(hedged["frames"], plain["frames"], atol=1e-4)  # a blend of frames, not of reads
+    additive = json.dumps({"integrator": "additive", "inverse_actions": [1, 0, 3, 2]})
+    other = GTMM(dataclasses.replace(preset("debug"), address="actions", address_kwargs=additive).model_config(
+        (28, 28, 1), 4, 2))
+    state = other.observe(obs, torch.tensor([[-1, 3, 3, 3, 3]] * 2), torch.zeros(2, 5, 2), sample=False)["state"]
+    with torch.no_grad():
+        a = other.imagine(state, actions, torch.zeros(2, 3, 2), hedge=True)
+        b = other.imagine(state, actions, torch.zeros(2, 3, 2), hedge=False)
+    torch.testing.assert_close(a["frames"], b["frames"])
+    assert "place_mean" not in a

@@ -66,6 +66,9 @@ class EvalConfig:
     """output folder for eval.json, strip.png and lag.png (default: <checkpoint run folder>/eval/<data folder name>)"""
     context: int = 8
     """K: frames seen before predicting open loop"""
+    hedge: bool = False
+    """open-loop forecasts of an address that keeps several likely places (the lattice filter): the expected frame
+    over the places (`GTMM.imagine(hedge=True)`) instead of the frame of the mixed read; others are unchanged"""
     seq_len: int = 0
     """frames per window (0 = the checkpoint's training --seq-len; longer than trained tests recall at longer lags)"""
     windows: int = 256
@@ -155,7 +158,7 @@ def _cat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 @torch.no_grad()
 def model_steps(model: GTMM, windows, index: np.ndarray, context: int, batch: int, device: torch.device, seed: int,
                 path: str, keep: int = 0, retrieval: Optional[Callable] = None,
-                agreement: Optional[Callable] = None) -> dict[str, Any]:
+                agreement: Optional[Callable] = None, hedge: bool = False) -> dict[str, Any]:
     """Per-step arrays of one model on the given windows (N = len(index), S = T - K open-loop steps):
 
     `nll`, `kl` (N, T) teacher-forced; `open_loop`, `reconstruction`, `oracle`: {mse, bce, psnr, ssim} (N, S)
@@ -170,7 +173,7 @@ def model_steps(model: GTMM, windows, index: np.ndarray, context: int, batch: in
     strip = []
     for b in _batches(windows, index, batch, device):
         elbo = model.observe(b["obs"], b["prev_action"], b["pose"], sample=True)  # ELBO terms under the posterior
-        res = model.predict_open_loop(b["obs"], b["prev_action"], b["pose"], context)
+        res = model.predict_open_loop(b["obs"], b["prev_action"], b["pose"], context, hedge=hedge)
         pred = res["pred"].float()  # (B, S, H, W, C)
         recon = res["recon"].float()  # (B, T, H, W, C)
         if not (torch.isfinite(pred).all() and torch.isfinite(recon).all() and torch.isfinite(elbo["kl"]).all()):
@@ -505,7 +508,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
             steps[role] = model_steps(m, windows, index, cfg.context, cfg.batch, device, cfg.seed, paths[role],
                                       keep=cfg.strip_windows,
                                       retrieval=retrieval_per_step if m.cfg.memory != "none" and has_pose else None,
-                                      agreement=agreement)
+                                      agreement=agreement, hedge=cfg.hedge)
         refs = reference_steps(windows, index, cfg.context, cfg.batch, agreement)
 
         # -- figures with intervals

@@ -198,6 +198,13 @@ class GTMMCell(nn.Module):
         # (4) prior and (5) posterior
         prior_mean, prior_std = self.prior(torch.cat([h, read], dim=-1))  # (B, Z) each
         out = {"prior_mean": prior_mean, "prior_std": prior_std}
+        if places is not None:
+            # (4') the prior's mean were the agent at each likely place: a forecast can hedge over the places' frames
+            # (`GTMM.imagine(hedge=True)`), where the read above hedges over their latents
+            place_reads = attention.pop("place_read")  # (B, P, read_dim)
+            h_rows = h.unsqueeze(1).expand(-1, place_reads.shape[1], -1)  # (B, P, H)
+            out["place_mean"] = self.prior(torch.cat([h_rows, place_reads], dim=-1))[0]  # (B, P, Z)
+            out["place_prob"] = places[1]  # (B, P)
         if embed is not None:
             assert embed.shape == (B, self.cfg.embed_dim), f"embed: expected ({B}, {self.cfg.embed_dim}), got {tuple(embed.shape)}"
             post_mean, post_std = self.posterior(torch.cat([embed, h, read], dim=-1))  # (B, Z) each
@@ -227,7 +234,9 @@ class GTMMCell(nn.Module):
         rows = {k: v.repeat_interleave(H, dim=0) for k, v in memory.items()}  # (B*H, ...)
         out = self.memory.attend(rows, h.repeat_interleave(H, dim=0), addrs.reshape(B * H, -1))
         w = prob.reshape(B * H).to(h.dtype)
-        return {k: (v * w.view(-1, *[1] * (v.dim() - 1))).view(B, H, *v.shape[1:]).sum(1) for k, v in out.items()}
+        mixed = {k: (v * w.view(-1, *[1] * (v.dim() - 1))).view(B, H, *v.shape[1:]).sum(1) for k, v in out.items()}
+        mixed["place_read"] = out["read"].view(B, H, -1)  # (B, H, read_dim) each place's own read
+        return mixed
 
     def move_guess(self, state: ModelState, prev_action: torch.Tensor) -> torch.Tensor:
         """The gate's open-loop belief (G2) that a_{t-1} (B,) moves the agent from where `state` is: (B,) in [0, 1],
@@ -509,6 +518,7 @@ class GTMM(nn.Module):
         pose: Optional[torch.Tensor] = None,
         sample: bool = False,
         diagnostics: bool = True,
+        hedge: bool = False,
     ) -> dict[str, Any]:
         """Open loop: from `state`, take the actions prev_action (B, T) and predict frames from the prior alone.
 
@@ -516,6 +526,11 @@ class GTMM(nn.Module):
         `frames` (B, T, H, W, C) mean decodes in [0, 1], `logits` and the final `state`; `diagnostics` as in
         `observe`, except that a gated action address always runs step by step (its gate reads z_{t-1}, known
         only inside the loop).
+
+        `hedge=True`, for an address that keeps several likely places in open loop (the lattice filter): `frames`
+        is the probability-weighted mean of the frames decoded at each place (`place_mean`, `place_prob`), the
+        expected frame, rather than the one frame decoded from the mean read (the run and `z` are the same).
+        Without such places it changes nothing.
         """
         B, T = prev_action.shape
         if pose is None:
@@ -530,6 +545,11 @@ class GTMM(nn.Module):
             seq, state = self._scan(state, prev_action, pose, None, noise)
         seq["logits"] = self.decode_logits(seq["z"])
         seq["frames"] = self.decode_mean(seq["z"])
+        if hedge and "place_mean" in seq:
+            # E_places[frame at the place] (B, T, H, W, C): the forecast that minimises the expected squared error
+            per_place = self.decode_mean(seq["place_mean"])  # (B, T, P, H, W, C)
+            weight = seq["place_prob"].to(per_place.dtype)[..., None, None, None]  # (B, T, P, 1, 1, 1)
+            seq["frames"] = (per_place * weight).sum(2)
         seq["state"] = state
         return seq
 
@@ -625,8 +645,9 @@ class GTMM(nn.Module):
 
     @torch.no_grad()
     def predict_open_loop(self, obs: torch.Tensor, prev_action: torch.Tensor, pose: torch.Tensor,
-                          context: int) -> dict[str, torch.Tensor]:
-        """See frames [0, K) (posterior means), then only the actions; predict frames [K, T) from the prior means.
+                          context: int, hedge: bool = False) -> dict[str, torch.Tensor]:
+        """See frames [0, K) (posterior means), then only the actions; predict frames [K, T) from the prior means
+        (`hedge`: as `imagine`'s, the expected frame over the address's likely places).
 
         Returns `pred` (B, T-K, H, W, C) open-loop mean frames in [0, 1], `recon` (B, T, H, W, C) the posterior-mean
         reconstruction of every frame (the floor a perfect recall can reach), and the teacher-forced `nll`, `kl` (B, T).
@@ -638,7 +659,7 @@ class GTMM(nn.Module):
         ctx = self.observe(obs[:, :context], prev_action[:, :context], pose[:, :context], sample=False,
                            diagnostics=False)
         dream = self.imagine(ctx["state"], prev_action[:, context:], pose[:, context:], sample=False,
-                             diagnostics=False)
+                             diagnostics=False, hedge=hedge)
         return {"pred": dream["frames"], "recon": self.decode_mean(seen["z"]), "nll": seen["nll"], "kl": seen["kl"]}
 
     # -- training objective ------------------------------------------------------------------------------------------
