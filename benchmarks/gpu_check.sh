@@ -11,7 +11,8 @@
 #                                                model failed to learn similarity-cued recall on one H100 and not on
 #                                                the CPU. 1) benchmarks/fast_path_check.py: the compiled vs the
 #                                                uncompiled step's gradients at every step of a short run, compile
-#                                                modes (default, CUDA graphs) x fp32/bf16; 2) that task's 2,000-step
+#                                                modes (default, CUDA graphs) x fp32/bf16; 2) the prefetched batches
+#                                                against the sampler's (the CUDA-only data path); 3) that task's 2,000-step
 #                                                runs (introspective, seeds 0 and 2) side by side as the trainer's
 #                                                default (CUDA graphs, bf16), --no-cuda-graphs, --precision fp32 and
 #                                                --compile off, one table each ($OUT/paper_<variant>/).
@@ -150,6 +151,8 @@ paper_variants() {
 if [ "$MODE" = "paper-dry" ]; then
   section "compiled vs uncompiled step, paper-task model (dry run)" 240 "$PY" benchmarks/fast_path_check.py \
     --device cpu --modes default --precisions fp32 bf16 --steps 3 --batch 4 --backend aot_eager
+  section "loader: prefetched batches vs the sampler's (dry run)" 60 "$PY" benchmarks/loader_throughput.py \
+    --device cpu --batch 8 --seq-len 10 --episodes 12 --batches 10 --step-ms 5
   paper_variants "similarity-cued recall, four fast-path variants (dry run)" 300 cpu 2 2 --eval-sequences 8 \
     --z-dim 4 --h-dim 8 --embed-dim 8 --channels 4 --hidden-dim 8 --addr-dim 4 --heads 1
 elif [ "$MODE" = "paper" ]; then
@@ -161,7 +164,11 @@ elif [ "$MODE" = "paper" ]; then
   # 1. gradients of the compiled step (inductor; + CUDA graphs) against the uncompiled one, every step
   section "compiled vs uncompiled step, paper-task model, B64 x T10 (fp32 and bf16)" 200 "$PY" \
     benchmarks/fast_path_check.py --device cuda --steps 6
-  # 2. the failing runs themselves, per variant (the trainer's default failed: 0.97 of the reference, CPU 0.22-0.32)
+  # 2. the data path every variant shares: are the batches prefetched through pinned memory and a side stream
+  #    the ones the sampler made, when the training stream reads them at once?
+  section "loader: prefetched batches vs the sampler's (pinned memory, side stream)" 60 "$PY" \
+    benchmarks/loader_throughput.py --device cuda --batch 64 --seq-len 10 --episodes 60 --batches 50 --step-ms 20
+  # 3. the failing runs themselves, per variant (the trainer's default failed: 0.97 of the reference, CPU 0.22-0.32)
   paper_variants "similarity-cued recall, 2,000 steps x B64, introspective, seeds 0 and 2, four fast-path variants" \
     330 cuda 2000 64
 elif [ "$MODE" = "dry" ]; then

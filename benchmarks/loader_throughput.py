@@ -105,12 +105,16 @@ def busy(ms: float, device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def waits(windows: RolloutWindows, args: argparse.Namespace, device: torch.device, prefetch: bool) -> float:
-    """Mean ms per step the stand-in loop waits for its batch (sample_batch + transfer), with or without prefetch."""
+def waits(windows: RolloutWindows, args: argparse.Namespace, device: torch.device, prefetch: bool
+          ) -> tuple[float, int]:
+    """Mean ms per step the stand-in loop waits for its batch (sample_batch + transfer), with or without prefetch,
+    and (with prefetch) how many of the batches the loop read differ from the ones made directly: each batch's
+    frames are summed on the consumer's stream right after `get`, as a training step would read them, while the
+    copies of the next batches run on the side stream (a missed wait would sum a half-copied batch)."""
     def make(step: int) -> dict[str, np.ndarray]:
         return windows.sample_batch(np.random.default_rng([0, step]).integers(len(windows), size=args.batch))
 
-    steps, waited = 30, 0.0
+    steps, waited, wrong = 30, 0.0, 0
     if prefetch:
         with Prefetcher(make, device, start=0, depth=2, dtypes=BATCH_DTYPES) as loader:
             busy(args.step_ms, device)  # the first batches get made while the "model" starts
@@ -118,7 +122,9 @@ def waits(windows: RolloutWindows, args: argparse.Namespace, device: torch.devic
                 start = time.perf_counter()
                 batch = loader.get(step)
                 waited += time.perf_counter() - start
+                checksum = batch["obs"].sum(dtype=torch.int64)  # queued on this stream, after the copy's event
                 busy(args.step_ms, device)
+                wrong += int(checksum.item() != int(make(step)["obs"].sum(dtype=np.int64)))
                 del batch
     else:
         for step in range(steps):
@@ -127,7 +133,7 @@ def waits(windows: RolloutWindows, args: argparse.Namespace, device: torch.devic
             waited += time.perf_counter() - start
             busy(args.step_ms, device)
             del batch
-    return 1e3 * waited / steps
+    return 1e3 * waited / steps, wrong
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -152,9 +158,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{'per-window (before)':<24} {old:12,.0f} frames/s")
         print(f"{'sample_batch (after)':<24} {new:12,.0f} frames/s   x{new / old:.1f}")
         for prefetch in (False, True):
-            wait = waits(windows, args, device, prefetch)
+            wait, wrong = waits(windows, args, device, prefetch)
+            check = f"; {wrong} of 30 batches differ from the ones made directly" if prefetch else ""
             print(f"{'prefetch' if prefetch else 'no prefetch':<24} waits {wait:7.2f} ms per {args.step_ms:.0f} ms "
-                  f"step for its batch on {device}")
+                  f"step for its batch on {device}{check}")
 
 
 if __name__ == "__main__":
