@@ -431,8 +431,12 @@ class GTMM(nn.Module):
         """The mean frame of p(x|z) in [0, 1]: z (..., Z) -> (..., H, W, C) float."""
         lead = z.shape[:-1]
         flat = self.decoder(z.reshape(-1, z.shape[-1]))  # (N, C, H, W)
-        mean = torch.sigmoid(flat) if self.cfg.obs_model == "bernoulli" else flat.clamp(0.0, 1.0)
-        return mean.permute(0, 2, 3, 1).reshape(*lead, *self.cfg.obs_shape)
+        return self.mean_frames(flat).reshape(*lead, *self.cfg.obs_shape)
+
+    def mean_frames(self, logits: torch.Tensor) -> torch.Tensor:
+        """The mean frames of decoder outputs already computed: logits (..., C, H, W) -> (..., H, W, C) in [0, 1]."""
+        mean = torch.sigmoid(logits) if self.cfg.obs_model == "bernoulli" else logits.clamp(0.0, 1.0)
+        return mean.movedim(-3, -1).contiguous()
 
     def frame_nll(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """-log p(x_t | z_t) per frame in nats: logits, target (B, T, C, H, W) -> (B, T)."""
@@ -543,13 +547,14 @@ class GTMM(nn.Module):
             seq, state = self._step_by_step(state, prev_action, pose, None, noise)
         else:
             seq, state = self._scan(state, prev_action, pose, None, noise)
-        seq["logits"] = self.decode_logits(seq["z"])
-        seq["frames"] = self.decode_mean(seq["z"])
+        seq["logits"] = self.decode_logits(seq["z"])  # (B, T, C, H, W)
         if hedge and "place_mean" in seq:
             # E_places[frame at the place] (B, T, H, W, C): the forecast that minimises the expected squared error
             per_place = self.decode_mean(seq["place_mean"])  # (B, T, P, H, W, C)
             weight = seq["place_prob"].to(per_place.dtype)[..., None, None, None]  # (B, T, P, 1, 1, 1)
             seq["frames"] = (per_place * weight).sum(2)
+        else:
+            seq["frames"] = self.mean_frames(seq["logits"])  # the decoder ran once, for the logits
         seq["state"] = state
         return seq
 
@@ -660,7 +665,8 @@ class GTMM(nn.Module):
                            diagnostics=False)
         dream = self.imagine(ctx["state"], prev_action[:, context:], pose[:, context:], sample=False,
                              diagnostics=False, hedge=hedge)
-        return {"pred": dream["frames"], "recon": self.decode_mean(seen["z"]), "nll": seen["nll"], "kl": seen["kl"]}
+        recon = self.mean_frames(seen["logits"])  # (B, T, H, W, C): the decoder already ran for the logits
+        return {"pred": dream["frames"], "recon": recon, "nll": seen["nll"], "kl": seen["kl"]}
 
     # -- training objective ------------------------------------------------------------------------------------------
 
