@@ -23,7 +23,6 @@ defect shows as differences of order 1 that do not shrink.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import sys
 import time
@@ -33,6 +32,7 @@ from typing import Literal
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling paper_tasks.py: the model it checks
 
 from gtmm.cli import UserError, parse, run  # noqa: E402
 
@@ -59,29 +59,17 @@ class Args:
     """autocast of both paths: fp32 (off) or bf16"""
     backend: str = "inductor"
     """torch.compile backend (aot_eager: trace only, no code generation; for a quick dry run)"""
-    memory_kwargs: str = '{"content_keys": true}'
-    """the model of benchmarks/paper_tasks.py (the run that failed on the GPU): content read keys, ..."""
-    write_latent: Literal["sample", "mean"] = "mean"
-    """... slots that store the latent's mean, ..."""
-    prior_skip: bool = True
-    """... the prior's linear path from the read ..."""
-    prior_outlier: float = 0.01
-    """... and the robust prior"""
     seed: int = 0
     """seed of the model init and the batches"""
 
 
 def train_config(args: Args):
-    """The trainer's config of the compared model: `mnist_cpu` sizes, the `hidden` address, the task's batches."""
-    from worldmodel.config import preset
+    """The trainer's config of the compared model: exactly a run of `benchmarks/paper_tasks.py` (its sizes, the
+    `hidden` address and issue 14's model options), at this check's task, memory, batch and length."""
+    import paper_tasks  # a sibling script (benchmarks/ is on sys.path when this one runs or is imported)
 
-    return dataclasses.replace(
-        preset("mnist_cpu"), task=args.task, memory=args.memory, address="hidden", seed=args.seed,
-        batch=args.batch, seq_len=args.seq_len, free_nats=0.0, kl_balance=0.8, address_lr_scale=1.0,
-        memory_kwargs="{}" if args.memory == "none" else args.memory_kwargs,
-        write_latent=args.write_latent if args.memory != "none" else "sample",
-        prior_skip=args.prior_skip and args.memory != "none", prior_outlier=args.prior_outlier,
-    )
+    bench = paper_tasks.Args(steps=args.steps, batch=args.batch, jobs=1, device=args.device, seq_len=args.seq_len)
+    return paper_tasks.train_config(bench, args.task, args.memory, args.seed)
 
 
 def compare(args: Args, mode: str, precision: str, device) -> list[dict]:
@@ -163,15 +151,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for name in ("steps", "batch", "seq_len"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected >= 1")
-    bad = [m for m in args.modes if m not in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")]
+    modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+    bad = [m for m in args.modes if m not in modes]
     if bad or not args.modes:
-        raise UserError(f"--modes {' '.join(args.modes)}: expected some of default, reduce-overhead, max-autotune, "
-                        "max-autotune-no-cudagraphs")
+        raise UserError(f"--modes {' '.join(args.modes)}: expected some of {', '.join(modes)}")
     device = resolve_device(args.device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"{args.task} / {args.memory} (memory kwargs {args.memory_kwargs}, writes {args.write_latent}, prior skip "
-          f"{args.prior_skip}, robust prior {args.prior_outlier}), batch {args.batch} x {args.seq_len}, {card}, "
-          f"torch {torch.__version__}, backend {args.backend}", flush=True)
+    cfg = train_config(args)
+    print(f"{args.task} / {args.memory} (benchmarks/paper_tasks.py's model: z {cfg.z_dim}, h {cfg.h_dim}, "
+          f"memory kwargs {cfg.memory_kwargs}, writes {cfg.write_latent}, prior skip {cfg.prior_skip}, robust prior "
+          f"{cfg.prior_outlier}), batch {args.batch} x {args.seq_len}, {card}, torch {torch.__version__}, backend "
+          f"{args.backend}", flush=True)
     print(f"{'mode':<16} {'precision':<9} {'step':>4} {'loss':>9} {'loss diff':>10} {'grad diff':>9} "
           f"{'worst':>9} {'compiled s':>10}  worst tensor")
     rows = []
@@ -181,7 +171,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 row.update(mode=mode, precision=precision)
                 rows.append(row)
                 print(f"{mode:<16} {precision:<9} {row['step']:>4} {row['loss']:9.3f} {row['loss_diff']:10.2e} "
-                      f"{row['grad_diff']:9.1e} {row['worst']:9.1e} {row['compiled_s']:10.2f}  {row['tensor']}", flush=True)
+                      f"{row['grad_diff']:9.1e} {row['worst']:9.1e} {row['compiled_s']:10.2f}  {row['tensor']}",
+                      flush=True)
     return rows
 
 

@@ -189,8 +189,9 @@ def train_config(args: Args, task: str, memory: str, seed: int):
     return dataclasses.replace(
         preset("mnist_cpu"), task=task, memory=memory, address="hidden", out=str(run_dir(args, task, memory, seed)),
         device=args.device, seed=seed, threads=args.threads, compile=args.compile, cuda_graphs=args.cuda_graphs,
-        precision=args.precision, steps=args.steps, seq_len=args.seq_len, batch=args.batch, lr=args.lr, z_dim=args.z_dim, h_dim=args.h_dim,
-        embed_dim=args.embed_dim, channels=args.channels, hidden_dim=args.hidden_dim, addr_dim=args.addr_dim,
+        precision=args.precision, steps=args.steps, seq_len=args.seq_len, batch=args.batch, lr=args.lr,
+        z_dim=args.z_dim, h_dim=args.h_dim, embed_dim=args.embed_dim, channels=args.channels,
+        hidden_dim=args.hidden_dim, addr_dim=args.addr_dim,
         heads=args.heads, free_nats=args.free_nats, kl_balance=args.kl_balance, address_lr_scale=1.0,
         write_latent=args.write_latent if memory != "none" else "sample", prior_skip=args.prior_skip and memory != "none",
         prior_outlier=args.prior_outlier, augment_shift=args.augment_shift,

@@ -172,8 +172,8 @@ class TaskSource:
         self.seq_len = probe["obs"].shape[1]  # may be shorter than asked (e.g. an odd length for recall tasks)
         train_len = sequences.sequence_length(task, **self.train_kwargs)
         if train_len != self.seq_len:
-            raise UserError(f"--task-kwargs {json.dumps(train_kwargs)}: training sequences of {train_len} frames, expected the "
-                            f"task's {self.seq_len} (leave the length fields to --seq-len)")
+            raise UserError(f"--task-kwargs {json.dumps(train_kwargs)}: training sequences of {train_len} frames, "
+                            f"expected the task's {self.seq_len} (leave the length fields to --seq-len)")
         extra = {k: v for k, v in self.train_kwargs.items() if self.task_kwargs.get(k, object()) != v}
         self.name = f"task:{task}{self.task_kwargs}" + (f" trained on {extra}" if extra else "")
         self.fingerprint = None
