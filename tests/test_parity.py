@@ -105,4 +105,4 @@ def test_task_kwargs_shape_training_batches_only(tmp_path) -> None:
     with pytest.raises(UserError, match="rollouts"):
         check_config(dataclasses.replace(base, task=None, data="some/rollouts", task_kwargs='{"prefix": "even"}'))
     with pytest.raises(UserError, match="expected the task's 6"):
-        TaskSource("parity_recall", 6, train_kwargs={"k": 2})
+        check_config(dataclasses.replace(base, task_kwargs='{"k": 2}'))

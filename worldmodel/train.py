@@ -164,16 +164,12 @@ class TaskSource:
             raise UserError(f"--task {task!r}: expected one of {sequences.TASKS}")
         self.task, self._sample, self.shift = task, sequences.sample_batch, shift
         self.task_kwargs = sequences.kwargs_for_length(task, seq_len)
-        # the training batches' own fields (a curriculum), which must keep the sequence length
+        # the training batches' own fields (a curriculum; check_config holds them to the task's length)
         self.train_kwargs = {**self.task_kwargs, **(train_kwargs or {})}
         probe = self._sample(task, 1, np.random.default_rng(0), **self.task_kwargs)
         self.obs_shape = tuple(probe["obs"].shape[2:])
         self.num_actions, self.pose_dim = 0, probe["pose"].shape[-1]
         self.seq_len = probe["obs"].shape[1]  # may be shorter than asked (e.g. an odd length for recall tasks)
-        train_len = sequences.sequence_length(task, **self.train_kwargs)
-        if train_len != self.seq_len:
-            raise UserError(f"--task-kwargs {json.dumps(train_kwargs)}: training sequences of {train_len} frames, "
-                            f"expected the task's {self.seq_len} (leave the length fields to --seq-len)")
         extra = {k: v for k, v in self.train_kwargs.items() if self.task_kwargs.get(k, object()) != v}
         self.name = f"task:{task}{self.task_kwargs}" + (f" trained on {extra}" if extra else "")
         self.fingerprint = None
@@ -330,10 +326,15 @@ def check_config(cfg: TrainConfig) -> None:
         from envs.sequences import TASKS, kwargs_for_length, make_task
 
         if cfg.task in TASKS:  # an unknown task is reported below
+            fitted = kwargs_for_length(cfg.task, cfg.seq_len)
             try:
-                make_task(cfg.task, **{**kwargs_for_length(cfg.task, cfg.seq_len), **task_kwargs})
+                trained = make_task(cfg.task, **{**fitted, **task_kwargs}).length()
             except UserError as error:
                 raise UserError(f"--task-kwargs {cfg.task_kwargs}: {error}") from None
+            length = make_task(cfg.task, **fitted).length()
+            if trained != length:
+                raise UserError(f"--task-kwargs {cfg.task_kwargs}: training sequences of {trained} frames, expected "
+                                f"the task's {length} (leave the length fields to --seq-len)")
     if not 0.0 <= cfg.prior_outlier < 1.0:
         raise UserError(f"--prior-outlier {cfg.prior_outlier}: expected a probability in [0, 1)")
     if not 0 <= cfg.augment_shift <= 4:
