@@ -17,6 +17,11 @@
 #                                                default (CUDA graphs, bf16), --no-cuda-graphs, --precision fp32 and
 #                                                --compile off, one table each ($OUT/paper_<variant>/).
 #   bash benchmarks/gpu_check.sh --paper-dry-run the same on the CPU at tiny sizes (plumbing only)
+#   bash benchmarks/gpu_check.sh --precision     on the GPU machine (~7 minutes): what bf16 autocast buys and costs.
+#                                                Similarity-cued recall for every memory x 3 seeds in fp32 at the
+#                                                gpu budget, then train throughput, fast path, fp32 vs bf16 (none,
+#                                                introspective, --preset gpu) (--paper found: compiled bf16 on
+#                                                CUDA learnt to read in 1 of 7 runs, fp32 in 2 of 2).
 #   bash benchmarks/gpu_check.sh --pack          run HERE (the CPU machine with the full venv) before the GPU run:
 #                                                copies the pure-Python packages the repository imports and a GPU
 #                                                machine lacks (tyro, docstring_parser, typeguard, typing_extensions,
@@ -41,9 +46,10 @@ case "${1:-}" in
   --dry-run) MODE="dry" ;;
   --paper) MODE="paper" ;;
   --paper-dry-run) MODE="paper-dry" ;;
+  --precision) MODE="precision" ;;
   --pack) MODE="pack" ;;
   "") ;;
-  *) echo "usage: bash benchmarks/gpu_check.sh [--dry-run | --paper | --paper-dry-run | --pack]" >&2; exit 2 ;;
+  *) echo "usage: bash benchmarks/gpu_check.sh [--dry-run | --paper | --paper-dry-run | --precision | --pack]" >&2; exit 2 ;;
 esac
 
 if [ "$MODE" = "pack" ]; then
@@ -171,6 +177,20 @@ elif [ "$MODE" = "paper" ]; then
   # 3. the failing runs themselves, per variant (the trainer's default failed: 0.97 of the reference, CPU 0.22-0.32)
   paper_variants "similarity-cued recall, 2,000 steps x B64, introspective, seeds 0 and 2, four fast-path variants" \
     330 cuda 2000 64
+elif [ "$MODE" = "precision" ]; then
+  if ! "$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+    echo "error: no CUDA device visible to $PY" >&2
+    exit 2
+  fi
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
+  section "similarity-cued recall, every memory x 3 seeds, 2,000 steps x B64, fp32, 15 runs at once" 320 "$PY" \
+    benchmarks/paper_tasks.py --budget gpu --jobs 15 --tasks similarity_cued_recall --precision fp32 \
+    --out "$OUTDIR/paper_fp32" --table "$OUTDIR/paper_fp32_table.md"
+  for prec in fp32 bf16; do
+    section "train throughput, --preset gpu, B64 x T64, 28x28x1, fast path, $prec" 80 "$PY" \
+      benchmarks/train_throughput.py --device cuda --preset gpu --memories none introspective --paths fast \
+      --precision "$prec" --steps 5 --warmup 1
+  done
 elif [ "$MODE" = "dry" ]; then
   # tiny sizes on the CPU, compile traced with aot_eager (no C++ build): the plumbing, not the figures
   section "train throughput (dry run)" 240 "$PY" benchmarks/train_throughput.py --device cpu --preset debug \

@@ -64,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch.compile mode of the fast step (default: reduce-overhead on CUDA, default on CPU)")
     p.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend of the fast step (aot_eager: trace only, for a quick dry run)")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="autocast of the timed steps (auto: bf16 on CUDA, fp32 on the CPU, as the trainer)")
     p.add_argument("--timer", default="wall", choices=["wall", "cpu"], help="wall clock, or this process's CPU time")
     p.add_argument("--check", action="store_true",
                    help="before timing, check that eager and fast give the same loss and gradients on one batch")
@@ -118,14 +120,15 @@ def main(argv: list[str] | None = None) -> None:
     mode = args.compile_mode or ("reduce-overhead" if device.type == "cuda" else None)
     paths = [p for p in args.paths if p == "eager" or fast_available] or ["eager"]
     batch = synthetic_batch(B, T, obs_shape, device)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else torch.autocast("cpu", enabled=False))
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     clock: Callable[[], float] = time.process_time if args.timer == "cpu" else time.perf_counter
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     fast_label = f"fast ({'compiled, ' + (mode or 'default') if compile_on else 'eager'})" if fast_available else "-"
     print(f"preset {args.preset}: batch {B} x {T} frames of {obs_shape}, address {args.address}, {card}, "
-          f"{torch.get_num_threads()} thread(s), torch {torch.__version__}, {args.steps} timed steps, "
+          f"{torch.get_num_threads()} thread(s), torch {torch.__version__}, {'bf16' if bf16 else 'fp32'}, "
+          f"{args.steps} timed steps, "
           f"{args.timer} time; fast path: {fast_label if fast_available else 'not in this checkout'}")
     print(f"{'memory':<14} {'params':>8} {'eager s/step':>12} {'eager fr/s':>10} {'fast s/step':>11} "
           f"{'fast fr/s':>10} {'speedup':>7} {'x none':>7} {'compile s':>9}")
