@@ -22,6 +22,10 @@
 #                                                gpu budget, then train throughput, fast path, fp32 vs bf16 (none,
 #                                                introspective, --preset gpu) (--paper found: compiled bf16 on
 #                                                CUDA learnt to read in 1 of 7 runs, fp32 in 2 of 2).
+#   bash benchmarks/gpu_check.sh --paper-table   on the GPU machine (<= ~9 minutes): issue 14's whole table, every task x
+#                                                memory x 3 seeds at the gpu budget (75 runs at once, fp32), the time
+#                                                it took, and the table ($OUT/paper_table.md); a run not finished in
+#                                                time shows in the table as missing.
 #   bash benchmarks/gpu_check.sh --pack          run HERE (the CPU machine with the full venv) before the GPU run:
 #                                                copies the pure-Python packages the repository imports and a GPU
 #                                                machine lacks (tyro, docstring_parser, typeguard, typing_extensions,
@@ -47,9 +51,10 @@ case "${1:-}" in
   --paper) MODE="paper" ;;
   --paper-dry-run) MODE="paper-dry" ;;
   --precision) MODE="precision" ;;
+  --paper-table) MODE="paper-table" ;;
   --pack) MODE="pack" ;;
   "") ;;
-  *) echo "usage: bash benchmarks/gpu_check.sh [--dry-run | --paper | --paper-dry-run | --precision | --pack]" >&2; exit 2 ;;
+  *) echo "usage: bash benchmarks/gpu_check.sh [--dry-run | --paper | --paper-dry-run | --precision | --paper-table | --pack]" >&2; exit 2 ;;
 esac
 
 if [ "$MODE" = "pack" ]; then
@@ -191,6 +196,17 @@ elif [ "$MODE" = "precision" ]; then
       benchmarks/train_throughput.py --device cuda --preset gpu --memories none introspective --paths fast \
       --precision "$prec" --steps 5 --warmup 1
   done
+elif [ "$MODE" = "paper-table" ]; then
+  if ! "$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+    echo "error: no CUDA device visible to $PY" >&2
+    exit 2
+  fi
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
+  # the [train] lines of 75 runs would bury the per-run results: keep those and the table only
+  section "the paper's five tasks x five memories x 3 seeds, --budget gpu (2,000 steps x B64, 75 runs at once, fp32)" \
+    540 bash -c "'$PY' benchmarks/paper_tasks.py --budget gpu --out '$OUTDIR/paper_table' \
+      --table '$OUTDIR/paper_table.md' 2>&1 | grep -v '^\[train\]'"
+  [ -f "$OUTDIR/paper_table.md" ] && cat "$OUTDIR/paper_table.md" | tee -a "$LOG"
 elif [ "$MODE" = "dry" ]; then
   # tiny sizes on the CPU, compile traced with aot_eager (no C++ build): the plumbing, not the figures
   section "train throughput (dry run)" 240 "$PY" benchmarks/train_throughput.py --device cpu --preset debug \
