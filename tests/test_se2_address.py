@@ -351,6 +351,38 @@ def test_the_lattice_place_evidence_weighs_hypotheses_and_learns_from_labels():
     assert float(address.place_loss(embed, pose).detach()) < first - 0.25
 
 
+def test_the_weight_of_place_evidence_is_learnt_by_the_filters_score_of_the_true_place_alone():
+    """A frame seen again and again is one piece of evidence, not T: a head that is right 70% of the time, added at
+    every step of a standing walk, makes the filter sure of wrong starts. `start_loss` (-log P(true place)) lowers
+    the evidence's weight tau and with it the loss; the filter the model runs uses tau detached (no ELBO gradient);
+    a checkpoint from before tau loads with tau = 1."""
+    address = build_address("actions", h_dim=4, num_actions=4, pose_dim=2, addr_dim=64, integrator="lattice",
+                            moves=CLIP_MOVES, extent=[56, 56], gate=True, embed_dim=2, z_dim=4, place_evidence=True)
+    with torch.no_grad():  # e[0] = 1 says "an even column", sharply
+        address.place_head.weight.zero_()
+        address.place_head.weight[5 + torch.tensor([0, 2, 4]), 0] = 3.0
+    B, T = 40, 12
+    column = torch.tensor([0, 2, 4, 0, 2, 4, 0, 1, 3, 1] * 4).float()  # (B,) 30% odd: the head is wrong there
+    pose = torch.stack([torch.full((B,), 28.0), column * 14], dim=-1).unsqueeze(1).expand(B, T, 2)  # standing still
+    prev_action, moved = torch.full((B, T), -1), torch.ones(B, T)
+    embed = torch.tensor([1.0, 0.0]).expand(B, T, 2)
+    opt = torch.optim.Adam([address.place_log_temperature], lr=0.1)
+    first = float(address.start_loss(prev_action, moved, embed, pose).detach())
+    for _ in range(60):
+        opt.zero_grad()
+        address.start_loss(prev_action, moved, embed, pose).backward()
+        opt.step()
+    tau = float(address.place_log_temperature.exp())
+    assert tau < 0.5 and float(address.start_loss(prev_action, moved, embed, pose).detach()) < first - 0.3
+    assert address.place_head.weight.grad is None  # the score trains tau, not the head (its labels do)
+    _, state = address.step(address.init_state(1), torch.zeros(1, 4), torch.tensor([-1]), None, None,
+                            torch.tensor([[1.0, 0.0]]))
+    assert not state["log_w"].requires_grad  # the model's filter: tau detached, no ELBO gradient into it
+    old = {k: v for k, v in address.state_dict().items() if k != "place_log_temperature"}
+    address.load_state_dict(old)  # an older checkpoint: strict load still works, tau back to 1
+    assert float(address.place_log_temperature) == 0.0
+
+
 def test_the_lattice_hypotheses_merge_starts_by_displacement_and_the_model_mixes_its_reads():
     """Starts that walked to the same displacement are one place; in open loop the model reads memory at each
     place and mixes the reads by probability (one attend on B*H rows equals H attends)."""

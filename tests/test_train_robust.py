@@ -429,3 +429,46 @@ def test_threads_mean_the_same_in_every_command():
 
     for config in (TrainConfig(), CollectConfig(), TrainSB3Config(), DreamConfig(checkpoint="c")):
         assert config.threads == 1, type(config).__name__
+
+
+def test_resume_keeps_the_optimizer_state_when_a_later_version_added_a_parameter():
+    """Adam's state is keyed by position over all parameters: a parameter added in a later version of a module (the
+    lattice filter's evidence weight) would shift every later one. `optimizer_state_for` keeps each old parameter's
+    moments on the right tensor and starts the new one fresh; with nothing new it returns the saved state."""
+    from worldmodel.checkpoint import optimizer_state_for
+
+    class Old(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+
+    class New(Old):
+        def __init__(self):
+            super().__init__()
+            self.c = torch.nn.Parameter(torch.zeros(()))  # registered last, like a new module parameter...
+            self.d = torch.nn.Parameter(torch.ones(4))  # ...with an older one after it in a second group
+
+    old = Old()
+    old.d = torch.nn.Parameter(torch.ones(4))
+    groups = lambda m: [{"params": [m.a, m.b]}, {"params": [p for p in (getattr(m, "c", None), m.d) if p is not None]}]  # noqa: E731
+    opt = torch.optim.Adam(groups(old), lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        (old.a.sum() * 2 + old.b.sum() * 3 + old.d.sum() * 5).backward()
+        opt.step()
+    new = New()
+    new.load_state_dict(old.state_dict(), strict=False)
+    new_opt = torch.optim.Adam(groups(new), lr=0.1)
+    state, added = optimizer_state_for(new, new_opt, old.state_dict(), opt.state_dict())
+    assert added == ["c"]
+    new_opt.load_state_dict(state)
+    for name in ("a", "b", "d"):
+        assert torch.equal(new_opt.state[getattr(new, name)]["exp_avg"], opt.state[getattr(old, name)]["exp_avg"])
+    assert new.c not in new_opt.state  # fresh
+    new_opt.zero_grad()
+    (new.a.sum() + new.c * 7 + new.d.sum()).backward()
+    new_opt.step()  # and training goes on
+    assert float(new_opt.state[new.c]["step"]) == 1 and float(new_opt.state[new.d]["step"]) == 3
+    saved = opt.state_dict()
+    same, none_added = optimizer_state_for(old, opt, old.state_dict(), saved)
+    assert same is saved and none_added == []

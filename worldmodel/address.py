@@ -233,6 +233,11 @@ class ActionAddress(AddressPath):
                 self.place_head = nn.Linear(embed_dim, D * L)  # e_t -> logits of the place on each axis
                 nn.init.zeros_(self.place_head.weight)  # uniform at first: no evidence until the labels teach it
                 nn.init.zeros_(self.place_head.bias)
+                # log tau, the weight of each frame's place evidence in the filter (tau = 1 at first). Frames in a
+                # row overlap and revisits show the same frame again, so adding every frame's evidence as if it
+                # were independent makes the filter sure of starts it has no right to be: trained by `start_loss`
+                # (the filter's log-probability of the true place, a proper score), the weight falls to ~0.1.
+                self.place_log_temperature = nn.Parameter(torch.zeros(()))
             if not gate:
                 raise UserError("address 'actions' (lattice): needs the gate (\"gate\": true): the frames' word on "
                                 "whether each move happened is what weighs the start hypotheses")
@@ -436,11 +441,13 @@ class ActionAddress(AddressPath):
         ce = nn.functional.cross_entropy(logits.flatten(0, 2), index.clamp(min=0).flatten(), reduction="none")
         return (ce * ok.flatten()).sum() / ok.sum().clamp(min=1)
 
-    def _lattice_step(self, state: State, onehot: Tensor, moved: Tensor | None, embed: Tensor | None = None) -> State:
+    def _lattice_step(self, state: State, onehot: Tensor, moved: Tensor | None, embed: Tensor | None = None,
+                      temperature: Tensor | None = None) -> State:
         """One move of every start hypothesis: onehot (B, A) of a_{t-1} (zeros: no action), moved (B,) the
         probability that the pose changed (the frames' m_t), or None (open loop: nothing observed, no reweighing);
         embed (B, E) the frame seen after the move, whose place evidence (with ``place_evidence``) weighs each
-        hypothesis by where it now stands."""
+        hypothesis by where it now stands, times the learned weight tau (``temperature``: the live parameter for
+        ``start_loss``; by default detached, so that the ELBO never trains it)."""
         place, log_w = state["place"], state["log_w"]  # (B, D, L) each
         delta = (onehot @ self.lattice_moves.to(onehot.dtype)).unsqueeze(-1)  # (B, D, 1) steps along each axis
         target = place + delta  # (B, D, L)
@@ -461,10 +468,39 @@ class ActionAddress(AddressPath):
             marginal = logits.new_zeros(logits.shape[-2:]).masked_fill(logits[0] <= IMPOSSIBLE, IMPOSSIBLE)
             marginal = marginal + self.place_head.bias.detach().view(marginal.shape)  # (D, L)
             ratio = logits.log_softmax(-1) - marginal.log_softmax(-1)  # (B, D, L)
-            log_w = log_w + ratio.gather(-1, place.long())  # each hypothesis, where it stands now
+            tau = self.place_log_temperature.exp().detach() if temperature is None else temperature  # ()
+            log_w = log_w + tau * ratio.gather(-1, place.long())  # each hypothesis, where it stands now
         if moved is not None or (embed is not None and self.place_head is not None):
             log_w = (log_w - log_w.logsumexp(-1, keepdim=True)).clamp(min=IMPOSSIBLE)  # normalised per axis
         return {"log_w": log_w, "place": place}
+
+    def start_loss(self, prev_action: Tensor, moved: Tensor, embed: Tensor, pose: Tensor) -> Tensor:
+        """-log P(the true place) under the filter, per axis, averaged over steps: the score that trains the
+        weight of the place evidence (``place_log_temperature``) and nothing else (the frames' moved (B, T) and
+        embed (B, E) come in detached). The filter re-runs from the uniform start on the window's actions
+        prev_action (B, T), as the address did; pose (B, T, D) says where the agent truly was (steps off the lattice
+        are skipped). A proper score: it is lowest when the filter's probabilities are calibrated."""
+        state = self.init_state(prev_action.shape[0], prev_action.device, torch.float32)
+        onehot = action_onehot(prev_action, self.num_actions, torch.float32)  # (B, T, A)
+        truth = (pose.float() / self.lattice_unit).round()  # (B, T, D) the true place on each axis
+        ok = ((truth >= 0) & (truth < self.lattice_size)).float()  # (B, T, D)
+        tau = self.place_log_temperature.exp()
+        losses = []
+        for t in range(prev_action.shape[1]):
+            state = self._lattice_step(state, onehot[:, t], moved[:, t].float(), embed[:, t].float(), tau)
+            at_truth = state["place"] == truth[:, t].unsqueeze(-1)  # (B, D, L) the starts that stand there now
+            log_p = state["log_w"].log_softmax(-1).masked_fill(~at_truth, IMPOSSIBLE).logsumexp(-1)  # (B, D)
+            losses.append(-(log_p * ok[:, t]).sum(-1))  # (B,)
+        return torch.stack(losses, 1).sum() / ok.sum().clamp(min=1)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # checkpoints from before the learned evidence weight: tau = 1, the filter they were trained with
+        key = prefix + "place_log_temperature"
+        if getattr(self, "place_head", None) is not None and key not in state_dict:
+            state_dict[key] = torch.zeros(())
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def _lattice_encode(self, state: State) -> Tensor:
         """addr_t = E[fourier(x_t(s) - s)] over the start hypotheses (B, addr_dim). The axes are independent, so the

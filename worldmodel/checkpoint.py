@@ -253,3 +253,35 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu"):
         raise UserError(f"checkpoint {resolve(path)}: its weights and configs do not fit together ({reason})") from error
     model.to(device).eval()
     return model, config
+
+
+def optimizer_state_for(model: torch.nn.Module, optimizer: torch.optim.Optimizer, saved_model: dict[str, Any],
+                        saved_optimizer: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The saved optimizer state laid out for `optimizer`, when `model` has parameters that the checkpoint's model
+    (`saved_model`, its state_dict) did not have: a parameter added in a later version of a module (e.g. the lattice
+    filter's evidence weight). Adam's state is keyed by each parameter's position over all groups, so every later
+    parameter would shift and the load would fail; here each kept parameter keeps its moments and the new ones start
+    fresh. Returns (state dict to load, the new parameters' names); the saved state as it is when nothing is new."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    groups = [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
+    new = [name for group in groups for name in group if name not in saved_model]
+    if not new:
+        return saved_optimizer, []
+    if len(saved_optimizer["param_groups"]) != len(groups):
+        raise UserError(f"checkpoint: its optimizer has {len(saved_optimizer['param_groups'])} parameter groups, "
+                        f"this model {len(groups)}: not a run of this model")
+    old_index, new_index, i = {}, {}, 0  # name -> position in the saved / the new optimizer
+    for group in groups:
+        for name in group:
+            if name not in new:
+                old_index[name] = len(old_index)
+            new_index[name] = i
+            i += 1
+    for saved_group, group in zip(saved_optimizer["param_groups"], groups):
+        if len(saved_group["params"]) != len([n for n in group if n not in new]):
+            raise UserError("checkpoint: its optimizer's parameters do not match this model's: not a run of this model")
+    state = {new_index[name]: saved_optimizer["state"][old_index[name]] for name in old_index
+             if old_index[name] in saved_optimizer["state"]}
+    param_groups = [{**saved_group, "params": [new_index[name] for name in group]}
+                    for saved_group, group in zip(saved_optimizer["param_groups"], groups)]
+    return {"state": state, "param_groups": param_groups}, new

@@ -715,7 +715,11 @@ class GTMM(nn.Module):
             if getattr(self.cell.address, "place_head", None) is not None and self.cfg.pose_dim > 0:
                 # the lattice filter's place evidence learns where a frame is from the recorded pose (a label)
                 seq["place_loss"] = self.cell.address.place_loss(seq["embed"], batch["pose"])
-                seq["gate_loss"] = seq["gate_loss"] + seq["place_loss"]
+                # and how much to trust that evidence: the filter's own log-probability of the true place
+                seq["start_loss"] = self.cell.address.start_loss(
+                    batch["prev_action"], torch.sigmoid(seq["gate_logits"].detach()), seq["embed"].detach(),
+                    batch["pose"])
+                seq["gate_loss"] = seq["gate_loss"] + seq["place_loss"] + seq["start_loss"]
             loss = loss + gate_aux * seq["gate_loss"]
         if self.reward_head is not None and "reward" in batch:
             # (R1), (R2) on the teacher-forced state of every step; the reward's gradient also shapes h, r and z

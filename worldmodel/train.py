@@ -723,7 +723,12 @@ def _train_locked(cfg: TrainConfig, explicit: Optional[set[str]], stop: Optional
     step, best_val = 0, math.inf
     if payload is not None:
         model.load_state_dict(payload["model"])
-        optimizer.load_state_dict(payload["optimizer"])
+        saved_optimizer, added = checkpoint.optimizer_state_for(model, optimizer, payload["model"],
+                                                                payload["optimizer"])
+        if added and is_main:
+            print(f"[train] resume: {', '.join(added)} did not exist when this run was saved (an older version): "
+                  f"they start at their initial values, with fresh optimizer state", flush=True)
+        optimizer.load_state_dict(saved_optimizer)
         checkpoint.set_rng_state(payload["rng"])
         step = int(payload["step"])
         saved_best = payload.get("best_val_loss")  # so that a resumed run's best.pt only improves
@@ -881,6 +886,11 @@ def _train_locked(cfg: TrainConfig, explicit: Optional[set[str]], stop: Optional
                 for name in ("gate_loss", "gate_acc_observed", "gate_acc_predicted"):  # a gated action address
                     if name in out:
                         scalars[f"gate/{name.removeprefix('gate_')}"] = float(out[name].detach())
+                for name in ("place_loss", "start_loss"):  # the lattice filter's place evidence, and its weight
+                    if name in out:
+                        scalars[f"gate/{name}"] = float(out[name].detach())
+                if "start_loss" in out:
+                    scalars["gate/place_evidence_weight"] = float(model.cell.address.place_log_temperature.detach().exp())
                 for name in ("reward_mse", "done_bce"):  # the reward heads
                     if name in out:
                         scalars[f"reward/{name}"] = float(out[name])
@@ -895,6 +905,8 @@ def _train_locked(cfg: TrainConfig, explicit: Optional[set[str]], stop: Optional
                                     **({"val": f"{val['loss']:.1f}"} if val is not None else {}))
                 else:
                     gate = f" gate acc {scalars['gate/acc_observed']:.3f}" if "gate/acc_observed" in scalars else ""
+                    if "gate/place_evidence_weight" in scalars:
+                        gate += f" evidence weight {scalars['gate/place_evidence_weight']:.3f}"
                     if "loss/open_loop_nll" in scalars:
                         gate += f" open-loop nll {scalars['loss/open_loop_nll']:.2f}"
                     say(f"[train] step {step}/{cfg.steps} | loss {loss.item():.2f} nll {scalars['loss/nll']:.2f} "
