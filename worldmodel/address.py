@@ -181,7 +181,10 @@ class ActionAddress(AddressPath):
     lattice: the start is one of the lattice's places, uniform at first. The context's frames say whether each move
     happened (the gate's m_t), which rules out the starts that would have been blocked otherwise (and vice versa);
     in open loop nothing is observed and each hypothesis walks on, so an address needs no guess about unseen edges:
-    it hedges over them. ``benchmarks/clip_ceiling.py`` gives the best any such address can do. ``length_scale``
+    it hedges over them. With ``place_evidence`` each frame also weighs the hypotheses by where it looks like it
+    was seen, times a learned weight tau (``start_loss``: the filter's own log-probability of the true place, so
+    its probabilities stay calibrated; frames in a row are far from independent evidence, and tau settles near
+    0.1). ``benchmarks/clip_ceiling.py`` gives the best any such address can do. ``length_scale``
     (lattice steps, default 0.5) sets the kernel: neighbouring places nearly orthogonal.
     se2 knobs: ``length_scale`` (pose units; default half the longest declared step, else 1) and ``heading_scale``
     (radians; default half the largest declared turn, else 0.25) set the kernel of ``se2_features``.
