@@ -159,6 +159,15 @@ paper_variants() {
   done
 }
 
+# need_cuda <hint>: stop unless the interpreter sees a CUDA device; then record the card
+need_cuda() {
+  if ! "$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+    echo "error: no CUDA device visible to $PY$1" >&2
+    exit 2
+  fi
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
+}
+
 if [ "$MODE" = "paper-dry" ]; then
   section "compiled vs uncompiled step, paper-task model (dry run)" 240 "$PY" benchmarks/fast_path_check.py \
     --device cpu --modes default --precisions fp32 bf16 --steps 3 --batch 4 --backend aot_eager
@@ -167,11 +176,7 @@ if [ "$MODE" = "paper-dry" ]; then
   paper_variants "similarity-cued recall, four fast-path variants (dry run)" 300 cpu 2 2 --eval-sequences 8 \
     --z-dim 4 --h-dim 8 --embed-dim 8 --channels 4 --hidden-dim 8 --addr-dim 4 --heads 1
 elif [ "$MODE" = "paper" ]; then
-  if ! "$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
-    echo "error: no CUDA device visible to $PY (use --paper-dry-run on a CPU machine)" >&2
-    exit 2
-  fi
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
+  need_cuda " (use --paper-dry-run on a CPU machine)"
   # 1. gradients of the compiled step (inductor; + CUDA graphs) against the uncompiled one, every step
   section "compiled vs uncompiled step, paper-task model, B64 x T10 (fp32 and bf16)" 200 "$PY" \
     benchmarks/fast_path_check.py --device cuda --steps 6
@@ -183,11 +188,7 @@ elif [ "$MODE" = "paper" ]; then
   paper_variants "similarity-cued recall, 2,000 steps x B64, introspective, seeds 0 and 2, four fast-path variants" \
     330 cuda 2000 64
 elif [ "$MODE" = "precision" ]; then
-  if ! "$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
-    echo "error: no CUDA device visible to $PY" >&2
-    exit 2
-  fi
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
+  need_cuda ""
   section "similarity-cued recall, every memory x 3 seeds, 2,000 steps x B64, fp32, 15 runs at once" 320 "$PY" \
     benchmarks/paper_tasks.py --budget gpu --jobs 15 --tasks similarity_cued_recall --precision fp32 \
     --out "$OUTDIR/paper_fp32" --table "$OUTDIR/paper_fp32_table.md"
@@ -197,16 +198,11 @@ elif [ "$MODE" = "precision" ]; then
       --precision "$prec" --steps 5 --warmup 1
   done
 elif [ "$MODE" = "paper-table" ]; then
-  if ! "$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
-    echo "error: no CUDA device visible to $PY" >&2
-    exit 2
-  fi
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
+  need_cuda ""
   # the [train] lines of 75 runs would bury the per-run results: keep those and the table only
   section "the paper's five tasks x five memories x 3 seeds, --budget gpu (2,000 steps x B64, 75 runs at once, fp32)" \
     540 bash -c "'$PY' benchmarks/paper_tasks.py --budget gpu --out '$OUTDIR/paper_table' \
       --table '$OUTDIR/paper_table.md' 2>&1 | grep -v '^\[train\]'"
-  [ -f "$OUTDIR/paper_table.md" ] && cat "$OUTDIR/paper_table.md" | tee -a "$LOG"
 elif [ "$MODE" = "dry" ]; then
   # tiny sizes on the CPU, compile traced with aot_eager (no C++ build): the plumbing, not the figures
   section "train throughput (dry run)" 240 "$PY" benchmarks/train_throughput.py --device cpu --preset debug \
@@ -218,11 +214,7 @@ elif [ "$MODE" = "dry" ]; then
   section "loader (dry run)" 120 "$PY" benchmarks/loader_throughput.py --device cpu --episodes 12 --batches 20 \
     --step-ms 5
 else
-  if ! "$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
-    echo "error: no CUDA device visible to $PY (use --dry-run on a CPU machine)" >&2
-    exit 2
-  fi
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
+  need_cuda " (use --dry-run on a CPU machine)"
   # 1. every memory, eager (step by step) vs fast (compiled step, CUDA graphs), bf16, B64 x T64, 28x28x1;
   #    --check first compares the losses and gradients of both paths (and of the compiled one)
   section "train throughput, --preset gpu, B64 x T64, 28x28x1 (bf16; eager vs fast = compiled reduce-overhead)" 300 \
