@@ -175,7 +175,9 @@ class TrainConfig:
     """weight of the reward heads' loss (squared reward error + termination cross-entropy per step)"""
     gate_aux: float = 1.0
     """weight of the blocked-move gate's auxiliary loss (an action address with '{"gate": true}': predict from the
-    frames whether each move happened, labelled by the recorded pose; 0 = learn it from the ELBO alone)"""
+    frames whether each move happened, labelled by the recorded pose; 0 = learn it from the ELBO alone); with the
+    lattice filter's place evidence it also weighs the place head's loss and the filter's score of the true place,
+    which trains the evidence's weight"""
     open_loop_weight: float = 0.0
     """weight of the open-loop loss (0 = off): after the first --open-loop-context frames of each window, the NLL of
     every later frame decoded from the prior's mean with no frame seen (what evaluation measures), so the
