@@ -372,7 +372,7 @@ def test_the_weight_of_place_evidence_is_learnt_by_the_filters_score_of_the_true
         opt.zero_grad()
         address.start_loss(prev_action, moved, embed, pose).backward()
         opt.step()
-    tau = float(address.place_log_temperature.exp())
+    tau = float(address.place_log_temperature.detach().exp())
     assert tau < 0.5 and float(address.start_loss(prev_action, moved, embed, pose).detach()) < first - 0.3
     assert address.place_head.weight.grad is None  # the score trains tau, not the head (its labels do)
     _, state = address.step(address.init_state(1), torch.zeros(1, 4), torch.tensor([-1]), None, None,
