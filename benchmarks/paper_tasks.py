@@ -101,9 +101,9 @@ class Args:
     cuda_graphs: bool = True
     """the trainer's --cuda-graphs (with the compiled step on a GPU: replay it as CUDA graphs)"""
     precision: Literal["auto", "bf16", "fp32"] = "fp32"
-    """the trainer's --precision; fp32 by default, also on a GPU (the trainer's auto would pick bf16 there): on one
-    H100, compiled with bf16 autocast, introspective learnt to read on similarity-cued recall in 1 of 7 runs, in
-    fp32 in 14 of 14 memory runs (and eager bf16 2 of 2); at these sizes bf16 is no faster (README)"""
+    """the trainer's --precision; fp32 (what the trainer's auto also picks for a --task): on one H100, compiled with
+    bf16 autocast, introspective learnt to read on similarity-cued recall in 1 of 7 runs, in fp32 in 14 of 14
+    memory runs (and eager bf16 2 of 2); at these sizes bf16 is no faster (README)"""
     eval_sequences: int = 256
     """test-split sequences per evaluation (the same ones for every run)"""
     lr: float = 1e-3

@@ -203,3 +203,18 @@ def test_open_loop_loss_is_the_nll_of_frames_predicted_without_frames(tmp_path, 
     torch.manual_seed(1)
     after = trained(batch, open_loop_weight=1.0, open_loop_context=3)
     assert float(after["open_loop_nll"]) < float(out["open_loop_nll"]) - 1.0, (after["open_loop_nll"], expected)
+
+
+def test_auto_precision_is_bf16_only_for_rollout_models_on_cuda():
+    """`--precision auto`: bf16 autocast on CUDA for world models of rollouts; fp32 for the paper's sequence tasks
+    (where the compiled bf16 step kept reads from being learnt on an H100) and on the CPU; explicit values win."""
+    from worldmodel.train import uses_bf16
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    rollouts = dataclasses.replace(preset("debug"), data="d")
+    task = dataclasses.replace(preset("debug"), task="similarity_cued_recall")
+    assert uses_bf16(rollouts, cuda) and not uses_bf16(rollouts, cpu)
+    assert not uses_bf16(task, cuda) and not uses_bf16(task, cpu)
+    assert uses_bf16(dataclasses.replace(task, precision="bf16"), cuda)
+    assert uses_bf16(dataclasses.replace(rollouts, precision="bf16"), cpu)
+    assert not uses_bf16(dataclasses.replace(rollouts, precision="fp32"), cuda)

@@ -110,8 +110,8 @@ class TrainConfig:
     --no-cuda-graphs compiles the kernels only (one launch per fused kernel); ignored on the CPU"""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """arithmetic of the training step: bf16 (autocast: matrix products in bfloat16, losses in float32) or fp32;
-    auto = bf16 on CUDA, fp32 on the CPU. Small models gain nothing from bf16 (launch-bound) and can lose the
-    learning of reads to it: benchmarks/paper_tasks.py trains in fp32 (README, the paper's tasks on the GPU)"""
+    auto = bf16 on CUDA for rollouts, fp32 for the paper's sequence tasks (--task) and on the CPU. Small models gain
+    nothing from bf16 (launch-bound) and can lose the learning of reads to it (README, the paper's tasks on the GPU)"""
 
     # model
     memory: str = "introspective"
