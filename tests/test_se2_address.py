@@ -380,7 +380,7 @@ def test_the_weight_of_place_evidence_is_learnt_by_the_filters_score_of_the_true
     assert not state["log_w"].requires_grad  # the model's filter: tau detached, no ELBO gradient into it
     old = {k: v for k, v in address.state_dict().items() if k != "place_log_temperature"}
     address.load_state_dict(old)  # an older checkpoint: strict load still works, tau back to 1
-    assert float(address.place_log_temperature) == 0.0
+    assert float(address.place_log_temperature.detach()) == 0.0
 
 
 def test_the_lattice_hypotheses_merge_starts_by_displacement_and_the_model_mixes_its_reads():
