@@ -183,8 +183,8 @@ class ActionAddress(AddressPath):
     in open loop nothing is observed and each hypothesis walks on, so an address needs no guess about unseen edges:
     it hedges over them. With ``place_evidence`` each frame also weighs the hypotheses by where it looks like it
     was seen, times a learned weight tau (``start_loss``: the filter's own log-probability of the true place, so
-    its probabilities stay calibrated; frames in a row are far from independent evidence, and tau settles near
-    0.1). ``benchmarks/clip_ceiling.py`` gives the best any such address can do. ``length_scale``
+    its probabilities stay calibrated; frames in a row are far from independent evidence, and tau falls to
+    0.1-0.2). ``benchmarks/clip_ceiling.py`` gives the best any such address can do. ``length_scale``
     (lattice steps, default 0.5) sets the kernel: neighbouring places nearly orthogonal.
     se2 knobs: ``length_scale`` (pose units; default half the longest declared step, else 1) and ``heading_scale``
     (radians; default half the largest declared turn, else 0.25) set the kernel of ``se2_features``.
@@ -239,7 +239,7 @@ class ActionAddress(AddressPath):
                 # log tau, the weight of each frame's place evidence in the filter (tau = 1 at first). Frames in a
                 # row overlap and revisits show the same frame again, so adding every frame's evidence as if it
                 # were independent makes the filter sure of starts it has no right to be: trained by `start_loss`
-                # (the filter's log-probability of the true place, a proper score), the weight falls to ~0.1.
+                # (the filter's log-probability of the true place, a proper score), the weight falls to 0.1-0.2.
                 self.place_log_temperature = nn.Parameter(torch.zeros(()))
             if not gate:
                 raise UserError("address 'actions' (lattice): needs the gate (\"gate\": true): the frames' word on "
