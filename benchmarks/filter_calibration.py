@@ -41,8 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="evidence weights tau to score besides the model's own (1 = every frame independent)")
     args = p.parse_args(argv)
     if args.context < 1 or args.windows < 1 or any(not w >= 0 for w in args.weights):
-        p.error(f"--context {args.context} / --windows {args.windows} / --weights {args.weights}: expected >= 1, "
-                f">= 1 and >= 0")
+        raise UserError(f"--context {args.context} / --windows {args.windows} / --weights {args.weights}: expected "
+                        f">= 1, >= 1 and >= 0")  # one error line (gtmm.cli.run), not argparse's usage block
     return args
 
 

@@ -54,3 +54,9 @@ def test_a_checkpoint_without_the_lattice_filter_is_one_error_line(runs):
     done = calibration("--checkpoint", str(run), "--data", str(data))
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0
     assert "not the lattice filter with place evidence" in done.stderr
+
+
+def test_a_bad_flag_value_is_one_error_line():
+    done = calibration("--checkpoint", "x", "--data", "y", "--context", "0")
+    assert done.returncode == 2 and done.stderr.strip() == (
+        "error: --context 0 / --windows 256 / --weights [1.0]: expected >= 1, >= 1 and >= 0")
