@@ -29,7 +29,9 @@ Tasks (``k`` = number of images to remember; every image is drawn uniformly from
   symbol the model learns, not data to generalise to), so a perfect model can predict it exactly on test sequences
   too; pass ``exemplar="random"`` to draw a random exemplar of the class from the split instead (then only its
   class is predictable). ``prefix="even"`` is a training curriculum: each sequence counts only its last ``j``
-  digits (``j`` uniform in ``1..k``), the ones before are even digits, which do not change the parity.
+  digits (``j`` uniform in ``1..k``), the ones before are even digits, which do not change the parity; with
+  ``grow_every=n`` as well, ``j`` is uniform in ``1..min(k, 1 + step // n)`` at training step ``step`` (one
+  counted digit at first, one more every ``n`` steps).
 - ``one_shot_recall`` (5.3): ``k`` images, then the same ``k`` again. The images come from classes and exemplars
   the model never trains on: ``split="train"`` draws training exemplars of every class *except*
   ``held_out_classes``; ``split="test"`` draws test exemplars of the held-out classes only (of all classes when
@@ -204,7 +206,9 @@ class _Task:
         """The classes of ``classes`` (those of the split's images) that this task may draw in ``split``."""
         return classes
 
-    def frames(self, pool: DigitPool, batch_size: int, rng: np.random.Generator) -> Frames:
+    def frames(self, pool: DigitPool, batch_size: int, rng: np.random.Generator, step: int = 0) -> Frames:
+        """The frames of ``batch_size`` sequences drawn with ``rng``; ``step`` is the training step, which only a
+        curriculum that changes with training reads (parity's ``grow_every``); 0 outside training."""
         raise NotImplementedError
 
 
@@ -222,7 +226,7 @@ class PerfectRecall(_Task):
         """Frames per sequence: k to remember, then the k repeats."""
         return 2 * self.k
 
-    def frames(self, pool: DigitPool, batch_size: int, rng: np.random.Generator) -> Frames:
+    def frames(self, pool: DigitPool, batch_size: int, rng: np.random.Generator, step: int = 0) -> Frames:
         """A batch of sequences: k random images, then the same k in the same order (the recalls)."""
         k = self.k
         index, revisit, recall_of = _empty(batch_size, self.length())
@@ -245,6 +249,9 @@ class ParityRecall(_Task):
     """'any': every digit is drawn from all classes (the task); 'even': a curriculum for training, each sequence
     draws j in 1..k and only its last j digits from all classes, the first k - j from the even ones, which leave
     the parity as it is, so one batch mixes parities of 1 to k digits at the same length"""
+    grow_every: int = 0
+    """with prefix='even', a curriculum that grows with training: at training step s a sequence counts at most
+    min(k, 1 + s // grow_every) digits (one at first, k after (k - 1) * grow_every steps); 0: 1..k from the start"""
 
     def __post_init__(self) -> None:
         _check_positive("parity_recall", k=self.k)
@@ -252,6 +259,15 @@ class ParityRecall(_Task):
             raise UserError(f"task 'parity_recall': exemplar={self.exemplar!r}, expected 'fixed' or 'random'")
         if self.prefix not in ("any", "even"):
             raise UserError(f"task 'parity_recall': prefix={self.prefix!r}, expected 'any' or 'even'")
+        if not isinstance(self.grow_every, (int, np.integer)) or isinstance(self.grow_every, bool) or self.grow_every < 0:
+            raise UserError(f"task 'parity_recall': grow_every={self.grow_every!r}, expected an integer >= 0")
+        if self.grow_every and self.prefix != "even":
+            raise UserError(f"task 'parity_recall': grow_every={self.grow_every} grows the even-prefix curriculum, "
+                            f"expected prefix='even' with it, got prefix={self.prefix!r}")
+
+    def most_counted(self, step: int) -> int:
+        """The most digits a training sequence counts at ``step`` (k without the growing curriculum)."""
+        return min(self.k, 1 + step // self.grow_every) if self.grow_every else self.k
 
     def length(self) -> int:
         """Frames per sequence: k digits, then the parity image."""
@@ -268,7 +284,7 @@ class ParityRecall(_Task):
         self.check_pool(pool)
         return pool.images[pool.first_exemplar(np.array([0, 1]))]
 
-    def frames(self, pool: DigitPool, batch_size: int, rng: np.random.Generator) -> Frames:
+    def frames(self, pool: DigitPool, batch_size: int, rng: np.random.Generator, step: int = 0) -> Frames:
         """A batch of sequences: k random digits, then an image of the parity of their label sum.
 
         With ``exemplar='fixed'`` the last index is the split's own first 0 or 1; ``sample_batch`` shows the train
@@ -281,7 +297,7 @@ class ParityRecall(_Task):
             even = pool.classes[pool.classes % 2 == 0]  # (E,)
             if len(even) == 0:
                 raise UserError(f"task 'parity_recall': prefix='even' needs images of an even class, the image set has classes {pool.classes.tolist()}")
-            counted = rng.integers(1, k + 1, size=batch_size)  # (B,) j: digits that may be odd, at the end
+            counted = rng.integers(1, self.most_counted(step) + 1, size=batch_size)  # (B,) j: digits that may be odd, at the end
             before = np.arange(k) < (k - counted)[:, None]  # (B, k) the even prefix
             index[:, :k] = np.where(before, pool.exemplars(even[rng.integers(len(even), size=(batch_size, k))], rng),
                                     index[:, :k])
@@ -322,7 +338,7 @@ class OneShotRecall(_Task):
         held_out = np.isin(classes, self.held_out_classes)
         return classes[~held_out] if split == "train" else classes[held_out]
 
-    def frames(self, pool: DigitPool, batch_size: int, rng: np.random.Generator) -> Frames:
+    def frames(self, pool: DigitPool, batch_size: int, rng: np.random.Generator, step: int = 0) -> Frames:
         """A batch of sequences: k random images, then the same k in the same order, or in a random order per
         sequence (``order='shuffled'``)."""
         k = self.k
@@ -361,7 +377,7 @@ class DynamicDependencies(_Task):
         """Frames per sequence: k images, then ``n_queries`` pairs of cue and answer."""
         return self.k + 2 * self.n_queries
 
-    def frames(self, pool: DigitPool, batch_size: int, rng: np.random.Generator) -> Frames:
+    def frames(self, pool: DigitPool, batch_size: int, rng: np.random.Generator, step: int = 0) -> Frames:
         """A batch of sequences: k images, then queries whose cue digit d asks for the frame d back."""
         if not pool.has(range(1, self.max_back + 1)):
             raise UserError(f"task 'dynamic_dependencies': cues need classes 1..{self.max_back}, the image set has {pool.classes.tolist()}")
@@ -394,7 +410,7 @@ class SimilarityCuedRecall(_Task):
         """Frames per sequence: k images, then ``n_queries`` pairs of cue and answer."""
         return self.k + 2 * self.n_queries
 
-    def frames(self, pool: DigitPool, batch_size: int, rng: np.random.Generator) -> Frames:
+    def frames(self, pool: DigitPool, batch_size: int, rng: np.random.Generator, step: int = 0) -> Frames:
         """A batch of sequences: k images of distinct classes; a new exemplar of one cues that one."""
         usable = pool.classes[pool.count[pool.classes] >= 2]  # a cue needs a second exemplar of the class
         if self.k > len(usable):
@@ -488,6 +504,7 @@ def sample_batch(
     split: str = "train",
     source: str | Path | DigitPool = "mnist5k",
     shift: int = 0,
+    step: int = 0,
     **task_kwargs: Any,
 ) -> dict[str, np.ndarray]:
     """A batch of ``batch_size`` sequences of ``task`` (one of ``TASKS``), drawn with ``rng`` only.
@@ -496,7 +513,8 @@ def sample_batch(
     ``DigitPool`` used as the images of either split). ``task_kwargs`` are the fields of the task's dataclass
     (``PerfectRecall``, ``ParityRecall``, ``OneShotRecall``, ``DynamicDependencies``, ``SimilarityCuedRecall``).
     ``shift`` > 0 augments the images (for training: 400 exemplars a class are few): each drawn image moves by up to
-    ``shift`` pixels in x and y, the same move wherever it repeats (``_shift_images``).
+    ``shift`` pixels in x and y, the same move wherever it repeats (``_shift_images``). ``step``: the training step,
+    read only by a curriculum that grows with training (``ParityRecall.grow_every``).
     Returns the batch contract of ``worldmodel/__init__.py`` plus ``label`` and ``recall_of`` (see module doc).
     """
     spec = make_task(task, **task_kwargs)
@@ -514,7 +532,9 @@ def sample_batch(
     if len(keep) < len(pool.classes):
         pool = _subset(pool, tuple(int(c) for c in keep))
 
-    frames = spec.frames(pool, int(batch_size), rng)
+    if not isinstance(step, (int, np.integer)) or isinstance(step, bool) or step < 0:
+        raise UserError(f"task {task!r}: step={step!r}, expected an integer >= 0")
+    frames = spec.frames(pool, int(batch_size), rng, step=int(step))
     B, T = frames.index.shape
     obs = pool.images[frames.index][..., None]  # (B, T, H, W, 1)
     if shift:

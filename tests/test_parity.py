@@ -106,3 +106,42 @@ def test_task_kwargs_shape_training_batches_only(tmp_path) -> None:
         check_config(dataclasses.replace(base, task=None, data="some/rollouts", task_kwargs='{"prefix": "even"}'))
     with pytest.raises(UserError, match="expected the task's 6"):
         check_config(dataclasses.replace(base, task_kwargs='{"k": 2}'))
+
+
+def test_growing_curriculum_counts_one_more_digit_every_grow_every_steps(tmp_path) -> None:
+    # grow_every=n: at training step s a sequence counts at most 1 + s // n digits (the others are even), so early
+    # training sees only the last digit's parity, later ones the parity of longer and longer suffixes.
+    from gtmm.cli import UserError
+    from worldmodel.train import TaskSource, train
+
+    k, B, n = 5, 4096, 100
+    kwargs = dict(k=k, prefix="even", grow_every=n)
+
+    def odd_share(step: int) -> np.ndarray:
+        batch = sample_batch("parity_recall", B, np.random.default_rng(7), step=step, **kwargs)
+        labels = batch["label"][:, :k]  # (B, k)
+        assert np.array_equal(batch["label"][:, -1], labels.sum(axis=1) % 2)
+        return (labels % 2 == 1).mean(axis=0)  # (k,)
+
+    np.testing.assert_array_equal(odd_share(0)[:-1], 0.0)  # one counted digit: only the last may be odd
+    assert abs(odd_share(99)[-1] - 0.5) < 0.03
+    early = odd_share(150)  # at most 2 counted: position k-2 counted half the time
+    np.testing.assert_array_equal(early[:-2], 0.0)
+    assert abs(early[-2] - 0.25) < 0.03
+    # after (k - 1) * n steps it is the plain even-prefix curriculum: position i counted with probability (i + 1) / k
+    np.testing.assert_allclose(odd_share(10**6), 0.5 * np.arange(1, k + 1) / k, atol=0.03)
+    # the trainer's task source hands its step to the training batches only
+    source = TaskSource("parity_recall", k + 1, train_kwargs={"prefix": "even", "grow_every": n})
+    assert (source.sample(B, np.random.default_rng(0), step=0)["label"][:, 0] % 2).sum() == 0
+    assert (source.sample(B, np.random.default_rng(0), split="test", step=0)["label"][:, 0] % 2).mean() > 0.4
+    for bad, message in (({"grow_every": 10}, "expected prefix='even'"),
+                         ({"prefix": "even", "grow_every": -1}, "grow_every=-1, expected an integer >= 0")):
+        with pytest.raises(UserError, match=message):
+            sample_batch("parity_recall", 2, np.random.default_rng(0), k=k, **bad)
+    with pytest.raises(UserError, match="step=-1"):
+        sample_batch("parity_recall", 2, np.random.default_rng(0), k=k, step=-1)
+    # and a real training run with it (the batches of each step are made from that step)
+    cfg = dataclasses.replace(preset("debug"), task="parity_recall", task_kwargs='{"prefix": "even", "grow_every": 1}',
+                              out=str(tmp_path / "run"), device="cpu", threads=1, steps=3, batch=4, seq_len=k + 1,
+                              val_every=0, log_every=1, progress=False)
+    assert train(cfg)["step"] == 3

@@ -174,12 +174,14 @@ class TaskSource:
         self.name = f"task:{task}{self.task_kwargs}" + (f" trained on {extra}" if extra else "")
         self.fingerprint = None
 
-    def sample(self, batch_size: int, rng: np.random.Generator, split: str = "train") -> dict[str, np.ndarray]:
+    def sample(self, batch_size: int, rng: np.random.Generator, split: str = "train", step: int = 0
+               ) -> dict[str, np.ndarray]:
         """A fresh batch of the task from ``rng`` on the images of ``split``, as arrays (B, T, ...); training batches
-        with the training fields (--task-kwargs) and moved by up to ``shift`` pixels (augmentation), never the test
-        split's."""
+        with the training fields (--task-kwargs; ``step``, the training step, for a curriculum that grows with it) and
+        moved by up to ``shift`` pixels (augmentation), never the test split's."""
         if split == "train":
-            return self._sample(self.task, batch_size, rng, split=split, shift=self.shift, **self.train_kwargs)
+            return self._sample(self.task, batch_size, rng, split=split, shift=self.shift, step=step,
+                                **self.train_kwargs)
         return self._sample(self.task, batch_size, rng, split=split, **self.task_kwargs)
 
 
@@ -821,7 +823,7 @@ def _train_locked(cfg: TrainConfig, explicit: Optional[set[str]], stop: Optional
             return source.sample(cfg.batch, batch_rng(cfg.seed, rank, s), rank=rank, world=world)
     else:
         def make_batch(s: int) -> dict[str, np.ndarray]:
-            return source.sample(cfg.batch, batch_rng(cfg.seed, rank, s))
+            return source.sample(cfg.batch, batch_rng(cfg.seed, rank, s), step=s)
     prefetcher = Prefetcher(make_batch, device, start=step, dtypes={**BATCH_DTYPES, **OPTIONAL_DTYPES})
     try:
         while step < cfg.steps:
