@@ -459,3 +459,50 @@ def test_a_hedged_forecast_is_the_expected_frame_over_the_likely_places():
         b = other.imagine(state, actions, torch.zeros(2, 3, 2), hedge=False)
     torch.testing.assert_close(a["frames"], b["frames"])
     assert "place_mean" not in a
+
+
+def test_the_lattice_filter_over_a_window_is_the_step_by_step_filter():
+    """`sequence` and `start_loss` run the filter over the whole window at once (cumulative evidence, normalised
+    once per step): the same addresses, final state, score and gradient into tau as `step` called T times, on walks
+    that hit the edges (blocked moves), with uncertain `moved` and place evidence."""
+    address = build_address("actions", h_dim=4, num_actions=4, pose_dim=2, addr_dim=64, integrator="lattice",
+                            moves=CLIP_MOVES, extent=[56, 56], gate=True, embed_dim=3, z_dim=4, place_evidence=True)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        address.place_head.weight.normal_(0, 2.0)
+        address.place_log_temperature.fill_(-0.7)
+    B, T = 6, 20
+    prev_action = torch.randint(-1, 4, (B, T))
+    moved = torch.rand(B, T)
+    embed = torch.randn(B, T, 3)
+    pose = torch.randint(0, 5, (B, T, 2)).float() * 14
+    addrs, final = address.sequence(address.init_state(B), prev_action, None, moved, embed)  # (B, T, addr_dim)
+    state, stepped = address.init_state(B), []
+    for t in range(T):
+        addr, state = address.step(state, torch.zeros(B, 4), prev_action[:, t], None, moved[:, t], embed[:, t])
+        stepped.append(addr)
+    torch.testing.assert_close(addrs, torch.stack(stepped, 1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(final["place"], state["place"])
+    torch.testing.assert_close(final["log_w"].exp(), state["log_w"].exp(), atol=1e-5, rtol=1e-5)
+    # the score, and its gradient into tau, against the step-by-step filter with the live tau
+    tau = address.place_log_temperature.exp()
+    state, losses = address.init_state(B), []
+    onehot = torch.nn.functional.one_hot(prev_action + 1, 5)[..., 1:].float()  # (B, T, A), -1: no action
+    truth = pose / 14
+    for t in range(T):
+        state = address._lattice_step(state, onehot[:, t], moved[:, t], embed[:, t], tau)
+        at_truth = state["place"] == truth[:, t].unsqueeze(-1)
+        losses.append(-state["log_w"].log_softmax(-1).masked_fill(~at_truth, -1e4).logsumexp(-1).sum(-1))
+    reference = torch.stack(losses, 1).sum() / (B * T * 2)
+    (grad_ref,) = torch.autograd.grad(reference, address.place_log_temperature)
+    loss = address.start_loss(prev_action, moved, embed, pose)
+    (grad,) = torch.autograd.grad(loss, address.place_log_temperature)
+    torch.testing.assert_close(loss, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad, grad_ref, atol=1e-5, rtol=1e-5)
+    # open loop (no frames): the weights do not move, the hypotheses still walk
+    addrs, final = address.sequence(address.init_state(B), prev_action, None)
+    state = address.init_state(B)
+    for t in range(T):
+        addr, state = address.step(state, torch.zeros(B, 4), prev_action[:, t], None)
+    torch.testing.assert_close(addrs[:, -1], addr)
+    torch.testing.assert_close(final["place"], state["place"])

@@ -477,6 +477,51 @@ class ActionAddress(AddressPath):
             log_w = (log_w - log_w.logsumexp(-1, keepdim=True)).clamp(min=IMPOSSIBLE)  # normalised per axis
         return {"log_w": log_w, "place": place}
 
+    def _lattice_filter(self, state: State, onehot: Tensor, moved: Tensor | None, embed: Tensor | None,
+                        temperature: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``_lattice_step`` over a whole window at once: onehot (B, T, A), moved (B, T) or None, embed (B, T, E) or
+        None -> where each start hypothesis stands after each step and its log-weight, (B, T, D, L) each.
+
+        Where the hypotheses stand depends on the actions alone (a walk clipped at the lattice's edges, stepped
+        here in a few integer ops per step, no gradient); each step's evidence is then one batched computation, and
+        the log-weights are its cumulative sum, normalised per axis: the same numbers as normalising after every
+        step (the per-step normalisers are constants of the softmax), with T ops where the step-by-step filter
+        spends ~20 per step. The floor at IMPOSSIBLE is applied once at the end: a hypothesis 10^4 nats below
+        the best has weight 0 either way."""
+        place0, log_w0 = state["place"], state["log_w"]  # (B, D, L) each
+        B, T = onehot.shape[:2]
+        delta = (onehot @ self.lattice_moves.to(onehot.dtype)).unsqueeze(-1)  # (B, T, D, 1) steps along each axis
+        last = (self.lattice_size.to(place0.dtype) - 1).view(-1, 1)  # (D, 1)
+        with torch.no_grad():
+            targets, now = [], place0
+            for t in range(T):  # where each start would go, and where the edges leave it
+                target = now + delta[:, t]  # (B, D, L)
+                now = torch.minimum(target.clamp(min=0), last)
+                targets.append(target)
+            target = torch.stack(targets, dim=1)  # (B, T, D, L)
+            place = torch.minimum(target.clamp(min=0), last)  # (B, T, D, L)
+        evidence = None
+        if moved is not None:
+            # P(what the frames saw | hypothesis): m_t where it moves, 1 - m_t where the edge blocks it; axes the
+            # action does not move along say nothing
+            inside = (target >= 0) & (target <= last)  # (B, T, D, L) the move happens from there
+            m = moved.to(place.dtype).view(B, T, 1, 1).clamp(1e-4, 1 - 1e-4)  # (B, T, 1, 1)
+            move_evidence = torch.where(inside, m, 1 - m).log()  # (B, T, D, L)
+            evidence = torch.where(delta != 0, move_evidence, torch.zeros_like(move_evidence))
+        if embed is not None and self.place_head is not None:
+            # the frame's likelihood ratio of each place (see `_lattice_step`), at each hypothesis's place
+            logits = self.place_logits(embed).detach()  # (B, T, D, L)
+            marginal = logits.new_zeros(logits.shape[-2:]).masked_fill(logits[0, 0] <= IMPOSSIBLE, IMPOSSIBLE)
+            marginal = marginal + self.place_head.bias.detach().view(marginal.shape)  # (D, L)
+            ratio = logits.log_softmax(-1) - marginal.log_softmax(-1)  # (B, T, D, L)
+            tau = self.place_log_temperature.exp().detach() if temperature is None else temperature  # ()
+            place_evidence = tau * ratio.gather(-1, place.long())  # (B, T, D, L)
+            evidence = place_evidence if evidence is None else evidence + place_evidence
+        if evidence is None:  # open loop without frames: the weights stay as they were
+            return place, log_w0.unsqueeze(1).expand(B, T, *log_w0.shape[1:])
+        log_w = (log_w0.unsqueeze(1) + evidence.cumsum(dim=1)).log_softmax(-1).clamp(min=IMPOSSIBLE)  # (B, T, D, L)
+        return place, log_w
+
     def start_loss(self, prev_action: Tensor, moved: Tensor, embed: Tensor, pose: Tensor) -> Tensor:
         """-log P(the true place) under the filter, per axis, averaged over steps: the score that trains the
         weight of the place evidence (``place_log_temperature``) and nothing else (the frames' moved (B, T) and
@@ -487,14 +532,11 @@ class ActionAddress(AddressPath):
         onehot = action_onehot(prev_action, self.num_actions, torch.float32)  # (B, T, A)
         truth = (pose.float() / self.lattice_unit).round()  # (B, T, D) the true place on each axis
         ok = ((truth >= 0) & (truth < self.lattice_size)).float()  # (B, T, D)
-        tau = self.place_log_temperature.exp()
-        losses = []
-        for t in range(prev_action.shape[1]):
-            state = self._lattice_step(state, onehot[:, t], moved[:, t].float(), embed[:, t].float(), tau)
-            at_truth = state["place"] == truth[:, t].unsqueeze(-1)  # (B, D, L) the starts that stand there now
-            log_p = state["log_w"].log_softmax(-1).masked_fill(~at_truth, IMPOSSIBLE).logsumexp(-1)  # (B, D)
-            losses.append(-(log_p * ok[:, t]).sum(-1))  # (B,)
-        return torch.stack(losses, 1).sum() / ok.sum().clamp(min=1)
+        place, log_w = self._lattice_filter(state, onehot, moved.float(), embed.float(),
+                                            self.place_log_temperature.exp())  # (B, T, D, L) each
+        at_truth = place == truth.unsqueeze(-1)  # (B, T, D, L) the starts that stand there now
+        log_p = log_w.masked_fill(~at_truth, IMPOSSIBLE).logsumexp(-1)  # (B, T, D)
+        return -(log_p * ok).sum() / ok.sum().clamp(min=1)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -506,17 +548,18 @@ class ActionAddress(AddressPath):
                                       error_msgs)
 
     def _lattice_encode(self, state: State) -> Tensor:
-        """addr_t = E[fourier(x_t(s) - s)] over the start hypotheses (B, addr_dim). The axes are independent, so the
-        expectation of e^{i omega . d} is the product over axes of each axis's expected e^{i omega_d d_d}."""
-        place, weights = state["place"], state["log_w"].softmax(-1)  # (B, D, L) each
+        """addr_t = E[fourier(x_t(s) - s)] over the start hypotheses: state of (..., D, L) -> (..., addr_dim) (one
+        step (B, D, L), or a window (B, T, D, L)). The axes are independent, so the expectation of e^{i omega . d}
+        is the product over axes of each axis's expected e^{i omega_d d_d}."""
+        place, weights = state["place"], state["log_w"].softmax(-1)  # (..., D, L) each
         starts = torch.arange(place.shape[-1], device=place.device, dtype=place.dtype)  # (L,)
-        phase = (place - starts).unsqueeze(-1) * self.frequencies.to(place.dtype).unsqueeze(1)  # (B, D, L, K)
-        real = (weights.unsqueeze(-1) * phase.cos()).sum(2)  # (B, D, K)
-        imag = (weights.unsqueeze(-1) * phase.sin()).sum(2)  # (B, D, K)
-        re, im = real[:, 0], imag[:, 0]  # (B, K)
-        for d in range(1, place.shape[1]):  # complex product over the axes
-            re, im = re * real[:, d] - im * imag[:, d], re * imag[:, d] + im * real[:, d]
-        return torch.cat([im, re], dim=-1) / math.sqrt(self.frequencies.shape[1])  # (B, addr_dim), as fourier_features
+        phase = (place - starts).unsqueeze(-1) * self.frequencies.to(place.dtype).unsqueeze(1)  # (..., D, L, K)
+        real = (weights.unsqueeze(-1) * phase.cos()).sum(-2)  # (..., D, K)
+        imag = (weights.unsqueeze(-1) * phase.sin()).sum(-2)  # (..., D, K)
+        re, im = real[..., 0, :], imag[..., 0, :]  # (..., K)
+        for d in range(1, place.shape[-2]):  # complex product over the axes
+            re, im = re * real[..., d, :] - im * imag[..., d, :], re * imag[..., d, :] + im * real[..., d, :]
+        return torch.cat([im, re], dim=-1) / math.sqrt(self.frequencies.shape[1])  # (..., addr_dim), as fourier_features
 
     def hypotheses(self, state: State, top: int = 8) -> tuple[Tensor, Tensor] | None:
         """The lattice filter's most probable displacements from the start (at most ``top``) with their
@@ -589,14 +632,11 @@ class ActionAddress(AddressPath):
                  moved: Tensor | None = None, embed: Tensor | None = None) -> tuple[Tensor, State]:
         """All T addresses from prev_action (B, T) (and moved (B, T) or None) at once: cumulative sums (additive,
         se2) or the GRU alone."""
-        if self.integrator == "lattice":  # a filter: step by step (a few small ops per step)
+        if self.integrator == "lattice":  # the filter over the whole window at once
             onehot = action_onehot(prev_action, self.num_actions, state["place"].dtype)  # (B, T, A)
-            addrs = []
-            for t in range(prev_action.shape[1]):
-                state = self._lattice_step(state, onehot[:, t], None if moved is None else moved[:, t],
-                                           None if embed is None else embed[:, t])
-                addrs.append(self._lattice_encode(state))
-            return torch.stack(addrs, dim=1), state  # (B, T, addr_dim)
+            place, log_w = self._lattice_filter(state, onehot, moved, embed)  # (B, T, D, L) each
+            addrs = self._lattice_encode({"place": place, "log_w": log_w})  # (B, T, addr_dim)
+            return addrs, {"log_w": log_w[:, -1], "place": place[:, -1]}
         path = state["path"]  # (B, P)
         onehot = action_onehot(prev_action, self.num_actions, path.dtype)  # (B, T, A), zeros for "no action"
         stepped = self._scaled(onehot, moved)  # the integrators' share of each move (the GRU blends by moved below)
