@@ -218,3 +218,27 @@ def test_auto_precision_is_bf16_only_for_rollout_models_on_cuda():
     assert uses_bf16(dataclasses.replace(task, precision="bf16"), cuda)
     assert uses_bf16(dataclasses.replace(rollouts, precision="bf16"), cpu)
     assert not uses_bf16(dataclasses.replace(rollouts, precision="fp32"), cuda)
+
+
+def test_init_from_starts_a_new_run_from_another_runs_weights(tmp_path, rollouts, capsys):
+    # --init-from: a new run (step 0, fresh optimizer, its own loss) from a trained model's weights: fine-tuning
+    from gtmm.cli import UserError
+
+    kw = dict(memory="introspective", address="actions", ckpt_every=100)
+    train(debug_config(tmp_path / "src", rollouts["train"], steps=3, **kw))
+    source = checkpoint.load_raw(tmp_path / "src" / "run")["model"]
+    tuned = train(debug_config(tmp_path / "ft", rollouts["train"], steps=2, open_loop_weight=1.0, open_loop_context=4,
+                               init_from=str(tmp_path / "src" / "run"), **kw))
+    assert [s for s, _ in tuned["losses"]] == [1, 2] and "init: model weights from" in capsys.readouterr().out
+    saved = checkpoint.load_raw(tmp_path / "ft" / "run")
+    assert saved["step"] == 2 and json.loads((tmp_path / "ft" / "run" / "config.json").read_text())["init_from"]
+    # two Adam steps of lr 1e-3 from the source's weights: close to them, far from a fresh init's
+    fresh = GTMM(checkpoint.load(tmp_path / "ft" / "run")[0].cfg).state_dict()
+    name = "cell.lstm.weight_hh" if "cell.lstm.weight_hh" in source else next(k for k, v in source.items() if v.ndim == 2)
+    assert (saved["model"][name] - source[name]).abs().max() < 3e-3 < (fresh[name] - source[name]).abs().max()
+    # flags that build another model: one line naming the parameter shapes that differ
+    with pytest.raises(UserError, match=r"--init-from .*does not fit this run's flags \(shape of"):
+        train(debug_config(tmp_path / "bad", rollouts["train"], steps=1, h_dim=24, init_from=str(tmp_path / "src" / "run"),
+                           **kw))
+    with pytest.raises(UserError, match="no such file"):
+        train(debug_config(tmp_path / "none", rollouts["train"], steps=1, init_from=str(tmp_path / "nowhere")))

@@ -96,6 +96,10 @@ class TrainConfig:
     resume: bool = False
     """continue the run in --out from its ckpt.pt exactly (optimiser, step, RNG, data position); only --steps,
     --threads, --device, --progress and the --*-every intervals may differ from the run's saved config"""
+    init_from: Optional[str] = None
+    """start this new run from the model weights of a checkpoint (a run folder, a ckpt.pt or pretrained:NAME) with
+    a fresh optimizer at step 0: fine-tuning, e.g. with another loss (--open-loop-weight); this run's flags must
+    build a model of the same parameter shapes. A --resume of such a run continues from its own checkpoint"""
     device: str = "auto"
     """auto (cuda if available), cpu, cuda, cuda:N"""
     seed: int = 0

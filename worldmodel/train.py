@@ -223,6 +223,26 @@ def curriculum_len(cfg: TrainConfig, step: int, full_len: int) -> int:
 
 # -- helpers ----------------------------------------------------------------------------------------------------------
 
+def init_weights_from(model: GTMM, source: str) -> str:
+    """Load the model weights of checkpoint ``source`` (`--init-from`) into ``model``, a new run's: returns the
+    file and its step, for the log. UserError naming the parameters that differ when the run's flags build another
+    model (missing, extra or of another shape)."""
+    payload = checkpoint.load_raw(source)
+    saved, own = payload["model"], model.state_dict()
+    file = checkpoint.resolve(source)
+    try:
+        model.load_state_dict(saved)
+    except RuntimeError:
+        shapes = [f"{k} {tuple(saved[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+                  if k in saved and saved[k].shape != v.shape]
+        problems = ([f"shape of {', '.join(shapes[:3])}"] if shapes else []) + \
+            ([f"missing {', '.join(sorted(set(own) - set(saved))[:3])}"] if set(own) - set(saved) else []) + \
+            ([f"extra {', '.join(sorted(set(saved) - set(own))[:3])}"] if set(saved) - set(own) else [])
+        raise UserError(f"--init-from {file}: its model does not fit this run's flags ({'; '.join(problems)}); "
+                        f"give the flags it was trained with (its config.json: memory, address, sizes)") from None
+    return f"{file} (step {payload['step']})"
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
     """Mean of x over the True entries of mask (nan when there are none)."""
     n = mask.sum()
@@ -304,6 +324,8 @@ def check_config(cfg: TrainConfig) -> None:
             raise UserError(f"--{name.replace('_', '-')} {value}: expected a number > 0")
     if not (0.0 <= cfg.free_nats < math.inf):
         raise UserError(f"--free-nats {cfg.free_nats}: expected a number >= 0")
+    if cfg.init_from is not None:
+        checkpoint.resolve(cfg.init_from)  # UserError naming the missing file
     if not 0.0 <= cfg.kl_balance <= 1.0:
         raise UserError(f"--kl-balance {cfg.kl_balance}: expected in [0, 1]")
     if not (0.0 <= cfg.gate_aux < math.inf):
@@ -745,6 +767,10 @@ def _train_locked(cfg: TrainConfig, explicit: Optional[set[str]], stop: Optional
         step = int(payload["step"])
         saved_best = payload.get("best_val_loss")  # so that a resumed run's best.pt only improves
         best_val = math.inf if saved_best is None else float(saved_best)
+    elif cfg.init_from is not None:
+        source_ckpt = init_weights_from(model, cfg.init_from)
+        if is_main:
+            print(f"[train] init: model weights from {source_ckpt}, fresh optimizer, step 0", flush=True)
     train_model = model
     if world > 1:
         # with no memory the address path feeds nothing, so its parameters get no gradient: tell DDP to expect that
