@@ -120,7 +120,10 @@ def main(argv: list[str] | None = None) -> None:
     mode = args.compile_mode or ("reduce-overhead" if device.type == "cuda" else None)
     paths = [p for p in args.paths if p == "eager" or fast_available] or ["eager"]
     batch = synthetic_batch(B, T, obs_shape, device)
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    if hasattr(cfg, "uses_bf16"):  # the trainer's own rule
+        bf16 = dataclasses.replace(cfg, precision=args.precision).uses_bf16(device.type)
+    else:  # an older checkout (PYTHONPATH=<tree>): its trainer autocast to bf16 on CUDA, and had no --precision
+        bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     clock: Callable[[], float] = time.process_time if args.timer == "cpu" else time.perf_counter
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

@@ -207,17 +207,16 @@ def test_open_loop_loss_is_the_nll_of_frames_predicted_without_frames(tmp_path, 
 
 def test_auto_precision_is_bf16_only_for_rollout_models_on_cuda():
     """`--precision auto`: bf16 autocast on CUDA for world models of rollouts; fp32 for the paper's sequence tasks
-    (where the compiled bf16 step kept reads from being learnt on an H100) and on the CPU; explicit values win."""
-    from worldmodel.train import uses_bf16
-
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    (where the compiled bf16 step kept reads from being learnt on an H100) and on the CPU; explicit values win.
+    `benchmarks/train_throughput.py` applies the same rule (it imports the config, not the trainer)."""
+    cuda, cpu = "cuda", "cpu"
     rollouts = dataclasses.replace(preset("debug"), data="d")
     task = dataclasses.replace(preset("debug"), task="similarity_cued_recall")
-    assert uses_bf16(rollouts, cuda) and not uses_bf16(rollouts, cpu)
-    assert not uses_bf16(task, cuda) and not uses_bf16(task, cpu)
-    assert uses_bf16(dataclasses.replace(task, precision="bf16"), cuda)
-    assert uses_bf16(dataclasses.replace(rollouts, precision="bf16"), cpu)
-    assert not uses_bf16(dataclasses.replace(rollouts, precision="fp32"), cuda)
+    assert rollouts.uses_bf16(cuda) and not rollouts.uses_bf16(cpu)
+    assert not task.uses_bf16(cuda) and not task.uses_bf16(cpu)
+    assert dataclasses.replace(task, precision="bf16").uses_bf16(cuda)
+    assert dataclasses.replace(rollouts, precision="bf16").uses_bf16(cpu)
+    assert not dataclasses.replace(rollouts, precision="fp32").uses_bf16(cuda)
 
 
 def test_init_from_starts_a_new_run_from_another_runs_weights(tmp_path, rollouts, capsys):

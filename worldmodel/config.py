@@ -247,6 +247,16 @@ class TrainConfig:
         why = "the pose is (x, z, heading): encoded with a periodic heading (se2), kernel scales half a step and turn"
         return dataclasses.replace(self, address_kwargs=json.dumps({**chosen, **given})), why
 
+    def uses_bf16(self, device_type: str) -> bool:
+        """Whether the training step runs under bf16 autocast on a device of type ``device_type`` ("cuda", "cpu"):
+        `--precision bf16`, or `auto` on CUDA for world models of rollouts. `auto` keeps the paper's sequence tasks
+        (`--task`) in fp32: their models are small enough that bf16 buys nothing, and on an H100 the compiled bf16
+        step kept introspective from ever learning to read on similarity-cued recall in 6 of 7 runs, where fp32
+        learnt in 14 of 14 (README, the paper's tasks on the GPU)."""
+        if self.precision != "auto":
+            return self.precision == "bf16"
+        return device_type == "cuda" and self.task is None
+
     def model_config(self, obs_shape: tuple[int, int, int], num_actions: int, pose_dim: int) -> ModelConfig:
         """The model of this run for data of these shapes (`--address auto` resolved as for data that declares no
         action effects: the trainer resolves it from the data's manifest first)."""

@@ -13,7 +13,6 @@ A dream calls ``GTMM.reward(state)`` after each dreamed step (the state holds h_
 
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor

@@ -650,16 +650,6 @@ def _stop_requested(stop: Optional[StopSignal], world: int, device: torch.device
 
 # -- the training run -------------------------------------------------------------------------------------------------
 
-def uses_bf16(cfg: TrainConfig, device: torch.device) -> bool:
-    """Whether the training step runs under bf16 autocast: `--precision bf16`, or `auto` on CUDA for world models of
-    rollouts. `auto` keeps the paper's sequence tasks (`--task`) in fp32: their models are small enough that bf16
-    buys nothing, and on an H100 the compiled bf16 step kept introspective from ever learning to read on
-    similarity-cued recall in 6 of 7 runs, where fp32 learnt in 14 of 14 (README, the paper's tasks on the GPU)."""
-    if cfg.precision != "auto":
-        return cfg.precision == "bf16"
-    return device.type == "cuda" and cfg.task is None
-
-
 def train(cfg: TrainConfig, explicit: Optional[set[str]] = None, stop: Optional[StopSignal] = None) -> dict[str, Any]:
     """Run (or resume) training; returns {"losses": [(step, loss), ...], "skipped": n, "step": final step,
     "config": the resolved TrainConfig, "stopped": signal name or None, "ckpt": path of the last checkpoint}.
@@ -777,7 +767,7 @@ def _train_locked(cfg: TrainConfig, explicit: Optional[set[str]], stop: Optional
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=cfg.memory == "none")
-    bf16 = uses_bf16(cfg, device)
+    bf16 = cfg.uses_bf16(device.type)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"):
         # on a GPU the step is launch-bound: CUDA graphs replay it as one launch (issue 12)
