@@ -49,6 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", default="mnist_cpu", help="sizes from this training preset")
     p.add_argument("--memories", nargs="+", default=list(MEMORIES), help="memories to time")
     p.add_argument("--address", default="actions", help="address pathway of the slot memories")
+    p.add_argument("--address-kwargs", default=None,
+                   help="JSON object of the address's arguments (default: the preset's), e.g. the MNIST map's lattice "
+                        "filter: '{\"integrator\": \"lattice\", \"moves\": [[-14, 0], [14, 0], [0, -14], [0, 14]], "
+                        "\"extent\": [56, 56], \"gate\": true, \"place_evidence\": true}'")
     p.add_argument("--frame", type=int, default=28, choices=sorted(FRAMES), help="frame side: 28 (28x28x1) or 64 (64x64x3)")
     p.add_argument("--batch", type=int, default=None, help="sequences per batch (default: the preset's)")
     p.add_argument("--seq-len", type=int, default=None, help="frames per sequence (default: the preset's)")
@@ -129,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     fast_label = f"fast ({'compiled, ' + (mode or 'default') if compile_on else 'eager'})" if fast_available else "-"
-    print(f"preset {args.preset}: batch {B} x {T} frames of {obs_shape}, address {args.address}, {card}, "
+    print(f"preset {args.preset}: batch {B} x {T} frames of {obs_shape}, address {args.address}{' ' + args.address_kwargs if args.address_kwargs else ''}, {card}, "
           f"{torch.get_num_threads()} thread(s), torch {torch.__version__}, {'bf16' if bf16 else 'fp32'}, "
           f"{args.steps} timed steps, "
           f"{args.timer} time; fast path: {fast_label if fast_available else 'not in this checkout'}")
@@ -138,7 +142,9 @@ def main(argv: list[str] | None = None) -> None:
     base = None
     for memory in args.memories:
         torch.manual_seed(0)
-        model_cfg = dataclasses.replace(cfg, memory=memory, address=args.address).model_config(obs_shape, 4, 2)
+        address_kwargs = cfg.address_kwargs if args.address_kwargs is None else args.address_kwargs
+        model_cfg = dataclasses.replace(cfg, memory=memory, address=args.address,
+                                        address_kwargs=address_kwargs).model_config(obs_shape, 4, 2)
         model = GTMM(model_cfg).to(device)
         opt = torch.optim.Adam(param_groups(model, cfg.lr, cfg.address_lr_scale))
         losses: dict[str, Callable[[], torch.Tensor]] = {

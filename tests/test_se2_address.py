@@ -349,6 +349,11 @@ def test_the_lattice_place_evidence_weighs_hypotheses_and_learns_from_labels():
     # the columns' parity is learnt (rows stay at log 5: the embeddings say nothing of them): the mean of log 5 and
     # about log 2.5 at best
     assert float(address.place_loss(embed, pose).detach()) < first - 0.25
+    # a step off the lattice (a pose beyond it on both axes) is skipped, whatever its frame, not an error
+    off, other = pose.clone(), embed.clone()
+    off[0, 0], other[0, 0] = torch.tensor([84.0, -14.0]), torch.tensor([0.0, 5.0])
+    assert torch.isfinite(address.place_loss(embed, off))
+    assert torch.equal(address.place_loss(embed, off), address.place_loss(other, off))
 
 
 def test_the_weight_of_place_evidence_is_learnt_by_the_filters_score_of_the_true_place_alone():

@@ -441,7 +441,8 @@ class ActionAddress(AddressPath):
         index = (pose.float() / self.lattice_unit).round().long()  # (B, T, D)
         ok = (index >= 0) & (index < self.lattice_size.long())  # (B, T, D)
         logits = self.place_logits(embed).float()  # (B, T, D, L)
-        ce = nn.functional.cross_entropy(logits.flatten(0, 2), index.clamp(min=0).flatten(), reduction="none")
+        target = index.clamp(0, logits.shape[-1] - 1)  # off-lattice steps (masked below) still need a valid class
+        ce = nn.functional.cross_entropy(logits.flatten(0, 2), target.flatten(), reduction="none")
         return (ce * ok.flatten()).sum() / ok.sum().clamp(min=1)
 
     def _lattice_step(self, state: State, onehot: Tensor, moved: Tensor | None, embed: Tensor | None = None,
