@@ -255,6 +255,11 @@ def recall_retrieval(memory, seq: dict[str, Any], recall_of: np.ndarray) -> dict
     }
 
 
+def counted_levels(k: int) -> list[int]:
+    """How many counted digits the parity evaluation tries: 1, 2, 3, about half of k, and k."""
+    return sorted({j for j in (1, 2, 3, (k + 1) // 2, k) if 1 <= j <= k})
+
+
 def evaluate(run_dir: str | Path, task: str, sequences: int, seed: int, device: str = "cpu") -> dict[str, Any]:
     """Per-step KL and NLL of a trained checkpoint on fresh test-split sequences of `task`, split by recall position,
     and where the memory's reads went at the recall steps (`recall_retrieval`)."""
@@ -270,7 +275,9 @@ def evaluate(run_dir: str | Path, task: str, sequences: int, seed: int, device: 
     task_kwargs = kwargs_for_length(task, cfg.seq_len)  # what the trainer sampled (it saves the fitted seq_len)
     rng = np.random.default_rng([seed, 1])  # the same sequences for every memory
     kl_steps, nll_steps, recall, kl_wrong = [], [], [], []
-    one_digit: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])  # parity of the last digit: right, wrong answer
+    by_counted: dict[int, tuple[list[np.ndarray], list[np.ndarray]]] = {}  # parity of the last j digits: right, wrong
+    if task == "parity_recall":
+        by_counted = {j: ([], []) for j in counted_levels(task_kwargs["k"])}
     easy_rng = np.random.default_rng([seed, 2])  # its own stream: the main sequences stay those of before
     retrieval: dict[str, list[np.ndarray]] = {}
     with torch.no_grad(), torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
@@ -294,26 +301,29 @@ def evaluate(run_dir: str | Path, task: str, sequences: int, seed: int, device: 
                 seq = model.observe(torch.as_tensor(wrong, device=dev), batch["prev_action"], batch["pose"],
                                     diagnostics=False)
                 kl_wrong.append(seq["kl"][:, -1].float().cpu().numpy())  # (B,)
-                # The simplest parity: every digit but the last is even, so the answer is the last digit's parity
-                # (one step back, no counting). Right vs wrong answer on such sequences (prefix='even' draws them
-                # often) says whether a model that fails the task learnt any parity at all.
-                easy = sample_batch(task, 64, easy_rng, split="test", **{**task_kwargs, "prefix": "even"})
-                easy_labels = easy["label"][:, :-2]  # (B, k-1) the digits before the last one
-                keep = (easy_labels % 2 == 0).all(axis=1)  # (B,)
-                for answer, store in ((easy["label"][:, -1], one_digit[0]), (1 - easy["label"][:, -1], one_digit[1])):
-                    shown = easy["obs"][keep].copy()  # (B', T, H, W, 1)
-                    shown[:, -1, :, :, 0] = parity_images()[answer[keep]]
-                    b = batch_to_torch({**easy, "obs": shown, **{k: easy[k][keep] for k in ("prev_action", "pose",
-                                                                                            "revisit")}}, dev)
-                    seq = model.observe(b["obs"], b["prev_action"], b["pose"], diagnostics=False)
-                    store.append(seq["kl"][:, -1].float().cpu().numpy())  # (B',)
+                # How many digits can it count? Sequences whose last j digits count and the ones before are even
+                # (prefix='even', counted=j): j = 1 is the simplest parity (the last digit's, one step back), j = k
+                # the task itself; a curriculum (prefix='even', grow_every) moves a model up these levels. A model
+                # that fails the task may still count a few digits, or none.
+                for j in counted_levels(task_kwargs["k"]):
+                    easy = sample_batch(task, len(sample["label"]), easy_rng, split="test",
+                                        **{**task_kwargs, "prefix": "even", "counted": j})
+                    for answer, store in ((easy["label"][:, -1], by_counted[j][0]),
+                                          (1 - easy["label"][:, -1], by_counted[j][1])):
+                        shown = easy["obs"].copy()  # (B, T, H, W, 1)
+                        shown[:, -1, :, :, 0] = parity_images()[answer]
+                        b = batch_to_torch({**easy, "obs": shown}, dev)
+                        seq = model.observe(b["obs"], b["prev_action"], b["pose"], diagnostics=False)
+                        store.append(seq["kl"][:, -1].float().cpu().numpy())  # (B,)
     kl, nll, recall = (np.concatenate(x) for x in (kl_steps, nll_steps, recall))
     extra: dict[str, Any] = {"kl_recall_wrong_parity": float(np.concatenate(kl_wrong).mean())} if kl_wrong else {}
-    if one_digit[0]:
-        right, wrong = (float(np.concatenate(x).mean()) for x in one_digit)
+    if by_counted:
+        means = {j: [float(np.concatenate(x).mean()) for x in pair] for j, pair in by_counted.items()}
+        extra["parity_ratio_by_counted"] = {str(j): right / max(wrong, 1e-9) for j, (right, wrong) in means.items()}
+        right, wrong = means[1]
         extra.update(kl_last_digit_parity_right=right, kl_last_digit_parity_wrong=wrong,
                      last_digit_parity_ratio=right / max(wrong, 1e-9),
-                     last_digit_parity_sequences=int(sum(len(x) for x in one_digit[0])))
+                     last_digit_parity_sequences=int(sum(len(x) for x in by_counted[1][0])))
     extra.update({f"read_{key}": float(np.concatenate(values).mean()) for key, values in retrieval.items()})
     recall_kl = np.sort(kl[recall])  # (R,) ascending
     tail = recall_kl[len(recall_kl) - max(1, len(recall_kl) // 20):]  # the costliest 5% of the recalls

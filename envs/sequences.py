@@ -249,6 +249,9 @@ class ParityRecall(_Task):
     """'any': every digit is drawn from all classes (the task); 'even': a curriculum for training, each sequence
     draws j in 1..k and only its last j digits from all classes, the first k - j from the even ones, which leave
     the parity as it is, so one batch mixes parities of 1 to k digits at the same length"""
+    counted: int = 0
+    """with prefix='even': every sequence counts exactly its last ``counted`` digits (1..k), the ones before even;
+    for measuring how many digits a model can count (a curriculum's progress); 0: j drawn as said above"""
     grow_every: int = 0
     """with prefix='even', a curriculum that grows with training: at training step s a sequence counts at most
     min(k, 1 + s // grow_every) digits (one at first, k after (k - 1) * grow_every steps); 0: 1..k from the start"""
@@ -261,6 +264,12 @@ class ParityRecall(_Task):
             raise UserError(f"task 'parity_recall': prefix={self.prefix!r}, expected 'any' or 'even'")
         if not isinstance(self.grow_every, (int, np.integer)) or isinstance(self.grow_every, bool) or self.grow_every < 0:
             raise UserError(f"task 'parity_recall': grow_every={self.grow_every!r}, expected an integer >= 0")
+        if not isinstance(self.counted, (int, np.integer)) or isinstance(self.counted, bool) or not 0 <= self.counted <= self.k:
+            raise UserError(f"task 'parity_recall': counted={self.counted!r}, expected an integer in 0..k={self.k}")
+        if self.counted and (self.prefix != "even" or self.grow_every):
+            raise UserError(f"task 'parity_recall': counted={self.counted} fixes how many digits the even-prefix "
+                            f"sequences count: expected prefix='even' and no grow_every with it, got "
+                            f"prefix={self.prefix!r}, grow_every={self.grow_every}")
         if self.grow_every and self.prefix != "even":
             raise UserError(f"task 'parity_recall': grow_every={self.grow_every} grows the even-prefix curriculum, "
                             f"expected prefix='even' with it, got prefix={self.prefix!r}")
@@ -297,7 +306,10 @@ class ParityRecall(_Task):
             even = pool.classes[pool.classes % 2 == 0]  # (E,)
             if len(even) == 0:
                 raise UserError(f"task 'parity_recall': prefix='even' needs images of an even class, the image set has classes {pool.classes.tolist()}")
-            counted = rng.integers(1, self.most_counted(step) + 1, size=batch_size)  # (B,) j: digits that may be odd, at the end
+            if self.counted:
+                counted = np.full(batch_size, self.counted)  # (B,) j, fixed
+            else:
+                counted = rng.integers(1, self.most_counted(step) + 1, size=batch_size)  # (B,) j: digits that may be odd, at the end
             before = np.arange(k) < (k - counted)[:, None]  # (B, k) the even prefix
             index[:, :k] = np.where(before, pool.exemplars(even[rng.integers(len(even), size=(batch_size, k))], rng),
                                     index[:, :k])

@@ -216,11 +216,15 @@ def test_task_kwargs_reach_the_training_of_that_task_only(tmp_path: Path) -> Non
     assert "task_kwargs" not in by_task["perfect_recall"]["definition"]  # the same run as before the flag
     assert by_task["parity_recall"]["task_kwargs"] == {"k": 6}  # evaluated on the plain task (7 frames)
     assert "kl_recall_wrong_parity" in by_task["parity_recall"]
-    # the one-digit parity diagnostic: sequences whose digits but the last are even, right vs wrong answer
+    # how many digits it can count: right vs wrong answer on sequences counting exactly j digits (the ones before
+    # even), j = 1 (the last digit's parity) up to k (the task); j = 1 is also reported on its own
     parity_result = by_task["parity_recall"]
     assert parity_result["last_digit_parity_sequences"] > 0 and np.isfinite(parity_result["last_digit_parity_ratio"])
     assert parity_result["last_digit_parity_ratio"] == pytest.approx(
         parity_result["kl_last_digit_parity_right"] / parity_result["kl_last_digit_parity_wrong"])
+    by_counted = parity_result["parity_ratio_by_counted"]
+    assert list(by_counted) == ["1", "2", "3", "6"] and all(np.isfinite(v) for v in by_counted.values())
+    assert by_counted["1"] == pytest.approx(parity_result["last_digit_parity_ratio"])
     assert "last_digit_parity_ratio" not in by_task["perfect_recall"]
 
 

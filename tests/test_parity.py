@@ -130,6 +130,13 @@ def test_growing_curriculum_counts_one_more_digit_every_grow_every_steps(tmp_pat
     assert abs(early[-2] - 0.25) < 0.03
     # after (k - 1) * n steps it is the plain even-prefix curriculum: position i counted with probability (i + 1) / k
     np.testing.assert_allclose(odd_share(10**6), 0.5 * np.arange(1, k + 1) / k, atol=0.03)
+    # counted=j: exactly j counted digits in every sequence (for measuring how far a curriculum got)
+    fixed = sample_batch("parity_recall", B, np.random.default_rng(7), k=k, prefix="even", counted=2)["label"]
+    assert (fixed[:, :k - 2] % 2 == 0).all() and abs((fixed[:, k - 2] % 2).mean() - 0.5) < 0.03
+    for bad, message in (({"counted": 2}, "expected prefix='even'"), ({"prefix": "even", "counted": k + 1}, "0..k"),
+                         ({"prefix": "even", "counted": 1, "grow_every": 5}, "no grow_every")):
+        with pytest.raises(UserError, match=message):
+            sample_batch("parity_recall", 2, np.random.default_rng(0), k=k, **bad)
     # the trainer's task source hands its step to the training batches only
     source = TaskSource("parity_recall", k + 1, train_kwargs={"prefix": "even", "grow_every": n})
     assert (source.sample(B, np.random.default_rng(0), step=0)["label"][:, 0] % 2).sum() == 0
