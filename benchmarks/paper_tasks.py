@@ -308,8 +308,10 @@ def evaluate(run_dir: str | Path, task: str, sequences: int, seed: int, device: 
                 for j in counted_levels(task_kwargs["k"]):
                     easy = sample_batch(task, len(sample["label"]), easy_rng, split="test",
                                         **{**task_kwargs, "prefix": "even", "counted": j})
+                    pair_seed = int(easy_rng.integers(2**62))
                     for answer, store in ((easy["label"][:, -1], by_counted[j][0]),
                                           (1 - easy["label"][:, -1], by_counted[j][1])):
+                        torch.manual_seed(pair_seed)  # both answers after the same latent draws: a paired comparison
                         shown = easy["obs"].copy()  # (B, T, H, W, 1)
                         shown[:, -1, :, :, 0] = parity_images()[answer]
                         b = batch_to_torch({**easy, "obs": shown}, dev)
@@ -320,6 +322,10 @@ def evaluate(run_dir: str | Path, task: str, sequences: int, seed: int, device: 
     if by_counted:
         means = {j: [float(np.concatenate(x).mean()) for x in pair] for j, pair in by_counted.items()}
         extra["parity_ratio_by_counted"] = {str(j): right / max(wrong, 1e-9) for j, (right, wrong) in means.items()}
+        # the share of sequences whose right answer costs less than the wrong one: 0.5 is no parity, 1 all of it
+        # (robust where the ratio of means is not: a few confident misses carry the mean KL)
+        extra["parity_accuracy_by_counted"] = {
+            str(j): float((np.concatenate(right) < np.concatenate(wrong)).mean()) for j, (right, wrong) in by_counted.items()}
         right, wrong = means[1]
         extra.update(kl_last_digit_parity_right=right, kl_last_digit_parity_wrong=wrong,
                      last_digit_parity_ratio=right / max(wrong, 1e-9),

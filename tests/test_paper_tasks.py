@@ -225,6 +225,8 @@ def test_task_kwargs_reach_the_training_of_that_task_only(tmp_path: Path) -> Non
     by_counted = parity_result["parity_ratio_by_counted"]
     assert list(by_counted) == ["1", "2", "3", "6"] and all(np.isfinite(v) for v in by_counted.values())
     assert by_counted["1"] == pytest.approx(parity_result["last_digit_parity_ratio"])
+    accuracy = parity_result["parity_accuracy_by_counted"]
+    assert list(accuracy) == list(by_counted) and all(0.0 <= v <= 1.0 for v in accuracy.values())
     assert "last_digit_parity_ratio" not in by_task["perfect_recall"]
 
 
