@@ -506,7 +506,7 @@ class ActionAddress(AddressPath):
             # P(what the frames saw | hypothesis): m_t where it moves, 1 - m_t where the edge blocks it; axes the
             # action does not move along say nothing
             inside = (target >= 0) & (target <= last)  # (B, T, D, L) the move happens from there
-            m = moved.to(place.dtype).view(B, T, 1, 1).clamp(1e-4, 1 - 1e-4)  # (B, T, 1, 1)
+            m = moved.to(place.dtype).reshape(B, T, 1, 1).clamp(1e-4, 1 - 1e-4)  # (B, T, 1, 1)
             move_evidence = torch.where(inside, m, 1 - m).log()  # (B, T, D, L)
             evidence = torch.where(delta != 0, move_evidence, torch.zeros_like(move_evidence))
         if embed is not None and self.place_head is not None:
