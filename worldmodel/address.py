@@ -451,37 +451,16 @@ class ActionAddress(AddressPath):
         probability that the pose changed (the frames' m_t), or None (open loop: nothing observed, no reweighing);
         embed (B, E) the frame seen after the move, whose place evidence (with ``place_evidence``) weighs each
         hypothesis by where it now stands, times the learned weight tau (``temperature``: the live parameter for
-        ``start_loss``; by default detached, so that the ELBO never trains it)."""
-        place, log_w = state["place"], state["log_w"]  # (B, D, L) each
-        delta = (onehot @ self.lattice_moves.to(onehot.dtype)).unsqueeze(-1)  # (B, D, 1) steps along each axis
-        target = place + delta  # (B, D, L)
-        last = (self.lattice_size.to(place.dtype) - 1).view(1, -1, 1)  # (1, D, 1)
-        inside = (target >= 0) & (target <= last)  # (B, D, L) the move happens from there
-        if moved is not None:
-            # P(what the frames saw | hypothesis): m_t where it moves, 1 - m_t where the edge blocks it; axes the
-            # action does not move along say nothing
-            m = moved.to(place.dtype).view(-1, 1, 1).clamp(1e-4, 1 - 1e-4)  # (B, 1, 1)
-            evidence = torch.where(inside, m, 1 - m).log()  # (B, D, L)
-            log_w = log_w + torch.where(delta != 0, evidence, torch.zeros_like(evidence))
-        place = torch.minimum(torch.maximum(target, torch.zeros_like(target)), last)  # (B, D, L)
-        if embed is not None and self.place_head is not None:
-            # the frame's likelihood ratio of each place, log p(place | e_t) - log p(place) (the head's bias stands
-            # for the data's marginal, so the same evidence seen again does not pile the marginal up). Trained by
-            # the place loss alone (labels), never by the ELBO: detached, like the gate with labels.
-            logits = self.place_logits(embed).detach()  # (B, D, L)
-            marginal = logits.new_zeros(logits.shape[-2:]).masked_fill(logits[0] <= IMPOSSIBLE, IMPOSSIBLE)
-            marginal = marginal + self.place_head.bias.detach().view(marginal.shape)  # (D, L)
-            ratio = logits.log_softmax(-1) - marginal.log_softmax(-1)  # (B, D, L)
-            tau = self.place_log_temperature.exp().detach() if temperature is None else temperature  # ()
-            log_w = log_w + tau * ratio.gather(-1, place.long())  # each hypothesis, where it stands now
-        if moved is not None or (embed is not None and self.place_head is not None):
-            log_w = (log_w - log_w.logsumexp(-1, keepdim=True)).clamp(min=IMPOSSIBLE)  # normalised per axis
-        return {"log_w": log_w, "place": place}
+        ``start_loss``; by default detached, so that the ELBO never trains it). `_lattice_filter` for one step."""
+        place, log_w = self._lattice_filter(state, onehot.unsqueeze(1), None if moved is None else moved.unsqueeze(1),
+                                            None if embed is None else embed.unsqueeze(1), temperature)
+        return {"log_w": log_w[:, 0], "place": place[:, 0]}
 
     def _lattice_filter(self, state: State, onehot: Tensor, moved: Tensor | None, embed: Tensor | None,
                         temperature: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """``_lattice_step`` over a whole window at once: onehot (B, T, A), moved (B, T) or None, embed (B, T, E) or
-        None -> where each start hypothesis stands after each step and its log-weight, (B, T, D, L) each.
+        """The filter over a window (`_lattice_step` is its one-step case): onehot (B, T, A), moved (B, T) or None,
+        embed (B, T, E) or None -> where each start hypothesis stands after each step and its log-weight, (B, T, D,
+        L) each.
 
         Where the hypotheses stand depends on the actions alone (a walk clipped at the lattice's edges, stepped
         here in a few integer ops per step, no gradient); each step's evidence is then one batched computation, and
@@ -510,7 +489,10 @@ class ActionAddress(AddressPath):
             move_evidence = torch.where(inside, m, 1 - m).log()  # (B, T, D, L)
             evidence = torch.where(delta != 0, move_evidence, torch.zeros_like(move_evidence))
         if embed is not None and self.place_head is not None:
-            # the frame's likelihood ratio of each place (see `_lattice_step`), at each hypothesis's place
+            # the frame's likelihood ratio of each place, log p(place | e_t) - log p(place), at each hypothesis's
+            # place (the head's bias stands for the data's marginal, so the same evidence seen again does not pile
+            # the marginal up). Trained by the place loss alone (labels), never by the ELBO: detached, like the
+            # gate with labels.
             logits = self.place_logits(embed).detach()  # (B, T, D, L)
             marginal = logits.new_zeros(logits.shape[-2:]).masked_fill(logits[0, 0] <= IMPOSSIBLE, IMPOSSIBLE)
             marginal = marginal + self.place_head.bias.detach().view(marginal.shape)  # (D, L)
