@@ -190,9 +190,14 @@ def _empty(batch_size: int, length: int) -> tuple[np.ndarray, np.ndarray, np.nda
     return index, revisit, recall_of
 
 
+def _is_whole(value: Any) -> bool:
+    """An integer (numpy's too), not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def _check_positive(task: str, **fields: int) -> None:
     for name, value in fields.items():
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        if not _is_whole(value) or value < 1:
             raise UserError(f"task {task!r}: {name}={value!r}, expected an integer >= 1")
 
 
@@ -262,9 +267,9 @@ class ParityRecall(_Task):
             raise UserError(f"task 'parity_recall': exemplar={self.exemplar!r}, expected 'fixed' or 'random'")
         if self.prefix not in ("any", "even"):
             raise UserError(f"task 'parity_recall': prefix={self.prefix!r}, expected 'any' or 'even'")
-        if not isinstance(self.grow_every, (int, np.integer)) or isinstance(self.grow_every, bool) or self.grow_every < 0:
+        if not _is_whole(self.grow_every) or self.grow_every < 0:
             raise UserError(f"task 'parity_recall': grow_every={self.grow_every!r}, expected an integer >= 0")
-        if not isinstance(self.counted, (int, np.integer)) or isinstance(self.counted, bool) or not 0 <= self.counted <= self.k:
+        if not _is_whole(self.counted) or not 0 <= self.counted <= self.k:
             raise UserError(f"task 'parity_recall': counted={self.counted!r}, expected an integer in 0..k={self.k}")
         if self.counted and (self.prefix != "even" or self.grow_every):
             raise UserError(f"task 'parity_recall': counted={self.counted} fixes how many digits the even-prefix "
@@ -530,13 +535,13 @@ def sample_batch(
     Returns the batch contract of ``worldmodel/__init__.py`` plus ``label`` and ``recall_of`` (see module doc).
     """
     spec = make_task(task, **task_kwargs)
-    if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
+    if not _is_whole(batch_size) or batch_size < 1:
         raise UserError(f"task {task!r}: batch_size={batch_size!r}, expected an integer >= 1")
     if not isinstance(rng, np.random.Generator):
         raise UserError(f"task {task!r}: rng must be a numpy Generator (np.random.default_rng(seed)), got {type(rng).__name__}")
     pool = get_pool(source, split)
     limit = min(pool.images.shape[1:3]) // 2  # a move of half the image or more would leave nothing of it
-    if not isinstance(shift, (int, np.integer)) or isinstance(shift, bool) or not 0 <= shift < limit:
+    if not _is_whole(shift) or not 0 <= shift < limit:
         raise UserError(f"task {task!r}: shift={shift!r}, expected an integer in [0, {limit})")
     keep = spec.split_classes(split, pool.classes)
     if len(keep) == 0:
@@ -544,7 +549,7 @@ def sample_batch(
     if len(keep) < len(pool.classes):
         pool = _subset(pool, tuple(int(c) for c in keep))
 
-    if not isinstance(step, (int, np.integer)) or isinstance(step, bool) or step < 0:
+    if not _is_whole(step) or step < 0:
         raise UserError(f"task {task!r}: step={step!r}, expected an integer >= 0")
     frames = spec.frames(pool, int(batch_size), rng, step=int(step))
     B, T = frames.index.shape
