@@ -227,17 +227,16 @@ def init_weights_from(model: GTMM, source: str) -> str:
     """Load the model weights of checkpoint ``source`` (`--init-from`) into ``model``, a new run's: returns the
     file and its step, for the log. UserError naming the parameters that differ when the run's flags build another
     model (missing, extra or of another shape)."""
-    payload = checkpoint.load_raw(source)
-    saved, own = payload["model"], model.state_dict()
     file = checkpoint.resolve(source)
+    payload = checkpoint.load_raw(file)
+    saved, own = payload["model"], model.state_dict()
     try:
         model.load_state_dict(saved)
     except RuntimeError:
-        shapes = [f"{k} {tuple(saved[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-                  if k in saved and saved[k].shape != v.shape]
-        problems = ([f"shape of {', '.join(shapes[:3])}"] if shapes else []) + \
-            ([f"missing {', '.join(sorted(set(own) - set(saved))[:3])}"] if set(own) - set(saved) else []) + \
-            ([f"extra {', '.join(sorted(set(saved) - set(own))[:3])}"] if set(saved) - set(own) else [])
+        differ = {"shape of": [f"{k} {tuple(saved[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+                               if k in saved and saved[k].shape != v.shape],
+                  "missing": sorted(set(own) - set(saved)), "extra": sorted(set(saved) - set(own))}
+        problems = [f"{what} {', '.join(names[:3])}" for what, names in differ.items() if names]
         raise UserError(f"--init-from {file}: its model does not fit this run's flags ({'; '.join(problems)}); "
                         f"give the flags it was trained with (its config.json: memory, address, sizes)") from None
     return f"{file} (step {payload['step']})"
