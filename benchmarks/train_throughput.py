@@ -35,6 +35,7 @@ if __package__ in (None, ""):  # run as a script: make the checkout importable u
     if not any(Path(p or ".").resolve() != Path(root) and (Path(p or ".") / "worldmodel").is_dir() for p in sys.path[1:]):
         sys.path.insert(1, root)
 
+from gtmm.cli import run  # noqa: E402
 from worldmodel.config import preset  # noqa: E402
 from worldmodel.memory import MEMORIES  # noqa: E402
 from worldmodel.model import GTMM, param_groups  # noqa: E402
@@ -218,4 +219,4 @@ def check_paths(model: GTMM, losses: dict[str, Callable[[], torch.Tensor]], auto
 
 
 if __name__ == "__main__":
-    main()
+    run(main)  # a bad flag value (a preset, --address-kwargs) is one error line, not a traceback
