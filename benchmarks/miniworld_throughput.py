@@ -30,7 +30,7 @@ import numpy as np
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-import envs  # noqa: E402  (registers MiniWorldRevisit-v0)
+import envs  # noqa: E402, F401  (registers MiniWorldRevisit-v0)
 from envs.miniworld import import_miniworld, make_stock  # noqa: E402
 
 

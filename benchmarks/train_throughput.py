@@ -69,8 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch.compile mode of the fast step (default: reduce-overhead on CUDA, default on CPU)")
     p.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend of the fast step (aot_eager: trace only, for a quick dry run)")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
-                   help="autocast of the timed steps (auto: bf16 on CUDA, fp32 on the CPU, as the trainer)")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "bf16-convs", "fp32"],
+                   help="arithmetic of the timed steps, as the trainer's --precision (auto: bf16 on CUDA, bf16-convs "
+                        "on a CPU with bf16 in hardware, else fp32)")
     p.add_argument("--timer", default="wall", choices=["wall", "cpu"], help="wall clock, or this process's CPU time")
     p.add_argument("--check", action="store_true",
                    help="before timing, check that eager and fast give the same loss and gradients on one batch")
@@ -125,17 +126,20 @@ def main(argv: list[str] | None = None) -> None:
     mode = args.compile_mode or ("reduce-overhead" if device.type == "cuda" else None)
     paths = [p for p in args.paths if p == "eager" or fast_available] or ["eager"]
     batch = synthetic_batch(B, T, obs_shape, device)
-    if hasattr(cfg, "uses_bf16"):  # the trainer's own rule
-        bf16 = dataclasses.replace(cfg, precision=args.precision).uses_bf16(device.type)
-    else:  # an older checkout (PYTHONPATH=<tree>): its trainer autocast to bf16 on CUDA, and had no --precision
+    if hasattr(cfg, "resolved_precision"):  # the trainer's own rule
+        precision = dataclasses.replace(cfg, precision=args.precision).resolved_precision(device.type)
+    elif hasattr(cfg, "uses_bf16"):  # older checkouts (PYTHONPATH=<tree>): bf16 or fp32
+        precision = "bf16" if dataclasses.replace(cfg, precision=args.precision).uses_bf16(device.type) else "fp32"
+    else:  # older still: its trainer autocast to bf16 on CUDA, and had no --precision
         bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+        precision = "bf16" if bf16 else "fp32"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     clock: Callable[[], float] = time.process_time if args.timer == "cpu" else time.perf_counter
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     fast_label = f"fast ({'compiled, ' + (mode or 'default') if compile_on else 'eager'})" if fast_available else "-"
     print(f"preset {args.preset}: batch {B} x {T} frames of {obs_shape}, address {args.address}{' ' + args.address_kwargs if args.address_kwargs else ''}, {card}, "
-          f"{torch.get_num_threads()} thread(s), torch {torch.__version__}, {'bf16' if bf16 else 'fp32'}, "
+          f"{torch.get_num_threads()} thread(s), torch {torch.__version__}, {precision}, "
           f"{args.steps} timed steps, "
           f"{args.timer} time; fast path: {fast_label if fast_available else 'not in this checkout'}")
     print(f"{'memory':<14} {'params':>8} {'eager s/step':>12} {'eager fr/s':>10} {'fast s/step':>11} "
@@ -147,6 +151,8 @@ def main(argv: list[str] | None = None) -> None:
         model_cfg = dataclasses.replace(cfg, memory=memory, address=args.address,
                                         address_kwargs=address_kwargs).model_config(obs_shape, 4, 2)
         model = GTMM(model_cfg).to(device)
+        if precision == "bf16-convs":
+            model.set_conv_bf16(True)
         opt = torch.optim.Adam(param_groups(model, cfg.lr, cfg.address_lr_scale))
         losses: dict[str, Callable[[], torch.Tensor]] = {
             "eager": lambda: reference_loss(model, batch, cfg.free_nats, cfg.kl_balance) if fast_available

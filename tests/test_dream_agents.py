@@ -66,7 +66,9 @@ def right_pays(data, tmp_path_factory) -> dict:
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     rng = np.random.default_rng(0)
     mse = []
-    for _ in range(200):  # the head reads a_{t-1} only through h_t: ~150 updates before it separates the moves
+    # the head reads a_{t-1} only through h_t: ~150 updates before it separates the moves, and at 200 the reward it
+    # dreams swung 0.70-0.78 per step of a right-moving policy with the float rounding of the encoder (300: 0.79-0.87)
+    for _ in range(300):
         batch = source.sample(8, rng)
         batch["reward"] = (batch["prev_action"] == RIGHT).astype(np.float32)  # (B, T): the constructed reward
         batch["terminated"] = np.zeros_like(batch["reward"], dtype=bool)
@@ -76,7 +78,7 @@ def right_pays(data, tmp_path_factory) -> dict:
         optimizer.step()
         mse.append(float(out["reward_mse"]))
     path = checkpoint.save(tmp_path_factory.mktemp("wm") / "ckpt.pt", model=model, optimizer=None, config=cfg,
-                           step=200)
+                           step=300)
     return {"checkpoint": str(path), "mse_first": float(np.mean(mse[:5])), "mse_last": float(np.mean(mse[-5:]))}
 
 

@@ -295,6 +295,42 @@ def test_cpu_encoder_and_decoder_variants_compute_the_plain_layers(obs_shape):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("obs_shape", [(28, 28, 1), (64, 64, 3)], ids=["28x28x1", "64x64x3"])
+def test_bf16_encoder_and_decoder_compute_the_fp32_layers_rounded(obs_shape):
+    # `GTMM.set_conv_bf16` (--precision bf16-convs): the same layers in bf16, outputs back in fp32, gradients to every
+    # parameter; switched off, the model computes exactly what it did before
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(preset("debug"), memory="none").model_config(obs_shape, 4, 2)
+    model = GTMM(cfg)
+    frames = torch.rand(6, obs_shape[2], obs_shape[0], obs_shape[1])
+    z = torch.randn(6, cfg.z_dim)
+    fp32 = model.encoder(frames), model.decoder(z)
+    model.set_conv_bf16(True)
+    bf16 = model.encoder(frames), model.decoder(z)
+    for a, b in zip(fp32, bf16):
+        assert b.dtype == torch.float32 and not torch.equal(a, b)
+        torch.testing.assert_close(b, a, rtol=0.05, atol=0.05)
+    (bf16[0].square().sum() + bf16[1].square().sum()).backward()
+    for module in (model.encoder, model.decoder):
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in module.parameters())
+    model.set_conv_bf16(False)
+    assert torch.equal(model.encoder(frames), fp32[0]) and torch.equal(model.decoder(z), fp32[1])
+
+
+@pytest.mark.parametrize("obs_shape", [(28, 28, 1), (64, 64, 3)], ids=["28x28x1", "64x64x3"])
+def test_cpu_encoder_runs_its_conv_stack_channels_last(obs_shape):
+    # A 1-channel frame is both layouts at once, and oneDNN then returned the first conv's output contiguous, which
+    # kept the whole stack (and its slower backward) off channels-last without changing a single sum.
+    encoder = Encoder(obs_shape, 16, 8)
+    layouts = []
+    for layer in encoder.convs:
+        layer.register_forward_hook(lambda m, inp, out: layouts.append(
+            (type(m).__name__, inp[0].is_contiguous(memory_format=torch.channels_last) and inp[0].shape[1] > 1)))
+    encoder(torch.rand(4, obs_shape[2], obs_shape[0], obs_shape[1]))
+    deep = layouts[1:]  # every layer after the first conv sees multi-channel maps
+    assert deep and all(cl for _, cl in deep), layouts
+
+
 # -- data pipeline: one gather per batch, batches made ahead ---------------------------------------------------------
 
 @pytest.fixture(scope="module")

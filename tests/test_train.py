@@ -157,18 +157,21 @@ def test_seen_in_context_matches_revisits_by_pose():
 
 
 def test_precision_bf16_trains_on_the_cpu_and_changes_only_the_rounding(tmp_path):
-    """`--precision bf16` autocasts the training step on any device (`auto`: bf16 on CUDA, fp32 on the CPU), so a
-    GPU run's arithmetic can be reproduced on a CPU: its losses are finite and differ from fp32's by rounding only."""
+    """`--precision bf16` autocasts the training step on any device, so a GPU run's arithmetic can be reproduced on
+    a CPU; `bf16-convs` (`auto` on a CPU with bf16 in hardware) only the encoder and decoder. Both train: losses
+    finite, and different from fp32's by rounding only."""
     cfg = parse_args(["--preset", "debug", "--task", "perfect_recall", "--precision", "bf16"])
     assert cfg.precision == "bf16" and preset("debug").precision == "auto"
+    assert parse_args(["--preset", "debug", "--precision", "bf16-convs"]).precision == "bf16-convs"
     losses = {}
-    for precision in ("fp32", "bf16"):
+    for precision in ("fp32", "bf16", "bf16-convs"):
         run = dataclasses.replace(cfg, precision=precision, out=str(tmp_path / precision), steps=3, progress=False,
                                   threads=1)
         losses[precision] = np.array([loss for _, loss in train(run)["losses"]])
-    assert np.isfinite(losses["bf16"]).all() and len(losses["bf16"]) == len(losses["fp32"]) > 0
-    assert not np.array_equal(losses["bf16"], losses["fp32"])  # the autocast region really ran in bf16
-    np.testing.assert_allclose(losses["bf16"], losses["fp32"], rtol=0.02)  # the same run, rounded differently
+    for precision in ("bf16", "bf16-convs"):
+        assert np.isfinite(losses[precision]).all() and len(losses[precision]) == len(losses["fp32"]) > 0
+        assert not np.array_equal(losses[precision], losses["fp32"])  # the autocast region really ran in bf16
+        np.testing.assert_allclose(losses[precision], losses["fp32"], rtol=0.02)  # the same run, rounded differently
 
 
 def test_open_loop_loss_is_the_nll_of_frames_predicted_without_frames(tmp_path, rollouts):
@@ -205,18 +208,26 @@ def test_open_loop_loss_is_the_nll_of_frames_predicted_without_frames(tmp_path, 
     assert float(after["open_loop_nll"]) < float(out["open_loop_nll"]) - 1.0, (after["open_loop_nll"], expected)
 
 
-def test_auto_precision_is_bf16_only_for_rollout_models_on_cuda():
-    """`--precision auto`: bf16 autocast on CUDA for world models of rollouts; fp32 for the paper's sequence tasks
-    (where the compiled bf16 step kept reads from being learnt on an H100) and on the CPU; explicit values win.
-    `benchmarks/train_throughput.py` applies the same rule (it imports the config, not the trainer)."""
+def test_auto_precision_is_bf16_on_cuda_and_bf16_convs_on_a_bf16_cpu_for_rollout_models(monkeypatch):
+    """`--precision auto`: bf16 autocast on CUDA for world models of rollouts, bf16 encoder/decoder on a CPU that
+    multiplies bf16 in hardware (fp32 on other CPUs); fp32 for the paper's sequence tasks (where the compiled bf16
+    step kept reads from being learnt on an H100); explicit values win. `benchmarks/train_throughput.py` applies
+    the same rule (it imports the config, not the trainer)."""
+    from worldmodel import nets
+
     cuda, cpu = "cuda", "cpu"
     rollouts = dataclasses.replace(preset("debug"), data="d")
     task = dataclasses.replace(preset("debug"), task="similarity_cued_recall")
-    assert rollouts.uses_bf16(cuda) and not rollouts.uses_bf16(cpu)
-    assert not task.uses_bf16(cuda) and not task.uses_bf16(cpu)
-    assert dataclasses.replace(task, precision="bf16").uses_bf16(cuda)
-    assert dataclasses.replace(rollouts, precision="bf16").uses_bf16(cpu)
-    assert not dataclasses.replace(rollouts, precision="fp32").uses_bf16(cuda)
+    for native_bf16 in (True, False):  # this machine's CPU answers one of the two: both rules are checked
+        monkeypatch.setattr(nets, "cpu_has_native_bf16", lambda: native_bf16)
+        assert rollouts.resolved_precision(cuda) == "bf16" and rollouts.uses_bf16(cuda)
+        assert rollouts.resolved_precision(cpu) == ("bf16-convs" if native_bf16 else "fp32")
+        assert not rollouts.uses_bf16(cpu)
+        assert task.resolved_precision(cuda) == task.resolved_precision(cpu) == "fp32"
+        assert dataclasses.replace(task, precision="bf16").uses_bf16(cuda)
+        assert dataclasses.replace(rollouts, precision="bf16").uses_bf16(cpu)
+        assert dataclasses.replace(rollouts, precision="fp32").resolved_precision(cuda) == "fp32"
+        assert dataclasses.replace(task, precision="bf16-convs").resolved_precision(cuda) == "bf16-convs"
 
 
 def test_init_from_starts_a_new_run_from_another_runs_weights(tmp_path, rollouts, capsys):

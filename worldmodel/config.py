@@ -112,10 +112,12 @@ class TrainConfig:
     cuda_graphs: bool = True
     """with the compiled step on CUDA, replay it as CUDA graphs (torch.compile's reduce-overhead mode);
     --no-cuda-graphs compiles the kernels only (one launch per fused kernel); ignored on the CPU"""
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """arithmetic of the training step: bf16 (autocast: matrix products in bfloat16, losses in float32) or fp32;
-    auto = bf16 on CUDA for rollouts, fp32 for the paper's sequence tasks (--task) and on the CPU. Small models gain
-    nothing from bf16 (launch-bound) and can lose the learning of reads to it (README, the paper's tasks on the GPU)"""
+    precision: Literal["auto", "bf16", "bf16-convs", "fp32"] = "auto"
+    """arithmetic of the training step: bf16 (autocast: matrix products in bfloat16, losses in float32),
+    bf16-convs (only the frame encoder and decoder in bf16; cell, memory and losses in fp32) or fp32; auto = bf16 on
+    CUDA and bf16-convs on a CPU with bf16 in hardware (AVX512-BF16/AMX; ~1.1-1.25x faster steps), for rollouts;
+    fp32 for the paper's sequence tasks (--task) and elsewhere. Small models gain nothing from bf16 on a GPU
+    (launch-bound) and can lose the learning of reads to it (README, the paper's tasks on the GPU)"""
 
     # model
     memory: str = "introspective"
@@ -247,15 +249,26 @@ class TrainConfig:
         why = "the pose is (x, z, heading): encoded with a periodic heading (se2), kernel scales half a step and turn"
         return dataclasses.replace(self, address_kwargs=json.dumps({**chosen, **given})), why
 
-    def uses_bf16(self, device_type: str) -> bool:
-        """Whether the training step runs under bf16 autocast on a device of type ``device_type`` ("cuda", "cpu"):
-        `--precision bf16`, or `auto` on CUDA for world models of rollouts. `auto` keeps the paper's sequence tasks
-        (`--task`) in fp32: their models are small enough that bf16 buys nothing, and on an H100 the compiled bf16
-        step kept introspective from ever learning to read on similarity-cued recall in 6 of 7 runs, where fp32
+    def resolved_precision(self, device_type: str) -> str:
+        """The arithmetic of the training step on a device of type ``device_type`` ("cuda", "cpu"): "bf16" (autocast
+        over the step), "bf16-convs" (`GTMM.set_conv_bf16`) or "fp32". `auto`: bf16 on CUDA and bf16-convs on a CPU
+        that multiplies bf16 in hardware, for world models of rollouts; fp32 on other CPUs and for the paper's
+        sequence tasks (`--task`): their models are small enough that bf16 buys nothing, and on an H100 the compiled
+        bf16 step kept introspective from ever learning to read on similarity-cued recall in 6 of 7 runs, where fp32
         learnt in 14 of 14 (README, the paper's tasks on the GPU)."""
         if self.precision != "auto":
-            return self.precision == "bf16"
-        return device_type == "cuda" and self.task is None
+            return self.precision
+        if self.task is not None:
+            return "fp32"
+        if device_type == "cuda":
+            return "bf16"
+        from worldmodel.nets import cpu_has_native_bf16  # torch: not at the import of the config
+
+        return "bf16-convs" if device_type == "cpu" and cpu_has_native_bf16() else "fp32"
+
+    def uses_bf16(self, device_type: str) -> bool:
+        """Whether the whole training step runs under bf16 autocast on a device of type ``device_type``."""
+        return self.resolved_precision(device_type) == "bf16"
 
     def model_config(self, obs_shape: tuple[int, int, int], num_actions: int, pose_dim: int) -> ModelConfig:
         """The model of this run for data of these shapes (`--address auto` resolved as for data that declares no

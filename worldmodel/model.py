@@ -397,6 +397,7 @@ class GTMM(nn.Module):
       - `decode_mean(z)`                                     -> frames in [0, 1], (..., H, W, C)
       - `forward(batch, free_nats, kl_balance)`              -> training loss dict (what DDP wraps), fast path
       - `compile_step(mode)`                                 -> compile the fast path's step (torch.compile)
+      - `set_conv_bf16(on)`                                  -> encoder and decoder in bf16 (training)
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -415,6 +416,13 @@ class GTMM(nn.Module):
     def device(self) -> torch.device:
         """The device of the model's parameters."""
         return next(self.parameters()).device
+
+    def set_conv_bf16(self, on: bool) -> None:
+        """Run the frame encoder and decoder (their convolutions: most of a small model's CPU step) in bf16 autocast,
+        their outputs back in fp32; the recurrent cell, the memory and every loss stay fp32 (`--precision
+        bf16-convs`, the `auto` choice on CPUs that multiply bf16 in hardware: `nets.cpu_has_native_bf16`). A setting
+        of the run, not of the weights: checkpoints do not carry it, and a loaded model starts in fp32."""
+        self.encoder.bf16 = self.decoder.bf16 = bool(on)
 
     def init_state(self, batch: int, device: torch.device | str | None = None) -> ModelState:
         """The state before the first frame for ``batch`` sequences, on the model's device by default."""

@@ -766,8 +766,9 @@ def _train_locked(cfg: TrainConfig, explicit: Optional[set[str]], stop: Optional
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=cfg.memory == "none")
-    bf16 = cfg.uses_bf16(device.type)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    precision = cfg.resolved_precision(device.type)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    model.set_conv_bf16(precision == "bf16-convs")
     if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"):
         # on a GPU the step is launch-bound: CUDA graphs replay it as one launch (issue 12)
         # the open-loop loss runs three scans per step before the backward: each would start a new CUDA-graph pass
@@ -793,7 +794,7 @@ def _train_locked(cfg: TrainConfig, explicit: Optional[set[str]], stop: Optional
         writer = SummaryWriter(str(out_dir / "tb"), purge_step=step if step > 0 else None)
         n_params = sum(p.numel() for p in model.parameters())
         print(f"[train] {source.name} obs {source.obs_shape} A={source.num_actions} D={source.pose_dim} | "
-              f"memory={cfg.memory} address={cfg.address} | {n_params / 1e6:.2f}M params | {device} x{world} | "
+              f"memory={cfg.memory} address={cfg.address} | {n_params / 1e6:.2f}M params | {device} x{world} {precision} | "
               f"from step {step} to {cfg.steps} -> {out_dir}", flush=True)
         if auto_why:
             print(f"[train] --address auto -> {cfg.address} {cfg.address_kwargs}: {auto_why}", flush=True)
