@@ -133,17 +133,22 @@ class MapGeometry:
                                 f"wrong way); expected step <= {side // 2}")
 
 
-def action_effects(step: int, n_actions: int, border: str, extent: Sequence[int] | None = None) -> dict[str, Any]:
+def action_effects(step: int, n_actions: int, border: str, extent: Sequence[int] | None = None,
+                   map_shape: Sequence[int] | None = None) -> dict[str, Any]:
     """What each action does to the pose, as the env contract's ``action_effects`` (``envs/__init__.py``):
     ``{"kind": "translate", "moves": [[d_row, d_col], ...], "exact": border == "wrap"}``, one move per action in
     pixels (the pose's unit), ``[0, 0]`` for stay. Under ``clip`` a move into the border is blocked, so the moves are
     not exact there: a path integrator over actions alone drifts at the edges (``worldmodel`` reads this to choose
     its address, ``--address auto``). Under ``clip``, ``extent`` (map side minus window, per axis: the pose runs
-    over [0, extent]) is declared too: where the edges are, for an address that reasons about them."""
+    over [0, extent]) is declared too: where the edges are, for an address that reasons about them. Under ``wrap``,
+    ``period`` (the map's side per axis, given ``map_shape``): the pose wraps there, a move across the seam shows
+    as a jump of a side less a step (``worldmodel.path`` unwraps it)."""
     moves = (ACTION_DELTAS[:n_actions] * int(step)).tolist()  # (A, 2) lattice deltas times pixels per move
     effects: dict[str, Any] = {"kind": "translate", "moves": moves, "exact": border == "wrap"}
     if border == "clip" and extent is not None:
         effects["extent"] = [int(e) for e in extent]
+    if border == "wrap" and map_shape is not None:
+        effects["period"] = [int(m) for m in map_shape]
     return effects
 
 
@@ -605,7 +610,8 @@ class MnistMapEnv(gym.Env[np.ndarray, int]):
         self.action_space = spaces.Discrete(n_actions)
         self.observation_space = spaces.Box(0, 255, (window, window, 1), dtype=np.uint8)
         self.inverse_actions: tuple[int, ...] = INVERSE_ACTIONS[:n_actions]
-        self.action_effects: dict[str, Any] = action_effects(step, n_actions, border, self.core.geometry.extent)
+        self.action_effects: dict[str, Any] = action_effects(step, n_actions, border, self.core.geometry.extent,
+                                                             self.core.geometry.map_shape)
         self.pose_dim = POSE_DIM
         self._path: list[np.ndarray] = []  # window top-lefts this episode, for render()
         self._has_reset = False
@@ -725,7 +731,8 @@ class MnistMapVectorEnv(VectorEnv):
         self.single_observation_space = spaces.Box(0, 255, (window, window, 1), dtype=np.uint8)
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
         self.inverse_actions: tuple[int, ...] = INVERSE_ACTIONS[:n_actions]
-        self.action_effects: dict[str, Any] = action_effects(step, n_actions, border, self.core.geometry.extent)
+        self.action_effects: dict[str, Any] = action_effects(step, n_actions, border, self.core.geometry.extent,
+                                                             self.core.geometry.map_shape)
         self.pose_dim = POSE_DIM
         self._rngs: list[np.random.Generator] | None = None
         self._needs_reset = np.zeros(self.num_envs, dtype=bool)  # (N,) episode ended last step -> reset on this one

@@ -103,7 +103,7 @@ def test_collect_records_what_the_env_declares(folder):
     env = storage.read_manifest(folder)["env"]
     assert env["inverse_actions"] == [1, 0, 3, 2]
     assert env["action_effects"] == {"kind": "translate", "moves": [[-14, 0], [14, 0], [0, -14], [0, 14]],
-                                     "exact": True}
+                                     "exact": True, "period": [56, 56]}  # the default 2x2 map of 28-px digits
     assert storage.verify_folder(folder)["mismatches"] == []  # the episodes' stored identity includes them
 
 

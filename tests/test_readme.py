@@ -16,6 +16,7 @@ README runs in about two minutes on 2 CPU cores:
 | ``worldmodel.evaluate`` | ``--windows N``           | min(N, 8), added when absent                         |
 | ``worldmodel.dream`` | ``--episode-steps N`` / ``--episodes N`` | min(N, 12) / min(N, 2), added when absent        |
 | ``agents.train_sb3`` | ``--timesteps N``            | min(N, 512), added when absent (one PPO update)      |
+| ``benchmarks/position_probe.py`` | ``--windows N`` / ``--fit-steps N`` | min(N, 16) / min(N, 50), added when absent |
 
 Presets and episode lengths stay as written even when smoke runs: they decide what data a run needs (a preset's
 ``seq_len`` against the collected episodes' length), so rewriting them would hide exactly the mismatches this test
@@ -138,6 +139,8 @@ def shrink(command: list[str]) -> list[str]:
         command = _cap(_cap(command, flag, 12), "--episodes", 2)
     elif module == "agents.train_sb3":
         command = _cap(command, "--timesteps", 512)
+    elif len(command) > 1 and command[1].endswith("position_probe.py"):
+        command = _cap(_cap(command, "--windows", 16), "--fit-steps", 50)
     return command
 
 
@@ -166,6 +169,8 @@ def test_readme_blocks_run_in_order_in_one_folder(tmp_path):
     if probe.returncode != 0:
         pytest.skip(f"the package is not installed for {sys.executable} (pip install -e .): "
                     f"{_last_error(probe.stderr)}")
+    # the README runs from a checkout: its `python benchmarks/...` scripts are there beside data/ and runs/
+    (tmp_path / "benchmarks").symlink_to(README.parent / "benchmarks", target_is_directory=True)
     found = blocks(README.read_text())
     assert found, f"{README}: no ```bash or ```python block"
     failures, ran, started = [], 0, time.perf_counter()

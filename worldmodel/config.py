@@ -61,6 +61,10 @@ class ModelConfig:
     """extra arguments of the memory class (e.g. store_h)"""
     address_kwargs: dict[str, Any] = field(default_factory=dict)
     """extra arguments of the address pathway (e.g. integrator, inverse_actions, pose_scale)"""
+    path_head: bool = False
+    """a linear head reads the displacement since the window's first frame from h_t (worldmodel.path)"""
+    path_period: list[Optional[float]] = field(default_factory=list)
+    """the path head's period of each pose axis (null: the axis does not wrap; empty: none wraps)"""
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
@@ -190,6 +194,13 @@ class TrainConfig:
     controller must learn to follow the actions without frames; the ELBO is trained as always beside it"""
     open_loop_context: int = 8
     """frames seen before the open-loop part of each training window (--open-loop-weight > 0)"""
+    path_weight: float = 0.0
+    """weight of the path-integration loss (0 = off; worldmodel.path): a linear head on the controller state h_t
+    predicts the displacement since the window's first frame, from the recorded poses, so the controller (and the
+    `hidden` address's keys, linear in it) knows where the agent is without a frame; needs --data with poses"""
+    path_period: str = ""
+    """the pose's period per axis as a JSON list, null for an axis that does not wrap (e.g. '[84, 84]' on a torus
+    map); empty = what the data's env declares (action_effects.period), else no axis wraps"""
     curriculum_start: int = 0
     """sequence-length curriculum: start at this many frames (0 = off, always --seq-len)"""
     curriculum_steps: int = 1000
@@ -283,7 +294,22 @@ class TrainConfig:
             write_latent=self.write_latent, prior_skip=self.prior_skip, prior_outlier=self.prior_outlier,
             memory_kwargs=parse_json_object(self.memory_kwargs, "memory_kwargs"),
             address_kwargs=parse_json_object(self.address_kwargs, "address_kwargs"),
+            path_head=self.path_weight > 0, path_period=self.parsed_path_period(pose_dim),
         )
+
+    def parsed_path_period(self, pose_dim: int) -> list[Optional[float]]:
+        """`--path-period` as one float or None per pose axis ([] when empty); UserError on a bad value."""
+        if not self.path_period.strip():
+            return []
+        try:
+            period = json.loads(self.path_period)
+        except json.JSONDecodeError as e:
+            raise UserError(f"--path-period {self.path_period!r}: not JSON ({e.msg}); expected e.g. '[84, 84]'") from None
+        if not isinstance(period, list):
+            raise UserError(f"--path-period {self.path_period!r}: expected a JSON list, one period per pose axis")
+        from worldmodel.path import check_period  # torch: not at the import of the config
+
+        return check_period(period, pose_dim, f"--path-period {self.path_period!r}")
 
     def to_json(self) -> str:
         """The config as indented JSON with sorted keys (the run folder's config.json)."""

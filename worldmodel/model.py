@@ -43,6 +43,7 @@ from worldmodel.gate import loss as gate_loss_fn
 from worldmodel.reward import RewardHead, loss as reward_loss_fn
 from worldmodel.memory import build_memory
 from worldmodel.nets import ActionEmbedding, Decoder, Encoder, GaussianHead, outlier_kl
+from worldmodel.path import PathHead
 
 GAUSSIAN_PIXEL_STD = 0.1  # fixed std of the "gaussian" observation model, on pixels in [0, 1]
 
@@ -409,6 +410,8 @@ class GTMM(nn.Module):
         # (R1), (R2): reward and termination from [h_t, r_t, z_t] (`worldmodel.reward`), when the config asks
         self.reward_head = (RewardHead(cfg.h_dim + self.cell.memory.read_dim + cfg.z_dim, cfg.hidden_dim)
                             if cfg.reward_head else None)
+        # (P3): the displacement read from h_t (`worldmodel.path`), when the config asks
+        self.path_head = PathHead(cfg.h_dim, cfg.pose_dim, cfg.path_period) if cfg.path_head else None
         self._compiled_step: Any = None  # `compile_step`: the compiled `cell.scan_step` (not a submodule: no weights)
         self._compile_mode: Optional[str] = None
 
@@ -680,7 +683,7 @@ class GTMM(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor], free_nats: float = 0.0, kl_balance: float = 0.5,
                 gate_aux: float = 1.0, reward_weight: float = 1.0, open_loop_weight: float = 0.0,
-                open_loop_context: int = 8) -> dict[str, Any]:
+                open_loop_context: int = 8, path_weight: float = 1.0) -> dict[str, Any]:
         """Negative ELBO per step, averaged over batch and time, with optional free bits and KL balancing, plus
         `gate_aux` times the blocked-move gate's auxiliary loss when the address has a gate (`worldmodel.gate`),
         plus `reward_weight` times the reward heads' loss when the model has them and the batch has `reward`.
@@ -693,6 +696,8 @@ class GTMM(nn.Module):
         `open_loop_weight` > 0 adds that weight times the open-loop loss (O1): see the first `open_loop_context`
         frames, then predict each later frame from the prior's mean alone (`imagine`, as evaluation does) and pay
         its NLL. Teacher forcing never asks the controller to know where it is without a frame; this does.
+        With a path head, plus `path_weight` times its loss (P3): the displacement since the first frame read
+        linearly from h_t, which asks the same of the controller from the recorded poses.
         """
         # With labels for the gate (a pose), the ELBO must not train it: closing the gate keeps the address where the
         # last frame was written, and reading that slot back (copy the last frame) lowers the ELBO of a view that
@@ -737,6 +742,9 @@ class GTMM(nn.Module):
             seq.update(reward_loss_fn(reward, done_logit, batch["reward"], terminated))
             seq["reward_pred"] = reward.detach()
             loss = loss + reward_weight * seq["reward_loss"]
+        if self.path_head is not None:
+            seq["path_loss"] = self.path_head.loss(seq["h"], batch["pose"])  # (P3)
+            loss = loss + path_weight * seq["path_loss"]
         if open_loop_weight > 0:
             # (O1) -log p(x_t | z_t = prior mean), t >= K, after K teacher-forced frames; one value per frame
             K = open_loop_context

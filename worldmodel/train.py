@@ -208,6 +208,24 @@ def resolve_auto_address(cfg: TrainConfig, source) -> tuple[TrainConfig, str]:
     return resolved, why
 
 
+def resolve_path_period(cfg: TrainConfig, pose_dim: int) -> TrainConfig:
+    """`--path-weight` on with an empty `--path-period`: the period the data's env declares (`action_effects.period`:
+    a torus map), recorded in the config; else the config unchanged. The period is checked against the pose."""
+    if cfg.path_weight > 0 and pose_dim == 0:
+        raise UserError(f"--path-weight {cfg.path_weight}: the data has no pose (pose_dim 0) to learn a path from")
+    if cfg.path_weight <= 0 or cfg.path_period.strip() or cfg.data is None:
+        cfg.parsed_path_period(pose_dim)
+        return cfg
+    from rollouts.storage import read_manifest
+
+    period = (read_manifest(cfg.data)["env"].get("action_effects") or {}).get("period")
+    if not period:
+        return cfg
+    resolved = dataclasses.replace(cfg, path_period=json.dumps(period))
+    resolved.parsed_path_period(pose_dim)
+    return resolved
+
+
 def batch_rng(seed: int, rank: int, step: int) -> np.random.Generator:
     """The data rng of one step: the data position is the step itself (exact resume, independent ranks)."""
     return np.random.default_rng([seed, rank, step])
@@ -333,6 +351,10 @@ def check_config(cfg: TrainConfig) -> None:
         raise UserError(f"--reward-weight {cfg.reward_weight}: expected a number >= 0")
     if not (0.0 <= cfg.open_loop_weight < math.inf):
         raise UserError(f"--open-loop-weight {cfg.open_loop_weight}: expected a number >= 0")
+    if not (0.0 <= cfg.path_weight < math.inf):
+        raise UserError(f"--path-weight {cfg.path_weight}: expected a number >= 0")
+    if cfg.path_weight > 0 and cfg.task is not None:
+        raise UserError(f"--path-weight: the sequence task {cfg.task!r} has no poses; it needs --data rollouts")
     if cfg.open_loop_weight > 0 and not 1 <= cfg.open_loop_context < cfg.seq_len:
         raise UserError(f"--open-loop-context {cfg.open_loop_context}: expected 1 <= K < --seq-len {cfg.seq_len} "
                         "(frames seen before the open-loop part of a window)")
@@ -713,6 +735,7 @@ def _train_locked(cfg: TrainConfig, explicit: Optional[set[str]], stop: Optional
     if cfg.task is not None and cfg.seq_len != source.seq_len:
         cfg = dataclasses.replace(cfg, seq_len=source.seq_len)  # what the task could fit
     cfg, auto_why = resolve_auto_address(cfg, source)  # recorded resolved: config.json and checkpoints
+    cfg = resolve_path_period(cfg, source.pose_dim)  # the same
     if cfg.address == "pose" and source.pose_dim == 0:
         raise UserError(f"--address pose: the data ({source.name}) has no pose (pose_dim 0)")
     if cfg.reward_head and cfg.data is not None:
@@ -854,6 +877,7 @@ def _train_locked(cfg: TrainConfig, explicit: Optional[set[str]], stop: Optional
             with autocast:
                 out = train_model(batch, free_nats=cfg.free_nats, kl_balance=cfg.kl_balance, gate_aux=cfg.gate_aux,
                                   reward_weight=cfg.reward_weight, open_loop_weight=cfg.open_loop_weight,
+                                  path_weight=cfg.path_weight,
                                   open_loop_context=cfg.open_loop_context)
             loss = out["loss"]
 
@@ -924,6 +948,8 @@ def _train_locked(cfg: TrainConfig, explicit: Optional[set[str]], stop: Optional
                         scalars[f"reward/{name}"] = float(out[name])
                 if "open_loop_nll" in out:  # --open-loop-weight: NLL per frame predicted without frames
                     scalars["loss/open_loop_nll"] = float(out["open_loop_nll"].detach())
+                if "path_loss" in out:  # --path-weight: the displacement read from h_t, in RMS moves squared
+                    scalars["loss/path"] = float(out["path_loss"].detach())
                 for name, value in scalars.items():
                     if not math.isnan(value):
                         writer.add_scalar(name, value, step)
@@ -937,6 +963,8 @@ def _train_locked(cfg: TrainConfig, explicit: Optional[set[str]], stop: Optional
                         gate += f" evidence weight {scalars['gate/place_evidence_weight']:.3f}"
                     if "loss/open_loop_nll" in scalars:
                         gate += f" open-loop nll {scalars['loss/open_loop_nll']:.2f}"
+                    if "loss/path" in scalars:
+                        gate += f" path {scalars['loss/path']:.3f}"
                     say(f"[train] step {step}/{cfg.steps} | loss {loss.item():.2f} nll {scalars['loss/nll']:.2f} "
                         f"kl {scalars['loss/kl']:.3f}{gate} | {frames_per_s:.0f} frames/s{val_text(val, improved)}")
             elif val is not None:

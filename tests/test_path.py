@@ -1,0 +1,110 @@
+"""The path-integration loss (`worldmodel.path`, `--path-weight`): the controller state learns where the agent is."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gtmm.cli import UserError
+from rollouts import storage
+from rollouts.collect import CollectConfig, collect
+from worldmodel import checkpoint
+from worldmodel.config import preset
+from worldmodel.model import GTMM, batch_to_torch
+from worldmodel.path import displacement
+from worldmodel.train import RolloutSource, train
+
+
+@pytest.fixture(scope="module")
+def walks(tmp_path_factory) -> dict[str, Path]:
+    """Real collected loop walks on 2x2 MNIST maps (56-px sides), with a wrapping and a clipping border."""
+    root = tmp_path_factory.mktemp("walks")
+    for border in ("wrap", "clip"):
+        collect(CollectConfig(env="mnist_map", agent="loop", episodes=6, steps=15, out=root / border, progress=False,
+                              env_kwargs=json.dumps({"grid": 2, "border": border})))
+    return {"wrap": root / "wrap", "clip": root / "clip"}
+
+
+def debug(out: Path, data: Path, **kw):
+    return dataclasses.replace(preset("debug"), data=str(data), out=str(out), progress=False, threads=1, val_every=0,
+                               memory="introspective", address="hidden", **kw)
+
+
+def test_displacement_unwraps_moves_across_the_seam():
+    pose = torch.tensor([[[28.0, 0.0], [14.0, 0.0], [0.0, 0.0], [70.0, 0.0], [70.0, 14.0], [70.0, 0.0]]])
+    on_torus = [[0, 0], [-14, 0], [-28, 0], [-42, 0], [-42, 14], [-42, 0]]  # 0 -> 70 on an 84-px side: one step up
+    assert displacement(pose, [84.0, 84.0])[0].tolist() == on_torus
+    assert displacement(pose)[0, 3].tolist() == [42.0, 0.0]  # no period: the jump is taken as it is
+    assert displacement(pose, [None, 84.0])[0, 3].tolist() == [42.0, 0.0]  # that axis does not wrap
+    # the recorded walks: unwrapped, every step is one move (or none), and the walk ends where its moves say
+    assert (displacement(pose, [84.0, 84.0]).diff(dim=1).abs().sum(-1) <= 14).all()
+
+
+def test_the_wrapping_map_declares_its_period_and_the_run_records_it(walks, tmp_path):
+    assert storage.read_manifest(walks["wrap"])["env"]["action_effects"]["period"] == [56, 56]
+    assert "period" not in storage.read_manifest(walks["clip"])["env"]["action_effects"]
+    train(debug(tmp_path / "wrap", walks["wrap"], steps=2, path_weight=1.0))
+    cfg = json.loads((tmp_path / "wrap" / "config.json").read_text())
+    assert json.loads(cfg["path_period"]) == [56, 56]
+    model, _ = checkpoint.load(tmp_path / "wrap")
+    assert model.path_head is not None and model.cfg.path_period == [56.0, 56.0]
+    train(debug(tmp_path / "clip", walks["clip"], steps=2, path_weight=1.0))
+    assert json.loads((tmp_path / "clip" / "config.json").read_text())["path_period"] == ""
+    assert checkpoint.load(tmp_path / "clip")[0].cfg.path_period == []
+
+
+def test_path_loss_teaches_the_controller_the_displacement(walks):
+    # a few dozen updates on real walks: the linear read-out of h_t gets the displacement far better than at the start
+    torch.manual_seed(0)
+    cfg = debug(Path("unused"), walks["wrap"], path_weight=1.0, path_period="[56, 56]")
+    source = RolloutSource(str(walks["wrap"]), seq_len=12, val_fraction=0.0, seed=0)
+    model = GTMM(cfg.model_config(source.obs_shape, source.num_actions, source.pose_dim))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    rng = np.random.default_rng(0)
+    path = []
+    for _ in range(60):
+        out = model(batch_to_torch(source.sample(8, rng), "cpu"), path_weight=10.0)
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+        path.append(float(out["path_loss"].detach()))
+    assert np.mean(path[-5:]) < 0.5 * np.mean(path[:5]), path
+
+
+def test_bad_path_flags_are_one_clear_error(walks, tmp_path):
+    for kw, expected in (({"path_period": "[56]"}, "one period per pose axis"),
+                         ({"path_period": "[56, -1]"}, "positive number or null"),
+                         ({"path_period": "84"}, "expected a JSON list"),
+                         ({"path_period": "[56,"}, "not JSON"),
+                         ({"path_weight": -1.0}, "--path-weight -1.0")):
+        with pytest.raises(UserError, match=expected):
+            train(debug(tmp_path / "bad", walks["wrap"], steps=1, **{"path_weight": 1.0, **kw}))
+    task = dataclasses.replace(preset("debug"), task="perfect_recall", path_weight=1.0, out=str(tmp_path / "t"),
+                               progress=False)
+    with pytest.raises(UserError, match="has no poses"):
+        train(task)
+
+
+def test_position_probe_prints_the_error_per_horizon_beside_chance_and_control(walks, tmp_path, capsys):
+    # benchmarks/position_probe.py on a 2-step model: the table's rows, and the control reads the displacement
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import position_probe as probe
+    train(debug(tmp_path / "run", walks["wrap"], steps=2))
+    capsys.readouterr()
+    probe.main(probe.Args(checkpoint=str(tmp_path / "run"), data=str(walks["wrap"]), test_data=str(walks["wrap"]),
+                          windows=16, seq_len=12, context=4, fit_steps=300))
+    lines = capsys.readouterr().out.splitlines()
+    assert "period [56.0, 56.0]" in lines[0]  # declared by the wrapping map
+    rows = [line.split() for line in lines[2:]]
+    assert [r[0] for r in rows] == ["1-1", "2-4", "5-10"]  # 8 steps after a context of 4
+    assert all(float(r[4]) < 0.5 * float(r[3]) for r in rows), rows  # the control reads the true displacement
+    with pytest.raises(UserError, match="--context 11"):
+        probe.main(probe.Args(checkpoint=str(tmp_path / "run"), data=str(walks["wrap"]), test_data=str(walks["wrap"]),
+                              windows=16, seq_len=12, context=11))
