@@ -12,7 +12,6 @@ probe fit on the true displacement, one-hot per value: ~0 when the probe can rea
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from gtmm import cli  # noqa: E402
 from gtmm.cli import UserError  # noqa: E402
 from worldmodel import checkpoint  # noqa: E402
 from worldmodel.model import batch_to_torch  # noqa: E402
-from worldmodel.path import check_period, displacement  # noqa: E402
+from worldmodel.path import check_period, displacement, parse_period  # noqa: E402
 from worldmodel.train import RolloutSource  # noqa: E402
 
 
@@ -60,10 +59,7 @@ HORIZONS = ((1, 1), (2, 4), (5, 10), (11, 20), (21, 40))
 def resolve_period(args: Args, model_period: list, pose_dim: int) -> list[Optional[float]]:
     """--period, else the data's declared `action_effects.period`, else the model's path head's, else none."""
     if args.period.strip():
-        try:
-            return check_period(json.loads(args.period), pose_dim, f"--period {args.period!r}")
-        except (json.JSONDecodeError, TypeError):
-            raise UserError(f"--period {args.period!r}: expected a JSON list, e.g. '[84, 84]'") from None
+        return parse_period(args.period, pose_dim, f"--period {args.period!r}")
     from rollouts.storage import read_manifest
 
     declared = (read_manifest(args.data)["env"].get("action_effects") or {}).get("period")

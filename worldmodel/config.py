@@ -299,17 +299,9 @@ class TrainConfig:
 
     def parsed_path_period(self, pose_dim: int) -> list[Optional[float]]:
         """`--path-period` as one float or None per pose axis ([] when empty); UserError on a bad value."""
-        if not self.path_period.strip():
-            return []
-        try:
-            period = json.loads(self.path_period)
-        except json.JSONDecodeError as e:
-            raise UserError(f"--path-period {self.path_period!r}: not JSON ({e.msg}); expected e.g. '[84, 84]'") from None
-        if not isinstance(period, list):
-            raise UserError(f"--path-period {self.path_period!r}: expected a JSON list, one period per pose axis")
-        from worldmodel.path import check_period  # torch: not at the import of the config
+        from worldmodel.path import parse_period  # torch: not at the import of the config
 
-        return check_period(period, pose_dim, f"--path-period {self.path_period!r}")
+        return parse_period(self.path_period, pose_dim, f"--path-period {self.path_period!r}")
 
     def to_json(self) -> str:
         """The config as indented JSON with sorted keys (the run folder's config.json)."""

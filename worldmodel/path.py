@@ -18,6 +18,7 @@ Linear on purpose: the keys are linear in h_t (k_t = P h_t), so what W can read,
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Optional, Sequence
 
@@ -42,6 +43,20 @@ def check_period(period: Sequence[Optional[float]], pose_dim: int, where: str) -
             raise UserError(f"{where}: a period must be a positive number or null, got {p!r}")
         checked.append(float(p))
     return checked
+
+
+def parse_period(text: str, pose_dim: int, where: str) -> list[Optional[float]]:
+    """A period flag's JSON text (e.g. '[84, 84]'; empty = no axis wraps) as `check_period`'s list; UserError naming
+    ``where`` when it is not JSON or not a list."""
+    if not text.strip():
+        return []
+    try:
+        period = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: not JSON ({e.msg}); expected e.g. '[84, 84]'") from None
+    if not isinstance(period, list):
+        raise UserError(f"{where}: expected a JSON list, one period per pose axis")
+    return check_period(period, pose_dim, where)
 
 
 def displacement(pose: torch.Tensor, period: Sequence[Optional[float]] = ()) -> torch.Tensor:

@@ -213,17 +213,14 @@ def resolve_path_period(cfg: TrainConfig, pose_dim: int) -> TrainConfig:
     a torus map), recorded in the config; else the config unchanged. The period is checked against the pose."""
     if cfg.path_weight > 0 and pose_dim == 0:
         raise UserError(f"--path-weight {cfg.path_weight}: the data has no pose (pose_dim 0) to learn a path from")
-    if cfg.path_weight <= 0 or cfg.path_period.strip() or cfg.data is None:
-        cfg.parsed_path_period(pose_dim)
-        return cfg
-    from rollouts.storage import read_manifest
+    if cfg.path_weight > 0 and not cfg.path_period.strip() and cfg.data is not None:
+        from rollouts.storage import read_manifest
 
-    period = (read_manifest(cfg.data)["env"].get("action_effects") or {}).get("period")
-    if not period:
-        return cfg
-    resolved = dataclasses.replace(cfg, path_period=json.dumps(period))
-    resolved.parsed_path_period(pose_dim)
-    return resolved
+        period = (read_manifest(cfg.data)["env"].get("action_effects") or {}).get("period")
+        if period:
+            cfg = dataclasses.replace(cfg, path_period=json.dumps(period))
+    cfg.parsed_path_period(pose_dim)
+    return cfg
 
 
 def batch_rng(seed: int, rank: int, step: int) -> np.random.Generator:
