@@ -260,7 +260,7 @@ def test_sigkill_midway_then_resume_gives_the_same_dataset(tmp_path):
     process.wait()
     written = len(list(killed.glob("episode_*.npz")))
     assert 5 <= written < episodes, f"the kill should land midway, found {written} episodes"
-    partial = storage.read_manifest(killed)  # the manifest is always whole (atomic), possibly a wave behind
+    partial = storage.read_manifest(killed)  # the manifest is always whole (atomic), possibly some waves behind
     assert len(partial["episodes"]) <= written
 
     result = subprocess.run(collect_cmd(killed, episodes), cwd=REPO, check=True, capture_output=True, text=True)

@@ -550,6 +550,40 @@ def test_disk_full_during_collect_is_one_line_and_resumable(tmp_path, monkeypatc
     assert tree_digest(out) == tree_digest(tmp_path / "full")
 
 
+def test_manifest_is_rewritten_a_bounded_number_of_times_and_interrupts_list_every_episode(tmp_path, monkeypatch):
+    """A long collection rewrites its manifest O(log n) times, not once per wave (that was quadratic), and a Ctrl-C
+    between rewrites still leaves a manifest that lists every episode file written."""
+    writes = []
+    real_write = storage.write_manifest
+    monkeypatch.setattr(storage, "write_manifest", lambda out, m: (writes.append(len(m["episodes"])),
+                                                                  real_write(out, m)))
+    out = tmp_path / "d"
+    small_collect(out, episodes=400, steps=2)
+    assert len(storage.read_manifest(out)["episodes"]) == 400 and writes[-1] == 400
+    # every wave up to 64 episodes, then each time 1/64 more are new: 64 + 64 ln(400 / 64) ~ 180 writes, not 400
+    assert len(writes) <= 200, f"{len(writes)} manifest writes for 400 one-episode waves"
+
+    real_save, saves = storage.save_episode, []
+
+    def save_then_interrupt(*args, **kwargs):
+        if len(saves) == 300:  # like Ctrl-C while episode 300 runs: 300 episodes on disk, some not yet listed
+            raise KeyboardInterrupt
+        saves.append(args[0])
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(storage, "save_episode", save_then_interrupt)
+    writes.clear()
+    interrupted = tmp_path / "i"
+    with pytest.raises(KeyboardInterrupt):
+        small_collect(interrupted, episodes=400, steps=2)
+    assert writes[-2] < 300 and writes[-1] == 300, "the last write before the interrupt listed fewer"
+    report = storage.verify_folder(interrupted)
+    assert report["verified"] == 300 and not report["mismatches"], report
+    monkeypatch.setattr(storage, "save_episode", real_save)
+    small_collect(interrupted, episodes=400, steps=2)
+    assert tree_digest(interrupted) == tree_digest(out)
+
+
 def _can_mount_tmpfs(where: Path) -> bool:
     where.mkdir(parents=True, exist_ok=True)
     try:
