@@ -101,15 +101,33 @@ def test_sb3_learns_in_a_dream_with_a_predicted_reward(data, right_pays):
     model.learn(total_timesteps=3072, callback=record)
     first = np.mean(next(r for r in returns if r))  # the untrained policy's first dreamed episodes
     last = np.mean([e["r"] for e in model.ep_info_buffer])
-    # a uniform policy moves right on a quarter of the steps; the dream pays (about) 1 for each
-    assert first < 0.45 * STEPS, (first, last)
-    assert last > 0.75 * STEPS and last > first + 0.3 * STEPS, (first, last)
+    # the dream's best policy, always right: how much the reward head pays per right move in a dream (open loop)
+    # depends on the float rounding of its training (0.65 per step on an AMD EPYC, 0.79-0.87 on a Xeon), so PPO is
+    # judged against the return of that policy in the same dream, not against 1 per step
+    best = dreamed_return(right_pays["checkpoint"], data, RIGHT)
+    assert best > 0.5 * STEPS, best  # the dream pays for moving right
+    # a uniform policy moves right on a quarter of the steps
+    assert first < 0.45 * best, (first, last, best)
+    assert last > 0.75 * best and last > first + 0.3 * best, (first, last, best)
     # the policy learned the move the dream pays for, wherever it is
     poses = torch.rand(32, 2) * (56.0 / 84.0)
     with torch.no_grad():
         probs = model.policy.get_distribution(poses).distribution.probs[:, RIGHT]
     assert float(probs.mean()) > 0.8, probs
     vec.close()
+
+
+def dreamed_return(checkpoint: str, data: Path, action: int, dreams: int = 8) -> float:
+    """The mean return of ``dreams`` dreamed episodes of STEPS steps that always take ``action``."""
+    vec = DreamVecEnv(checkpoint, str(data), num_envs=dreams, max_steps=STEPS, scale=84.0, seed=0)
+    vec.reset()
+    total = np.zeros(dreams)
+    for _ in range(STEPS):
+        _, reward, done, _ = vec.step(np.full(dreams, action))
+        total += reward
+    assert done.all()
+    vec.close()
+    return float(total.mean())
 
 
 def test_dream_vec_env_follows_sb3s_contract(data, right_pays):
