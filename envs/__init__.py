@@ -38,8 +38,9 @@ Contract shared by all our envs (what ``agents/``, ``rollouts/`` and ``worldmode
   when it is not blocked. ``extent`` (optional, ``translate``): the pose's range per axis, ``[0, extent]``, when
   moves are blocked exactly at its ends (the MNIST map's ``clip`` border: map side minus window, in pixels); the
   ``lattice`` address reasons over where in that range a walk started. ``period`` (optional): the pose's period per
-  axis where it wraps (the MNIST map's ``wrap`` border: the map's side, in pixels), which ``worldmodel.train
-  --path-weight`` uses to unwrap a move across the seam. ``rollouts.collect`` records
+  axis where it wraps, ``null`` where it does not (the MNIST map's ``wrap`` border: the map's side, in pixels;
+  MiniWorld: ``[null, null, 2 pi]``, the heading), which ``worldmodel.train --path-weight`` uses to unwrap a move
+  across the seam. ``rollouts.collect`` records
   ``inverse_actions`` and ``action_effects`` in the manifest's ``env`` entry, and ``worldmodel.train --address
   auto`` chooses the model's address from them (``translate``: an additive path integrator tied by
   ``inverse_actions``, or the ``lattice`` filter where an ``extent`` is declared; ``se2``: the SE(2) integrator;

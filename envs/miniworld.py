@@ -331,10 +331,12 @@ def _check_revisit(radius: Any, angle: Any) -> tuple[float | None, float | None]
 def action_effects(turn_step: float, move_step: float) -> dict[str, Any]:
     """The contract's ``action_effects`` (``envs/__init__.py``) of our four actions: an SE(2) motion per action,
     ``[turn in radians (left positive), step along the heading in metres]``. Not exact: a wall or an object blocks a
-    move (the pose stays), which no integrator over actions alone can know."""
+    move (the pose stays), which no integrator over actions alone can know. ``period`` ``[null, null, 2 pi]``: the
+    pose's heading is wrapped to [-pi, pi), so a turn across the seam shows as a jump of 2 pi less the turn
+    (``worldmodel.path`` unwraps it); x and z do not wrap."""
     turn = math.radians(turn_step)
     moves = [[turn, 0.0], [-turn, 0.0], [0.0, float(move_step)], [0.0, -float(move_step)]]  # ACTION_NAMES order
-    return {"kind": "se2", "moves": moves, "exact": False}
+    return {"kind": "se2", "moves": moves, "exact": False, "period": [None, None, 2.0 * math.pi]}
 
 
 class _MiniWorldRevisitBase(gym.Env):

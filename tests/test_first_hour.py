@@ -14,9 +14,11 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import pytest
+import torch
 
 import envs
 from gtmm.cli import UserError
+from worldmodel.path import displacement
 from rollouts import storage
 from rollouts.collect import CollectConfig, collect
 from worldmodel import checkpoint
@@ -69,6 +71,15 @@ def test_miniworld_action_effects_are_the_pose_changes():
     try:
         effects = env.unwrapped.action_effects
         assert effects["kind"] == "se2" and effects["exact"] is False
+        assert effects["period"] == [None, None, pytest.approx(2 * math.pi)]  # the heading wraps; x and z do not
+        _, info = env.reset(seed=0)
+        headings = [info["pose"][2]]
+        for _ in range(10):  # ten left turns of 45 degrees: the heading crosses the seam, the unwrapped path does not
+            headings.append(env.step(0)[4]["pose"][2])
+        assert all(-math.pi <= h < math.pi for h in headings)
+        poses = torch.tensor([[[0.0, 0.0, h] for h in headings]], dtype=torch.float64)  # (1, 11, 3)
+        turned = displacement(poses, effects["period"])[0, :, 2]
+        np.testing.assert_allclose(turned.numpy(), np.radians(45.0) * np.arange(11), atol=1e-5)
         _, info = env.reset(seed=0)
         for action in (0, 1, 0, 2, 3):
             pose = info["pose"]
