@@ -188,19 +188,28 @@ def test_cache_build_and_reads_keep_one_episode_in_memory_not_the_split(tmp_path
 
 @pytest.mark.slow
 def test_two_processes_wanting_one_cache_build_it_once(small, tmp_path):
-    cache = tmp_path / "cache"
-    slow_build = BUILD.replace("def progress(done, total):", "def progress(done, total):\n    import time; time.sleep(0.5)")
-    first = subprocess.Popen([sys.executable, "-c", slow_build, str(small), str(cache), "0", "0"], cwd=ROOT, env=ENV,
+    cache, release = tmp_path / "cache", tmp_path / "release"
+    # the first builder holds on after its first episode until the test sees the second one waiting (a fixed sleep
+    # raced the second's start-up on a loaded machine: it found the cache already built)
+    held_build = BUILD.replace("def progress(done, total):", "def progress(done, total):\n    import pathlib, time\n"
+                               f"    while not pathlib.Path({str(release)!r}).exists(): time.sleep(0.02)")
+    first = subprocess.Popen([sys.executable, "-c", held_build, str(small), str(cache), "0", "0"], cwd=ROOT, env=ENV,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not list(cache.glob(".all-*.progress.json")):  # the first one is building
         assert first.poll() is None and time.time() < deadline, first.communicate()
         time.sleep(0.05)
-    second = subprocess.run([sys.executable, "-c", BUILD, str(small), str(cache), "0", "1"], cwd=ROOT, env=ENV,
-                            capture_output=True, text=True, timeout=120)
+    second = subprocess.Popen([sys.executable, "-c", BUILD, str(small), str(cache), "0", "1"], cwd=ROOT, env=ENV,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    said = []
+    for line in second.stderr:  # until the second one reports that it waits for the first (or exits)
+        said.append(line)
+        if "another process is building" in line:
+            break
+    release.touch()
+    assert "another process is building" in said[-1], said
     # the second waited (its progress callback, which would have killed it, never ran: it built nothing)
-    assert second.returncode == 0, second.stderr[-2000:]
-    assert "another process is building" in second.stderr
+    assert second.wait(timeout=120) == 0, second.communicate()
     assert first.wait(timeout=120) == 0, first.communicate()
     clean = tmp_path / "clean"
     RolloutWindows(small, 4, split="all", cache_dir=clean).close()
