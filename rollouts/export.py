@@ -38,7 +38,7 @@ import numpy as np
 from gtmm import cli
 from gtmm.cli import UserError
 from gtmm.fs import FolderLock
-import envs  # registers our env ids, so the exported dataset can name its env spec
+import envs  # noqa: F401  (registers our env ids, so the exported dataset can name its env spec)
 from rollouts import storage
 
 # Minari's own dataset id pattern (minari.dataset.minari_dataset.DATASET_ID_RE) with the version required: checked
