@@ -26,7 +26,7 @@ from gtmm import cli  # noqa: E402
 from gtmm.cli import UserError  # noqa: E402
 from worldmodel import checkpoint  # noqa: E402
 from worldmodel.model import batch_to_torch  # noqa: E402
-from worldmodel.path import check_period, displacement, parse_period  # noqa: E402
+from worldmodel.path import check_period, declared_period, displacement, parse_period  # noqa: E402
 from worldmodel.train import RolloutSource  # noqa: E402
 
 
@@ -59,11 +59,8 @@ HORIZONS = ((1, 1), (2, 4), (5, 10), (11, 20), (21, 40))
 def resolve_period(args: Args, model_period: list, pose_dim: int) -> list[Optional[float]]:
     """--period, else the data's declared `action_effects.period`, else the model's path head's, else none."""
     if args.period.strip():
-        return parse_period(args.period, pose_dim, f"--period {args.period!r}")
-    from rollouts.storage import read_manifest
-
-    declared = (read_manifest(args.data)["env"].get("action_effects") or {}).get("period")
-    return check_period(declared or model_period or [None] * pose_dim, pose_dim, "the period")
+        return parse_period(args.period, pose_dim, "--period")
+    return check_period(declared_period(args.data) or model_period or [None] * pose_dim, pose_dim, "the period")
 
 
 def targets(pose: torch.Tensor, period: list[Optional[float]]) -> torch.Tensor:

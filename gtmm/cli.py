@@ -38,16 +38,21 @@ class UserError(ValueError):
     A subclass of ValueError, so library callers that catch ValueError keep working."""
 
 
-def parse_json_object(text: str, flag: str) -> dict[str, Any]:
-    """The JSON object given to ``--<flag>`` (e.g. ``--env-kwargs '{"grid": 6}'``), or a UserError naming the flag."""
-    name = "--" + flag.replace("_", "-")
+def parse_json(text: str, name: str, kind: type, expected: str) -> Any:
+    """The JSON value ``text`` given to flag ``name`` (e.g. ``--path-period``), which must be a ``kind`` (dict, list);
+    a UserError naming the flag when it is not JSON, or not ``expected`` (the words for ``kind``)."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
         raise UserError(f"{name}: {text!r} is not valid JSON ({error})") from error
-    if not isinstance(value, dict):
-        raise UserError(f"{name}: expected a JSON object like '{{\"key\": 1}}', got {text!r}")
+    if not isinstance(value, kind):
+        raise UserError(f"{name}: expected {expected}, got {text!r}")
     return value
+
+
+def parse_json_object(text: str, flag: str) -> dict[str, Any]:
+    """The JSON object given to ``--<flag>`` (e.g. ``--env-kwargs '{"grid": 6}'``), or a UserError naming the flag."""
+    return parse_json(text, "--" + flag.replace("_", "-"), dict, "a JSON object like '{\"key\": 1}'")
 
 
 def check_range(flag: str, value: float, low: float | None = None, high: float | None = None) -> None:

@@ -301,7 +301,7 @@ class TrainConfig:
         """`--path-period` as one float or None per pose axis ([] when empty); UserError on a bad value."""
         from worldmodel.path import parse_period  # torch: not at the import of the config
 
-        return parse_period(self.path_period, pose_dim, f"--path-period {self.path_period!r}")
+        return parse_period(self.path_period, pose_dim, "--path-period")
 
     def to_json(self) -> str:
         """The config as indented JSON with sorted keys (the run folder's config.json)."""

@@ -18,14 +18,13 @@ Linear on purpose: the keys are linear in h_t (k_t = P h_t), so what W can read,
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 
-from gtmm.cli import UserError
+from gtmm.cli import UserError, parse_json
 
 
 def check_period(period: Sequence[Optional[float]], pose_dim: int, where: str) -> list[Optional[float]]:
@@ -45,18 +44,21 @@ def check_period(period: Sequence[Optional[float]], pose_dim: int, where: str) -
     return checked
 
 
-def parse_period(text: str, pose_dim: int, where: str) -> list[Optional[float]]:
+def parse_period(text: str, pose_dim: int, flag: str) -> list[Optional[float]]:
     """A period flag's JSON text (e.g. '[84, 84]'; empty = no axis wraps) as `check_period`'s list; UserError naming
-    ``where`` when it is not JSON or not a list."""
+    ``flag`` when it is not JSON, not a list or not a period."""
     if not text.strip():
         return []
-    try:
-        period = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{where}: not JSON ({e.msg}); expected e.g. '[84, 84]'") from None
-    if not isinstance(period, list):
-        raise UserError(f"{where}: expected a JSON list, one period per pose axis")
-    return check_period(period, pose_dim, where)
+    period = parse_json(text, flag, list, "a JSON list, one period per pose axis, e.g. '[84, 84]'")
+    return check_period(period, pose_dim, flag)
+
+
+def declared_period(data: str) -> Optional[list]:
+    """The pose's period that the env of rollout folder ``data`` declares (its manifest's ``action_effects.period``,
+    unchecked), or None (not declared, or an older manifest)."""
+    from rollouts.storage import read_manifest
+
+    return (read_manifest(data)["env"].get("action_effects") or {}).get("period")
 
 
 def displacement(pose: torch.Tensor, period: Sequence[Optional[float]] = ()) -> torch.Tensor:

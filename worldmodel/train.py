@@ -214,9 +214,9 @@ def resolve_path_period(cfg: TrainConfig, pose_dim: int) -> TrainConfig:
     if cfg.path_weight > 0 and pose_dim == 0:
         raise UserError(f"--path-weight {cfg.path_weight}: the data has no pose (pose_dim 0) to learn a path from")
     if cfg.path_weight > 0 and not cfg.path_period.strip() and cfg.data is not None:
-        from rollouts.storage import read_manifest
+        from worldmodel.path import declared_period
 
-        period = (read_manifest(cfg.data)["env"].get("action_effects") or {}).get("period")
+        period = declared_period(cfg.data)
         if period:
             cfg = dataclasses.replace(cfg, path_period=json.dumps(period))
     cfg.parsed_path_period(pose_dim)
