@@ -13,7 +13,8 @@ Safe under faults: the output folder is locked (``gtmm.fs.FolderLock``), so a se
 stops at once with one line naming the folder and the holder (a killed collect's lock is taken over by the next
 run); every file is written atomically, so a full disk or a kill leaves the manifest and every file it names intact,
 and the same command resumes (the manifest is rewritten once 1/64 of its episodes are new, or 5 s on, and on Ctrl-C or
-an error, so a kill re-collects at most that share). ``--env dream`` records the checkpoint's sha256 and refuses to resume with another model.
+an error, so a kill re-collects at most that share). ``--env dream`` records the checkpoint's sha256 and refuses to
+resume with another model.
 
 Workers: envs with a native vector env (MNIST map) run ``--workers`` maps in one process (``envs.make_vec``);
 other envs (MiniWorld) run one process per worker, each owning its own GL context (``AsyncVectorEnv``, spawn).
@@ -367,11 +368,12 @@ def _collect_locked(config: CollectConfig, out: Path, expected: dict[str, Any], 
                 records = _run_wave(vec, agent, wave, config, out, manifest)
                 manifest["episodes"].extend(records)
                 unlisted += len(records)
-                last_wave = wave_start + config.workers >= len(todo)
-                if last_wave or manifest_due(unlisted, len(manifest["episodes"]), time.monotonic() - last_write):
+                if manifest_due(unlisted, len(manifest["episodes"]), time.monotonic() - last_write):
                     storage.write_manifest(out, manifest)
                     unlisted, last_write = 0, time.monotonic()
                 bar.update(len(wave))
+            if unlisted:  # the last waves
+                storage.write_manifest(out, manifest)
         except BaseException:  # Ctrl-C or an error: list what was written (best effort: the disk may be full)
             if unlisted:
                 with contextlib.suppress(OSError):
