@@ -201,6 +201,10 @@ class TrainConfig:
     path_period: str = ""
     """the pose's period per axis as a JSON list, null for an axis that does not wrap (e.g. '[84, 84]' on a torus
     map); empty = what the data's env declares (action_effects.period), else no axis wraps"""
+    read_weight: float = 0.0
+    """weight of the read loss (0 = off; worldmodel.read_target; --memory introspective): on a revisit, the negative
+    log read mass on the memory slots written at the same recorded pose, so the keys learn to find the place; needs
+    --data with poses; training only (evaluation and dreams run the model unchanged)"""
     curriculum_start: int = 0
     """sequence-length curriculum: start at this many frames (0 = off, always --seq-len)"""
     curriculum_steps: int = 1000

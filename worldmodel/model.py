@@ -44,6 +44,7 @@ from worldmodel.reward import RewardHead, loss as reward_loss_fn
 from worldmodel.memory import build_memory
 from worldmodel.nets import ActionEmbedding, Decoder, Encoder, GaussianHead, outlier_kl
 from worldmodel.path import PathHead
+from worldmodel.read_target import fifo_read_targets, read_loss
 
 GAUSSIAN_PIXEL_STD = 0.1  # fixed std of the "gaussian" observation model, on pixels in [0, 1]
 
@@ -325,7 +326,7 @@ class GTMMCell(nn.Module):
         """One step of the fast path: (1)-(7) from the carry of step t-1 and step t's slices `x` of the per-step
         tensors. A pure function of tensors (no asserts, no `.item()`, no branch on data): `torch.compile` captures
         it whole. Returns `head` (B, 2Z), the raw output of the head that drove z_t (the posterior with frames, else
-        the prior), `z`, `h`, `read` (and `addr`)."""
+        the prior), `z`, `h`, `read` (and `addr`, `read_weights`)."""
         # (1) controller: gates = [action share, precomputed] + W [z_{t-1}, r_{t-1}, h_{t-1}]
         gates = torch.addmm(x["lstm.x"], torch.cat([carry["z"], carry["read"], carry["h"]], dim=-1),
                             const["lstm.w"].t())  # (B, 4H)
@@ -350,6 +351,7 @@ class GTMMCell(nn.Module):
             attention = self.memory.scan_read(memory, h, addr, pre, const, x)
             read = attention["read"]  # (B, read_dim)
             out["addr"] = addr
+            out["read_weights"] = attention["weights"]  # (B, R, N): what the read loss (P5) supervises
             hidden = pre.pop("heads")  # (B, hidden)
         else:
             hidden = fused  # (B, hidden)
@@ -683,7 +685,7 @@ class GTMM(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor], free_nats: float = 0.0, kl_balance: float = 0.5,
                 gate_aux: float = 1.0, reward_weight: float = 1.0, open_loop_weight: float = 0.0,
-                open_loop_context: int = 8, path_weight: float = 1.0) -> dict[str, Any]:
+                open_loop_context: int = 8, path_weight: float = 1.0, read_weight: float = 0.0) -> dict[str, Any]:
         """Negative ELBO per step, averaged over batch and time, with optional free bits and KL balancing, plus
         `gate_aux` times the blocked-move gate's auxiliary loss when the address has a gate (`worldmodel.gate`),
         plus `reward_weight` times the reward heads' loss when the model has them and the batch has `reward`.
@@ -698,6 +700,8 @@ class GTMM(nn.Module):
         its NLL. Teacher forcing never asks the controller to know where it is without a frame; this does.
         With a path head, plus `path_weight` times its loss (P3): the displacement since the first frame read
         linearly from h_t, which asks the same of the controller from the recorded poses.
+        `read_weight` > 0 (the FIFO memory only) adds that weight times the read loss (P5, `worldmodel.read_target`):
+        on a revisit, the negative log read mass on the slots written at this pose.
         """
         # With labels for the gate (a pose), the ELBO must not train it: closing the gate keeps the address where the
         # last frame was written, and reading that slot back (copy the last frame) lowers the ELBO of a view that
@@ -745,6 +749,10 @@ class GTMM(nn.Module):
         if self.path_head is not None:
             seq["path_loss"] = self.path_head.loss(seq["h"], batch["pose"])  # (P3)
             loss = loss + path_weight * seq["path_loss"]
+        if read_weight > 0:
+            held = fifo_read_targets(batch["pose"], self.cell.memory.slots)  # (P4) (B, T, N)
+            seq["read_loss"] = read_loss(seq["read_weights"], held)  # (P5)
+            loss = loss + read_weight * seq["read_loss"]
         if open_loop_weight > 0:
             # (O1) -log p(x_t | z_t = prior mean), t >= K, after K teacher-forced frames; one value per frame
             K = open_loop_context

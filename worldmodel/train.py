@@ -213,6 +213,8 @@ def resolve_path_period(cfg: TrainConfig, pose_dim: int) -> TrainConfig:
     a torus map), recorded in the config; else the config unchanged. The period is checked against the pose."""
     if cfg.path_weight > 0 and pose_dim == 0:
         raise UserError(f"--path-weight {cfg.path_weight}: the data has no pose (pose_dim 0) to learn a path from")
+    if cfg.read_weight > 0 and pose_dim == 0:
+        raise UserError(f"--read-weight {cfg.read_weight}: the data has no pose (pose_dim 0) to find places by")
     if cfg.path_weight > 0 and not cfg.path_period.strip() and cfg.data is not None:
         from worldmodel.path import declared_period
 
@@ -352,6 +354,13 @@ def check_config(cfg: TrainConfig) -> None:
         raise UserError(f"--path-weight {cfg.path_weight}: expected a number >= 0")
     if cfg.path_weight > 0 and cfg.task is not None:
         raise UserError(f"--path-weight: the sequence task {cfg.task!r} has no poses; it needs --data rollouts")
+    if not (0.0 <= cfg.read_weight < math.inf):
+        raise UserError(f"--read-weight {cfg.read_weight}: expected a number >= 0")
+    if cfg.read_weight > 0 and cfg.task is not None:
+        raise UserError(f"--read-weight: the sequence task {cfg.task!r} has no poses; it needs --data rollouts")
+    if cfg.read_weight > 0 and cfg.memory != "introspective":
+        raise UserError(f"--read-weight: expected --memory introspective (the FIFO, whose slot order says which step "
+                        f"wrote a slot), got --memory {cfg.memory}")
     if cfg.open_loop_weight > 0 and not 1 <= cfg.open_loop_context < cfg.seq_len:
         raise UserError(f"--open-loop-context {cfg.open_loop_context}: expected 1 <= K < --seq-len {cfg.seq_len} "
                         "(frames seen before the open-loop part of a window)")
@@ -874,7 +883,7 @@ def _train_locked(cfg: TrainConfig, explicit: Optional[set[str]], stop: Optional
             with autocast:
                 out = train_model(batch, free_nats=cfg.free_nats, kl_balance=cfg.kl_balance, gate_aux=cfg.gate_aux,
                                   reward_weight=cfg.reward_weight, open_loop_weight=cfg.open_loop_weight,
-                                  path_weight=cfg.path_weight,
+                                  path_weight=cfg.path_weight, read_weight=cfg.read_weight,
                                   open_loop_context=cfg.open_loop_context)
             loss = out["loss"]
 
@@ -947,6 +956,8 @@ def _train_locked(cfg: TrainConfig, explicit: Optional[set[str]], stop: Optional
                     scalars["loss/open_loop_nll"] = float(out["open_loop_nll"].detach())
                 if "path_loss" in out:  # --path-weight: the displacement read from h_t, in RMS moves squared
                     scalars["loss/path"] = float(out["path_loss"].detach())
+                if "read_loss" in out:  # --read-weight: -log read mass on the revisited place's slots
+                    scalars["loss/read"] = float(out["read_loss"].detach())
                 for name, value in scalars.items():
                     if not math.isnan(value):
                         writer.add_scalar(name, value, step)
@@ -962,6 +973,8 @@ def _train_locked(cfg: TrainConfig, explicit: Optional[set[str]], stop: Optional
                         gate += f" open-loop nll {scalars['loss/open_loop_nll']:.2f}"
                     if "loss/path" in scalars:
                         gate += f" path {scalars['loss/path']:.3f}"
+                    if "loss/read" in scalars:
+                        gate += f" read {scalars['loss/read']:.3f}"
                     say(f"[train] step {step}/{cfg.steps} | loss {loss.item():.2f} nll {scalars['loss/nll']:.2f} "
                         f"kl {scalars['loss/kl']:.3f}{gate} | {frames_per_s:.0f} frames/s{val_text(val, improved)}")
             elif val is not None:

@@ -1,0 +1,111 @@
+"""The read loss (`worldmodel.read_target`, `--read-weight`): on a revisit the read learns to land on the place."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gtmm.cli import UserError
+from rollouts.collect import CollectConfig, collect
+from worldmodel.config import preset
+from worldmodel.model import GTMM, batch_to_torch
+from worldmodel.read_target import fifo_read_targets, read_loss
+from worldmodel.retrieval import retrieval_from_steps
+from worldmodel.train import RolloutSource, train
+
+
+@pytest.fixture(scope="module")
+def walks(tmp_path_factory) -> Path:
+    """Real collected random walks on a wrapping 2x2 MNIST map (56-px sides, 16 places): many revisits."""
+    root = tmp_path_factory.mktemp("walks") / "wrap"
+    collect(CollectConfig(env="mnist_map", agent="random", episodes=6, steps=20, out=root, progress=False,
+                          env_kwargs=json.dumps({"grid": 2, "border": "wrap"})))
+    return root
+
+
+def debug(out: Path, data: Path, **kw):
+    return dataclasses.replace(preset("debug"), data=str(data), out=str(out), progress=False, threads=1, val_every=0,
+                               **{"memory": "introspective", "address": "hidden", **kw})
+
+
+def model_and_batch(walks: Path, slots: int, seq_len: int = 16, **kw):
+    cfg = debug(Path("unused"), walks, slots=slots, **kw)
+    source = RolloutSource(str(walks), seq_len=seq_len, val_fraction=0.0, seed=0)
+    model = GTMM(cfg.model_config(source.obs_shape, source.num_actions, source.pose_dim))
+    return model, source
+
+
+def test_targets_are_the_slots_the_retrieval_diagnostics_call_correct(walks):
+    # (P4) from the FIFO's order must name the same slots as the exact write attribution that the retrieval metrics
+    # use, also once the window is longer than the memory (slots fall out); and the fast path's weights (what the
+    # loss reads) must be the reference step's
+    torch.manual_seed(0)
+    for slots in (5, 32):
+        model, source = model_and_batch(walks, slots)
+        batch = batch_to_torch(source.sample(6, np.random.default_rng(1)), "cpu")
+        with torch.no_grad():
+            ref = model.observe(batch["obs"], batch["prev_action"], batch["pose"], sample=False, diagnostics=True)
+            fast = model.observe(batch["obs"], batch["prev_action"], batch["pose"], sample=False, diagnostics=False)
+        torch.testing.assert_close(fast["read_weights"], ref["read_weights"])
+        records = {k[len("write_"):]: v for k, v in ref.items() if k.startswith("write_")}
+        metrics = retrieval_from_steps(model.cell.memory, ref["read_weights"], ref["read_gate"], records,
+                                       batch["pose"])
+        held = fifo_read_targets(batch["pose"], slots)  # (B, T, N)
+        assert torch.equal(held.any(-1), metrics["target"])
+        assert int(held.any(-1).sum()) > 10  # the walks revisit
+        if slots == 5:
+            earlier = fifo_read_targets(batch["pose"], 64).any(-1)
+            assert (earlier & ~held.any(-1)).any()  # some places fell out of the short memory
+        mass = (ref["read_weights"] * held.unsqueeze(2)).sum(-1)  # (B, T, R)
+        target = metrics["target"]
+        torch.testing.assert_close(mass[target], metrics["correct_mass"][target])
+
+
+def test_read_loss_is_the_negative_log_mass_on_the_place_over_revisits_only():
+    pose = torch.tensor([[[0.0, 0.0], [1.0, 0.0], [0.0, 0.0], [2.0, 0.0]]])  # step 2 revisits step 0's place
+    held = fifo_read_targets(pose, slots=3)
+    assert held[0].int().tolist() == [[0, 0, 0], [0, 0, 0], [0, 1, 0], [0, 0, 0]]  # M_1: slots hold steps -1, 0, 1
+    weights = torch.zeros(1, 4, 2, 3)
+    weights[0, 2, 0] = torch.tensor([0.0, 0.5, 0.5])
+    weights[0, 2, 1] = torch.tensor([0.0, 0.25, 0.75])
+    weights[0, [0, 1, 3]] = 1 / 3  # first visits: whatever they read adds nothing
+    expected = -(np.log(0.5) + np.log(0.25)) / 2
+    assert float(read_loss(weights, held)) == pytest.approx(expected, rel=1e-4)
+    no_revisit = fifo_read_targets(pose[:, [0, 1, 3]], slots=3)
+    loss = read_loss(weights[:, :3].requires_grad_(), no_revisit)
+    assert float(loss.detach()) == 0.0 and loss.requires_grad
+
+
+def test_read_loss_teaches_the_keys_to_find_the_place(walks):
+    # a few dozen updates of the paper's address (keys from h_t) on real walks: the read mass on the revisited
+    # place's slots rises far above a uniform read's
+    torch.manual_seed(0)
+    model, source = model_and_batch(walks, slots=32)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    rng = np.random.default_rng(0)
+    losses = []
+    for _ in range(80):
+        out = model(batch_to_torch(source.sample(8, rng), "cpu"), read_weight=10.0)
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+        losses.append(float(out["read_loss"].detach()))
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), losses
+
+
+def test_training_with_the_read_loss_logs_it_and_bad_flags_are_one_clear_error(walks, tmp_path, capsys):
+    train(debug(tmp_path / "run", walks, steps=2, log_every=1, read_weight=1.0))
+    assert " read " in capsys.readouterr().out
+    for kw, expected in (({"read_weight": -1.0}, "--read-weight -1.0: expected a number >= 0"),
+                         ({"memory": "ntm"}, "--read-weight: expected --memory introspective .* got --memory ntm")):
+        with pytest.raises(UserError, match=expected):
+            train(debug(tmp_path / "bad", walks, steps=1, **{"read_weight": 1.0, **kw}))
+    task = dataclasses.replace(preset("debug"), task="perfect_recall", read_weight=1.0, out=str(tmp_path / "t"),
+                               progress=False)
+    with pytest.raises(UserError, match="has no poses"):
+        train(task)
