@@ -221,6 +221,11 @@ def test_report_builds_a_table_and_plots_from_two_eval_files(setup, tmp_path, ca
     result = json.loads((tmp_path / "a" / "eval.json").read_text())
     next(m for m in result["models"].values() if m["role"] == "baseline")["memory"] = "lru"
     assert "(vs lru)" in results_table([result]).splitlines()[2]
+    # with two read heads, each head's P@1 beside its gate: a shut head halves the mean without reading wrong
+    found = next(m for m in result["models"].values() if m["role"] == "model")["retrieval"]
+    found["precision_at_1"]["per_head"] = [{"mean": 0.9}, {"mean": 0.1}]
+    found["gate"]["per_head"] = [{"mean": 0.8}, {"mean": 0.02}]
+    assert "; heads 0.90 / 0.10 at gate 0.80 / 0.02 |" in results_table([result]).splitlines()[2]
 
 
 # -- bad input: one line, exit 2, nothing overwritten ------------------------------------------------------------------
