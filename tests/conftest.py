@@ -47,3 +47,27 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def loss_curve():
+    """``curve(model, source, updates, key, **loss_kw) -> [float]``: that many Adam updates (lr 1e-2) of the model's
+    whole loss on batches of 8 windows sampled from ``source`` (a ``RolloutSource``), and ``out[key]`` of each: how
+    the auxiliary-loss tests watch one term fall."""
+    import numpy as np
+
+    from worldmodel.model import batch_to_torch
+
+    def curve(model, source, updates: int, key: str, **loss_kw) -> list[float]:
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        rng = np.random.default_rng(0)
+        values = []
+        for _ in range(updates):
+            out = model(batch_to_torch(source.sample(8, rng), "cpu"), **loss_kw)
+            optimizer.zero_grad()
+            out["loss"].backward()
+            optimizer.step()
+            values.append(float(out[key].detach()))
+        return values
+
+    return curve

@@ -15,7 +15,7 @@ from rollouts import storage
 from rollouts.collect import CollectConfig, collect
 from worldmodel import checkpoint
 from worldmodel.config import preset
-from worldmodel.model import GTMM, batch_to_torch
+from worldmodel.model import GTMM
 from worldmodel.path import displacement
 from worldmodel.train import RolloutSource, train
 
@@ -58,21 +58,13 @@ def test_the_wrapping_map_declares_its_period_and_the_run_records_it(walks, tmp_
     assert checkpoint.load(tmp_path / "clip")[0].cfg.path_period == []
 
 
-def test_path_loss_teaches_the_controller_the_displacement(walks):
+def test_path_loss_teaches_the_controller_the_displacement(walks, loss_curve):
     # a few dozen updates on real walks: the linear read-out of h_t gets the displacement far better than at the start
     torch.manual_seed(0)
     cfg = debug(Path("unused"), walks["wrap"], path_weight=1.0, path_period="[56, 56]")
     source = RolloutSource(str(walks["wrap"]), seq_len=12, val_fraction=0.0, seed=0)
     model = GTMM(cfg.model_config(source.obs_shape, source.num_actions, source.pose_dim))
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    rng = np.random.default_rng(0)
-    path = []
-    for _ in range(60):
-        out = model(batch_to_torch(source.sample(8, rng), "cpu"), path_weight=10.0)
-        optimizer.zero_grad()
-        out["loss"].backward()
-        optimizer.step()
-        path.append(float(out["path_loss"].detach()))
+    path = loss_curve(model, source, 60, "path_loss", path_weight=10.0)
     assert np.mean(path[-5:]) < 0.5 * np.mean(path[:5]), path
 
 

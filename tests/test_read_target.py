@@ -81,20 +81,12 @@ def test_read_loss_is_the_negative_log_mass_on_the_place_over_revisits_only():
     assert float(loss.detach()) == 0.0 and loss.requires_grad
 
 
-def test_read_loss_teaches_the_keys_to_find_the_place(walks):
+def test_read_loss_teaches_the_keys_to_find_the_place(walks, loss_curve):
     # a few dozen updates of the paper's address (keys from h_t) on real walks: the read mass on the revisited
     # place's slots rises far above a uniform read's
     torch.manual_seed(0)
     model, source = model_and_batch(walks, slots=32)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    rng = np.random.default_rng(0)
-    losses = []
-    for _ in range(80):
-        out = model(batch_to_torch(source.sample(8, rng), "cpu"), read_weight=10.0)
-        optimizer.zero_grad()
-        out["loss"].backward()
-        optimizer.step()
-        losses.append(float(out["read_loss"].detach()))
+    losses = loss_curve(model, source, 80, "read_loss", read_weight=10.0)
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), losses
 
 
