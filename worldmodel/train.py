@@ -208,13 +208,17 @@ def resolve_auto_address(cfg: TrainConfig, source) -> tuple[TrainConfig, str]:
     return resolved, why
 
 
-def resolve_path_period(cfg: TrainConfig, pose_dim: int) -> TrainConfig:
-    """`--path-weight` on with an empty `--path-period`: the period the data's env declares (`action_effects.period`:
-    a torus map), recorded in the config; else the config unchanged. The period is checked against the pose."""
+def check_pose_losses(cfg: TrainConfig, pose_dim: int) -> None:
+    """UserError when `--path-weight` or `--read-weight` is on and the data records no pose to learn from."""
     if cfg.path_weight > 0 and pose_dim == 0:
         raise UserError(f"--path-weight {cfg.path_weight}: the data has no pose (pose_dim 0) to learn a path from")
     if cfg.read_weight > 0 and pose_dim == 0:
         raise UserError(f"--read-weight {cfg.read_weight}: the data has no pose (pose_dim 0) to find places by")
+
+
+def resolve_path_period(cfg: TrainConfig, pose_dim: int) -> TrainConfig:
+    """`--path-weight` on with an empty `--path-period`: the period the data's env declares (`action_effects.period`:
+    a torus map), recorded in the config; else the config unchanged. The period is checked against the pose."""
     if cfg.path_weight > 0 and not cfg.path_period.strip() and cfg.data is not None:
         from worldmodel.path import declared_period
 
@@ -741,6 +745,7 @@ def _train_locked(cfg: TrainConfig, explicit: Optional[set[str]], stop: Optional
     if cfg.task is not None and cfg.seq_len != source.seq_len:
         cfg = dataclasses.replace(cfg, seq_len=source.seq_len)  # what the task could fit
     cfg, auto_why = resolve_auto_address(cfg, source)  # recorded resolved: config.json and checkpoints
+    check_pose_losses(cfg, source.pose_dim)
     cfg = resolve_path_period(cfg, source.pose_dim)  # the same
     if cfg.address == "pose" and source.pose_dim == 0:
         raise UserError(f"--address pose: the data ({source.name}) has no pose (pose_dim 0)")
