@@ -171,10 +171,12 @@ def table_row(row: dict[str, Any]) -> list[str]:
     if retrieval and _mean(retrieval["precision_at_1"]["mean_over_heads"]) is not None:
         p_at_1 = (f"{_fmt(retrieval['precision_at_1']['mean_over_heads'], 2, ci=False)} "
                   f"({_fmt(retrieval['chance_mass'], 2, ci=False)})")
-        heads = retrieval["precision_at_1"].get("per_head") or []
-        if len(heads) > 1:  # a head the gate keeps shut lowers the mean without costing the prediction anything
-            per = lambda key: " / ".join(_fmt(h, 2, ci=False) for h in retrieval[key]["per_head"])  # noqa: E731
-            p_at_1 += f"; heads {per('precision_at_1')} at gate {per('gate')}"
+        if len(retrieval["precision_at_1"].get("per_head") or []) > 1:
+            # a head the gate keeps shut lowers the mean without costing the prediction anything
+            def per_head(key: str) -> str:
+                return " / ".join(_fmt(h, 2, ci=False) for h in retrieval[key]["per_head"])
+
+            p_at_1 += f"; heads {per_head('precision_at_1')} at gate {per_head('gate')}"
     semantic = e.get("semantic")
     sem = "–"
     if semantic:
@@ -190,8 +192,8 @@ def table_row(row: dict[str, Any]) -> list[str]:
 
 
 TABLE_HEAD = ["model", "data", "train steps", "open-loop MSE, context revisits [95% CI]", "x none",
-              "memory score [95% CI]", "PSNR", "SSIM", "retrieval P@1 (chance); per head", "digit agreement ctx-rev / first",
-              "first-visit MSE", "own recon MSE"]
+              "memory score [95% CI]", "PSNR", "SSIM", "retrieval P@1 (chance); per head",
+              "digit agreement ctx-rev / first", "first-visit MSE", "own recon MSE"]
 
 
 def results_table(results: list[dict[str, Any]]) -> str:
@@ -209,8 +211,9 @@ def results_table(results: list[dict[str, Any]]) -> str:
                  f"at {PSNR_CAP_DB:.1f} dB = half an 8-bit grey level; SSIM; digit "
                  "agreement on windows centred on a digit); x none = MSE / the baseline's; memory score = (E_none - "
                  "E) / (E_none - E_oracle), 1 = the model's own reconstruction of the earlier view; retrieval P@1 = "
-                 "share of steps whose top read slot holds an earlier visit of the place (chance = uniform read), the mean over "
-                 "read heads, then each head's beside its mean read gate (a head the gate keeps shut reads nothing). "
+                 "share of steps whose top read slot holds an earlier visit of the place (chance = uniform read), "
+                 "the mean over read heads, then each head's beside its mean read gate (a head the gate keeps shut "
+                 "reads nothing). "
                  "The reference rows use no model; their memory score (in eval.json) divides by the evaluated "
                  "model's oracle, so it is left out here.")
     lines += [f"- {note}" for note in notes]
