@@ -14,7 +14,7 @@ from gtmm.cli import UserError
 from rollouts.collect import CollectConfig, collect
 from worldmodel.config import preset
 from worldmodel.model import GTMM, batch_to_torch
-from worldmodel.read_target import fifo_read_targets, read_loss
+from worldmodel.read_target import fifo_frame_targets, fifo_read_targets, read_loss
 from worldmodel.retrieval import retrieval_from_steps
 from worldmodel.train import RolloutSource, train
 
@@ -81,6 +81,25 @@ def test_read_loss_is_the_negative_log_mass_on_the_place_over_revisits_only():
     assert float(loss.detach()) == 0.0 and loss.requires_grad
 
 
+def test_frame_targets_mark_the_slots_of_the_same_view_which_on_the_map_are_the_pose_targets(walks):
+    # (P4'): on the MNIST map a view is its place, so the targets from the frames alone are (P4)'s from the poses
+    for slots in (5, 32):
+        _, source = model_and_batch(walks, slots)
+        batch = batch_to_torch(source.sample(6, np.random.default_rng(1)), "cpu")
+        from_frames = fifo_frame_targets(batch["obs"], slots)
+        assert torch.equal(from_frames, fifo_read_targets(batch["pose"], slots))
+        assert int(from_frames.any(-1).sum()) > 10
+    # a hand case: views equal up to float rounding and a faint change count, other views do not
+    obs = torch.zeros(1, 5, 4, 4, 1, dtype=torch.uint8)
+    obs[0, 0, 0, 0] = 200  # view A
+    obs[0, 1, 1, 1] = 200  # view B
+    obs[0, 2] = obs[0, 0]  # A again: M_1 holds steps 0 and 1 in its last two slots (of 3)
+    obs[0, 3, 0, 0], obs[0, 3, 3, 3] = 200, 1  # A with one pixel off by 1/255: the same view as steps 0 and 2
+    obs[0, 4, 0, 0] = 100  # A at half brightness: MSE 0.0096, another view
+    held = fifo_frame_targets(obs, slots=3)
+    assert held[0].int().tolist() == [[0, 0, 0], [0, 0, 0], [0, 1, 0], [1, 0, 1], [0, 0, 0]]
+
+
 def test_read_loss_teaches_the_keys_to_find_the_place(walks, loss_curve):
     # a few dozen updates of the paper's address (keys from h_t) on real walks: the read mass on the revisited
     # place's slots rises far above a uniform read's
@@ -97,7 +116,27 @@ def test_training_with_the_read_loss_logs_it_and_bad_flags_are_one_clear_error(w
                          ({"memory": "ntm"}, "--read-weight: expected --memory introspective .* got --memory ntm")):
         with pytest.raises(UserError, match=expected):
             train(debug(tmp_path / "bad", walks, steps=1, **{"read_weight": 1.0, **kw}))
+    with pytest.raises(UserError, match="--read-target 'place': expected 'pose' or 'frame'"):
+        train(debug(tmp_path / "bad", walks, steps=1, read_weight=1.0, read_target="place"))
     task = dataclasses.replace(preset("debug"), task="perfect_recall", read_weight=1.0, out=str(tmp_path / "t"),
-                               progress=False)
-    with pytest.raises(UserError, match="has no poses"):
+                               progress=False, memory="introspective", address="hidden", val_every=0)
+    with pytest.raises(UserError, match="has no poses; it needs --data rollouts or --read-target frame"):
         train(task)
+    assert not (tmp_path / "t").exists()
+
+
+def test_frame_targets_need_no_pose_a_sequence_task_trains_with_them(tmp_path, capsys):
+    # perfect recall shows its first half again: the recall steps' views are in memory, and no pose is recorded
+    cfg = dataclasses.replace(preset("debug"), task="perfect_recall", read_weight=1.0, read_target="frame",
+                              out=str(tmp_path / "t"), progress=False, memory="introspective", address="hidden",
+                              val_every=0, steps=2, log_every=1, threads=1)
+    train(cfg)
+    logged = [line for line in capsys.readouterr().out.splitlines() if " read " in line]
+    assert logged and all(float(line.split(" read ")[1].split()[0]) > 0 for line in logged), logged
+
+
+def test_the_model_refuses_the_read_loss_for_a_memory_without_fifo_order(walks):
+    model, source = model_and_batch(walks, slots=8, memory="ntm")
+    batch = batch_to_torch(source.sample(2, np.random.default_rng(0)), "cpu")
+    with pytest.raises(UserError, match=r"read_weight > 0: expected the FIFO memory \(introspective\), got ntm"):
+        model(batch, read_weight=1.0)

@@ -203,8 +203,11 @@ class TrainConfig:
     map); empty = what the data's env declares (action_effects.period), else no axis wraps"""
     read_weight: float = 0.0
     """weight of the read loss (0 = off; worldmodel.read_target; --memory introspective): on a revisit, the negative
-    log read mass on the memory slots written at the same recorded pose, so the keys learn to find the place; needs
-    --data with poses; training only (evaluation and dreams run the model unchanged)"""
+    log read mass on the memory slots written at the same place, so the keys learn to find it; training only
+    (evaluation and dreams run the model unchanged)"""
+    read_target: Literal["pose", "frame"] = "pose"
+    """what marks a slot as written at the same place for --read-weight: 'pose' (the recorded poses are equal; needs
+    --data with poses) or 'frame' (the views are equal: no label beyond the observations, also for --task)"""
     curriculum_start: int = 0
     """sequence-length curriculum: start at this many frames (0 = off, always --seq-len)"""
     curriculum_steps: int = 1000

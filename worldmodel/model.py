@@ -42,9 +42,10 @@ from worldmodel.config import ModelConfig
 from worldmodel.gate import loss as gate_loss_fn
 from worldmodel.reward import RewardHead, loss as reward_loss_fn
 from worldmodel.memory import build_memory
+from worldmodel.memory.introspective import IntrospectiveMemory
 from worldmodel.nets import ActionEmbedding, Decoder, Encoder, GaussianHead, outlier_kl
 from worldmodel.path import PathHead
-from worldmodel.read_target import fifo_read_targets, read_loss
+from worldmodel.read_target import fifo_frame_targets, fifo_read_targets, read_loss
 
 GAUSSIAN_PIXEL_STD = 0.1  # fixed std of the "gaussian" observation model, on pixels in [0, 1]
 
@@ -685,7 +686,8 @@ class GTMM(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor], free_nats: float = 0.0, kl_balance: float = 0.5,
                 gate_aux: float = 1.0, reward_weight: float = 1.0, open_loop_weight: float = 0.0,
-                open_loop_context: int = 8, path_weight: float = 1.0, read_weight: float = 0.0) -> dict[str, Any]:
+                open_loop_context: int = 8, path_weight: float = 1.0, read_weight: float = 0.0,
+                read_target: str = "pose") -> dict[str, Any]:
         """Negative ELBO per step, averaged over batch and time, with optional free bits and KL balancing, plus
         `gate_aux` times the blocked-move gate's auxiliary loss when the address has a gate (`worldmodel.gate`),
         plus `reward_weight` times the reward heads' loss when the model has them and the batch has `reward`.
@@ -701,7 +703,8 @@ class GTMM(nn.Module):
         With a path head, plus `path_weight` times its loss (P3): the displacement since the first frame read
         linearly from h_t, which asks the same of the controller from the recorded poses.
         `read_weight` > 0 (the FIFO memory only) adds that weight times the read loss (P5, `worldmodel.read_target`):
-        on a revisit, the negative log read mass on the slots written at this pose.
+        on a revisit, the negative log read mass on the slots written at this pose (`read_target` "pose", P4) or
+        that hold a step showing this view ("frame", P4').
         """
         # With labels for the gate (a pose), the ELBO must not train it: closing the gate keeps the address where the
         # last frame was written, and reading that slot back (copy the last frame) lowers the ELBO of a view that
@@ -750,7 +753,11 @@ class GTMM(nn.Module):
             seq["path_loss"] = self.path_head.loss(seq["h"], batch["pose"])  # (P3)
             loss = loss + path_weight * seq["path_loss"]
         if read_weight > 0:
-            held = fifo_read_targets(batch["pose"], self.cell.memory.slots)  # (P4) (B, T, N)
+            if not isinstance(self.cell.memory, IntrospectiveMemory):  # (P4) reads the FIFO's slot order
+                raise UserError(f"read_weight > 0: expected the FIFO memory (introspective), got {self.cfg.memory}")
+            slots = self.cell.memory.slots
+            held = (fifo_frame_targets(batch["obs"], slots) if read_target == "frame"  # (P4') (B, T, N)
+                    else fifo_read_targets(batch["pose"], slots))  # (P4) (B, T, N)
             seq["read_loss"] = read_loss(seq["read_weights"], held)  # (P5)
             loss = loss + read_weight * seq["read_loss"]
         if open_loop_weight > 0:

@@ -17,6 +17,12 @@ model unchanged.
 (P4) needs to know which step wrote each slot. The FIFO (`introspective`) says so by its order: a training window
 starts with an empty memory, and after the write of step t-1 slot n holds step t - N + n (none while negative).
 NTM/LRU/DNC write softly to slots of their choosing; for them this loss is not defined.
+
+A place needs no pose label to be recognised: the frame shows it. `--read-target frame` replaces (P4)'s pose test by
+the views' (P4'): slot n's step showed the same view as step t (mean squared pixel difference <= tol). On the MNIST
+map a view is its place (on the training walks the two tests mark the same pairs), so the loss then needs nothing
+but the observations the ELBO trains on; on MiniWorld it also marks a look-alike view from another pose (a wall
+seen from a step aside), which for predicting the frame is as good a read.
 """
 
 from __future__ import annotations
@@ -26,18 +32,42 @@ from torch import Tensor
 
 from worldmodel.retrieval import same_place_earlier
 
+FRAME_TOL = 1e-4
+"""(P4') views are the same when their mean squared difference (pixels in [0, 1]) is at most this (an RMS error of
+~2.5 grey levels): renders of one pose are equal up to the distance's float rounding (<= 7e-7 measured on both
+envs' walks), and on the MNIST map's walks two views of different places differ by 0.015 or more"""
 
-def fifo_read_targets(pose: Tensor, slots: int, tol: float = 1e-3) -> Tensor:
-    """(P4): pose (B, T, D) -> held (B, T, N) bool: slot n of the FIFO that the read of step t sees (M_{t-1}, from
-    an empty memory at step 0) holds a write made at step t's pose."""
-    B, T, _ = pose.shape
-    same = same_place_earlier(pose.float(), tol)  # (B, T, T): [b, t, s] step s < t was at step t's pose
+
+def fifo_slots(same: Tensor, slots: int) -> Tensor:
+    """same (B, T, T) bool, [b, t, s]: step s < t is a visit of step t's place -> held (B, T, N) bool: slot n of the
+    FIFO that the read of step t sees (M_{t-1}, from an empty memory at step 0) holds such a step's write."""
+    B, T, _ = same.shape
     # column j of `padded` is step s = j - N (the first N columns: slots not yet written)
     padded = torch.cat([same.new_zeros(B, T, slots), same], dim=-1)  # (B, T, N+T)
-    t = torch.arange(T, device=pose.device).unsqueeze(1)  # (T, 1)
-    n = torch.arange(slots, device=pose.device).unsqueeze(0)  # (1, N)
+    t = torch.arange(T, device=same.device).unsqueeze(1)  # (T, 1)
+    n = torch.arange(slots, device=same.device).unsqueeze(0)  # (1, N)
     column = (t + n).expand(B, T, slots)  # (B, T, N): slot n at step t holds s = t - N + n, column t + n
     return torch.gather(padded, 2, column)  # (B, T, N)
+
+
+def fifo_read_targets(pose: Tensor, slots: int, tol: float = 1e-3) -> Tensor:
+    """(P4): pose (B, T, D) -> held (B, T, N) bool: slot n of M_{t-1} holds a write made at step t's pose."""
+    return fifo_slots(same_place_earlier(pose.float(), tol), slots)
+
+
+def same_view_earlier(obs: Tensor, tol: float = FRAME_TOL) -> Tensor:
+    """obs (B, T, H, W, C) uint8 -> (B, T, T) bool, [b, t, s]: step s < t showed step t's view (MSE <= tol)."""
+    B, T = obs.shape[:2]
+    frames = obs.reshape(B, T, -1).float().div(255.0)  # (B, T, D)
+    mse = torch.cdist(frames, frames).square() / frames.shape[-1]  # (B, T, T)
+    earlier = torch.ones(T, T, dtype=torch.bool, device=obs.device).tril(-1)  # s < t
+    return (mse <= tol) & earlier
+
+
+def fifo_frame_targets(obs: Tensor, slots: int, tol: float = FRAME_TOL) -> Tensor:
+    """(P4'): obs (B, T, H, W, C) -> held (B, T, N) bool: slot n of M_{t-1} holds a write of a step that showed
+    step t's view; no pose needed."""
+    return fifo_slots(same_view_earlier(obs, tol), slots)
 
 
 def read_loss(weights: Tensor, held: Tensor, eps: float = 1e-6) -> Tensor:

@@ -212,8 +212,9 @@ def check_pose_losses(cfg: TrainConfig, pose_dim: int) -> None:
     """UserError when `--path-weight` or `--read-weight` is on and the data records no pose to learn from."""
     if cfg.path_weight > 0 and pose_dim == 0:
         raise UserError(f"--path-weight {cfg.path_weight}: the data has no pose (pose_dim 0) to learn a path from")
-    if cfg.read_weight > 0 and pose_dim == 0:
-        raise UserError(f"--read-weight {cfg.read_weight}: the data has no pose (pose_dim 0) to find places by")
+    if cfg.read_weight > 0 and cfg.read_target == "pose" and pose_dim == 0:
+        raise UserError(f"--read-weight {cfg.read_weight}: the data has no pose (pose_dim 0) to find places by; "
+                        "--read-target frame finds them by their views")
 
 
 def resolve_path_period(cfg: TrainConfig, pose_dim: int) -> TrainConfig:
@@ -360,8 +361,11 @@ def check_config(cfg: TrainConfig) -> None:
         raise UserError(f"--path-weight: the sequence task {cfg.task!r} has no poses; it needs --data rollouts")
     if not (0.0 <= cfg.read_weight < math.inf):
         raise UserError(f"--read-weight {cfg.read_weight}: expected a number >= 0")
-    if cfg.read_weight > 0 and cfg.task is not None:
-        raise UserError(f"--read-weight: the sequence task {cfg.task!r} has no poses; it needs --data rollouts")
+    if cfg.read_target not in ("pose", "frame"):
+        raise UserError(f"--read-target {cfg.read_target!r}: expected 'pose' or 'frame'")
+    if cfg.read_weight > 0 and cfg.read_target == "pose" and cfg.task is not None:
+        raise UserError(f"--read-weight: the sequence task {cfg.task!r} has no poses; it needs --data rollouts or "
+                        "--read-target frame")
     if cfg.read_weight > 0 and cfg.memory != "introspective":
         raise UserError(f"--read-weight: expected --memory introspective (the FIFO, whose slot order says which step "
                         f"wrote a slot), got --memory {cfg.memory}")
@@ -889,6 +893,7 @@ def _train_locked(cfg: TrainConfig, explicit: Optional[set[str]], stop: Optional
                 out = train_model(batch, free_nats=cfg.free_nats, kl_balance=cfg.kl_balance, gate_aux=cfg.gate_aux,
                                   reward_weight=cfg.reward_weight, open_loop_weight=cfg.open_loop_weight,
                                   path_weight=cfg.path_weight, read_weight=cfg.read_weight,
+                                  read_target=cfg.read_target,
                                   open_loop_context=cfg.open_loop_context)
             loss = out["loss"]
 
