@@ -109,6 +109,28 @@ def test_read_loss_teaches_the_keys_to_find_the_place(walks, loss_curve):
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), losses
 
 
+def test_the_open_loop_read_loss_is_p5_on_the_dreams_reads_and_trains_the_controller(walks):
+    # (P6): (P5) on the reads of the open-loop branch (4 frames seen, then actions only), with frame targets (no
+    # pose): the same value as the loss on an `imagine` from the same state, and a gradient into the LSTM, which is
+    # what must learn to integrate the actions
+    model, source = model_and_batch(walks, slots=32)
+    batch = batch_to_torch(source.sample(8, np.random.default_rng(3)), "cpu")
+    obs, act, pose = batch["obs"], batch["prev_action"], batch["pose"]
+    torch.manual_seed(5)
+    out = model(batch, read_weight=1.0, read_target="frame", open_loop_weight=1.0, open_loop_context=4,
+                read_open_loop=True)
+    torch.manual_seed(5)  # the same draws: the whole window's latents, then the context's; the dream takes means
+    with torch.no_grad():
+        model.observe(obs, act, pose, sample=True, diagnostics=False)
+        seen = model.observe(obs[:, :4], act[:, :4], pose[:, :4], sample=True, diagnostics=False)
+        dream = model.imagine(seen["state"], act[:, 4:], pose[:, 4:], sample=False, diagnostics=False)
+    held = fifo_frame_targets(obs, model.cell.memory.slots)[:, 4:]  # (B, T-4, N)
+    assert int(held.any(-1).sum()) > 10  # the imagined steps revisit
+    torch.testing.assert_close(out["read_loss_open_loop"], read_loss(dream["read_weights"], held))
+    grads = torch.autograd.grad(out["read_loss_open_loop"], list(model.cell.lstm.parameters()))
+    assert all(float(g.abs().sum()) > 0 for g in grads)
+
+
 def test_training_with_the_read_loss_logs_it_and_bad_flags_are_one_clear_error(walks, tmp_path, capsys):
     train(debug(tmp_path / "run", walks, steps=2, log_every=1, read_weight=1.0))
     assert " read " in capsys.readouterr().out
@@ -116,6 +138,11 @@ def test_training_with_the_read_loss_logs_it_and_bad_flags_are_one_clear_error(w
                          ({"memory": "ntm"}, "--read-weight: expected --memory introspective .* got --memory ntm")):
         with pytest.raises(UserError, match=expected):
             train(debug(tmp_path / "bad", walks, steps=1, **{"read_weight": 1.0, **kw}))
+    train(debug(tmp_path / "ol", walks, steps=2, log_every=1, read_weight=1.0, open_loop_weight=1.0,
+                open_loop_context=4, read_open_loop=True))
+    assert " open-loop read " in capsys.readouterr().out
+    with pytest.raises(UserError, match="--read-open-loop .* expected --read-weight > 0 and --open-loop-weight > 0"):
+        train(debug(tmp_path / "bad", walks, steps=1, read_weight=1.0, read_open_loop=True))
     with pytest.raises(UserError, match="--read-target 'place': expected 'pose' or 'frame'"):
         train(debug(tmp_path / "bad", walks, steps=1, read_weight=1.0, read_target="place"))
     task = dataclasses.replace(preset("debug"), task="perfect_recall", read_weight=1.0, out=str(tmp_path / "t"),

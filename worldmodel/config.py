@@ -205,6 +205,9 @@ class TrainConfig:
     """weight of the read loss (0 = off; worldmodel.read_target; --memory introspective): on a revisit, the negative
     log read mass on the memory slots written at the same place, so the keys learn to find it; training only
     (evaluation and dreams run the model unchanged)"""
+    read_open_loop: bool = False
+    """with --read-weight and --open-loop-weight: ask the read loss of the open-loop branch's reads too, which find the
+    place from the actions alone (no frame since the context), so the controller learns to know where it is"""
     read_target: Literal["pose", "frame"] = "pose"
     """what marks a slot as written at the same place for --read-weight: 'pose' (the recorded poses are equal; needs
     --data with poses) or 'frame' (the views are equal: no label beyond the observations, also for --task)"""

@@ -687,7 +687,7 @@ class GTMM(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor], free_nats: float = 0.0, kl_balance: float = 0.5,
                 gate_aux: float = 1.0, reward_weight: float = 1.0, open_loop_weight: float = 0.0,
                 open_loop_context: int = 8, path_weight: float = 1.0, read_weight: float = 0.0,
-                read_target: str = "pose") -> dict[str, Any]:
+                read_target: str = "pose", read_open_loop: bool = False) -> dict[str, Any]:
         """Negative ELBO per step, averaged over batch and time, with optional free bits and KL balancing, plus
         `gate_aux` times the blocked-move gate's auxiliary loss when the address has a gate (`worldmodel.gate`),
         plus `reward_weight` times the reward heads' loss when the model has them and the batch has `reward`.
@@ -704,7 +704,8 @@ class GTMM(nn.Module):
         linearly from h_t, which asks the same of the controller from the recorded poses.
         `read_weight` > 0 (the FIFO memory only) adds that weight times the read loss (P5, `worldmodel.read_target`):
         on a revisit, the negative log read mass on the slots written at this pose (`read_target` "pose", P4) or
-        that hold a step showing this view ("frame", P4').
+        that hold a step showing this view ("frame", P4'); with `read_open_loop` and the open-loop loss on, also on
+        the open-loop branch's reads (P6), where only the actions since the context can say where the agent is.
         """
         # With labels for the gate (a pose), the ELBO must not train it: closing the gate keeps the address where the
         # last frame was written, and reading that slot back (copy the last frame) lowers the ELBO of a view that
@@ -770,6 +771,11 @@ class GTMM(nn.Module):
             target = frames_to_float(batch["obs"][:, K:])  # (B, T-K, C, H, W)
             seq["open_loop_nll"] = self.frame_nll(dream["logits"].float(), target).mean()
             loss = loss + open_loop_weight * seq["open_loop_nll"]
+            if read_weight > 0 and read_open_loop:
+                # (P6) (P5) on the imagined steps' reads; their memory holds the same steps' writes as the
+                # teacher-forced one (the dream writes its own latents), so (P4)'s slots are the place's here too
+                seq["read_loss_open_loop"] = read_loss(dream["read_weights"], held[:, K:])
+                loss = loss + read_weight * seq["read_loss_open_loop"]
         seq["loss"] = loss
         seq["elbo_per_step"] = -(seq["nll"] + seq["kl"]).detach()  # (B, T)
         return seq

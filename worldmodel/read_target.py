@@ -23,6 +23,15 @@ the views' (P4'): slot n's step showed the same view as step t (mean squared pix
 map a view is its place (on the training walks the two tests mark the same pairs), so the loss then needs nothing
 but the observations the ELBO trains on; on MiniWorld it also marks a look-alike view from another pose (a wall
 seen from a step aside), which for predicting the frame is as good a read.
+
+Under teacher forcing a key can find the place from the last frame seen. Predicting without frames (open loop, as
+evaluation and dreams do) it cannot: only the actions since the last frame say where the agent is. `--read-open-loop`
+asks (P5) of the reads of the open-loop branch too (the branch of `--open-loop-weight`, `GTMM.forward`):
+
+    L_read_ol = (P5) over the imagined steps t >= K, with the same held_{t,n}                                   (P6)
+
+(the dream writes its own latents, but slot n still holds step t - N + n, so the place's slots are the same), which
+asks the controller to integrate the actions as the path loss does, from the frames instead of the poses.
 """
 
 from __future__ import annotations

@@ -361,6 +361,9 @@ def check_config(cfg: TrainConfig) -> None:
         raise UserError(f"--path-weight: the sequence task {cfg.task!r} has no poses; it needs --data rollouts")
     if not (0.0 <= cfg.read_weight < math.inf):
         raise UserError(f"--read-weight {cfg.read_weight}: expected a number >= 0")
+    if cfg.read_open_loop and not (cfg.read_weight > 0 and cfg.open_loop_weight > 0):
+        raise UserError(f"--read-open-loop asks the read loss of the open-loop reads: expected --read-weight > 0 and "
+                        f"--open-loop-weight > 0, got {cfg.read_weight} and {cfg.open_loop_weight}")
     if cfg.read_target not in ("pose", "frame"):
         raise UserError(f"--read-target {cfg.read_target!r}: expected 'pose' or 'frame'")
     if cfg.read_weight > 0 and cfg.read_target == "pose" and cfg.task is not None:
@@ -893,7 +896,7 @@ def _train_locked(cfg: TrainConfig, explicit: Optional[set[str]], stop: Optional
                 out = train_model(batch, free_nats=cfg.free_nats, kl_balance=cfg.kl_balance, gate_aux=cfg.gate_aux,
                                   reward_weight=cfg.reward_weight, open_loop_weight=cfg.open_loop_weight,
                                   path_weight=cfg.path_weight, read_weight=cfg.read_weight,
-                                  read_target=cfg.read_target,
+                                  read_target=cfg.read_target, read_open_loop=cfg.read_open_loop,
                                   open_loop_context=cfg.open_loop_context)
             loss = out["loss"]
 
@@ -968,6 +971,8 @@ def _train_locked(cfg: TrainConfig, explicit: Optional[set[str]], stop: Optional
                     scalars["loss/path"] = float(out["path_loss"].detach())
                 if "read_loss" in out:  # --read-weight: -log read mass on the revisited place's slots
                     scalars["loss/read"] = float(out["read_loss"].detach())
+                if "read_loss_open_loop" in out:  # --read-open-loop: the same for the reads made without frames
+                    scalars["loss/read_open_loop"] = float(out["read_loss_open_loop"].detach())
                 for name, value in scalars.items():
                     if not math.isnan(value):
                         writer.add_scalar(name, value, step)
@@ -985,6 +990,8 @@ def _train_locked(cfg: TrainConfig, explicit: Optional[set[str]], stop: Optional
                         gate += f" path {scalars['loss/path']:.3f}"
                     if "loss/read" in scalars:
                         gate += f" read {scalars['loss/read']:.3f}"
+                    if "loss/read_open_loop" in scalars:
+                        gate += f" open-loop read {scalars['loss/read_open_loop']:.3f}"
                     say(f"[train] step {step}/{cfg.steps} | loss {loss.item():.2f} nll {scalars['loss/nll']:.2f} "
                         f"kl {scalars['loss/kl']:.3f}{gate} | {frames_per_s:.0f} frames/s{val_text(val, improved)}")
             elif val is not None:
