@@ -162,8 +162,11 @@ def test_frame_targets_need_no_pose_a_sequence_task_trains_with_them(tmp_path, c
     assert logged and all(float(line.split(" read ")[1].split()[0]) > 0 for line in logged), logged
 
 
-def test_the_model_refuses_the_read_loss_for_a_memory_without_fifo_order(walks):
+def test_the_model_refuses_the_read_loss_without_fifo_order_or_with_an_unknown_target(walks):
     model, source = model_and_batch(walks, slots=8, memory="ntm")
     batch = batch_to_torch(source.sample(2, np.random.default_rng(0)), "cpu")
     with pytest.raises(UserError, match=r"read_weight > 0: expected the FIFO memory \(introspective\), got ntm"):
         model(batch, read_weight=1.0)
+    fifo, _ = model_and_batch(walks, slots=8)
+    with pytest.raises(UserError, match="read_target 'frames': expected 'pose' or 'frame'"):
+        fifo(batch, read_weight=1.0, read_target="frames")

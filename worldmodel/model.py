@@ -756,6 +756,8 @@ class GTMM(nn.Module):
         if read_weight > 0:
             if not isinstance(self.cell.memory, IntrospectiveMemory):  # (P4) reads the FIFO's slot order
                 raise UserError(f"read_weight > 0: expected the FIFO memory (introspective), got {self.cfg.memory}")
+            if read_target not in ("pose", "frame"):
+                raise UserError(f"read_target {read_target!r}: expected 'pose' or 'frame'")
             slots = self.cell.memory.slots
             held = (fifo_frame_targets(batch["obs"], slots) if read_target == "frame"  # (P4') (B, T, N)
                     else fifo_read_targets(batch["pose"], slots))  # (P4) (B, T, N)
