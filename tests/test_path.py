@@ -72,7 +72,7 @@ def test_bad_path_flags_are_one_clear_error(walks, tmp_path):
     for kw, expected in (({"path_period": "[56]"}, "one period per pose axis"),
                          ({"path_period": "[56, -1]"}, "positive number or null"),
                          ({"path_period": "84"}, "expected a JSON list"),
-                         ({"path_period": "[56,"}, "--path-period: .\[56,. is not valid JSON"),
+                         ({"path_period": "[56,"}, r"--path-period: .\[56,. is not valid JSON"),
                          ({"path_weight": -1.0}, "--path-weight -1.0")):
         with pytest.raises(UserError, match=expected):
             train(debug(tmp_path / "bad", walks["wrap"], steps=1, **{"path_weight": 1.0, **kw}))
