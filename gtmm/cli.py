@@ -99,10 +99,12 @@ def parse(config_cls: type[T], argv: Sequence[str] | None = None, *, prog: str, 
         if exit_.code in (0, None):  # --help: show it as tyro wrote it
             sys.stdout.write(text)
             raise
-        # tyro's box: a title ("Value error", "Unrecognized options"), a rule, then the reason on the next line
+        # tyro's box: a title ("Value error", "Unrecognized options"), a rule, then the reason, which tyro wraps at
+        # the box's width (a list of choices spans two lines), up to the next rule
         lines = [_BOX.sub("", line).strip() for line in text.splitlines()]
-        lines = [line for line in lines if line and not set(line) <= set("-=_ ")]
-        reason = lines[1] if len(lines) > 1 else (lines[0] if lines else "bad arguments")
+        rules = [i for i, line in enumerate(lines) if line and set(line) <= set("-=_ ")]
+        body = lines[rules[0] + 1:rules[1] if len(rules) > 1 else None] if rules else lines
+        reason = " ".join(line for line in body if line) or "bad arguments"
         print(f"error: {reason} (python -m {prog} --help lists the flags)", file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None
 

@@ -74,6 +74,8 @@ CASES = [
     ("worldmodel.report", ["{base}/empty", "--out", "{base}/report"], "empty"),
     ("worldmodel.report", ["{base}/future", "--out", "{base}/report"], "version"),
     ("worldmodel.report", ["{base}/garbled", "--out", "{base}/report"], "garbled"),
+    # a choice list that tyro wraps onto a second line of its box comes out whole
+    ("worldmodel.train", ["--data", "{data}", "--read-target", "place", "--out", "{base}/r"], "one of ('pose', 'frame')"),
 ]
 
 
