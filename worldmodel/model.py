@@ -45,7 +45,7 @@ from worldmodel.memory import build_memory
 from worldmodel.memory.introspective import IntrospectiveMemory
 from worldmodel.nets import ActionEmbedding, Decoder, Encoder, GaussianHead, outlier_kl
 from worldmodel.path import PathHead
-from worldmodel.read_target import fifo_frame_targets, fifo_read_targets, read_loss
+from worldmodel.read_target import fifo_targets, read_loss
 
 GAUSSIAN_PIXEL_STD = 0.1  # fixed std of the "gaussian" observation model, on pixels in [0, 1]
 
@@ -756,11 +756,7 @@ class GTMM(nn.Module):
         if read_weight > 0:
             if not isinstance(self.cell.memory, IntrospectiveMemory):  # (P4) reads the FIFO's slot order
                 raise UserError(f"read_weight > 0: expected the FIFO memory (introspective), got {self.cfg.memory}")
-            if read_target not in ("pose", "frame"):
-                raise UserError(f"read_target {read_target!r}: expected 'pose' or 'frame'")
-            slots = self.cell.memory.slots
-            held = (fifo_frame_targets(batch["obs"], slots) if read_target == "frame"  # (P4') (B, T, N)
-                    else fifo_read_targets(batch["pose"], slots))  # (P4) (B, T, N)
+            held = fifo_targets(batch, self.cell.memory.slots, read_target)  # (P4) or (P4') (B, T, N)
             seq["read_loss"] = read_loss(seq["read_weights"], held)  # (P5)
             loss = loss + read_weight * seq["read_loss"]
         if open_loop_weight > 0:

@@ -39,7 +39,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from gtmm.cli import UserError
 from worldmodel.retrieval import same_place_earlier
+
+READ_TARGETS = ("pose", "frame")
+"""what marks a slot as the place's: (P4) the recorded pose, (P4') the view"""
 
 FRAME_TOL = 1e-4
 """(P4') views are the same when their mean squared difference (pixels in [0, 1]) is at most this (an RMS error of
@@ -77,6 +81,14 @@ def fifo_frame_targets(obs: Tensor, slots: int, tol: float = FRAME_TOL) -> Tenso
     """(P4'): obs (B, T, H, W, C) -> held (B, T, N) bool: slot n of M_{t-1} holds a write of a step that showed
     step t's view; no pose needed."""
     return fifo_slots(same_view_earlier(obs, tol), slots)
+
+
+def fifo_targets(batch: dict[str, Tensor], slots: int, target: str) -> Tensor:
+    """held (B, T, N) of a training batch by `target` (one of READ_TARGETS): (P4) from its `pose`, (P4') from its
+    `obs`; an unknown target is a UserError."""
+    if target not in READ_TARGETS:
+        raise UserError(f"read_target {target!r}: expected 'pose' or 'frame'")
+    return fifo_frame_targets(batch["obs"], slots) if target == "frame" else fifo_read_targets(batch["pose"], slots)
 
 
 def read_loss(weights: Tensor, held: Tensor, eps: float = 1e-6) -> Tensor:

@@ -65,6 +65,7 @@ from rollouts.dataset import Prefetcher
 from worldmodel import checkpoint
 from worldmodel.config import AUTO, RESUME_MAY_CHANGE, TrainConfig, preset
 from worldmodel.model import BATCH_DTYPES, GTMM, OPTIONAL_DTYPES, batch_to_torch, param_groups
+from worldmodel.read_target import READ_TARGETS
 
 # the rng streams of the image-grid batch and of the task validation batch: apart from every rank's training stream
 VIS_STREAM, VAL_STREAM = 10**6, 10**6 + 1
@@ -364,7 +365,7 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.read_open_loop and not (cfg.read_weight > 0 and cfg.open_loop_weight > 0):
         raise UserError(f"--read-open-loop asks the read loss of the open-loop reads: expected --read-weight > 0 and "
                         f"--open-loop-weight > 0, got {cfg.read_weight} and {cfg.open_loop_weight}")
-    if cfg.read_target not in ("pose", "frame"):
+    if cfg.read_target not in READ_TARGETS:
         raise UserError(f"--read-target {cfg.read_target!r}: expected 'pose' or 'frame'")
     if cfg.read_weight > 0 and cfg.read_target == "pose" and cfg.task is not None:
         raise UserError(f"--read-weight: the sequence task {cfg.task!r} has no poses; it needs --data rollouts or "
