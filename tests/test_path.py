@@ -15,8 +15,8 @@ from rollouts import storage
 from rollouts.collect import CollectConfig, collect
 from worldmodel import checkpoint
 from worldmodel.config import preset
-from worldmodel.model import GTMM
-from worldmodel.path import displacement
+from worldmodel.model import GTMM, batch_to_torch
+from worldmodel.path import action_counts, displacement
 from worldmodel.train import RolloutSource, train
 
 
@@ -68,6 +68,50 @@ def test_path_loss_teaches_the_controller_the_displacement(walks, loss_curve):
     assert np.mean(path[-5:]) < 0.5 * np.mean(path[:5]), path
 
 
+def test_action_counts_count_each_action_since_the_first_frame_centred():
+    # (P2'): the move into frame 0 and a missing action (-1) count for nothing; each row sums to zero
+    counts = action_counts(torch.tensor([[3, 0, 0, 2, -1, 1]]), 4)[0]
+    raw = [[0, 0, 0, 0], [1, 0, 0, 0], [2, 0, 0, 0], [2, 0, 1, 0], [2, 0, 1, 0], [2, 1, 1, 0]]
+    assert torch.allclose(counts, torch.tensor(raw, dtype=torch.float32) - torch.tensor(raw).float().mean(-1, True))
+    assert torch.allclose(counts.sum(-1), torch.zeros(6), atol=1e-6)
+
+
+@pytest.mark.parametrize("border", ["wrap", "clip"])
+def test_on_the_torus_the_displacement_is_linear_in_the_centred_action_counts(walks, border):
+    # what makes (P2') a pose-free stand-in for (P2) on a torus map: d_t = M d'_t exactly, one M for every walk; on a
+    # clipping map some moves are blocked and no M fits
+    source = RolloutSource(str(walks[border]), seq_len=15, val_fraction=0.0, seed=0)
+    batch = source.sample(32, np.random.default_rng(0))
+    period = storage.read_manifest(walks[border])["env"]["action_effects"].get("period", [])
+    d = displacement(torch.as_tensor(batch["pose"]).double(), period).reshape(-1, 2)  # (B*T, 2)
+    counts = action_counts(torch.as_tensor(batch["prev_action"]), source.num_actions).double().reshape(-1, 4)
+    moves = torch.linalg.lstsq(counts, d).solution  # (A, 2)
+    worst = (counts @ moves - d).abs().max().item()
+    if border == "wrap":
+        assert worst < 1e-6, worst
+        assert torch.allclose(moves.abs().max(0).values, torch.tensor([14.0, 14.0], dtype=torch.float64))
+    else:
+        assert worst > 1.0, worst
+
+
+def test_path_target_actions_trains_from_the_actions_alone(walks, tmp_path, loss_curve):
+    # the head reads one value per action, the run records the target, the loss falls, and pose-less data is fine
+    train(debug(tmp_path / "run", walks["clip"], steps=2, path_weight=1.0, path_target="actions"))
+    model, _ = checkpoint.load(tmp_path / "run")
+    assert model.cfg.path_target == "actions" and model.path_head.out.out_features == 4
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["path_period"] == ""
+    torch.manual_seed(0)
+    cfg = debug(Path("unused"), walks["wrap"], path_weight=1.0, path_target="actions")
+    source = RolloutSource(str(walks["wrap"]), seq_len=12, val_fraction=0.0, seed=0)
+    model = GTMM(cfg.model_config(source.obs_shape, source.num_actions, source.pose_dim))
+    batch = source.sample(8, np.random.default_rng(0))
+    batch["pose"] = np.full_like(batch["pose"], np.nan)  # the target never reads a pose
+    loss = model(batch_to_torch(batch, "cpu"), path_weight=1.0)["path_loss"]
+    assert torch.isfinite(loss), loss
+    path = loss_curve(model, source, 60, "path_loss", path_weight=10.0)
+    assert np.mean(path[-5:]) < 0.5 * np.mean(path[:5]), path
+
+
 def test_bad_path_flags_are_one_clear_error(walks, tmp_path):
     for kw, expected in (({"path_period": "[56]"}, "one period per pose axis"),
                          ({"path_period": "[56, -1]"}, "positive number or null"),
@@ -80,6 +124,10 @@ def test_bad_path_flags_are_one_clear_error(walks, tmp_path):
                                progress=False)
     with pytest.raises(UserError, match="has no poses"):
         train(task)
+    with pytest.raises(UserError, match="has no poses and no actions"):
+        train(dataclasses.replace(task, path_target="actions"))
+    with pytest.raises(UserError, match="--path-target 'place': expected 'pose' or 'actions'"):
+        train(debug(tmp_path / "bad", walks["wrap"], steps=1, path_weight=1.0, path_target="place"))
 
 
 def test_position_probe_prints_the_error_per_horizon_beside_chance_and_control(walks, tmp_path, capsys):

@@ -65,6 +65,8 @@ class ModelConfig:
     """a linear head reads the displacement since the window's first frame from h_t (worldmodel.path)"""
     path_period: list[Optional[float]] = field(default_factory=list)
     """the path head's period of each pose axis (null: the axis does not wrap; empty: none wraps)"""
+    path_target: Literal["pose", "actions"] = "pose"
+    """what the path head reads: the displacement from the recorded poses, or the centred action counts (P2')"""
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
@@ -196,11 +198,15 @@ class TrainConfig:
     """frames seen before the open-loop part of each training window (--open-loop-weight > 0)"""
     path_weight: float = 0.0
     """weight of the path-integration loss (0 = off; worldmodel.path): a linear head on the controller state h_t
-    predicts the displacement since the window's first frame, from the recorded poses, so the controller (and the
-    `hidden` address's keys, linear in it) knows where the agent is without a frame; needs --data with poses"""
+    predicts the displacement since the window's first frame, from the recorded poses (or the actions: --path-target),
+    so the controller (and the `hidden` address's keys, linear in it) knows where the agent is without a frame"""
     path_period: str = ""
     """the pose's period per axis as a JSON list, null for an axis that does not wrap (e.g. '[84, 84]' on a torus
     map); empty = what the data's env declares (action_effects.period), else no axis wraps"""
+    path_target: Literal["pose", "actions"] = "pose"
+    """what the path head predicts: 'pose' (the displacement, from the recorded poses) or 'actions' (the count of each
+    action taken since the window's first frame, centred over the actions: no label beyond the actions; the
+    displacement itself where moves add and are never blocked, e.g. a torus map)"""
     read_weight: float = 0.0
     """weight of the read loss (0 = off; worldmodel.read_target; --memory introspective): on a revisit, the negative
     log read mass on the memory slots written at the same place, so the keys learn to find it; training only
@@ -305,6 +311,7 @@ class TrainConfig:
             memory_kwargs=parse_json_object(self.memory_kwargs, "memory_kwargs"),
             address_kwargs=parse_json_object(self.address_kwargs, "address_kwargs"),
             path_head=self.path_weight > 0, path_period=self.parsed_path_period(pose_dim),
+            path_target=self.path_target,
         )
 
     def parsed_path_period(self, pose_dim: int) -> list[Optional[float]]:

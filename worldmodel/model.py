@@ -414,7 +414,8 @@ class GTMM(nn.Module):
         self.reward_head = (RewardHead(cfg.h_dim + self.cell.memory.read_dim + cfg.z_dim, cfg.hidden_dim)
                             if cfg.reward_head else None)
         # (P3): the displacement read from h_t (`worldmodel.path`), when the config asks
-        self.path_head = PathHead(cfg.h_dim, cfg.pose_dim, cfg.path_period) if cfg.path_head else None
+        self.path_head = (PathHead(cfg.h_dim, cfg.pose_dim, cfg.path_period, cfg.path_target, cfg.num_actions)
+                          if cfg.path_head else None)
         self._compiled_step: Any = None  # `compile_step`: the compiled `cell.scan_step` (not a submodule: no weights)
         self._compile_mode: Optional[str] = None
 
@@ -701,7 +702,8 @@ class GTMM(nn.Module):
         frames, then predict each later frame from the prior's mean alone (`imagine`, as evaluation does) and pay
         its NLL. Teacher forcing never asks the controller to know where it is without a frame; this does.
         With a path head, plus `path_weight` times its loss (P3): the displacement since the first frame read
-        linearly from h_t, which asks the same of the controller from the recorded poses.
+        linearly from h_t, which asks the same of the controller from the recorded poses (or, pose-free, the
+        centred counts of the actions taken since, P2').
         `read_weight` > 0 (the FIFO memory only) adds that weight times the read loss (P5, `worldmodel.read_target`):
         on a revisit, the negative log read mass on the slots written at this pose (`read_target` "pose", P4) or
         that hold a step showing this view ("frame", P4'); with `read_open_loop` and the open-loop loss on, also on
@@ -751,7 +753,7 @@ class GTMM(nn.Module):
             seq["reward_pred"] = reward.detach()
             loss = loss + reward_weight * seq["reward_loss"]
         if self.path_head is not None:
-            seq["path_loss"] = self.path_head.loss(seq["h"], batch["pose"])  # (P3)
+            seq["path_loss"] = self.path_head.loss(seq["h"], batch["pose"], batch["prev_action"])  # (P3)
             loss = loss + path_weight * seq["path_loss"]
         if read_weight > 0:
             if not isinstance(self.cell.memory, IntrospectiveMemory):  # (P4) reads the FIFO's slot order

@@ -14,12 +14,23 @@ error on a 84-px torus; chance ~30; README, the paper's address). This head asks
     L_path  = mean_{b,t} || W h_t + c - d_t ||^2        a linear read-out of h_t                             (P3)
 
 Linear on purpose: the keys are linear in h_t (k_t = P h_t), so what W can read, P can use to address.
+
+Without poses (`--path-target actions`) the head reads the actions taken since the first frame instead, counted per
+action and centred over the actions, a target made of the model's own inputs:
+
+    n_t     = sum_{1<=s<=t} onehot(a_s)                 a_s = the action that led to frame s (-1: none, no count)
+    d'_t    = (n_t - mean_a n_{t,a} 1) / scale          centred: the part a move can depend on when the actions'
+                                                        moves sum to zero (up/down, left/right)              (P2')
+
+On a map whose moves add and are never blocked (the torus) the displacement is linear in d'_t (d_t = M d'_t, M the
+moves), so (P3) on d'_t asks the controller for everything (P2) asks, without a pose label; where moves are blocked
+(a clipping border, MiniWorld's walls) or turn the agent, the counts are not the displacement and say less.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -72,17 +83,40 @@ def displacement(pose: torch.Tensor, period: Sequence[Optional[float]] = ()) -> 
     return torch.cat([torch.zeros_like(pose[:, :1]), step.cumsum(1)], dim=1)  # (B, T, D)
 
 
-class PathHead(nn.Module):
-    """(P3): a linear read-out of the displacement from h_t, and its loss."""
+PATH_TARGETS = ("pose", "actions")
+"""what the path head reads from h_t: the displacement from the recorded poses (P2), or the centred action counts
+(P2')"""
 
-    def __init__(self, h_dim: int, pose_dim: int, period: Sequence[Optional[float]] = ()) -> None:
+
+def action_counts(prev_action: torch.Tensor, num_actions: int) -> torch.Tensor:
+    """(P2') before scaling: prev_action (B, T) int64 -> the centred count of each action since frame 0 (B, T, A).
+    Actions < 0 (none: an episode's first frame) count for nothing."""
+    taken = torch.nn.functional.one_hot(prev_action.clamp(min=0), num_actions).float()  # (B, T, A)
+    taken = taken * (prev_action >= 0).unsqueeze(-1)  # no action, no count
+    taken[:, 0] = 0.0  # the move into frame 0 came before the window's first frame
+    counts = taken.cumsum(1)  # (B, T, A)
+    return counts - counts.mean(-1, keepdim=True)
+
+
+class PathHead(nn.Module):
+    """(P3): a linear read-out of the displacement (P2) or the centred action counts (P2') from h_t, and its loss."""
+
+    def __init__(self, h_dim: int, pose_dim: int, period: Sequence[Optional[float]] = (),
+                 target: Literal["pose", "actions"] = "pose", num_actions: int = 0) -> None:
         super().__init__()
-        self.out = nn.Linear(h_dim, pose_dim)
+        if target not in PATH_TARGETS:
+            raise UserError(f"path target {target!r}: expected one of {PATH_TARGETS}")
+        self.target, self.num_actions = target, num_actions
+        self.out = nn.Linear(h_dim, pose_dim if target == "pose" else num_actions)
         self.period = list(period)
 
-    def loss(self, h: torch.Tensor, pose: torch.Tensor) -> torch.Tensor:
-        """h (B, T, H), pose (B, T, D) -> the mean squared error of the predicted displacement, in RMS moves."""
-        target = displacement(pose.float(), self.period)  # (B, T, D)
+    def loss(self, h: torch.Tensor, pose: torch.Tensor, prev_action: torch.Tensor) -> torch.Tensor:
+        """h (B, T, H), pose (B, T, D), prev_action (B, T) -> the mean squared error of the predicted target, in RMS
+        moves (steps of the target)."""
+        if self.target == "pose":
+            target = displacement(pose.float(), self.period)  # (B, T, D)
+        else:
+            target = action_counts(prev_action, self.num_actions)  # (B, T, A)
         with torch.no_grad():
             moves = target[:, 1:] - target[:, :-1]  # (B, T-1, D): the wrapped steps
             scale = moves.square().sum(-1).mean().sqrt().clamp(min=1e-6)  # RMS move of the batch

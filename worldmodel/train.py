@@ -65,6 +65,7 @@ from rollouts.dataset import Prefetcher
 from worldmodel import checkpoint
 from worldmodel.config import AUTO, RESUME_MAY_CHANGE, TrainConfig, preset
 from worldmodel.model import BATCH_DTYPES, GTMM, OPTIONAL_DTYPES, batch_to_torch, param_groups
+from worldmodel.path import PATH_TARGETS
 from worldmodel.read_target import READ_TARGETS
 
 # the rng streams of the image-grid batch and of the task validation batch: apart from every rank's training stream
@@ -211,8 +212,9 @@ def resolve_auto_address(cfg: TrainConfig, source) -> tuple[TrainConfig, str]:
 
 def check_pose_losses(cfg: TrainConfig, pose_dim: int) -> None:
     """UserError when `--path-weight` or `--read-weight` is on and the data records no pose to learn from."""
-    if cfg.path_weight > 0 and pose_dim == 0:
-        raise UserError(f"--path-weight {cfg.path_weight}: the data has no pose (pose_dim 0) to learn a path from")
+    if cfg.path_weight > 0 and cfg.path_target == "pose" and pose_dim == 0:
+        raise UserError(f"--path-weight {cfg.path_weight}: the data has no pose (pose_dim 0) to learn a path from; "
+                        "--path-target actions learns it from the actions")
     if cfg.read_weight > 0 and cfg.read_target == "pose" and pose_dim == 0:
         raise UserError(f"--read-weight {cfg.read_weight}: the data has no pose (pose_dim 0) to find places by; "
                         "--read-target frame finds them by their views")
@@ -221,7 +223,7 @@ def check_pose_losses(cfg: TrainConfig, pose_dim: int) -> None:
 def resolve_path_period(cfg: TrainConfig, pose_dim: int) -> TrainConfig:
     """`--path-weight` on with an empty `--path-period`: the period the data's env declares (`action_effects.period`:
     a torus map), recorded in the config; else the config unchanged. The period is checked against the pose."""
-    if cfg.path_weight > 0 and not cfg.path_period.strip() and cfg.data is not None:
+    if cfg.path_weight > 0 and cfg.path_target == "pose" and not cfg.path_period.strip() and cfg.data is not None:
         from worldmodel.path import declared_period
 
         period = declared_period(cfg.data)
@@ -358,8 +360,11 @@ def check_config(cfg: TrainConfig) -> None:
         raise UserError(f"--open-loop-weight {cfg.open_loop_weight}: expected a number >= 0")
     if not (0.0 <= cfg.path_weight < math.inf):
         raise UserError(f"--path-weight {cfg.path_weight}: expected a number >= 0")
+    if cfg.path_target not in PATH_TARGETS:
+        raise UserError(f"--path-target {cfg.path_target!r}: expected 'pose' or 'actions'")
     if cfg.path_weight > 0 and cfg.task is not None:
-        raise UserError(f"--path-weight: the sequence task {cfg.task!r} has no poses; it needs --data rollouts")
+        raise UserError(f"--path-weight: the sequence task {cfg.task!r} has no poses and no actions; it needs --data "
+                        "rollouts")
     if not (0.0 <= cfg.read_weight < math.inf):
         raise UserError(f"--read-weight {cfg.read_weight}: expected a number >= 0")
     if cfg.read_open_loop and not (cfg.read_weight > 0 and cfg.open_loop_weight > 0):
