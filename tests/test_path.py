@@ -128,6 +128,9 @@ def test_bad_path_flags_are_one_clear_error(walks, tmp_path):
         train(dataclasses.replace(task, path_target="actions"))
     with pytest.raises(UserError, match="--path-target 'place': expected 'pose' or 'actions'"):
         train(debug(tmp_path / "bad", walks["wrap"], steps=1, path_weight=1.0, path_target="place"))
+    with pytest.raises(UserError, match="--path-period \\[56, 56\\]: the action counts"):
+        train(debug(tmp_path / "bad", walks["wrap"], steps=1, path_weight=1.0, path_target="actions",
+                    path_period="[56, 56]"))
 
 
 def test_position_probe_prints_the_error_per_horizon_beside_chance_and_control(walks, tmp_path, capsys):

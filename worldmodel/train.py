@@ -362,6 +362,9 @@ def check_config(cfg: TrainConfig) -> None:
         raise UserError(f"--path-weight {cfg.path_weight}: expected a number >= 0")
     if cfg.path_target not in PATH_TARGETS:
         raise UserError(f"--path-target {cfg.path_target!r}: expected 'pose' or 'actions'")
+    if cfg.path_target == "actions" and cfg.path_period.strip():
+        raise UserError(f"--path-period {cfg.path_period}: the action counts of --path-target actions do not wrap; "
+                        "the period is for --path-target pose")
     if cfg.path_weight > 0 and cfg.task is not None:
         raise UserError(f"--path-weight: the sequence task {cfg.task!r} has no poses and no actions; it needs --data "
                         "rollouts")
