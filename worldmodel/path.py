@@ -118,6 +118,6 @@ class PathHead(nn.Module):
         else:
             target = action_counts(prev_action, self.num_actions)  # (B, T, A)
         with torch.no_grad():
-            moves = target[:, 1:] - target[:, :-1]  # (B, T-1, D): the wrapped steps
+            moves = target[:, 1:] - target[:, :-1]  # (B, T-1, D or A): the target's steps (poses: wrapped)
             scale = moves.square().sum(-1).mean().sqrt().clamp(min=1e-6)  # RMS move of the batch
         return (self.out(h.float()) - target / scale).square().sum(-1).mean()
