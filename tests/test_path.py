@@ -16,7 +16,7 @@ from rollouts.collect import CollectConfig, collect
 from worldmodel import checkpoint
 from worldmodel.config import preset
 from worldmodel.model import GTMM, batch_to_torch
-from worldmodel.path import action_counts, displacement
+from worldmodel.path import action_counts, displacement, view_changed
 from worldmodel.train import RolloutSource, train
 
 
@@ -62,7 +62,7 @@ def test_path_loss_teaches_the_controller_the_displacement(walks, loss_curve):
     # a few dozen updates on real walks: the linear read-out of h_t gets the displacement far better than at the start
     torch.manual_seed(0)
     cfg = debug(Path("unused"), walks["wrap"], path_weight=1.0, path_period="[56, 56]")
-    source = RolloutSource(str(walks["wrap"]), seq_len=12, val_fraction=0.0, seed=0)
+    source = RolloutSource(str(walks["clip"]), seq_len=12, val_fraction=0.0, seed=0)
     model = GTMM(cfg.model_config(source.obs_shape, source.num_actions, source.pose_dim))
     path = loss_curve(model, source, 60, "path_loss", path_weight=10.0)
     assert np.mean(path[-5:]) < 0.5 * np.mean(path[:5]), path
@@ -76,33 +76,51 @@ def test_action_counts_count_each_action_since_the_first_frame_centred():
     assert torch.allclose(counts.sum(-1), torch.zeros(6), atol=1e-6)
 
 
-@pytest.mark.parametrize("border", ["wrap", "clip"])
-def test_on_the_torus_the_displacement_is_linear_in_the_centred_action_counts(walks, border):
+def test_moves_count_only_the_actions_whose_view_changed():
+    # (P2''): frame 2 repeats frame 1 (a blocked move), so action 0 into it counts for nothing
+    obs = torch.tensor([[[1.0], [2.0], [2.0], [3.0]]])  # (B=1, T=4, 1)
+    changed = view_changed(obs)
+    assert changed.tolist() == [[False, True, False, True]]
+    counts = action_counts(torch.tensor([[3, 1, 0, 2]]), 4, changed)[0]
+    raw = torch.tensor([[0, 0, 0, 0], [0, 1, 0, 0], [0, 1, 0, 0], [0, 1, 1, 0]], dtype=torch.float32)
+    assert torch.allclose(counts, raw - raw.mean(-1, True))
+
+
+@pytest.mark.parametrize("border,target", [("wrap", "actions"), ("clip", "actions"), ("clip", "moves")])
+def test_the_displacement_is_linear_in_the_counts_where_the_moves_they_count_add(walks, border, target):
     # what makes (P2') a pose-free stand-in for (P2) on a torus map: d_t = M d'_t exactly, one M for every walk; on a
-    # clipping map some moves are blocked and no M fits
+    # clipping map some moves are blocked and no M fits, unless only the moves that changed the view count (P2'')
     source = RolloutSource(str(walks[border]), seq_len=15, val_fraction=0.0, seed=0)
     batch = source.sample(32, np.random.default_rng(0))
     period = storage.read_manifest(walks[border])["env"]["action_effects"].get("period", [])
-    d = displacement(torch.as_tensor(batch["pose"]).double(), period).reshape(-1, 2)  # (B*T, 2)
-    counts = action_counts(torch.as_tensor(batch["prev_action"]), source.num_actions).double().reshape(-1, 4)
+    pose = torch.as_tensor(batch["pose"]).double()
+    d = displacement(pose, period).reshape(-1, 2)  # (B*T, 2)
+    changed = view_changed(torch.as_tensor(batch["obs"]))  # (B, T)
+    moved = torch.cat([torch.zeros_like(changed[:, :1]), (pose[:, 1:] != pose[:, :-1]).any(-1)], 1)
+    assert torch.equal(changed, moved)  # on these maps a view changes exactly when the agent moves
+    happened = changed if target == "moves" else None
+    counts = action_counts(torch.as_tensor(batch["prev_action"]), source.num_actions, happened).double()
+    counts = counts.reshape(-1, 4)
     moves = torch.linalg.lstsq(counts, d).solution  # (A, 2)
     worst = (counts @ moves - d).abs().max().item()
-    if border == "wrap":
+    if border == "wrap" or target == "moves":
         assert worst < 1e-6, worst
         assert torch.allclose(moves.abs().max(0).values, torch.tensor([14.0, 14.0], dtype=torch.float64))
     else:
+        assert (~moved[:, 1:]).any()  # blocked moves
         assert worst > 1.0, worst
 
 
-def test_path_target_actions_trains_from_the_actions_alone(walks, tmp_path, loss_curve):
+@pytest.mark.parametrize("target", ["actions", "moves"])
+def test_path_targets_from_the_inputs_train_without_poses(walks, tmp_path, loss_curve, target):
     # the head reads one value per action, the run records the target, the loss falls, and pose-less data is fine
-    train(debug(tmp_path / "run", walks["clip"], steps=2, path_weight=1.0, path_target="actions"))
+    train(debug(tmp_path / "run", walks["clip"], steps=2, path_weight=1.0, path_target=target))
     model, _ = checkpoint.load(tmp_path / "run")
-    assert model.cfg.path_target == "actions" and model.path_head.out.out_features == 4
+    assert model.cfg.path_target == target and model.path_head.out.out_features == 4
     assert json.loads((tmp_path / "run" / "config.json").read_text())["path_period"] == ""
     torch.manual_seed(0)
-    cfg = debug(Path("unused"), walks["wrap"], path_weight=1.0, path_target="actions")
-    source = RolloutSource(str(walks["wrap"]), seq_len=12, val_fraction=0.0, seed=0)
+    cfg = debug(Path("unused"), walks["clip"], path_weight=1.0, path_target=target)
+    source = RolloutSource(str(walks["clip"]), seq_len=12, val_fraction=0.0, seed=0)
     model = GTMM(cfg.model_config(source.obs_shape, source.num_actions, source.pose_dim))
     batch = source.sample(8, np.random.default_rng(0))
     batch["pose"] = np.full_like(batch["pose"], np.nan)  # the target never reads a pose
@@ -126,11 +144,12 @@ def test_bad_path_flags_are_one_clear_error(walks, tmp_path):
         train(task)
     with pytest.raises(UserError, match="has no poses and no actions"):
         train(dataclasses.replace(task, path_target="actions"))
-    with pytest.raises(UserError, match="--path-target 'place': expected 'pose' or 'actions'"):
+    with pytest.raises(UserError, match="--path-target 'place': expected one of pose, actions, moves"):
         train(debug(tmp_path / "bad", walks["wrap"], steps=1, path_weight=1.0, path_target="place"))
-    with pytest.raises(UserError, match="--path-period \\[56, 56\\]: the action counts"):
-        train(debug(tmp_path / "bad", walks["wrap"], steps=1, path_weight=1.0, path_target="actions",
-                    path_period="[56, 56]"))
+    for target in ("actions", "moves"):
+        with pytest.raises(UserError, match=f"--path-period \\[56, 56\\]: the action counts of --path-target {target}"):
+            train(debug(tmp_path / "bad", walks["wrap"], steps=1, path_weight=1.0, path_target=target,
+                        path_period="[56, 56]"))
 
 
 def test_position_probe_prints_the_error_per_horizon_beside_chance_and_control(walks, tmp_path, capsys):

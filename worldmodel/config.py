@@ -65,8 +65,9 @@ class ModelConfig:
     """a linear head reads the displacement since the window's first frame from h_t (worldmodel.path)"""
     path_period: list[Optional[float]] = field(default_factory=list)
     """the path head's period of each pose axis (null: the axis does not wrap; empty: none wraps)"""
-    path_target: Literal["pose", "actions"] = "pose"
-    """what the path head reads: the displacement from the recorded poses, or the centred action counts (P2')"""
+    path_target: Literal["pose", "actions", "moves"] = "pose"
+    """what the path head reads: the displacement from the recorded poses, the centred action counts (P2'), or those
+    of the moves that changed the view (P2'')"""
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
@@ -203,10 +204,12 @@ class TrainConfig:
     path_period: str = ""
     """the pose's period per axis as a JSON list, null for an axis that does not wrap (e.g. '[84, 84]' on a torus
     map); empty = what the data's env declares (action_effects.period), else no axis wraps"""
-    path_target: Literal["pose", "actions"] = "pose"
-    """what the path head predicts: 'pose' (the displacement, from the recorded poses) or 'actions' (the count of each
+    path_target: Literal["pose", "actions", "moves"] = "pose"
+    """what the path head predicts: 'pose' (the displacement, from the recorded poses), 'actions' (the count of each
     action taken since the window's first frame, centred over the actions: no label beyond the actions; the
-    displacement itself where moves add and are never blocked, e.g. a torus map)"""
+    displacement itself where moves add and are never blocked, e.g. a torus map) or 'moves' (the same count of only
+    the actions whose next frame differs from the last: a blocked move changes no view, so the displacement under a
+    clipping border too)"""
     read_weight: float = 0.0
     """weight of the read loss (0 = off; worldmodel.read_target; --memory introspective): on a revisit, the negative
     log read mass on the memory slots written at the same place, so the keys learn to find it; training only

@@ -753,7 +753,8 @@ class GTMM(nn.Module):
             seq["reward_pred"] = reward.detach()
             loss = loss + reward_weight * seq["reward_loss"]
         if self.path_head is not None:
-            seq["path_loss"] = self.path_head.loss(seq["h"], batch["pose"], batch["prev_action"])  # (P3)
+            seq["path_loss"] = self.path_head.loss(seq["h"], batch["pose"], batch["prev_action"],
+                                                  batch["obs"])  # (P3)
             loss = loss + path_weight * seq["path_loss"]
         if read_weight > 0:
             if not isinstance(self.cell.memory, IntrospectiveMemory):  # (P4) reads the FIFO's slot order

@@ -25,6 +25,15 @@ action and centred over the actions, a target made of the model's own inputs:
 On a map whose moves add and are never blocked (the torus) the displacement is linear in d'_t (d_t = M d'_t, M the
 moves), so (P3) on d'_t asks the controller for everything (P2) asks, without a pose label; where moves are blocked
 (a clipping border, MiniWorld's walls) or turn the agent, the counts are not the displacement and say less.
+A blocked move shows in the views, so `--path-target moves` counts an action only where the frame it led to differs
+from the one before:
+
+    m_s     = [x_s != x_{s-1}]                          the view changed: the move happened                  (P2'')
+    n''_t   = sum_{1<=s<=t} m_s onehot(a_s),  d''_t = centred and scaled as (P2')
+
+On the MNIST maps the view changes exactly when the pose does (every step of 512 clip and wrap walks), so under a
+clipping border too d_t = M d''_t. A move onto a view equal to the last would go uncounted; a turn still breaks the
+sum (MiniWorld).
 """
 
 from __future__ import annotations
@@ -83,26 +92,37 @@ def displacement(pose: torch.Tensor, period: Sequence[Optional[float]] = ()) -> 
     return torch.cat([torch.zeros_like(pose[:, :1]), step.cumsum(1)], dim=1)  # (B, T, D)
 
 
-PATH_TARGETS = ("pose", "actions")
-"""what the path head reads from h_t: the displacement from the recorded poses (P2), or the centred action counts
-(P2')"""
+PATH_TARGETS = ("pose", "actions", "moves")
+"""what the path head reads from h_t: the displacement from the recorded poses (P2), the centred action counts
+(P2'), or the centred counts of the actions whose view changed (P2'')"""
 
 
-def action_counts(prev_action: torch.Tensor, num_actions: int) -> torch.Tensor:
+def view_changed(obs: torch.Tensor) -> torch.Tensor:
+    """(P2'') m_s: obs (B, T, ...) -> (B, T) bool, frame s differs from frame s - 1 (False at s = 0)."""
+    changed = (obs[:, 1:] != obs[:, :-1]).flatten(2).any(-1)  # (B, T-1)
+    return torch.cat([torch.zeros_like(changed[:, :1]), changed], dim=1)
+
+
+def action_counts(prev_action: torch.Tensor, num_actions: int, happened: Optional[torch.Tensor] = None
+                  ) -> torch.Tensor:
     """(P2') before scaling: prev_action (B, T) int64 -> the centred count of each action since frame 0 (B, T, A).
-    Actions < 0 (none: an episode's first frame) count for nothing."""
+    Actions < 0 (none: an episode's first frame) count for nothing; with ``happened`` (B, T) bool (P2''), neither do
+    the actions where it is False."""
     taken = torch.nn.functional.one_hot(prev_action.clamp(min=0), num_actions).float()  # (B, T, A)
     taken = taken * (prev_action >= 0).unsqueeze(-1)  # no action, no count
+    if happened is not None:
+        taken = taken * happened.unsqueeze(-1)  # a blocked move, no count
     taken[:, 0] = 0.0  # the move into frame 0 came before the window's first frame
     counts = taken.cumsum(1)  # (B, T, A)
     return counts - counts.mean(-1, keepdim=True)
 
 
 class PathHead(nn.Module):
-    """(P3): a linear read-out of the displacement (P2) or the centred action counts (P2') from h_t, and its loss."""
+    """(P3): a linear read-out of the displacement (P2) or the centred action counts (P2', P2'') from h_t, and its
+    loss."""
 
     def __init__(self, h_dim: int, pose_dim: int, period: Sequence[Optional[float]] = (),
-                 target: Literal["pose", "actions"] = "pose", num_actions: int = 0) -> None:
+                 target: Literal["pose", "actions", "moves"] = "pose", num_actions: int = 0) -> None:
         super().__init__()
         if target not in PATH_TARGETS:
             raise UserError(f"path target {target!r}: expected one of {PATH_TARGETS}")
@@ -110,13 +130,14 @@ class PathHead(nn.Module):
         self.out = nn.Linear(h_dim, pose_dim if target == "pose" else num_actions)
         self.period = list(period)
 
-    def loss(self, h: torch.Tensor, pose: torch.Tensor, prev_action: torch.Tensor) -> torch.Tensor:
-        """h (B, T, H), pose (B, T, D), prev_action (B, T) -> the mean squared error of the predicted target, in RMS
-        moves (steps of the target)."""
+    def loss(self, h: torch.Tensor, pose: torch.Tensor, prev_action: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
+        """h (B, T, H), pose (B, T, D), prev_action (B, T), obs (B, T, H, W, C) -> the mean squared error of the
+        predicted target, in RMS moves (steps of the target)."""
         if self.target == "pose":
             target = displacement(pose.float(), self.period)  # (B, T, D)
         else:
-            target = action_counts(prev_action, self.num_actions)  # (B, T, A)
+            happened = view_changed(obs) if self.target == "moves" else None  # (B, T)
+            target = action_counts(prev_action, self.num_actions, happened)  # (B, T, A)
         with torch.no_grad():
             moves = target[:, 1:] - target[:, :-1]  # (B, T-1, D or A): the target's steps (poses: wrapped)
             scale = moves.square().sum(-1).mean().sqrt().clamp(min=1e-6)  # RMS move of the batch

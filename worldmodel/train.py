@@ -214,7 +214,7 @@ def check_pose_losses(cfg: TrainConfig, pose_dim: int) -> None:
     """UserError when `--path-weight` or `--read-weight` is on and the data records no pose to learn from."""
     if cfg.path_weight > 0 and cfg.path_target == "pose" and pose_dim == 0:
         raise UserError(f"--path-weight {cfg.path_weight}: the data has no pose (pose_dim 0) to learn a path from; "
-                        "--path-target actions learns it from the actions")
+                        "--path-target actions or moves learns it from the actions")
     if cfg.read_weight > 0 and cfg.read_target == "pose" and pose_dim == 0:
         raise UserError(f"--read-weight {cfg.read_weight}: the data has no pose (pose_dim 0) to find places by; "
                         "--read-target frame finds them by their views")
@@ -361,10 +361,10 @@ def check_config(cfg: TrainConfig) -> None:
     if not (0.0 <= cfg.path_weight < math.inf):
         raise UserError(f"--path-weight {cfg.path_weight}: expected a number >= 0")
     if cfg.path_target not in PATH_TARGETS:
-        raise UserError(f"--path-target {cfg.path_target!r}: expected 'pose' or 'actions'")
-    if cfg.path_target == "actions" and cfg.path_period.strip():
-        raise UserError(f"--path-period {cfg.path_period}: the action counts of --path-target actions do not wrap; "
-                        "the period is for --path-target pose")
+        raise UserError(f"--path-target {cfg.path_target!r}: expected one of {', '.join(PATH_TARGETS)}")
+    if cfg.path_target != "pose" and cfg.path_period.strip():
+        raise UserError(f"--path-period {cfg.path_period}: the action counts of --path-target {cfg.path_target} do "
+                        "not wrap; the period is for --path-target pose")
     if cfg.path_weight > 0 and cfg.task is not None:
         raise UserError(f"--path-weight: the sequence task {cfg.task!r} has no poses and no actions; it needs --data "
                         "rollouts")
