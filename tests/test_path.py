@@ -62,7 +62,7 @@ def test_path_loss_teaches_the_controller_the_displacement(walks, loss_curve):
     # a few dozen updates on real walks: the linear read-out of h_t gets the displacement far better than at the start
     torch.manual_seed(0)
     cfg = debug(Path("unused"), walks["wrap"], path_weight=1.0, path_period="[56, 56]")
-    source = RolloutSource(str(walks["clip"]), seq_len=12, val_fraction=0.0, seed=0)
+    source = RolloutSource(str(walks["wrap"]), seq_len=12, val_fraction=0.0, seed=0)
     model = GTMM(cfg.model_config(source.obs_shape, source.num_actions, source.pose_dim))
     path = loss_curve(model, source, 60, "path_loss", path_weight=10.0)
     assert np.mean(path[-5:]) < 0.5 * np.mean(path[:5]), path
